@@ -1,0 +1,210 @@
+"""The public verbs: prepare, calibrate, convert, quantize, and the seed's ``*_jit`` names.
+
+``prepare`` captures the model (now, or on the first call when no example inputs are
+given), folds batch-norm, annotates patterns and inserts observers. ``calibrate`` runs
+data through it. ``convert`` lowers it to a reference graph (``debug=True``) or to an
+int8 kernel graph, returned as a ``torch.fx.GraphModule``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import fx, nn
+
+from graphquant.capture import capture, check_capturable
+from graphquant.errors import GraphQuantError
+from graphquant.graph import rebind_matches
+from graphquant.kernels import onednn
+from graphquant.passes.annotate import annotate
+from graphquant.passes.fold_bn import fold_bn
+from graphquant.passes.insert_observers import insert_observers
+from graphquant.passes.lower import lower
+from graphquant.qconfig import QConfig, check_qconfig_dict
+from graphquant.report import ConversionReport
+
+BACKENDS = ("onednn", "portable")
+
+
+class PreparedModel(nn.Module):
+    """A float model with observers, ready for calibration.
+
+    Without example inputs the model is captured on the first call, with the inputs of
+    that call (the seed API ``quantize_jit(model, qconfig_dict, run_fn, run_args)`` has
+    none). ``graph_module`` is the observed graph once captured.
+    """
+
+    def __init__(self, model: nn.Module, qconfig_dict: dict[str, QConfig | None]) -> None:
+        super().__init__()
+        self.qconfig_dict = qconfig_dict
+        self.graph_module: fx.GraphModule | None = None
+        self._float_model = [model]  # a list, so nn.Module does not register it as a child
+
+    def capture(self, example_inputs: Sequence[Any]) -> None:
+        """Capture, fold batch-norm, annotate and insert observers."""
+        gm = capture(self._float_model[0], example_inputs)
+        gm = fold_bn(gm)
+        matches = annotate(gm, self.qconfig_dict)
+        self.graph_module = insert_observers(gm, matches)
+        self._float_model.clear()
+
+    def forward(self, *args: Any) -> Any:
+        if self.graph_module is None:
+            self.capture(args)
+        assert self.graph_module is not None
+        return self.graph_module(*args)
+
+
+def _check_example_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise GraphQuantError(
+            f"graphquant: example_inputs must be a tuple of model inputs, got {type(example_inputs).__name__}"
+        )
+    return tuple(example_inputs)
+
+
+def prepare(
+    model: nn.Module, qconfig_dict: Mapping[str, QConfig | None], example_inputs: Sequence[Any] | None = None,
+    inplace: bool = False,
+) -> PreparedModel:  # fmt: skip
+    """Capture ``model`` and insert observers as ``qconfig_dict`` asks.
+
+    ``inplace=False`` (the default) works on a copy: the user's model is never changed.
+    With ``example_inputs=None`` capture waits for the first calibration call.
+    """
+    check_capturable(model)
+    checked = check_qconfig_dict(qconfig_dict, model)
+    prepared = PreparedModel(model if inplace else copy.deepcopy(model), checked)
+    inputs = _check_example_inputs(example_inputs)
+    if inputs is not None:
+        prepared.capture(inputs)
+    return prepared
+
+
+def calibrate(prepared: PreparedModel, data: Iterable[Any]) -> PreparedModel:
+    """Run every batch of ``data`` (a tensor or a tuple of inputs) through ``prepared``."""
+    if not isinstance(prepared, PreparedModel):
+        raise GraphQuantError("graphquant: calibrate takes the model returned by graphquant.prepare")
+    with torch.no_grad():
+        for batch in data:
+            prepared(*batch) if isinstance(batch, (tuple, list)) else prepared(batch)
+    return prepared
+
+
+def default_backend() -> str:
+    """``"onednn"`` where this PyTorch has the oneDNN int8 ops, else ``"portable"``."""
+    return "onednn" if onednn.available() else "portable"
+
+
+def convert(
+    prepared: PreparedModel, debug: bool = False, inplace: bool = False, backend: str | None = None
+) -> fx.GraphModule:
+    """Lower a calibrated model: a reference graph (``debug=True``) or an int8 kernel graph.
+
+    The result is a ``GraphModule``; ``result.graphquant_report`` says what was
+    quantized and what stayed float, and why.
+    """
+    if not isinstance(prepared, PreparedModel):
+        raise GraphQuantError(
+            f"graphquant: convert takes the model returned by graphquant.prepare, got {type(prepared).__name__}"
+        )
+    if prepared.graph_module is None:
+        raise GraphQuantError(
+            "graphquant: convert before calibration: the model was never called, so it was not captured "
+            "and its observers saw nothing. Call graphquant.calibrate(prepared, batches) first"
+        )
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise GraphQuantError(f"graphquant: unknown backend {backend!r}; use one of {BACKENDS}")
+    if backend == "onednn" and not onednn.available():
+        raise GraphQuantError("graphquant: this PyTorch has no oneDNN int8 ops; use backend='portable'")
+    gm = prepared.graph_module
+    if not inplace:
+        gm = copy.deepcopy(gm)
+        rebind_matches(gm)
+    report = lower(gm, debug, backend, prepared.qconfig_dict)
+    gm.graphquant_report = report
+    gm.graphquant_backend = backend
+    gm.graphquant_debug = debug
+    return gm
+
+
+def _check_run_fn(run_fn: Any, run_args: Any) -> None:
+    if run_fn is None or not callable(run_fn):
+        raise GraphQuantError(
+            "graphquant: static quantization needs calibration: pass run_fn(model, *run_args) that runs the "
+            "model on representative data, or use graphquant.quantize_dynamic, which needs none"
+        )
+    if run_args is None or not isinstance(run_args, (tuple, list)):
+        raise GraphQuantError(
+            "graphquant: run_args must be a list or tuple of arguments for run_fn, e.g. [calibration_batches]"
+        )
+
+
+def _become(target: nn.Module, source: nn.Module) -> nn.Module:
+    """Turn ``target`` into ``source`` in place, for ``inplace=True``: the caller's reference
+    now runs the quantized graph."""
+    target.__class__ = source.__class__
+    target.__dict__ = source.__dict__
+    return target
+
+
+def quantize(
+    model: nn.Module,
+    qconfig_dict: Mapping[str, QConfig | None],
+    run_fn: Callable[..., Any],
+    run_args: Sequence[Any],
+    example_inputs: Sequence[Any] | None = None,
+    inplace: bool = False,
+    debug: bool = False,
+    backend: str | None = None,
+) -> fx.GraphModule:
+    """Static post-training quantization: prepare, ``run_fn(prepared, *run_args)``, convert.
+
+    ``inplace=True`` turns ``model`` itself into the quantized graph (no copy is made);
+    ``inplace=False`` leaves it untouched.
+    """
+    _check_run_fn(run_fn, run_args)
+    prepared = prepare(model, qconfig_dict, example_inputs, inplace=inplace)
+    run_fn(prepared, *run_args)
+    quantized = convert(prepared, debug=debug, inplace=True, backend=backend)
+    return _become(model, quantized) if inplace else quantized  # type: ignore[return-value]
+
+
+# The seed's names: torch.ao.quantization.quantize_jit users change only the import.
+
+
+def prepare_jit(model: nn.Module, qconfig_dict: Mapping[str, QConfig | None], inplace: bool = False) -> PreparedModel:
+    """``torch.ao.quantization.prepare_jit``: observers in, captured on the first call."""
+    return prepare(model, qconfig_dict, None, inplace=inplace)
+
+
+def convert_jit(model: PreparedModel, inplace: bool = False, debug: bool = False, preserved_attrs: Any = None) -> fx.GraphModule:
+    """``torch.ao.quantization.convert_jit``: the reference graph with ``debug=True``, else int8 kernels."""
+    return convert(model, debug=debug, inplace=inplace)
+
+
+def quantize_jit(
+    model: nn.Module,
+    qconfig_dict: Mapping[str, QConfig | None],
+    run_fn: Callable[..., Any],
+    run_args: Sequence[Any],
+    inplace: bool = False,
+    debug: bool = False,
+) -> fx.GraphModule:
+    """``torch.ao.quantization.quantize_jit``: same signature and meaning, on ``torch.export``."""
+    return quantize(model, qconfig_dict, run_fn, run_args, None, inplace=inplace, debug=debug)
+
+
+def report(quantized: nn.Module) -> ConversionReport:
+    """The conversion report of a converted model."""
+    rep = getattr(quantized, "graphquant_report", None)
+    if rep is None:
+        raise GraphQuantError("graphquant: this model was not produced by graphquant.convert")
+    return rep

@@ -1,0 +1,20 @@
+"""The one exception type graphquant raises for bad input, and how it is worded.
+
+Every message says what is wrong, where (module path or node) and the way out.
+"""
+
+from __future__ import annotations
+
+
+class GraphQuantError(RuntimeError):
+    """A problem with the user's model, config or data that graphquant can name.
+
+    Subclasses ``RuntimeError`` so that callers who caught PyTorch's quantization
+    errors keep working.
+    """
+
+
+def where(module_path: str, node_name: str | None = None) -> str:
+    """Format a location: ``encoder.layer.0 (node linear_3)``; the root is ``<model>``."""
+    place = module_path or "<model>"
+    return f"{place} (node {node_name})" if node_name else place

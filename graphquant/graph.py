@@ -1,0 +1,133 @@
+"""Meta keys, the Match record, and the small node helpers shared by passes and patterns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import fx
+
+if TYPE_CHECKING:
+    from graphquant.patterns import Pattern
+    from graphquant.qconfig import QConfig
+
+# node.meta keys graphquant writes
+MODULE_PATH = "graphquant_module_path"  # str: path of the module that called the node
+MODULE_TYPE = "graphquant_module_type"  # str: class name of that module
+MATCH = "graphquant_match"  # Match: set on every node a pattern matched
+QPARAMS = "graphquant_qparams"  # QParams: set on quantize / dequantize nodes at convert
+FLOAT_REASON = "graphquant_float_reason"  # str: why a matched node stays float
+
+
+@dataclass(eq=False)
+class Match:
+    """One occurrence of a pattern in the graph, written once by ``annotate``.
+
+    ``nodes`` are the matched nodes in graph order; ``nodes[0]`` is the anchor (the conv,
+    the linear) and ``nodes[-1]`` produces the pattern's output.
+    """
+
+    pattern: Pattern
+    nodes: tuple[fx.Node, ...]
+    qconfig: QConfig
+    qconfig_key: str
+    module_path: str
+    # filled by insert_observers: observer node names feeding each activation input, and the output's
+    input_observers: dict[int, str] = field(default_factory=dict)
+    output_observer: str | None = None
+
+    @property
+    def anchor(self) -> fx.Node:
+        return self.nodes[0]
+
+    @property
+    def output(self) -> fx.Node:
+        return self.nodes[-1]
+
+
+def module_path(node: fx.Node) -> str:
+    """Path of the module that called ``node`` (``""`` for the root)."""
+    return str(node.meta.get(MODULE_PATH, ""))
+
+
+def get_attr_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The tensor a ``get_attr`` node reads."""
+    if node.op != "get_attr":
+        raise ValueError(f"graphquant: {node.name} is not a get_attr node")
+    obj: Any = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def is_constant(node: Any) -> bool:
+    """Whether an argument is a parameter/buffer read (a weight, not an activation)."""
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def add_attr(gm: fx.GraphModule, prefix: str, value: torch.Tensor, buffer: bool = True) -> str:
+    """Register ``value`` on ``gm`` under a fresh name starting with ``prefix``; return it.
+
+    Buffers are saved in the ``state_dict``; ``buffer=False`` keeps plain attributes
+    (packed oneDNN weights, which cannot be saved).
+    """
+    prefix = prefix.replace(".", "_")
+    name, i = prefix, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{prefix}_{i}"
+    if buffer:
+        gm.register_buffer(name, value)
+    else:
+        setattr(gm, name, value)
+    return name
+
+
+def copy_meta(src: fx.Node, dst: fx.Node) -> None:
+    """Give ``dst`` the module path of ``src`` (new nodes belong to the module they replace)."""
+    for key in (MODULE_PATH, MODULE_TYPE, "val", "stack_trace"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+
+
+def op_args(node: fx.Node) -> list[Any]:
+    """All positional arguments of an ATen call, with the schema's defaults filled in.
+
+    Export leaves out trailing defaults (``conv2d(x, w, b)`` means stride 1, padding 0).
+    """
+    schema = node.target._schema  # type: ignore[union-attr]
+    args = list(node.args)
+    for arg in schema.arguments[len(args):]:
+        if arg.name in node.kwargs:
+            args.append(node.kwargs[arg.name])
+        elif arg.has_default_value():
+            args.append(arg.default_value)
+        else:
+            break
+    return args
+
+
+def matches_of(gm: fx.GraphModule) -> list[Match]:
+    """The Match records in ``gm``'s node meta, in graph order, each once."""
+    seen: dict[int, Match] = {}
+    for node in gm.graph.nodes:
+        match = node.meta.get(MATCH)
+        if match is not None and node is match.anchor:
+            seen.setdefault(id(match), match)
+    return list(seen.values())
+
+
+def rebind_matches(gm: fx.GraphModule) -> None:
+    """After a deep copy, point each Match at the copied nodes (looked up by name)."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    fresh: dict[int, Match] = {}
+    for node in gm.graph.nodes:
+        old = node.meta.get(MATCH)
+        if old is None:
+            continue
+        if id(old) not in fresh:
+            new = Match(old.pattern, tuple(by_name[n.name] for n in old.nodes), old.qconfig, old.qconfig_key,
+                        old.module_path, dict(old.input_observers), old.output_observer)  # fmt: skip
+            fresh[id(old)] = new
+        node.meta[MATCH] = fresh[id(old)]

@@ -1,0 +1,152 @@
+"""``torch.library`` schemas of the ops graphquant's lowered graphs call.
+
+Activations travel as plain ``uint8`` tensors; scales and zero points are arguments.
+Each weighted op dispatches on its weight: a packed oneDNN weight (``is_mkldnn``) runs
+on :mod:`graphquant.kernels.onednn`, a plain ``int8`` weight on
+:mod:`graphquant.kernels.portable`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import Library, register_fake
+
+from graphquant.kernels import onednn, portable
+from graphquant.quant_math import quantize_tensor
+
+LIB = Library("graphquant", "DEF")
+_KEY = "CompositeExplicitAutograd"
+
+LIB.define("quantize_per_tensor(Tensor x, float scale, int zero_point, int qmin, int qmax, ScalarType dtype) -> Tensor")
+LIB.define("dequantize_per_tensor(Tensor q, float scale, int zero_point) -> Tensor")
+LIB.define(
+    "quantize_per_channel(Tensor x, Tensor scale, Tensor zero_point, int axis, int qmin, int qmax, "
+    "ScalarType dtype) -> Tensor"
+)
+LIB.define("dequantize_per_channel(Tensor q, Tensor scale, Tensor zero_point, int axis) -> Tensor")
+_CONV_ARGS = (
+    "(Tensor x, float x_scale, int x_zero_point, Tensor w, Tensor w_scale, Tensor? bias, int[] stride, "
+    "int[] padding, int[] dilation, int groups, float out_scale, int out_zero_point, str post_op) -> Tensor"
+)
+for _dim in (1, 2, 3):
+    LIB.define(f"qconv{_dim}d{_CONV_ARGS}")
+LIB.define(
+    "qlinear(Tensor x, float x_scale, int x_zero_point, Tensor w, Tensor w_scale, Tensor? bias, "
+    "float out_scale, int out_zero_point, str post_op) -> Tensor"
+)
+
+
+def _axis_shape(ndim: int, axis: int) -> list[int]:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return shape
+
+
+def quantize_per_tensor(
+    x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
+) -> torch.Tensor:
+    return quantize_tensor(x, scale, zero_point, qmin, qmax, dtype)
+
+
+def dequantize_per_tensor(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    # contiguous: int8 convs return channels-last, float code after the border may .view()
+    return ((q.to(torch.float32) - zero_point) * scale).contiguous()
+
+
+def quantize_per_channel(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, qmin: int, qmax: int, dtype: torch.dtype
+) -> torch.Tensor:
+    shape = _axis_shape(x.dim(), axis)
+    return quantize_tensor(x, scale.reshape(shape), zero_point.reshape(shape), qmin, qmax, dtype)
+
+
+def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+    shape = _axis_shape(q.dim(), axis)
+    return (q.to(torch.float32) - zero_point.reshape(shape).to(torch.float32)) * scale.reshape(shape)
+
+
+def qconv(
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    out_scale: float,
+    out_zero_point: int,
+    post_op: str,
+) -> torch.Tensor:
+    backend = onednn if w.is_mkldnn else portable
+    return backend.qconv(
+        x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, out_scale, out_zero_point, post_op
+    )
+
+
+def qlinear(
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_scale: float,
+    out_zero_point: int,
+    post_op: str,
+) -> torch.Tensor:
+    backend = onednn if w.is_mkldnn else portable
+    return backend.qlinear(x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op)
+
+
+for _name, _fn in {
+    "quantize_per_tensor": quantize_per_tensor,
+    "dequantize_per_tensor": dequantize_per_tensor,
+    "quantize_per_channel": quantize_per_channel,
+    "dequantize_per_channel": dequantize_per_channel,
+    "qconv1d": qconv,
+    "qconv2d": qconv,
+    "qconv3d": qconv,
+    "qlinear": qlinear,
+}.items():
+    LIB.impl(_name, _fn, _KEY)
+
+
+# Shapes only, for torch.export and FakeTensor tracing.
+@register_fake("graphquant::quantize_per_tensor")
+def _quantize_per_tensor_fake(x, scale, zero_point, qmin, qmax, dtype):  # type: ignore[no-untyped-def]
+    return torch.empty_like(x, dtype=dtype)
+
+
+@register_fake("graphquant::dequantize_per_tensor")
+def _dequantize_per_tensor_fake(q, scale, zero_point):  # type: ignore[no-untyped-def]
+    return torch.empty(q.shape, dtype=torch.float32)
+
+
+@register_fake("graphquant::quantize_per_channel")
+def _quantize_per_channel_fake(x, scale, zero_point, axis, qmin, qmax, dtype):  # type: ignore[no-untyped-def]
+    return torch.empty_like(x, dtype=dtype)
+
+
+@register_fake("graphquant::dequantize_per_channel")
+def _dequantize_per_channel_fake(q, scale, zero_point, axis):  # type: ignore[no-untyped-def]
+    return torch.empty(q.shape, dtype=torch.float32)
+
+
+def _conv_fake(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, out_scale, out_zero_point, post_op):  # type: ignore[no-untyped-def]  # noqa: E501
+    spatial = []
+    for i, size in enumerate(x.shape[2:]):
+        k = w.shape[2 + i]
+        spatial.append((size + 2 * padding[i] - dilation[i] * (k - 1) - 1) // stride[i] + 1)
+    return x.new_empty((x.shape[0], w.shape[0], *spatial), dtype=torch.uint8)
+
+
+for _dim in (1, 2, 3):
+    register_fake(f"graphquant::qconv{_dim}d")(_conv_fake)
+
+
+@register_fake("graphquant::qlinear")
+def _qlinear_fake(x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op):  # type: ignore[no-untyped-def]  # noqa: E501
+    return x.new_empty((*x.shape[:-1], w_scale.shape[0]), dtype=torch.uint8)

@@ -1,0 +1,266 @@
+"""Observers: statistics in, ``(scale, zero_point)`` out.
+
+An observer is an ``nn.Module`` that the prepared graph calls on an activation during
+calibration; it returns its input unchanged. ``qparams()`` turns what it saw into
+:class:`~graphquant.quant_math.QParams`. ``merge(other)`` folds in the statistics of
+another observer of the same kind, so calibration can be sharded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from graphquant.quant_math import QParams, choose_qparams, dtype_range
+
+
+class Observer(nn.Module):
+    """Base class: records statistics of the tensors it is called on."""
+
+    def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.symmetric = symmetric
+        self.qmin, self.qmax = dtype_range(dtype)
+        self.register_buffer("num_batches", torch.tensor(0, dtype=torch.int64))
+
+    @property
+    def has_data(self) -> bool:
+        """Whether the observer has seen at least one tensor."""
+        return bool(self.num_batches > 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > 0 and x.is_floating_point():
+            self.observe(x.detach())
+            self.num_batches += 1
+        return x
+
+    def observe(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def qparams(self) -> QParams:
+        """The scale and zero point for what was observed."""
+        raise NotImplementedError
+
+    def merge(self, other: Observer) -> None:
+        """Fold in ``other``'s statistics, as if this observer had seen its tensors too."""
+        if type(other) is not type(self):
+            raise TypeError(f"graphquant: cannot merge {type(other).__name__} into {type(self).__name__}")
+        self.num_batches += other.num_batches
+
+    def extra_repr(self) -> str:
+        return f"dtype={self.dtype}, symmetric={self.symmetric}"
+
+
+class MinMaxObserver(Observer):
+    """Running minimum and maximum of everything seen."""
+
+    def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False) -> None:
+        super().__init__(dtype, symmetric)
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = torch.aminmax(x.float())
+        self.min_val = torch.minimum(self.min_val, lo)
+        self.max_val = torch.maximum(self.max_val, hi)
+
+    def qparams(self) -> QParams:
+        return choose_qparams(self.min_val, self.max_val, self.dtype, self.symmetric)
+
+    def merge(self, other: Observer) -> None:
+        super().merge(other)
+        assert isinstance(other, MinMaxObserver)
+        self.min_val = torch.minimum(self.min_val, other.min_val)
+        self.max_val = torch.maximum(self.max_val, other.max_val)
+
+
+class MovingAverageMinMaxObserver(MinMaxObserver):
+    """Exponential moving average of each batch's minimum and maximum.
+
+    Less sensitive than :class:`MinMaxObserver` to one outlier batch. ``merge`` takes
+    the sample-weighted mean of the two averages: exact for equal-length shards only.
+    """
+
+    def __init__(
+        self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, averaging_constant: float = 0.01
+    ) -> None:
+        super().__init__(dtype, symmetric)
+        if not 0.0 < averaging_constant <= 1.0:
+            raise ValueError(f"graphquant: averaging_constant must be in (0, 1], got {averaging_constant}")
+        self.averaging_constant = averaging_constant
+
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = torch.aminmax(x.float())
+        if self.num_batches == 0:
+            self.min_val, self.max_val = lo, hi
+        else:
+            c = self.averaging_constant
+            self.min_val = self.min_val + c * (lo - self.min_val)
+            self.max_val = self.max_val + c * (hi - self.max_val)
+
+    def merge(self, other: Observer) -> None:
+        assert isinstance(other, MovingAverageMinMaxObserver)
+        n, m = int(self.num_batches), int(other.num_batches)
+        if m == 0:
+            return
+        if n == 0:
+            self.min_val, self.max_val = other.min_val.clone(), other.max_val.clone()
+        else:
+            self.min_val = (self.min_val * n + other.min_val * m) / (n + m)
+            self.max_val = (self.max_val * n + other.max_val * m) / (n + m)
+        self.num_batches += other.num_batches
+
+
+class PerChannelMinMaxObserver(Observer):
+    """Minimum and maximum of each slice along ``axis`` (output channels of a weight)."""
+
+    def __init__(self, dtype: torch.dtype = torch.int8, symmetric: bool = True, axis: int = 0) -> None:
+        super().__init__(dtype, symmetric)
+        self.axis = axis
+        self.register_buffer("min_val", torch.empty(0))
+        self.register_buffer("max_val", torch.empty(0))
+
+    def observe(self, x: torch.Tensor) -> None:
+        flat = x.float().transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+        lo, hi = torch.aminmax(flat, dim=1)
+        if self.min_val.numel() == 0:
+            self.min_val, self.max_val = lo, hi
+        else:
+            self.min_val = torch.minimum(self.min_val, lo)
+            self.max_val = torch.maximum(self.max_val, hi)
+
+    def qparams(self) -> QParams:
+        return choose_qparams(self.min_val, self.max_val, self.dtype, self.symmetric, axis=self.axis)
+
+    def merge(self, other: Observer) -> None:
+        assert isinstance(other, PerChannelMinMaxObserver)
+        if other.min_val.numel() == 0:
+            return
+        if self.min_val.numel() == 0:
+            self.min_val, self.max_val = other.min_val.clone(), other.max_val.clone()
+        else:
+            self.min_val = torch.minimum(self.min_val, other.min_val)
+            self.max_val = torch.maximum(self.max_val, other.max_val)
+        self.num_batches += other.num_batches
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, axis={self.axis}"
+
+
+class HistogramObserver(Observer):
+    """Histogram of the values seen; ``qparams`` searches the clipping range that
+    minimises the expected quantization error.
+
+    The error of a range ``[a, b]`` with step ``d = (b - a) / (qmax - qmin)`` is the
+    squared clipping error of the values outside it plus ``d**2 / 12`` (uniform rounding
+    error) for each value inside. Prefix sums make every candidate pair O(1), so the
+    search tries all pairs of bin edges on a grid of ``search_points``.
+    """
+
+    def __init__(
+        self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, bins: int = 2048, search_points: int = 256
+    ) -> None:
+        super().__init__(dtype, symmetric)
+        self.bins = bins
+        self.search_points = search_points
+        self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+
+    def _rebin(self, lo: float, hi: float) -> torch.Tensor:
+        """This histogram's counts moved onto ``bins`` bins over ``[lo, hi]``."""
+        if not self.has_data:
+            return torch.zeros(self.bins, dtype=torch.float64)
+        edges = torch.linspace(float(self.min_val), float(self.max_val), self.bins + 1, dtype=torch.float64)
+        centers = (edges[:-1] + edges[1:]) / 2
+        return torch.histogram(centers, bins=self.bins, range=(lo, hi), weight=self.histogram)[0]
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.double().flatten()
+        x = x[torch.isfinite(x)]
+        if x.numel() == 0:
+            return
+        lo_x, hi_x = torch.aminmax(x)
+        lo = min(float(lo_x), float(self.min_val))
+        hi = max(float(hi_x), float(self.max_val))
+        if hi == lo:
+            hi = lo + 1e-8  # a constant tensor still needs a non-empty histogram range
+        counts = torch.histogram(x, bins=self.bins, range=(lo, hi))[0]
+        if self.has_data and (lo, hi) != (float(self.min_val), float(self.max_val)):
+            counts += self._rebin(lo, hi)
+        elif self.has_data:
+            counts += self.histogram
+        self.histogram = counts
+        self.min_val, self.max_val = torch.tensor(lo), torch.tensor(hi)
+
+    def merge(self, other: Observer) -> None:
+        assert isinstance(other, HistogramObserver)
+        if not other.has_data:
+            return
+        if not self.has_data:
+            self.histogram = other.histogram.clone()
+            self.min_val, self.max_val = other.min_val.clone(), other.max_val.clone()
+        else:
+            lo = min(float(self.min_val), float(other.min_val))
+            hi = max(float(self.max_val), float(other.max_val))
+            self.histogram = self._rebin(lo, hi) + other._rebin(lo, hi)
+            self.min_val, self.max_val = torch.tensor(lo), torch.tensor(hi)
+        self.num_batches += other.num_batches
+
+    def search_range(self) -> tuple[float, float]:
+        """The clipping range ``(a, b)`` with the least expected quantization error."""
+        lo, hi = float(self.min_val), float(self.max_val)
+        n = self.histogram
+        edges = torch.linspace(lo, hi, self.bins + 1, dtype=torch.float64)
+        c = (edges[:-1] + edges[1:]) / 2
+        zero = torch.zeros(1, dtype=torch.float64)
+        cum_n, cum_s, cum_q = (torch.cat([zero, torch.cumsum(v, 0)]) for v in (n, n * c, n * c * c))
+        idx = torch.unique(torch.linspace(0, self.bins, self.search_points + 1).round().long())
+        a, b = edges[idx][:, None], edges[idx][None, :]
+        ia, ib = idx[:, None], idx[None, :]
+        # values below a clip to a: sum n (a - c)^2 over bins left of a
+        left = a * a * cum_n[ia] - 2 * a * cum_s[ia] + cum_q[ia]
+        right = (cum_q[-1] - cum_q[ib]) - 2 * b * (cum_s[-1] - cum_s[ib]) + b * b * (cum_n[-1] - cum_n[ib])
+        inside = (cum_n[ib] - cum_n[ia]).clamp(min=0)
+        a0, b0 = a.clamp(max=0.0), b.clamp(min=0.0)
+        if self.symmetric:
+            width = 2 * torch.maximum(-a0, b0)
+        else:
+            width = b0 - a0
+        step = width / (self.qmax - self.qmin)
+        err = left + right + inside * step * step / 12
+        err = torch.where(ib > ia, err, torch.full_like(err, float("inf")))
+        best = int(torch.argmin(err))
+        i, j = divmod(best, err.shape[1])
+        return float(edges[idx[i]]), float(edges[idx[j]])
+
+    def qparams(self) -> QParams:
+        if not self.has_data:
+            return choose_qparams(self.min_val, self.max_val, self.dtype, self.symmetric)
+        a, b = self.search_range()
+        return choose_qparams(torch.tensor(a), torch.tensor(b), self.dtype, self.symmetric)
+
+
+class SharedQParams(nn.Module):
+    """Marks a value that reuses another observer's qparams (e.g. the output of
+    ``flatten`` reuses its input's). It records nothing; ``source`` is the name of the
+    observer whose qparams apply."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"source={self.source}"
+
+
+OBSERVERS: dict[str, type[Observer]] = {
+    "minmax": MinMaxObserver,
+    "moving_average_minmax": MovingAverageMinMaxObserver,
+    "per_channel_minmax": PerChannelMinMaxObserver,
+    "histogram": HistogramObserver,
+}

@@ -1,0 +1,59 @@
+"""Match the pattern table against the graph, once, and write a ``Match`` on each node.
+
+``x -> conv -> relu -> y`` gets ``meta[MATCH]`` on ``conv`` and ``relu`` pointing at one
+``Match(conv2d_relu, ...)``. Nodes whose module's qconfig is ``None`` are not matched.
+Observer insertion and lowering read these records; nothing searches the graph again.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from torch import fx
+
+from graphquant.graph import MATCH, Match, module_path
+from graphquant.patterns import Pattern, patterns_for
+from graphquant.qconfig import QConfig, resolve
+
+
+def _chain(node: fx.Node, pattern: Pattern) -> tuple[fx.Node, ...] | None:
+    """The nodes ``pattern`` matches starting at ``node``, or None."""
+    nodes = [node]
+    for alternatives in pattern.ops[1:]:
+        users = list(nodes[-1].users)
+        if len(users) != 1:
+            return None
+        nxt = users[0]
+        if nxt.op != "call_function" or nxt.target not in alternatives or MATCH in nxt.meta:
+            return None
+        if nxt.args[0] is not nodes[-1]:
+            return None
+        nodes.append(nxt)
+    return tuple(nodes)
+
+
+def annotate(gm: fx.GraphModule, qconfig_dict: Mapping[str, QConfig | None]) -> list[Match]:
+    """Write a ``Match`` into ``node.meta[MATCH]`` for every pattern occurrence; return them in graph order.
+
+    The anchor's module path decides the qconfig; a chain is matched only if every node
+    in it has a qconfig (a fused relu in a float submodule stops the fusion).
+    """
+    matches: list[Match] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or MATCH in node.meta:
+            continue
+        for pattern in patterns_for(node.target):
+            nodes = _chain(node, pattern)
+            if nodes is None:
+                continue
+            resolved = [resolve(qconfig_dict, module_path(n)) for n in nodes]
+            if any(r.qconfig is None for r in resolved):
+                continue
+            qconfig, key = resolved[0].qconfig, resolved[0].key
+            assert qconfig is not None and key is not None
+            match = Match(pattern, nodes, qconfig, key, module_path(node))
+            for n in nodes:
+                n.meta[MATCH] = match
+            matches.append(match)
+            break
+    return matches

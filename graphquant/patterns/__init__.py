@@ -1,0 +1,80 @@
+"""The table of quantizable patterns.
+
+A pattern is a row of data: the chain of ATen ops it matches, how its inputs and
+output are observed, and how it lowers to the int8 kernel graph. Each file in this
+package registers its rows; ``annotate``, ``insert_observers``, both lowerings, the
+numerics report and ``tests/test_patterns.py`` read them from :data:`PATTERNS`.
+
+Kinds:
+
+- ``"weighted"``: conv / linear. Activation input observed, weight quantized per channel
+  ahead of time, output observed: ``x -> obs -> conv -> [relu] -> obs``.
+- ``"shares_qparams"``: value-preserving ops (flatten, view). Quantized only when their
+  input is; the output reuses the input's scale and zero point and runs on uint8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
+
+import torch
+from torch import fx, nn
+
+import graphquant.kernels.ops  # noqa: F401  (defines torch.ops.graphquant)
+
+if TYPE_CHECKING:
+    from graphquant.graph import Match
+    from graphquant.patterns.context import KernelContext, QValue
+    from graphquant.quant_math import QParams
+
+Kind = Literal["weighted", "shares_qparams"]
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One quantizable pattern.
+
+    ``ops[i]`` lists the ATen overloads accepted at position ``i`` of the chain; each
+    node but the last must have the next as its only user. ``kernel`` is the op name
+    the kernel graph shows (what ``check_graph_mode_op`` looks for). ``lower_kernel``
+    builds the int8 node from the uint8 inputs; ``examples`` give modules and inputs
+    that exercise the pattern, for the tests and the coverage table.
+    """
+
+    name: str
+    ops: tuple[tuple[torch._ops.OpOverload, ...], ...]
+    kind: Kind
+    kernel: str
+    lower_kernel: Callable[[KernelContext, Match, Sequence[QValue], QParams], fx.Node]
+    examples: Callable[[], Sequence[tuple[nn.Module, tuple[torch.Tensor, ...]]]]
+    activation_args: tuple[int, ...] = (0,)
+    weight_arg: int | None = None
+    bias_arg: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.ops or any(not alternatives for alternatives in self.ops):
+            raise ValueError(f"graphquant: pattern {self.name} matches nothing")
+        if (self.kind == "weighted") != (self.weight_arg is not None):
+            raise ValueError(f"graphquant: pattern {self.name}: weighted patterns and only they name a weight_arg")
+
+
+PATTERNS: list[Pattern] = []
+
+
+def register(pattern: Pattern) -> Pattern:
+    """Add a pattern to the table; longer chains are tried first."""
+    if any(p.name == pattern.name for p in PATTERNS):
+        raise ValueError(f"graphquant: pattern {pattern.name} registered twice")
+    PATTERNS.append(pattern)
+    PATTERNS.sort(key=lambda p: -len(p.ops))
+    return pattern
+
+
+def patterns_for(target: object) -> list[Pattern]:
+    """Patterns whose chain starts with ``target``, longest first."""
+    return [p for p in PATTERNS if target in p.ops[0]]
+
+
+from graphquant.patterns import conv, linear, reshape  # noqa: E402,F401  (fills PATTERNS)

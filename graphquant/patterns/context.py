@@ -1,0 +1,121 @@
+"""What a pattern's ``lower_kernel`` is handed: the graph to build in and weight helpers.
+
+Weights are quantized once per weight tensor (a shared weight is quantized once) with
+the match's weight observer; oneDNN weights are packed once, here, at convert time.
+The int8 weight is registered as a buffer (saved state); the packed copy is a plain
+attribute, listed in ``gm.graphquant_packed`` so it can be rebuilt after loading.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from graphquant.graph import Match, add_attr, copy_meta, get_attr_value
+from graphquant.kernels import onednn
+from graphquant.quant_math import QParams, quantize
+
+PACKED = "graphquant_packed"  # GraphModule attribute: packed name -> how to rebuild it
+
+
+@dataclass(frozen=True)
+class QValue:
+    """A uint8 value in the kernel graph and the qparams it carries."""
+
+    node: fx.Node
+    qparams: QParams
+
+
+@dataclass(frozen=True)
+class KernelWeight:
+    """Graph nodes of a lowered weight: packed (or plain int8) weight, its scales, float bias."""
+
+    packed: fx.Node
+    scale: fx.Node
+    bias: fx.Node | None
+
+
+@dataclass
+class WeightCache:
+    """Quantized weights by ``get_attr`` target, so each is quantized once."""
+
+    quantized: dict[str, tuple[torch.Tensor, QParams]] = field(default_factory=dict)
+    by_match: dict[int, tuple[torch.Tensor, QParams]] = field(default_factory=dict)
+
+    def get(self, gm: fx.GraphModule, match: Match) -> tuple[torch.Tensor, QParams]:
+        """The int8 weight of ``match`` and its qparams (first called while the weight arg
+        is still the float ``get_attr``)."""
+        if id(match) in self.by_match:
+            return self.by_match[id(match)]
+        assert match.pattern.weight_arg is not None
+        node = match.anchor.args[match.pattern.weight_arg]
+        assert isinstance(node, fx.Node)
+        key = str(node.target)
+        if key not in self.quantized:
+            w = get_attr_value(gm, node).detach()
+            observer = match.qconfig.weight.create()
+            observer(w)
+            qparams = observer.qparams()
+            self.quantized[key] = (quantize(w, qparams), qparams)
+        self.by_match[id(match)] = self.quantized[key]
+        return self.quantized[key]
+
+
+class KernelContext:
+    """Builds kernel nodes before ``insert_point``, with the anchor's module path."""
+
+    def __init__(self, gm: fx.GraphModule, backend: str, weights: WeightCache) -> None:
+        self.gm = gm
+        self.backend = backend
+        self.weights = weights
+        self.match: Match | None = None
+        if not hasattr(gm, PACKED):
+            setattr(gm, PACKED, {})
+
+    def call(self, target: Any, args: tuple[Any, ...]) -> fx.Node:
+        """Insert ``target(*args)`` after the match's output node."""
+        assert self.match is not None
+        with self.gm.graph.inserting_after(self.match.output):
+            node = self.gm.graph.call_function(target, args)
+        copy_meta(self.match.anchor, node)
+        return node
+
+    def constant(self, prefix: str, value: torch.Tensor, buffer: bool = True) -> fx.Node:
+        """A ``get_attr`` node reading ``value``, registered on the module under a fresh name."""
+        name = add_attr(self.gm, prefix, value, buffer)
+        with self.gm.graph.inserting_before(next(iter(self.gm.graph.nodes))), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fx warns on get_attr of a non-buffer (the packed weight)
+            return self.gm.graph.get_attr(name)
+
+    def _weight_nodes(self, match: Match, pack: Any, pack_args: dict[str, Any]) -> KernelWeight:
+        w_int8, qparams = self.weights.get(self.gm, match)
+        prefix = (match.module_path or match.anchor.name) + "_weight"
+        int8_node = self.constant(prefix + "_int8", w_int8)
+        if self.backend == "onednn":
+            packed_value = pack(w_int8, **pack_args)
+            packed = self.constant(prefix + "_packed", packed_value, buffer=False)
+            getattr(self.gm, PACKED)[packed.target] = {"int8": int8_node.target, "pack": pack.__name__, **pack_args}
+        else:
+            packed = int8_node
+        scale = self.constant(prefix + "_scale", qparams.scale.float())
+        bias_arg = match.pattern.bias_arg
+        bias = match.anchor.args[bias_arg] if bias_arg is not None and len(match.anchor.args) > bias_arg else None
+        return KernelWeight(packed, scale, bias if isinstance(bias, fx.Node) else None)
+
+    def conv_weight(
+        self, match: Match, x_scale: float, x_zero_point: int,
+        stride: list[int], padding: list[int], dilation: list[int], groups: int,
+    ) -> KernelWeight:  # fmt: skip
+        """The conv weight, quantized and (on oneDNN) packed for these input qparams."""
+        _, qparams = self.weights.get(self.gm, match)
+        args = dict(w_scale=qparams.scale.float(), x_scale=x_scale, x_zero_point=x_zero_point,
+                    stride=stride, padding=padding, dilation=dilation, groups=groups)  # fmt: skip
+        return self._weight_nodes(match, onednn.pack_conv, args)
+
+    def linear_weight(self, match: Match) -> KernelWeight:
+        """The linear weight, quantized and (on oneDNN) packed."""
+        return self._weight_nodes(match, onednn.pack_linear, {})

@@ -1,0 +1,161 @@
+"""QConfig: how to observe activations and weights; presets; ``qconfig_dict`` resolution.
+
+``qconfig_dict`` keys are module paths: ``""`` is the whole model, ``"encoder.layer.0"``
+a submodule. The most specific key wins, a submodule without a key inherits from its
+parent, and ``None`` keeps that part in float.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from graphquant.errors import GraphQuantError
+from graphquant.observers import OBSERVERS, Observer
+
+CONFIG_VERSION = 1
+_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ObserverSpec:
+    """What kind of observer to build and with which integer format.
+
+    ``axis`` set means per-channel along that axis (weights only).
+    """
+
+    observer: str = "minmax"
+    dtype: torch.dtype = torch.uint8
+    symmetric: bool = False
+    axis: int | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.observer not in OBSERVERS:
+            raise GraphQuantError(
+                f"graphquant: unknown observer {self.observer!r}; choose one of {sorted(OBSERVERS)}"
+            )
+        if self.dtype not in (torch.uint8, torch.int8, torch.float16):
+            raise GraphQuantError(f"graphquant: observer dtype must be torch.uint8 or torch.int8, got {self.dtype}")
+        per_channel = self.observer.startswith("per_channel")
+        if per_channel != (self.axis is not None):
+            raise GraphQuantError(
+                f"graphquant: observer {self.observer!r} {'needs' if per_channel else 'takes no'} axis (got {self.axis})"
+            )
+
+    def create(self) -> Observer:
+        """A fresh observer module."""
+        kwargs: dict[str, Any] = dict(self.options)
+        if self.axis is not None:
+            kwargs["axis"] = self.axis
+        return OBSERVERS[self.observer](dtype=self.dtype, symmetric=self.symmetric, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dtype"] = str(self.dtype).removeprefix("torch.")
+        d["options"] = dict(self.options)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ObserverSpec:
+        d = dict(d)
+        d["dtype"] = _DTYPES[d["dtype"]]
+        d["options"] = tuple(sorted(d.get("options", {}).items()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class QConfig:
+    """How one part of the model is quantized: an activation and a weight observer spec."""
+
+    activation: ObserverSpec = field(default_factory=lambda: ObserverSpec("histogram"))
+    weight: ObserverSpec = field(
+        default_factory=lambda: ObserverSpec("per_channel_minmax", torch.int8, symmetric=True, axis=0)
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.activation, ObserverSpec) or not isinstance(self.weight, ObserverSpec):
+            raise GraphQuantError("graphquant: QConfig(activation, weight) takes two ObserverSpec values")
+        if self.weight.dtype == torch.int8 and not self.weight.symmetric:
+            raise GraphQuantError(
+                "graphquant: int8 weights must be symmetric (zero point 0) for the int8 kernels; "
+                "set ObserverSpec(symmetric=True)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": CONFIG_VERSION, "activation": self.activation.to_dict(), "weight": self.weight.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QConfig:
+        if d.get("version") != CONFIG_VERSION:
+            raise GraphQuantError(f"graphquant: QConfig dict version {d.get('version')} is not {CONFIG_VERSION}")
+        return cls(ObserverSpec.from_dict(d["activation"]), ObserverSpec.from_dict(d["weight"]))
+
+
+def get_default_qconfig(backend: str = "x86") -> QConfig:
+    """The recommended static qconfig for a backend.
+
+    ``"x86"`` (oneDNN): histogram observer, uint8 affine activations; per-channel
+    symmetric int8 weights. ``"portable"``: min-max uint8 activations, same weights —
+    cheaper to calibrate, runs on the pure-PyTorch int8 kernels anywhere.
+    """
+    if backend in ("x86", "onednn", "fbgemm"):
+        return QConfig()
+    if backend in ("portable", "qnnpack"):
+        return QConfig(activation=ObserverSpec("minmax"))
+    raise GraphQuantError(f"graphquant: unknown backend {backend!r}; use 'x86' or 'portable'")
+
+
+default_qconfig = get_default_qconfig("x86")
+QConfigDict = Mapping[str, "QConfig | None"]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The qconfig that applies to one module path, and the key it came from."""
+
+    qconfig: QConfig | None
+    key: str | None
+
+
+def check_qconfig_dict(qconfig_dict: object, model: nn.Module) -> dict[str, QConfig | None]:
+    """Validate ``qconfig_dict`` against the model's module paths and return a plain dict.
+
+    A key that matches no module is an error naming the closest paths.
+    """
+    if not isinstance(qconfig_dict, Mapping):
+        raise GraphQuantError(
+            f"graphquant: qconfig_dict must be a dict of module path -> QConfig or None, got "
+            f"{type(qconfig_dict).__name__}; e.g. {{'': graphquant.get_default_qconfig('x86')}}"
+        )
+    paths = [name for name, _ in model.named_modules()]
+    out: dict[str, QConfig | None] = {}
+    for key, value in qconfig_dict.items():
+        if not isinstance(key, str):
+            raise GraphQuantError(f"graphquant: qconfig_dict key {key!r} must be a module path string")
+        if value is not None and not isinstance(value, QConfig):
+            raise GraphQuantError(
+                f"graphquant: qconfig_dict[{key!r}] is a {type(value).__name__}; it must be a graphquant "
+                f"QConfig or None (keep float). Build one with graphquant.get_default_qconfig('x86')"
+            )
+        if key not in paths:
+            close = difflib.get_close_matches(key, paths, n=3, cutoff=0.4)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise GraphQuantError(f"graphquant: qconfig_dict key {key!r} matches no module of the model{hint}")
+        out[key] = value
+    return out
+
+
+def resolve(qconfig_dict: Mapping[str, QConfig | None], module_path: str) -> Resolved:
+    """The qconfig for ``module_path``: its own key, else its nearest ancestor's, else float."""
+    path = module_path
+    while True:
+        if path in qconfig_dict:
+            return Resolved(qconfig_dict[path], path)
+        if path == "":
+            return Resolved(None, None)
+        path = path.rpartition(".")[0]

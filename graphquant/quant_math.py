@@ -1,0 +1,141 @@
+"""The arithmetic of affine int8 quantization, and the only place it lives.
+
+``q = clamp(round(x / scale) + zero_point, qmin, qmax)`` and
+``x_hat = (q - zero_point) * scale``. Rounding is round-half-to-even, as
+``torch.round`` and oneDNN do it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Smallest scale we hand out: a zero range (constant activation, all-zero channel)
+# still gives a positive scale so nothing divides by zero.
+EPS = float(torch.finfo(torch.float32).eps)
+
+_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int32: (-(2**31), 2**31 - 1)}
+
+
+def dtype_range(dtype: torch.dtype) -> tuple[int, int]:
+    """The integer range ``(qmin, qmax)`` a dtype holds."""
+    if dtype not in _RANGES:
+        raise ValueError(f"graphquant: no integer range for {dtype}; use torch.uint8 or torch.int8")
+    return _RANGES[dtype]
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Scale and zero point of one tensor (per tensor) or one axis (per channel).
+
+    ``scale`` and ``zero_point`` are 0-d tensors per tensor, 1-d along ``axis`` per channel.
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    dtype: torch.dtype
+    qmin: int
+    qmax: int
+    axis: int | None = None
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
+
+    def scalar(self) -> tuple[float, int]:
+        """``(scale, zero_point)`` as Python numbers; only for per-tensor qparams."""
+        if self.axis is not None:
+            raise ValueError("graphquant: per-channel qparams have no single scale")
+        return float(self.scale), int(self.zero_point)
+
+
+def choose_qparams(
+    min_val: torch.Tensor,
+    max_val: torch.Tensor,
+    dtype: torch.dtype,
+    symmetric: bool,
+    qmin: int | None = None,
+    qmax: int | None = None,
+    axis: int | None = None,
+) -> QParams:
+    """Scale and zero point that cover ``[min_val, max_val]`` and represent 0.0 exactly.
+
+    The range is first widened to include 0 (padding and ReLU produce exact zeros).
+    Symmetric qparams put the zero point at the middle of the integer range.
+    """
+    lo, hi = dtype_range(dtype)
+    qmin = lo if qmin is None else qmin
+    qmax = hi if qmax is None else qmax
+    min_val = torch.clamp(min_val.detach().double(), max=0.0)
+    max_val = torch.clamp(max_val.detach().double(), min=0.0)
+    if symmetric:
+        amax = torch.maximum(-min_val, max_val)
+        scale = amax / ((qmax - qmin) / 2)
+        scale = torch.clamp(scale, min=EPS)
+        mid = (qmin + qmax + 1) // 2 if dtype == torch.uint8 else 0
+        zero_point = torch.full_like(scale, mid, dtype=torch.int64)
+    else:
+        scale = torch.clamp((max_val - min_val) / (qmax - qmin), min=EPS)
+        zero_point = (qmin - torch.round(min_val / scale)).clamp(qmin, qmax).to(torch.int64)
+    # float32 scales: the kernels take float32, so the reference must round with the same value.
+    return QParams(scale.float(), zero_point, dtype, qmin, qmax, axis)
+
+
+def _broadcast(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
+    """Float tensor to integer tensor of ``qparams.dtype``."""
+    scale, zero_point = qparams.scale, qparams.zero_point
+    if qparams.axis is not None:
+        scale = _broadcast(scale, x.dim(), qparams.axis)
+        zero_point = _broadcast(zero_point, x.dim(), qparams.axis)
+    return quantize_tensor(x, scale, zero_point, qparams.qmin, qparams.qmax, qparams.dtype)
+
+
+def dequantize(q: torch.Tensor, qparams: QParams) -> torch.Tensor:
+    """Integer tensor back to float32."""
+    scale, zero_point = qparams.scale, qparams.zero_point
+    if qparams.axis is not None:
+        scale = _broadcast(scale, q.dim(), qparams.axis)
+        zero_point = _broadcast(zero_point, q.dim(), qparams.axis)
+    return (q.to(torch.float32) - zero_point.to(torch.float32)) * scale
+
+
+def quantize_tensor(
+    x: torch.Tensor,
+    scale: torch.Tensor | float,
+    zero_point: torch.Tensor | int,
+    qmin: int,
+    qmax: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``clamp(round(x / scale) + zero_point, qmin, qmax)`` with broadcasting qparams.
+
+    Multiplying by ``1 / scale`` would save a division but can round differently
+    from oneDNN's own quantize at exact half steps, so we divide.
+    """
+    q = torch.round(x.to(torch.float32) / scale) + zero_point
+    return torch.clamp(q, qmin, qmax).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
+    """``dequantize(quantize(x))``: the value the int8 model sees."""
+    return dequantize(quantize(x, qparams), qparams)
+
+
+def sqnr(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``other`` against ``reference`` in dB.
+
+    ``inf`` when they are identical.
+    """
+    reference = reference.detach().double()
+    noise = (reference - other.detach().double()).pow(2).sum()
+    signal = reference.pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise))
