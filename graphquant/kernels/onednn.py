@@ -89,25 +89,33 @@ def qconv(
     """uint8 convolution, uint8 out (channels-last), checked before oneDNN sees it."""
     out_channels = w.shape[0]
     _check_common("qconv", x, x_zero_point, w, w_scale, bias, out_zero_point, post_op, out_channels)
-    if x.dim() != w.dim() or x.shape[1] != w.shape[1] * groups:
+    # oneDNN packs a conv1d weight as 2-d (out, in, 1, k)
+    spatial_ok = x.dim() == w.dim() or (x.dim() == 3 and w.dim() == 4)
+    if not spatial_ok or x.shape[1] != w.shape[1] * groups:
         raise ValueError(
             f"graphquant::qconv: input {tuple(x.shape)} does not fit weight {tuple(w.shape)} with groups={groups}"
         )
     if x.shape[0] == 0:
         return _conv_fake_out(x, w, stride, padding, dilation)
+    fused = post_op
     if x.dim() == 5:
         x = x.contiguous(memory_format=torch.channels_last_3d)  # oneDNN's 3d path wants channels-last
-    return torch.ops.onednn.qconv_pointwise(
+        fused = "none"  # oneDNN has no relu post-op for conv3d: clamp at the zero point below
+    y = torch.ops.onednn.qconv_pointwise(
         x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, stride, padding, dilation,
-        groups, out_scale, out_zero_point, None, post_op, [], "",
+        groups, out_scale, out_zero_point, None, fused, [], "",
     )  # fmt: skip
+    if fused != post_op and out_zero_point > 0:
+        y = y.clamp_min_(out_zero_point)  # relu in the uint8 domain; a no-op when the zero point is 0
+    return y
 
 
 def _conv_fake_out(
     x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int]
 ) -> torch.Tensor:
+    kernel = w.shape[-(x.dim() - 2):]
     spatial = [
-        (size + 2 * padding[i] - dilation[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1
+        (size + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
         for i, size in enumerate(x.shape[2:])
     ]
     return x.new_empty((0, w.shape[0], *spatial))

@@ -37,6 +37,7 @@ def _foldable(bn: fx.Node) -> fx.Node | None:
     return conv
 
 
+@torch.no_grad()
 def folded_weight_bias(
     w: torch.Tensor, b: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor,
     gamma: torch.Tensor | None, beta: torch.Tensor | None, eps: float,

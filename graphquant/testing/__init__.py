@@ -1,0 +1,147 @@
+"""``check_graph_mode_op``: PyTorch's ``checkGraphModeOp`` harness, on graphquant.
+
+Quantizes a module in reference (``debug=True``) and kernel mode, asserts the expected
+kernel is in the kernel graph and that both outputs agree within one quantization step
+of the output scale, and returns the SQNR of the kernel output against float.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten
+
+from graphquant.api import quantize
+from graphquant.graph import QPARAMS
+from graphquant.qconfig import QConfig, get_default_qconfig
+from graphquant.quant_math import sqnr
+
+_DEQUANTIZE = (torch.ops.graphquant.dequantize_per_tensor.default,)
+
+
+@dataclass
+class CheckResult:
+    """What ``check_graph_mode_op`` measured. ``float(result)`` is the SQNR in dB."""
+
+    sqnr: float  # kernel output against float, dB
+    reference_sqnr: float  # reference output against float, dB
+    max_step_diff: float  # largest |kernel - reference| in steps of the output scale
+    reference: fx.GraphModule
+    quantized: fx.GraphModule
+
+    def __float__(self) -> float:
+        return self.sqnr
+
+
+def output_scales(gm: fx.GraphModule) -> list[float | None]:
+    """For each flattened graph output, the scale of the dequantize producing it (None if float)."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    nodes, _ = tree_flatten(output.args[0])
+    scales: list[float | None] = []
+    for node in nodes:
+        qp = node.meta.get(QPARAMS) if isinstance(node, fx.Node) and node.target in _DEQUANTIZE else None
+        scales.append(float(qp.scale) if qp is not None else None)
+    return scales
+
+
+def _largest_scale(gm: fx.GraphModule) -> float:
+    scales = [float(n.meta[QPARAMS].scale) for n in gm.graph.nodes if n.target in _DEQUANTIZE and QPARAMS in n.meta]
+    return max(scales, default=0.0)
+
+
+def _as_batches(inputs: Any) -> list[tuple[Any, ...]]:
+    """``(x,)`` is one sample; ``[(x,), (y,)]`` (a list of tuples) is several."""
+    if isinstance(inputs, list) and inputs and all(isinstance(b, (tuple, list)) for b in inputs):
+        return [tuple(b) for b in inputs]
+    if isinstance(inputs, torch.Tensor):
+        return [(inputs,)]
+    return [tuple(inputs)]
+
+
+def step_diff(reference: Any, quantized: Any, scales: Sequence[float | None], fallback_scale: float) -> float:
+    """Largest ``|quantized - reference|`` over all outputs, in steps of each output's scale."""
+    ref_flat, _ = tree_flatten(reference)
+    q_flat, _ = tree_flatten(quantized)
+    worst = 0.0
+    for i, (r, q) in enumerate(zip(ref_flat, q_flat)):
+        if not isinstance(r, torch.Tensor) or not r.is_floating_point():
+            if isinstance(r, torch.Tensor) and not torch.equal(r, q):
+                return float("inf")
+            continue
+        scale = (scales[i] if i < len(scales) else None) or fallback_scale
+        diff = float((r - q).abs().max()) if r.numel() else 0.0
+        worst = max(worst, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+    return worst
+
+
+def _sqnr_all(reference: Any, other: Any) -> float:
+    r = [t.flatten().float() for t in tree_flatten(reference)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    o = [t.flatten().float() for t in tree_flatten(other)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return sqnr(torch.cat(r), torch.cat(o)) if r else float("inf")
+
+
+def check_graph_mode_op(
+    module: nn.Module,
+    inputs: Any,
+    quantized_op: str,
+    tracing: bool = False,
+    debug: bool = False,
+    check: bool = True,
+    eval_mode: bool = True,
+    dynamic: bool = False,
+    qconfig: QConfig | None = None,
+    backend: str | None = None,
+) -> CheckResult:
+    """Quantize ``module`` both ways and check it, as PyTorch's ``checkGraphModeOp`` does.
+
+    ``inputs`` is one sample ``(x,)`` or a list of samples ``[(x1,), (x2,)]``: all are used
+    for calibration, the first for the comparison. ``quantized_op`` is the kernel's name as
+    the printed graph shows it (``"qconv2d"``, ``"graphquant::qlinear"``). ``tracing=True``
+    captures with the first sample up front; ``tracing=False`` captures lazily on the first
+    calibration call, as ``quantize_jit`` on a scripted module would. ``debug=True`` prints
+    both graphs. With ``check=False`` nothing is asserted, only measured.
+    """
+    if dynamic:
+        from graphquant.errors import GraphQuantError
+
+        raise GraphQuantError("graphquant: check_graph_mode_op(dynamic=True) needs dynamic quantization (issue #4)")
+    module = copy.deepcopy(module)
+    if eval_mode:
+        module.eval()
+    batches = _as_batches(inputs)
+    qconfig_dict = {"": qconfig or get_default_qconfig("x86")}
+
+    def run_fn(model: nn.Module, data: list[tuple[Any, ...]]) -> None:
+        with torch.no_grad():
+            for sample in data:
+                model(*sample)
+
+    example = batches[0] if tracing else None
+    models = {
+        d: quantize(module, qconfig_dict, run_fn, [batches], example_inputs=example, debug=d, backend=backend)
+        for d in (True, False)
+    }
+    if debug:
+        print(models[True].code)
+        print(models[False].code)
+    sample = batches[0]
+    with torch.no_grad():
+        expected = module(*sample)
+        outputs = {d: models[d](*sample) for d in (True, False)}
+    scales = output_scales(models[False])
+    diff = step_diff(outputs[True], outputs[False], scales, _largest_scale(models[False]))
+    result = CheckResult(
+        _sqnr_all(expected, outputs[False]), _sqnr_all(expected, outputs[True]), diff, models[True], models[False]
+    )
+    if check:
+        wanted = quantized_op.replace("::", ".")
+        code = models[False].code
+        assert wanted in code, f"graphquant: expected {quantized_op} in the kernel graph:\n{code}"
+        assert diff <= 1.0 + 1e-4, (
+            f"graphquant: kernel and reference outputs differ by {diff:.3f} quantization steps (more than one)"
+        )
+    return result
