@@ -1,0 +1,53 @@
+"""QConfig: checks itself, round-trips, resolves by module path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphquant import GraphQuantError, ObserverSpec, QConfig, get_default_qconfig
+from graphquant.observers import HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver
+from graphquant.qconfig import resolve
+
+
+def test_presets():
+    x86 = get_default_qconfig("x86")
+    assert isinstance(x86.activation.create(), HistogramObserver)
+    weight = x86.weight.create()
+    assert isinstance(weight, PerChannelMinMaxObserver) and weight.symmetric and weight.dtype == torch.int8
+    assert isinstance(get_default_qconfig("portable").activation.create(), MinMaxObserver)
+    with pytest.raises(GraphQuantError, match="unknown backend 'arm'"):
+        get_default_qconfig("arm")
+
+
+def test_round_trip_through_dict():
+    qc = QConfig(ObserverSpec("moving_average_minmax", options=(("averaging_constant", 0.1),)))
+    d = qc.to_dict()
+    assert d["version"] == 1
+    assert QConfig.from_dict(d) == qc
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(observer="kl"), "unknown observer 'kl'"),
+    (dict(observer="per_channel_minmax"), "needs axis"),
+    (dict(observer="minmax", axis=0), "takes no axis"),
+])  # fmt: skip
+def test_observer_spec_checks_itself(kwargs, needle):  # type: ignore[no-untyped-def]
+    with pytest.raises(GraphQuantError, match=needle):
+        ObserverSpec(**kwargs)
+
+
+def test_asymmetric_int8_weights_refused():
+    with pytest.raises(GraphQuantError, match="int8 weights must be symmetric"):
+        QConfig(weight=ObserverSpec("per_channel_minmax", torch.int8, symmetric=False, axis=0))
+
+
+def test_resolution_most_specific_wins():
+    a, b = get_default_qconfig("x86"), get_default_qconfig("portable")
+    table = {"": a, "encoder": b, "encoder.layer.1": None}
+    assert resolve(table, "head").qconfig is a
+    assert resolve(table, "encoder.layer.0.attn").qconfig is b
+    assert resolve(table, "encoder.layer.0.attn").key == "encoder"
+    r = resolve(table, "encoder.layer.1.ffn")
+    assert r.qconfig is None and r.key == "encoder.layer.1"
+    assert resolve({"encoder": a}, "decoder").qconfig is None
