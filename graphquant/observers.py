@@ -44,9 +44,12 @@ class Observer(nn.Module):
 
     def merge(self, other: Observer) -> None:
         """Fold in ``other``'s statistics, as if this observer had seen its tensors too."""
+        self._check_same_kind(other)
+        self.num_batches += other.num_batches
+
+    def _check_same_kind(self, other: Observer) -> None:
         if type(other) is not type(self):
             raise TypeError(f"graphquant: cannot merge {type(other).__name__} into {type(self).__name__}")
-        self.num_batches += other.num_batches
 
     def extra_repr(self) -> str:
         return f"dtype={self.dtype}, symmetric={self.symmetric}"
@@ -70,7 +73,6 @@ class MinMaxObserver(Observer):
 
     def merge(self, other: Observer) -> None:
         super().merge(other)
-        assert isinstance(other, MinMaxObserver)
         self.min_val = torch.minimum(self.min_val, other.min_val)
         self.max_val = torch.maximum(self.max_val, other.max_val)
 
@@ -100,7 +102,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
             self.max_val = self.max_val + c * (hi - self.max_val)
 
     def merge(self, other: Observer) -> None:
-        assert isinstance(other, MovingAverageMinMaxObserver)
+        self._check_same_kind(other)
         n, m = int(self.num_batches), int(other.num_batches)
         if m == 0:
             return
@@ -134,7 +136,7 @@ class PerChannelMinMaxObserver(Observer):
         return choose_qparams(self.min_val, self.max_val, self.dtype, self.symmetric, axis=self.axis)
 
     def merge(self, other: Observer) -> None:
-        assert isinstance(other, PerChannelMinMaxObserver)
+        self._check_same_kind(other)
         if other.min_val.numel() == 0:
             return
         if self.min_val.numel() == 0:
@@ -195,7 +197,7 @@ class HistogramObserver(Observer):
         self.min_val, self.max_val = torch.tensor(lo), torch.tensor(hi)
 
     def merge(self, other: Observer) -> None:
-        assert isinstance(other, HistogramObserver)
+        self._check_same_kind(other)
         if not other.has_data:
             return
         if not self.has_data:
