@@ -34,7 +34,7 @@ class Match:
     qconfig_key: str
     module_path: str
     # filled by insert_observers: observer node names feeding each activation input, and the output's
-    input_observers: dict[int, str] = field(default_factory=dict)
+    input_observers: dict[str, str] = field(default_factory=dict)  # input node name -> observer
     output_observer: str | None = None
 
     @property
@@ -44,6 +44,28 @@ class Match:
     @property
     def output(self) -> fx.Node:
         return self.nodes[-1]
+
+
+def activation_inputs(match: Match) -> list[fx.Node]:
+    """The anchor's activation inputs, in ``pattern.activation_args`` order, list args
+    flattened, each node once; scalars and missing optional args are skipped."""
+    nodes: list[fx.Node] = []
+    for index in match.pattern.activation_args:
+        if index >= len(match.anchor.args):
+            continue
+        arg = match.anchor.args[index]
+        for item in arg if isinstance(arg, (list, tuple)) else [arg]:
+            if isinstance(item, fx.Node) and item not in nodes:
+                nodes.append(item)
+    return nodes
+
+
+def is_float_tensor(node: object) -> bool:
+    """Whether a node produces one float32 tensor (what uint8 activations can stand for)."""
+    if not isinstance(node, fx.Node):
+        return False
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype == torch.float32
 
 
 def module_path(node: fx.Node) -> str:

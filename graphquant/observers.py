@@ -244,6 +244,28 @@ class HistogramObserver(Observer):
         return choose_qparams(torch.tensor(a), torch.tensor(b), self.dtype, self.symmetric)
 
 
+class FixedQParamsObserver(Observer):
+    """qparams from an op's known output range (sigmoid: [0, 1], tanh: [-1, 1]); data
+    is not needed, so it never reports "saw no data"."""
+
+    def __init__(self, lo: float, hi: float, dtype: torch.dtype = torch.uint8) -> None:
+        super().__init__(dtype, symmetric=False)
+        self.lo, self.hi = lo, hi
+        self.num_batches += 1
+
+    def observe(self, x: torch.Tensor) -> None:
+        pass
+
+    def qparams(self) -> QParams:
+        return choose_qparams(torch.tensor(self.lo), torch.tensor(self.hi), self.dtype, symmetric=False)
+
+    def merge(self, other: Observer) -> None:
+        self._check_same_kind(other)
+
+    def extra_repr(self) -> str:
+        return f"range=[{self.lo}, {self.hi}]"
+
+
 class SharedQParams(nn.Module):
     """Marks a value that reuses another observer's qparams (e.g. the output of
     ``flatten`` reuses its input's). It records nothing; ``source`` is the name of the

@@ -11,7 +11,7 @@ from typing import Mapping
 
 from torch import fx
 
-from graphquant.graph import MATCH, Match, module_path
+from graphquant.graph import MATCH, Match, activation_inputs, is_float_tensor, module_path
 from graphquant.patterns import Pattern, patterns_for
 from graphquant.qconfig import QConfig, resolve
 
@@ -32,6 +32,14 @@ def _chain(node: fx.Node, pattern: Pattern) -> tuple[fx.Node, ...] | None:
     return tuple(nodes)
 
 
+def _float_io(nodes: tuple[fx.Node, ...], pattern: Pattern) -> bool:
+    """Only float32 tensors become uint8: index tensors, masks and tuples stay as they are."""
+    if pattern.kind != "shares_qparams" and not is_float_tensor(nodes[-1]):
+        return False
+    probe = Match(pattern, nodes, None, "", "")  # type: ignore[arg-type]
+    return all(is_float_tensor(a) for a in activation_inputs(probe)) and bool(activation_inputs(probe))
+
+
 def annotate(gm: fx.GraphModule, qconfig_dict: Mapping[str, QConfig | None]) -> list[Match]:
     """Write a ``Match`` into ``node.meta[MATCH]`` for every pattern occurrence; return them in graph order.
 
@@ -44,7 +52,7 @@ def annotate(gm: fx.GraphModule, qconfig_dict: Mapping[str, QConfig | None]) -> 
             continue
         for pattern in patterns_for(node.target):
             nodes = _chain(node, pattern)
-            if nodes is None:
+            if nodes is None or not _float_io(nodes, pattern):
                 continue
             resolved = [resolve(qconfig_dict, module_path(n)) for n in nodes]
             if any(r.qconfig is None for r in resolved):

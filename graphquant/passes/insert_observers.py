@@ -2,17 +2,22 @@
 
 ``x -> conv -> relu -> flatten -> linear -> y`` becomes
 ``x -> obs0 -> conv -> relu -> obs1 -> flatten -> shared(obs1) -> linear -> obs2 -> y``.
-A weighted match observes each activation input (reusing the producer's output
-observer) and its output. A ``shares_qparams`` match whose input is observed gets a
-:class:`~graphquant.observers.SharedQParams` marker; otherwise it stays float.
+
+- weighted (conv, linear): each activation input is observed (reusing the producer's
+  output observer) and so is the output; always quantized.
+- general / fixed_qparams (add, cat, sigmoid): quantized only when at least one activation
+  input already is; the others get input observers, the output its own observer (fixed
+  range for fixed_qparams).
+- shares_qparams (flatten, max_pool, relu): quantized only when the input is; the output
+  gets a :class:`~graphquant.observers.SharedQParams` marker naming the input's observer.
 """
 
 from __future__ import annotations
 
-from torch import fx
+from torch import fx, nn
 
-from graphquant.graph import FLOAT_REASON, MATCH, Match, copy_meta
-from graphquant.observers import Observer, SharedQParams
+from graphquant.graph import FLOAT_REASON, MATCH, Match, activation_inputs, copy_meta
+from graphquant.observers import FixedQParamsObserver, Observer, SharedQParams
 
 OBSERVER_PREFIX = "observer_"
 
@@ -32,52 +37,70 @@ def _source_observer(gm: fx.GraphModule, node: fx.Node) -> str:
     return module.source if isinstance(module, SharedQParams) else str(node.target)
 
 
-def _add_observer(gm: fx.GraphModule, after: fx.Node, module: object) -> fx.Node:
-    name = f"{OBSERVER_PREFIX}{len([n for n in gm._modules if n.startswith(OBSERVER_PREFIX)])}"
-    gm.add_submodule(name, module)  # type: ignore[arg-type]
+class _Namer:
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.count = sum(1 for name in gm._modules if name.startswith(OBSERVER_PREFIX))
+
+    def __call__(self) -> str:
+        self.count += 1
+        return f"{OBSERVER_PREFIX}{self.count - 1}"
+
+
+def _add_observer(gm: fx.GraphModule, after: fx.Node, module: nn.Module, name: str) -> fx.Node:
+    gm.add_submodule(name, module)
     with gm.graph.inserting_after(after):
         node = gm.graph.call_module(name, (after,))
     copy_meta(after, node)
     return node
 
 
-def _observe_output(gm: fx.GraphModule, match: Match, module: object) -> fx.Node:
+def _observe_output(gm: fx.GraphModule, match: Match, module: nn.Module, name: str) -> fx.Node:
     """Put an observer after the match's output; every user now reads the observed value."""
     out = match.output
-    obs = _add_observer(gm, out, module)
+    obs = _add_observer(gm, out, module, name)
     out.replace_all_uses_with(obs, delete_user_cb=lambda user: user is not obs)
     return obs
 
 
-def _observe_input(gm: fx.GraphModule, match: Match, index: int, seen: dict[fx.Node, fx.Node]) -> str:
-    """Observer name for activation arg ``index`` of the anchor; only this edge is rewired."""
-    arg = match.anchor.args[index]
-    assert isinstance(arg, fx.Node)
+def _observe_input(gm: fx.GraphModule, match: Match, arg: fx.Node, seen: dict[fx.Node, fx.Node], name: _Namer) -> str:
+    """Observer name for activation input ``arg`` of the anchor; only this edge is rewired."""
     if is_observer(gm, arg):
         return _source_observer(gm, arg)
     if arg not in seen:  # a float value feeding two quantized ops gets one observer
-        seen[arg] = _add_observer(gm, arg, match.qconfig.activation.create())
+        seen[arg] = _add_observer(gm, arg, match.qconfig.activation.create(), name())
     match.anchor.replace_input_with(arg, seen[arg])
     return str(seen[arg].target)
+
+
+def _keep_float(match: Match, reason: str) -> None:
+    for node in match.nodes:
+        node.meta.pop(MATCH, None)
+        node.meta[FLOAT_REASON] = reason
 
 
 def insert_observers(gm: fx.GraphModule, matches: list[Match]) -> fx.GraphModule:
     """Insert observers for ``matches`` (from ``annotate``, in graph order)."""
     seen: dict[fx.Node, fx.Node] = {}
+    name = _Namer(gm)
     for match in matches:
-        if match.pattern.kind == "shares_qparams":
-            arg = match.anchor.args[0]
-            if not is_observer(gm, arg):
-                match.anchor.meta.pop(MATCH)  # input is float: so is this op
-                match.anchor.meta[FLOAT_REASON] = "input is not quantized"
-                continue
-            source = _source_observer(gm, arg)  # type: ignore[arg-type]
-            match.input_observers[0] = source
-            match.output_observer = str(_observe_output(gm, match, SharedQParams(source)).target)
+        inputs = activation_inputs(match)
+        kind = match.pattern.kind
+        if kind != "weighted" and not any(is_observer(gm, a) for a in inputs):
+            _keep_float(match, "input is not quantized")
             continue
-        for index in match.pattern.activation_args:
-            match.input_observers[index] = _observe_input(gm, match, index, seen)
-        match.output_observer = str(_observe_output(gm, match, match.qconfig.activation.create()).target)
+        if kind == "shares_qparams":
+            source = _source_observer(gm, inputs[0])
+            match.input_observers[inputs[0].name] = source
+            match.output_observer = str(_observe_output(gm, match, SharedQParams(source), name()).target)
+            continue
+        for arg in inputs:
+            match.input_observers[arg.name] = _observe_input(gm, match, arg, seen, name)
+        if kind == "fixed_qparams":
+            assert match.pattern.output_range is not None
+            observer: nn.Module = FixedQParamsObserver(*match.pattern.output_range)
+        else:
+            observer = match.qconfig.activation.create()
+        match.output_observer = str(_observe_output(gm, match, observer, name()).target)
     gm.graph.lint()
     gm.recompile()
     return gm

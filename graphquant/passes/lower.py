@@ -21,7 +21,16 @@ import torch
 from torch import fx
 
 from graphquant.errors import GraphQuantError
-from graphquant.graph import FLOAT_REASON, MATCH, QPARAMS, Match, copy_meta, matches_of, module_path
+from graphquant.graph import (
+    FLOAT_REASON,
+    MATCH,
+    QPARAMS,
+    Match,
+    activation_inputs,
+    copy_meta,
+    matches_of,
+    module_path,
+)
 from graphquant.observers import Observer, SharedQParams
 from graphquant.patterns.context import KernelContext, QValue, WeightCache
 from graphquant.quant_math import QParams
@@ -109,10 +118,11 @@ def reference(
 def kernel(gm: fx.GraphModule, matches: list[Match], ctx: KernelContext, quantized_at: dict[fx.Node, fx.Node]) -> None:
     """Each match's ``dq -> ops -> q`` becomes its pattern's kernel on uint8 values."""
     for match in matches:
+        if match.pattern.lower_kernel is None:
+            continue  # no int8 kernel: the reference form dq -> op -> q is the kernel graph
         inputs = []
-        for index in match.pattern.activation_args:
-            dq = match.anchor.args[index]
-            assert isinstance(dq, fx.Node) and dq.target is ops.dequantize_per_tensor.default
+        for dq in activation_inputs(match):
+            assert dq.target is ops.dequantize_per_tensor.default, f"{match.pattern.name}: input {dq} not quantized"
             inputs.append(QValue(dq.args[0], dq.meta[QPARAMS]))  # type: ignore[arg-type]
         out_q = quantized_at[match.output]
         ctx.match = match

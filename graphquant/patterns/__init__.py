@@ -9,8 +9,16 @@ Kinds:
 
 - ``"weighted"``: conv / linear. Activation input observed, weight quantized per channel
   ahead of time, output observed: ``x -> obs -> conv -> [relu] -> obs``.
-- ``"shares_qparams"``: value-preserving ops (flatten, view). Quantized only when their
-  input is; the output reuses the input's scale and zero point and runs on uint8.
+- ``"shares_qparams"``: value-preserving ops (flatten, view, max_pool, relu). Quantized only
+  when their input is; the output reuses the input's scale and zero point and runs on uint8.
+- ``"general"``: add, mul, cat, matmul, layer_norm... Quantized when at least one
+  activation input is (an ``add`` of two model inputs stays float, as in PyTorch); every
+  activation input is observed and the output gets its own observer.
+- ``"fixed_qparams"``: sigmoid, tanh, hardsigmoid. Like ``"general"`` but the output
+  qparams come from the op's known range (``output_range``), not from data.
+
+``lower_kernel=None`` means the kernel graph keeps the reference form
+``dq -> op -> q`` for that pattern: correct, uint8 on both sides, but computed in float.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ if TYPE_CHECKING:
     from graphquant.patterns.context import KernelContext, QValue
     from graphquant.quant_math import QParams
 
-Kind = Literal["weighted", "shares_qparams"]
+Kind = Literal["weighted", "shares_qparams", "general", "fixed_qparams"]
+LowerKernel = Callable[["KernelContext", "Match", Sequence["QValue"], "QParams"], fx.Node]
 aten = torch.ops.aten
 
 
