@@ -5,15 +5,29 @@ from graphquant.api import (
     PreparedModel,
     calibrate,
     convert,
+    convert_dynamic_jit,
     convert_jit,
     prepare,
+    prepare_dynamic,
+    prepare_dynamic_jit,
     prepare_jit,
     quantize,
+    quantize_dynamic,
+    quantize_dynamic_jit,
     quantize_jit,
     report,
 )
 from graphquant.errors import GraphQuantError
-from graphquant.qconfig import ObserverSpec, QConfig, default_qconfig, get_default_qconfig
+from graphquant.qconfig import (
+    ObserverSpec,
+    QConfig,
+    default_dynamic_qconfig,
+    default_qconfig,
+    float16_dynamic_qconfig,
+    get_default_qconfig,
+    per_channel_dynamic_qconfig,
+    per_token_dynamic_qconfig,
+)
 from graphquant.kernels import ops as _ops  # noqa: F401  (registers torch.ops.graphquant)
 
 __all__ = [
@@ -23,12 +37,21 @@ __all__ = [
     "QConfig",
     "calibrate",
     "convert",
+    "convert_dynamic_jit",
     "convert_jit",
+    "default_dynamic_qconfig",
     "default_qconfig",
+    "float16_dynamic_qconfig",
     "get_default_qconfig",
+    "per_channel_dynamic_qconfig",
+    "per_token_dynamic_qconfig",
     "prepare",
+    "prepare_dynamic",
+    "prepare_dynamic_jit",
     "prepare_jit",
     "quantize",
+    "quantize_dynamic",
+    "quantize_dynamic_jit",
     "quantize_jit",
     "report",
 ]

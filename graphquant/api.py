@@ -22,7 +22,7 @@ from graphquant.passes.annotate import annotate
 from graphquant.passes.fold_bn import fold_bn
 from graphquant.passes.insert_observers import insert_observers
 from graphquant.passes.lower import lower
-from graphquant.qconfig import QConfig, check_qconfig_dict
+from graphquant.qconfig import QConfig, check_qconfig_dict, default_dynamic_qconfig
 from graphquant.report import ConversionReport
 
 BACKENDS = ("onednn", "portable")
@@ -36,9 +36,10 @@ class PreparedModel(nn.Module):
     none). ``graph_module`` is the observed graph once captured.
     """
 
-    def __init__(self, model: nn.Module, qconfig_dict: dict[str, QConfig | None]) -> None:
+    def __init__(self, model: nn.Module, qconfig_dict: dict[str, QConfig | None], dynamic: bool = False) -> None:
         super().__init__()
         self.qconfig_dict = qconfig_dict
+        self.dynamic = dynamic
         self.graph_module: fx.GraphModule | None = None
         self._float_model = [model]  # a list, so nn.Module does not register it as a child
 
@@ -46,7 +47,7 @@ class PreparedModel(nn.Module):
         """Capture, fold batch-norm, annotate and insert observers."""
         gm = capture(self._float_model[0], example_inputs)
         gm = fold_bn(gm)
-        matches = annotate(gm, self.qconfig_dict)
+        matches = annotate(gm, self.qconfig_dict, dynamic=self.dynamic)
         self.graph_module = insert_observers(gm, matches)
         self._float_model.clear()
 
@@ -78,13 +79,39 @@ def prepare(
     ``inplace=False`` (the default) works on a copy: the user's model is never changed.
     With ``example_inputs=None`` capture waits for the first calibration call.
     """
+    return _prepare(model, qconfig_dict, example_inputs, inplace, dynamic=False)
+
+
+def _prepare(
+    model: nn.Module, qconfig_dict: Mapping[str, QConfig | None], example_inputs: Sequence[Any] | None,
+    inplace: bool, dynamic: bool,
+) -> PreparedModel:  # fmt: skip
     check_capturable(model)
     checked = check_qconfig_dict(qconfig_dict, model)
-    prepared = PreparedModel(model if inplace else copy.deepcopy(model), checked)
+    for key, qconfig in checked.items():
+        if qconfig is not None and qconfig.is_dynamic != dynamic:
+            want = "quantize_dynamic / prepare_dynamic" if qconfig.is_dynamic else "quantize / prepare"
+            raise GraphQuantError(
+                f"graphquant: qconfig_dict[{key!r}] is a {'dynamic' if qconfig.is_dynamic else 'static'} qconfig; "
+                f"use it with {want}"
+            )
+    prepared = PreparedModel(model if inplace else copy.deepcopy(model), checked, dynamic=dynamic)
     inputs = _check_example_inputs(example_inputs)
     if inputs is not None:
         prepared.capture(inputs)
     return prepared
+
+
+def prepare_dynamic(
+    model: nn.Module, qconfig_dict: Mapping[str, QConfig | None] | None = None,
+    example_inputs: Sequence[Any] | None = None, inplace: bool = False,
+) -> PreparedModel:  # fmt: skip
+    """Capture ``model`` for dynamic quantization: no observers, no calibration needed.
+
+    ``qconfig_dict`` defaults to ``{"": default_dynamic_qconfig}``.
+    """
+    qconfig_dict = {"": default_dynamic_qconfig} if qconfig_dict is None else qconfig_dict
+    return _prepare(model, qconfig_dict, example_inputs, inplace, dynamic=True)
 
 
 def calibrate(prepared: PreparedModel, data: Iterable[Any]) -> PreparedModel:
@@ -114,6 +141,8 @@ def convert(
         raise GraphQuantError(
             f"graphquant: convert takes the model returned by graphquant.prepare, got {type(prepared).__name__}"
         )
+    if prepared.graph_module is None and prepared.dynamic:
+        return LazyQuantized(prepared, debug, backend)  # type: ignore[return-value]
     if prepared.graph_module is None:
         raise GraphQuantError(
             "graphquant: convert before calibration: the model was never called, so it was not captured "
@@ -125,6 +154,7 @@ def convert(
     if backend == "onednn" and not onednn.available():
         raise GraphQuantError("graphquant: this PyTorch has no oneDNN int8 ops; use backend='portable'")
     gm = prepared.graph_module
+    assert gm is not None
     if not inplace:
         gm = copy.deepcopy(gm)
         rebind_matches(gm)
@@ -177,6 +207,45 @@ def quantize(
     return _become(model, quantized) if inplace else quantized  # type: ignore[return-value]
 
 
+class LazyQuantized(nn.Module):
+    """Dynamic quantization without example inputs: captured and converted on the first call."""
+
+    def __init__(self, prepared: PreparedModel, debug: bool, backend: str | None) -> None:
+        super().__init__()
+        self.prepared = prepared
+        self.debug = debug
+        self.backend = backend
+        self.quantized: fx.GraphModule | None = None
+
+    def forward(self, *args: Any) -> Any:
+        if self.quantized is None:
+            self.prepared.capture(args)
+            self.quantized = convert(self.prepared, debug=self.debug, inplace=True, backend=self.backend)
+        return self.quantized(*args)
+
+    @property
+    def graphquant_report(self) -> ConversionReport | None:
+        return None if self.quantized is None else self.quantized.graphquant_report
+
+
+def quantize_dynamic(
+    model: nn.Module,
+    qconfig_dict: Mapping[str, QConfig | None] | None = None,
+    example_inputs: Sequence[Any] | None = None,
+    inplace: bool = False,
+    debug: bool = False,
+    backend: str | None = None,
+) -> nn.Module:
+    """Dynamic quantization: int8 weights now, activation qparams from each batch at run time.
+
+    With ``example_inputs`` the result is a ``GraphModule``; without, a module that captures
+    and converts on its first call.
+    """
+    prepared = prepare_dynamic(model, qconfig_dict, example_inputs, inplace=inplace)
+    quantized = convert(prepared, debug=debug, inplace=True, backend=backend)
+    return _become(model, quantized) if inplace else quantized
+
+
 # The seed's names: torch.ao.quantization.quantize_jit users change only the import.
 
 
@@ -200,6 +269,28 @@ def quantize_jit(
 ) -> fx.GraphModule:
     """``torch.ao.quantization.quantize_jit``: same signature and meaning, on ``torch.export``."""
     return quantize(model, qconfig_dict, run_fn, run_args, None, inplace=inplace, debug=debug)
+
+
+def prepare_dynamic_jit(
+    model: nn.Module, qconfig_dict: Mapping[str, QConfig | None] | None = None, inplace: bool = False
+) -> PreparedModel:
+    """``torch.ao.quantization.prepare_dynamic_jit``."""
+    return prepare_dynamic(model, qconfig_dict, None, inplace=inplace)
+
+
+def convert_dynamic_jit(
+    model: PreparedModel, inplace: bool = False, debug: bool = False, preserved_attrs: Any = None
+) -> nn.Module:
+    """``torch.ao.quantization.convert_dynamic_jit``: converted on the first call if not yet captured."""
+    return convert(model, debug=debug, inplace=inplace)
+
+
+def quantize_dynamic_jit(
+    model: nn.Module, qconfig_dict: Mapping[str, QConfig | None] | None = None, inplace: bool = False,
+    debug: bool = False,
+) -> nn.Module:  # fmt: skip
+    """``torch.ao.quantization.quantize_dynamic_jit``: no calibration; captured on the first call."""
+    return quantize_dynamic(model, qconfig_dict, None, inplace=inplace, debug=debug)
 
 
 def report(quantized: nn.Module) -> ConversionReport:

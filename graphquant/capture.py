@@ -17,7 +17,7 @@ from torch import fx, nn
 from torch.export import Dim
 
 from graphquant.errors import GraphQuantError
-from graphquant.graph import MODULE_PATH, MODULE_TYPE
+from graphquant.graph import MODULE_PATH, MODULE_TYPE, add_attr, get_attr_value
 
 BATCH = "batch"
 
@@ -88,6 +88,29 @@ def _module_path(node: fx.Node, paths: set[str]) -> tuple[str, str]:
     return path, kind.rpartition(".")[2]
 
 
+def _matmul_to_linear(gm: fx.GraphModule) -> None:
+    """``matmul(x, W)`` with a constant 2-d ``W`` becomes ``linear(x, W.T)`` so that one
+    pattern covers both; a weight used twice gets one transposed copy."""
+    transposed: dict[str, fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.matmul.default:
+            continue
+        w = node.args[1]
+        if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+            continue
+        value = get_attr_value(gm, w)
+        if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
+            continue
+        if w.target not in transposed:
+            name = add_attr(gm, str(w.target) + "_t", value.detach().t().contiguous())
+            with gm.graph.inserting_before(node):
+                transposed[str(w.target)] = gm.graph.get_attr(name)
+        node.target = torch.ops.aten.linear.default
+        node.args = (node.args[0], transposed[str(w.target)])
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
 def capture(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
     """Export ``model`` on ``example_inputs`` into a functional ATen ``GraphModule``.
 
@@ -105,6 +128,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
         path, kind = _module_path(node, paths)
         node.meta[MODULE_PATH] = path
         node.meta[MODULE_TYPE] = kind
+    _matmul_to_linear(gm)
     gm.graphquant_input_spec = [
         (tuple(x.shape[1:]), x.dtype) if isinstance(x, torch.Tensor) else None for x in example_inputs
     ]

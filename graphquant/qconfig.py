@@ -18,6 +18,8 @@ from graphquant.errors import GraphQuantError
 from graphquant.observers import OBSERVERS, Observer
 
 CONFIG_VERSION = 1
+# activation "observers" of dynamic quantization: qparams come from each batch at run time
+DYNAMIC_ACTIVATIONS = ("dynamic", "dynamic_per_token")
 _DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "float16": torch.float16}
 
 
@@ -35,9 +37,10 @@ class ObserverSpec:
     options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.observer not in OBSERVERS:
+        if self.observer not in OBSERVERS and self.observer not in DYNAMIC_ACTIVATIONS:
             raise GraphQuantError(
-                f"graphquant: unknown observer {self.observer!r}; choose one of {sorted(OBSERVERS)}"
+                f"graphquant: unknown observer {self.observer!r}; choose one of "
+                f"{sorted(OBSERVERS) + list(DYNAMIC_ACTIVATIONS)}"
             )
         if self.dtype not in (torch.uint8, torch.int8, torch.float16):
             raise GraphQuantError(f"graphquant: observer dtype must be torch.uint8 or torch.int8, got {self.dtype}")
@@ -47,8 +50,15 @@ class ObserverSpec:
                 f"graphquant: observer {self.observer!r} {'needs' if per_channel else 'takes no'} axis (got {self.axis})"
             )
 
+    @property
+    def is_dynamic(self) -> bool:
+        """Whether qparams are computed per batch at run time (no observer, no calibration)."""
+        return self.observer in DYNAMIC_ACTIVATIONS
+
     def create(self) -> Observer:
         """A fresh observer module."""
+        if self.is_dynamic:
+            raise GraphQuantError(f"graphquant: {self.observer!r} activations have no observer: they are dynamic")
         kwargs: dict[str, Any] = dict(self.options)
         if self.axis is not None:
             kwargs["axis"] = self.axis
@@ -85,6 +95,17 @@ class QConfig:
                 "graphquant: int8 weights must be symmetric (zero point 0) for the int8 kernels; "
                 "set ObserverSpec(symmetric=True)"
             )
+        if self.activation.dtype != torch.uint8 and not self.activation.observer == "dynamic_per_token":
+            raise GraphQuantError(
+                f"graphquant: activations are uint8 (affine) for the int8 kernels, got {self.activation.dtype}"
+            )
+        if self.weight.dtype == torch.float16 and not self.is_dynamic:
+            raise GraphQuantError("graphquant: float16 weights are for dynamic quantization (float16_dynamic_qconfig)")
+
+    @property
+    def is_dynamic(self) -> bool:
+        """Whether this is a dynamic-quantization config (activation qparams per batch)."""
+        return self.activation.is_dynamic
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": CONFIG_VERSION, "activation": self.activation.to_dict(), "weight": self.weight.to_dict()}
@@ -111,6 +132,24 @@ def get_default_qconfig(backend: str = "x86") -> QConfig:
 
 
 default_qconfig = get_default_qconfig("x86")
+
+# Dynamic quantization: weights int8 ahead of time, activations quantized per batch.
+default_dynamic_qconfig = QConfig(
+    activation=ObserverSpec("dynamic"), weight=ObserverSpec("minmax", torch.int8, symmetric=True)
+)
+per_channel_dynamic_qconfig = QConfig(
+    activation=ObserverSpec("dynamic"),
+    weight=ObserverSpec("per_channel_minmax", torch.int8, symmetric=True, axis=0),
+)
+# Per token: one symmetric int8 scale per row of the activation. Costs a row-wise amax and a
+# rescale of the output; buys accuracy when a few tokens have outlier magnitudes.
+per_token_dynamic_qconfig = QConfig(
+    activation=ObserverSpec("dynamic_per_token", torch.int8, symmetric=True),
+    weight=ObserverSpec("per_channel_minmax", torch.int8, symmetric=True, axis=0),
+)
+float16_dynamic_qconfig = QConfig(
+    activation=ObserverSpec("dynamic"), weight=ObserverSpec("minmax", torch.float16, symmetric=True)
+)
 QConfigDict = Mapping[str, "QConfig | None"]
 
 

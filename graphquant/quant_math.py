@@ -139,3 +139,28 @@ def sqnr(reference: torch.Tensor, other: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(10 * torch.log10(signal / noise))
+
+
+def dynamic_qparams(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of one batch, computed at run time (dynamic quantization).
+
+    Per tensor: uint8 affine over the batch's range widened to include 0. Per token: int8
+    symmetric, one scale per row (last dimension reduced), zero point 0.
+    """
+    if per_token:
+        amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+        scale = torch.clamp(amax / 127.5, min=EPS)
+        return scale, torch.zeros_like(scale, dtype=torch.int64)
+    lo, hi = torch.aminmax(x.detach().float())
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    scale = torch.clamp((hi - lo) / 255, min=EPS)
+    zero_point = torch.clamp(-torch.round(lo / scale), 0, 255).to(torch.int64)
+    return scale, zero_point
+
+
+def quantize_dynamic_tensor(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, scale, zero_point)`` of one batch: uint8 per tensor or int8 per token."""
+    scale, zero_point = dynamic_qparams(x, per_token)
+    if per_token:
+        return quantize_tensor(x, scale, 0, -128, 127, torch.int8), scale, zero_point
+    return quantize_tensor(x, scale, zero_point, 0, 255, torch.uint8), scale, zero_point

@@ -20,7 +20,8 @@ CASES = [
 def test_pattern_kernel_matches_reference(pattern, index, backend):  # type: ignore[no-untyped-def]
     torch.manual_seed(index)
     module, inputs = pattern.examples()[index]
-    result = check_graph_mode_op(module, inputs, pattern.kernel, backend=backend)
+    dynamic = pattern.kind == "dynamic"
+    result = check_graph_mode_op(module, inputs, pattern.kernel, backend=backend, dynamic=dynamic)
     assert result.max_step_diff <= 1.0 + 1e-4
     assert result.sqnr >= 30.0, f"{pattern.name}: SQNR {result.sqnr:.1f} dB"
 

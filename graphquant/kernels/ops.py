@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch.library import Library, register_fake
 
-from graphquant.kernels import onednn, portable
-from graphquant.quant_math import quantize_tensor
+from graphquant.kernels import dynamic, onednn, portable
+from graphquant.quant_math import quantize_dynamic_tensor, quantize_tensor
 
 LIB = Library("graphquant", "DEF")
 _KEY = "CompositeExplicitAutograd"
@@ -34,6 +34,46 @@ LIB.define(
     "qlinear(Tensor x, float x_scale, int x_zero_point, Tensor w, Tensor w_scale, Tensor? bias, "
     "float out_scale, int out_zero_point, str post_op) -> Tensor"
 )
+
+
+# Dynamic quantization: activation qparams from each batch.
+LIB.define("quantize_dynamic(Tensor x, bool per_token) -> (Tensor, Tensor, Tensor)")
+LIB.define("dequantize_dynamic(Tensor q, Tensor scale, Tensor zero_point) -> Tensor")
+LIB.define("qlinear_dynamic(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, bool per_token) -> Tensor")
+LIB.define("linear_fp16(Tensor x, Tensor w, Tensor? bias) -> Tensor")
+
+
+def _dequantize_dynamic(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return (q.to(torch.float32) - zero_point.to(torch.float32)) * scale
+
+
+LIB.impl("quantize_dynamic", quantize_dynamic_tensor, _KEY)
+LIB.impl("dequantize_dynamic", _dequantize_dynamic, _KEY)
+LIB.impl("qlinear_dynamic", dynamic.qlinear_dynamic, _KEY)
+LIB.impl("linear_fp16", dynamic.linear_fp16, _KEY)
+
+
+@register_fake("graphquant::quantize_dynamic")
+def _quantize_dynamic_fake(x, per_token):  # type: ignore[no-untyped-def]
+    if per_token:
+        return (torch.empty_like(x, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1)),
+                x.new_empty((*x.shape[:-1], 1), dtype=torch.int64))  # fmt: skip
+    return torch.empty_like(x, dtype=torch.uint8), x.new_empty(()), x.new_empty((), dtype=torch.int64)
+
+
+@register_fake("graphquant::dequantize_dynamic")
+def _dequantize_dynamic_fake(q, scale, zero_point):  # type: ignore[no-untyped-def]
+    return torch.empty(q.shape, dtype=torch.float32)
+
+
+@register_fake("graphquant::qlinear_dynamic")
+def _qlinear_dynamic_fake(x, w, w_scale, bias, per_token):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], w_scale.shape[0]))
+
+
+@register_fake("graphquant::linear_fp16")
+def _linear_fp16_fake(x, w, bias):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
 def _axis_shape(ndim: int, axis: int) -> list[int]:

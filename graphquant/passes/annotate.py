@@ -40,7 +40,7 @@ def _float_io(nodes: tuple[fx.Node, ...], pattern: Pattern) -> bool:
     return all(is_float_tensor(a) for a in activation_inputs(probe)) and bool(activation_inputs(probe))
 
 
-def annotate(gm: fx.GraphModule, qconfig_dict: Mapping[str, QConfig | None]) -> list[Match]:
+def annotate(gm: fx.GraphModule, qconfig_dict: Mapping[str, QConfig | None], dynamic: bool = False) -> list[Match]:
     """Write a ``Match`` into ``node.meta[MATCH]`` for every pattern occurrence; return them in graph order.
 
     The anchor's module path decides the qconfig; a chain is matched only if every node
@@ -50,7 +50,7 @@ def annotate(gm: fx.GraphModule, qconfig_dict: Mapping[str, QConfig | None]) -> 
     for node in gm.graph.nodes:
         if node.op != "call_function" or MATCH in node.meta:
             continue
-        for pattern in patterns_for(node.target):
+        for pattern in patterns_for(node.target, dynamic):
             nodes = _chain(node, pattern)
             if nodes is None or not _float_io(nodes, pattern):
                 continue

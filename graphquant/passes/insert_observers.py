@@ -85,6 +85,8 @@ def insert_observers(gm: fx.GraphModule, matches: list[Match]) -> fx.GraphModule
     for match in matches:
         inputs = activation_inputs(match)
         kind = match.pattern.kind
+        if kind == "dynamic":
+            continue  # weights are quantized at convert, activations per batch: nothing to observe
         if kind != "weighted" and not any(is_observer(gm, a) for a in inputs):
             _keep_float(match, "input is not quantized")
             continue

@@ -32,7 +32,7 @@ from graphquant.graph import (
     module_path,
 )
 from graphquant.observers import Observer, SharedQParams
-from graphquant.patterns.context import KernelContext, QValue, WeightCache
+from graphquant.patterns.context import PACKED, KernelContext, QValue, WeightCache
 from graphquant.quant_math import QParams
 from graphquant.qconfig import resolve
 from graphquant.report import ConversionReport, NodeReport
@@ -95,10 +95,40 @@ def _fake_quantize_weight(ctx: KernelContext, match: Match) -> None:
     match.anchor.replace_input_with(w_node, dq)  # type: ignore[arg-type]
 
 
+def _dynamic_reference(ctx: KernelContext, match: Match) -> None:
+    """``x -> quantize_dynamic -> dequantize_dynamic -> linear(dq(q(w)))``.
+
+    float16 weights: ``linear(x, w.half().float())``.
+    """
+    graph = ctx.gm.graph
+    x = match.anchor.args[0]
+    assert isinstance(x, fx.Node) and match.pattern.weight_arg is not None
+    if match.qconfig.weight.dtype == torch.float16:
+        ctx.weights.get_fp16(ctx.gm, match)  # warns once if the weight saturates
+        w_node = match.anchor.args[match.pattern.weight_arg]
+        limit = float(torch.finfo(torch.float16).max)
+        with graph.inserting_before(match.anchor):
+            clamped = graph.call_function(torch.ops.aten.clamp.default, (w_node, -limit, limit))
+            half = graph.call_function(torch.ops.aten._to_copy.default, (clamped,), {"dtype": torch.float16})
+            back = graph.call_function(torch.ops.aten._to_copy.default, (half,), {"dtype": torch.float32})
+        match.anchor.replace_input_with(w_node, back)  # type: ignore[arg-type]
+        return
+    _fake_quantize_weight(ctx, match)
+    per_token = match.qconfig.activation.observer == "dynamic_per_token"
+    with graph.inserting_before(match.anchor):
+        qd = graph.call_function(ops.quantize_dynamic.default, (x, per_token))
+        parts = [graph.call_function(operator.getitem, (qd, i)) for i in range(3)]
+        dq = graph.call_function(ops.dequantize_dynamic.default, tuple(parts))
+    for node in (qd, *parts, dq):
+        copy_meta(match.anchor, node)
+    match.anchor.replace_input_with(x, dq)
+
+
 def reference(
     gm: fx.GraphModule, matches: list[Match], ctx: KernelContext, qparams: dict[str, QParams]
 ) -> dict[fx.Node, fx.Node]:
-    """Observers -> q/dq, weights -> fake-quantized. Returns the q node after each observed value."""
+    """Observers -> q/dq, weights -> fake-quantized. Returns the q node after each observed
+    value."""
     quantized_at: dict[fx.Node, fx.Node] = {}
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
@@ -112,7 +142,20 @@ def reference(
     for match in matches:
         if match.pattern.kind == "weighted":
             _fake_quantize_weight(ctx, match)
+        elif match.pattern.kind == "dynamic":
+            _dynamic_reference(ctx, match)
     return quantized_at
+
+
+def _dynamic_input(match: Match) -> fx.Node:
+    """The float input of a dynamic match in the reference graph (read from the graph, which
+    earlier lowerings keep up to date): ``x`` of ``x -> quantize_dynamic -> getitem -> dequantize_dynamic``."""
+    x = match.anchor.args[0]
+    assert isinstance(x, fx.Node)
+    if x.target is ops.dequantize_dynamic.default:
+        x = x.args[0].args[0].args[0]  # type: ignore[union-attr]
+    assert isinstance(x, fx.Node)
+    return x
 
 
 def kernel(gm: fx.GraphModule, matches: list[Match], ctx: KernelContext, quantized_at: dict[fx.Node, fx.Node]) -> None:
@@ -120,12 +163,17 @@ def kernel(gm: fx.GraphModule, matches: list[Match], ctx: KernelContext, quantiz
     for match in matches:
         if match.pattern.lower_kernel is None:
             continue  # no int8 kernel: the reference form dq -> op -> q is the kernel graph
+        ctx.match = match
+        if match.pattern.kind == "dynamic":
+            new = match.pattern.lower_kernel(ctx, match, [QValue(_dynamic_input(match), None)], None)  # type: ignore[arg-type]
+            new.meta[MATCH] = match
+            match.output.replace_all_uses_with(new)
+            continue
         inputs = []
         for dq in activation_inputs(match):
             assert dq.target is ops.dequantize_per_tensor.default, f"{match.pattern.name}: input {dq} not quantized"
             inputs.append(QValue(dq.args[0], dq.meta[QPARAMS]))  # type: ignore[arg-type]
         out_q = quantized_at[match.output]
-        ctx.match = match
         new = match.pattern.lower_kernel(ctx, match, inputs, out_q.meta[QPARAMS])
         new.meta[MATCH] = match
         new.meta[QPARAMS] = out_q.meta[QPARAMS]
@@ -137,6 +185,8 @@ def drop_unused_state(gm: fx.GraphModule) -> None:
     """Delete parameters, buffers and submodules no node reads (float weights after lowering)."""
     gm.graph.eliminate_dead_code()
     used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    # int8 weights behind packed oneDNN weights are the saved state the packs are rebuilt from
+    used |= {str(entry["int8"]) for entry in getattr(gm, PACKED, {}).values()}
     for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
         if name not in used:
             owner, _, leaf = name.rpartition(".")
@@ -156,7 +206,10 @@ def _report(gm: fx.GraphModule, qparams: dict[str, QParams], qconfig_dict: Any, 
             continue
         path, op = module_path(node), str(node.target)
         match = node.meta.get(MATCH)
-        if match is not None and match.output_observer is not None:
+        if match is not None and match.pattern.kind == "dynamic":
+            report.nodes.append(NodeReport(node.name, op, path, True, pattern=match.pattern.name,
+                                           kernel=match.pattern.kernel, qconfig_key=match.qconfig_key))  # fmt: skip
+        elif match is not None and match.output_observer is not None:
             source = match.output_observer
             module = gm.get_submodule(source)
             qp = qparams[module.source if isinstance(module, SharedQParams) else source]
@@ -186,7 +239,7 @@ def lower(gm: fx.GraphModule, debug: bool, backend: str, qconfig_dict: Any) -> C
     """
     qparams = observer_qparams(gm)
     report = _report(gm, qparams, qconfig_dict, "reference" if debug else "kernel", backend)
-    matches = [m for m in matches_of(gm) if m.output_observer is not None]
+    matches = [m for m in matches_of(gm) if m.output_observer is not None or m.pattern.kind == "dynamic"]
     ctx = KernelContext(gm, backend, WeightCache())
     quantized_at = reference(gm, matches, ctx, qparams)
     if not debug:

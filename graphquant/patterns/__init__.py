@@ -14,6 +14,8 @@ Kinds:
 - ``"general"``: add, mul, cat, matmul, layer_norm... Quantized when at least one
   activation input is (an ``add`` of two model inputs stays float, as in PyTorch); every
   activation input is observed and the output gets its own observer.
+- ``"dynamic"``: dynamic quantization (linear): the weight is quantized ahead of time, the
+  activation per batch inside the kernel; output float. Only ``prepare_dynamic`` uses these.
 - ``"fixed_qparams"``: sigmoid, tanh, hardsigmoid. Like ``"general"`` but the output
   qparams come from the op's known range (``output_range``), not from data.
 
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
     from graphquant.patterns.context import KernelContext, QValue
     from graphquant.quant_math import QParams
 
-Kind = Literal["weighted", "shares_qparams", "general", "fixed_qparams"]
+Kind = Literal["weighted", "shares_qparams", "general", "fixed_qparams", "dynamic"]
 LowerKernel = Callable[["KernelContext", "Match", Sequence["QValue"], "QParams"], fx.Node]
 aten = torch.ops.aten
 
@@ -48,25 +50,34 @@ class Pattern:
     ``ops[i]`` lists the ATen overloads accepted at position ``i`` of the chain; each
     node but the last must have the next as its only user. ``kernel`` is the op name
     the kernel graph shows (what ``check_graph_mode_op`` looks for). ``lower_kernel``
-    builds the int8 node from the uint8 inputs; ``examples`` give modules and inputs
-    that exercise the pattern, for the tests and the coverage table.
+    builds the int8 node from the uint8 inputs (in the order of ``activation_args``, a
+    list argument such as ``cat``'s contributing each element); ``None`` keeps the
+    reference form. ``output_range`` is the fixed output range of a ``fixed_qparams``
+    pattern. ``examples`` give modules and inputs that exercise the pattern, for the
+    tests and the coverage table.
     """
 
     name: str
     ops: tuple[tuple[torch._ops.OpOverload, ...], ...]
     kind: Kind
     kernel: str
-    lower_kernel: Callable[[KernelContext, Match, Sequence[QValue], QParams], fx.Node]
+    lower_kernel: LowerKernel | None
     examples: Callable[[], Sequence[tuple[nn.Module, tuple[torch.Tensor, ...]]]]
     activation_args: tuple[int, ...] = (0,)
     weight_arg: int | None = None
     bias_arg: int | None = None
+    output_range: tuple[float, float] | None = None
+    doc: str = ""
 
     def __post_init__(self) -> None:
         if not self.ops or any(not alternatives for alternatives in self.ops):
             raise ValueError(f"graphquant: pattern {self.name} matches nothing")
-        if (self.kind == "weighted") != (self.weight_arg is not None):
-            raise ValueError(f"graphquant: pattern {self.name}: weighted patterns and only they name a weight_arg")
+        if (self.kind in ("weighted", "dynamic")) != (self.weight_arg is not None):
+            raise ValueError(f"graphquant: pattern {self.name}: weighted and dynamic patterns, only they, name a weight_arg")
+        if (self.kind == "fixed_qparams") != (self.output_range is not None):
+            raise ValueError(f"graphquant: pattern {self.name}: fixed_qparams patterns and only they set output_range")
+        if self.kind in ("weighted", "dynamic") and self.lower_kernel is None:
+            raise ValueError(f"graphquant: pattern {self.name} needs a kernel lowering")
 
 
 PATTERNS: list[Pattern] = []
@@ -81,9 +92,9 @@ def register(pattern: Pattern) -> Pattern:
     return pattern
 
 
-def patterns_for(target: object) -> list[Pattern]:
-    """Patterns whose chain starts with ``target``, longest first."""
-    return [p for p in PATTERNS if target in p.ops[0]]
+def patterns_for(target: object, dynamic: bool = False) -> list[Pattern]:
+    """Static (or, with ``dynamic=True``, dynamic) patterns whose chain starts with ``target``, longest first."""
+    return [p for p in PATTERNS if target in p.ops[0] and (p.kind == "dynamic") == dynamic]
 
 
-from graphquant.patterns import conv, linear, reshape  # noqa: E402,F401  (fills PATTERNS)
+from graphquant.patterns import conv, dynamic_linear, linear, reshape  # noqa: E402,F401  (fills PATTERNS)

@@ -60,9 +60,27 @@ class WeightCache:
             observer = match.qconfig.weight.create()
             observer(w)
             qparams = observer.qparams()
+            if qparams.axis is None:  # per tensor = per channel with one repeated scale
+                n = w.shape[0]
+                qparams = QParams(qparams.scale.expand(n).contiguous(), qparams.zero_point.expand(n).contiguous(),
+                                  qparams.dtype, qparams.qmin, qparams.qmax, axis=0)  # fmt: skip
             self.quantized[key] = (quantize(w, qparams), qparams)
         self.by_match[id(match)] = self.quantized[key]
         return self.quantized[key]
+
+
+    def get_fp16(self, gm: fx.GraphModule, match: Match) -> torch.Tensor:
+        """The float16 weight of ``match`` (first called while the weight arg is the ``get_attr``);
+        values beyond the float16 range saturate, with a warning naming the layer."""
+        if id(match) not in self.by_match:
+            assert match.pattern.weight_arg is not None
+            w = get_attr_value(gm, match.anchor.args[match.pattern.weight_arg]).detach()  # type: ignore[arg-type]
+            limit = float(torch.finfo(torch.float16).max)
+            if bool((w.abs() > limit).any()):
+                warnings.warn(f"graphquant: {match.module_path or match.anchor.name}: weights beyond the float16 "
+                              f"range (+-{limit:g}) saturate", stacklevel=2)  # fmt: skip
+            self.by_match[id(match)] = (w.clamp(-limit, limit).half(), None)  # type: ignore[assignment]
+        return self.by_match[id(match)][0]
 
 
 class KernelContext:
@@ -73,6 +91,7 @@ class KernelContext:
         self.backend = backend
         self.weights = weights
         self.match: Match | None = None
+        self._lowered: dict[tuple[Any, ...], tuple[fx.Node, fx.Node]] = {}
         if not hasattr(gm, PACKED):
             setattr(gm, PACKED, {})
 
@@ -93,15 +112,18 @@ class KernelContext:
 
     def _weight_nodes(self, match: Match, pack: Any, pack_args: dict[str, Any]) -> KernelWeight:
         w_int8, qparams = self.weights.get(self.gm, match)
-        prefix = (match.module_path or match.anchor.name) + "_weight"
-        int8_node = self.constant(prefix + "_int8", w_int8)
-        if self.backend == "onednn":
-            packed_value = pack(w_int8, **pack_args)
-            packed = self.constant(prefix + "_packed", packed_value, buffer=False)
-            getattr(self.gm, PACKED)[packed.target] = {"int8": int8_node.target, "pack": pack.__name__, **pack_args}
-        else:
-            packed = int8_node
-        scale = self.constant(prefix + "_scale", qparams.scale.float())
+        # a weight shared by two calls is stored and packed once
+        key = (id(w_int8), pack.__name__, repr([v for v in pack_args.values() if not isinstance(v, torch.Tensor)]))
+        if key not in self._lowered:
+            prefix = (match.module_path or match.anchor.name) + "_weight"
+            int8_node = self.constant(prefix + "_int8", w_int8)
+            if self.backend == "onednn":
+                packed = self.constant(prefix + "_packed", pack(w_int8, **pack_args), buffer=False)
+                getattr(self.gm, PACKED)[packed.target] = {"int8": int8_node.target, "pack": pack.__name__, **pack_args}
+            else:
+                packed = int8_node
+            self._lowered[key] = (packed, self.constant(prefix + "_scale", qparams.scale.float()))
+        packed, scale = self._lowered[key]
         bias_arg = match.pattern.bias_arg
         bias = match.anchor.args[bias_arg] if bias_arg is not None and len(match.anchor.args) > bias_arg else None
         return KernelWeight(packed, scale, bias if isinstance(bias, fx.Node) else None)
@@ -115,6 +137,15 @@ class KernelContext:
         args = dict(w_scale=qparams.scale.float(), x_scale=x_scale, x_zero_point=x_zero_point,
                     stride=stride, padding=padding, dilation=dilation, groups=groups)  # fmt: skip
         return self._weight_nodes(match, onednn.pack_conv, args)
+
+    def fp16_weight(self, match: Match) -> KernelWeight:
+        """The weight stored as float16; values beyond its range saturate, with a warning."""
+        w16_value = self.weights.get_fp16(self.gm, match)
+        prefix = (match.module_path or match.anchor.name) + "_weight_fp16"
+        bias_arg = match.pattern.bias_arg
+        bias = match.anchor.args[bias_arg] if bias_arg is not None and len(match.anchor.args) > bias_arg else None
+        w16 = self.constant(prefix, w16_value)
+        return KernelWeight(w16, w16, bias if isinstance(bias, fx.Node) else None)
 
     def linear_weight(self, match: Match) -> KernelWeight:
         """The linear weight, quantized and (on oneDNN) packed."""

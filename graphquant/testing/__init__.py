@@ -15,9 +15,9 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
-from graphquant.api import quantize
+from graphquant.api import quantize, quantize_dynamic
 from graphquant.graph import QPARAMS
-from graphquant.qconfig import QConfig, get_default_qconfig
+from graphquant.qconfig import QConfig, default_dynamic_qconfig, get_default_qconfig
 from graphquant.quant_math import sqnr
 
 _DEQUANTIZE = (torch.ops.graphquant.dequantize_per_tensor.default,)
@@ -102,29 +102,32 @@ def check_graph_mode_op(
     for calibration, the first for the comparison. ``quantized_op`` is the kernel's name as
     the printed graph shows it (``"qconv2d"``, ``"graphquant::qlinear"``). ``tracing=True``
     captures with the first sample up front; ``tracing=False`` captures lazily on the first
-    calibration call, as ``quantize_jit`` on a scripted module would. ``debug=True`` prints
-    both graphs. With ``check=False`` nothing is asserted, only measured.
+    calibration call, as ``quantize_jit`` on a scripted module would. ``dynamic=True`` uses
+    dynamic quantization (float outputs: one step is 1/255 of the reference output's range).
+    ``debug=True`` prints both graphs. With ``check=False`` nothing is asserted, only measured.
     """
-    if dynamic:
-        from graphquant.errors import GraphQuantError
-
-        raise GraphQuantError("graphquant: check_graph_mode_op(dynamic=True) needs dynamic quantization (issue #4)")
     module = copy.deepcopy(module)
     if eval_mode:
         module.eval()
     batches = _as_batches(inputs)
-    qconfig_dict = {"": qconfig or get_default_qconfig("x86")}
+    qconfig_dict = {"": qconfig or (default_dynamic_qconfig if dynamic else get_default_qconfig("x86"))}
 
     def run_fn(model: nn.Module, data: list[tuple[Any, ...]]) -> None:
         with torch.no_grad():
             for sample in data:
                 model(*sample)
 
-    example = batches[0] if tracing else None
-    models = {
-        d: quantize(module, qconfig_dict, run_fn, [batches], example_inputs=example, debug=d, backend=backend)
-        for d in (True, False)
-    }
+    example = batches[0] if tracing or dynamic else None
+    if dynamic:
+        models = {
+            d: quantize_dynamic(module, qconfig_dict, example_inputs=example, debug=d, backend=backend)
+            for d in (True, False)
+        }
+    else:
+        models = {
+            d: quantize(module, qconfig_dict, run_fn, [batches], example_inputs=example, debug=d, backend=backend)
+            for d in (True, False)
+        }
     if debug:
         print(models[True].code)
         print(models[False].code)
@@ -133,6 +136,9 @@ def check_graph_mode_op(
         expected = module(*sample)
         outputs = {d: models[d](*sample) for d in (True, False)}
     scales = output_scales(models[False])
+    if dynamic:  # float outputs: one step is what a uint8 per-tensor quantization of the output would take
+        scales = [float(t.max() - t.min()) / 255 if isinstance(t, torch.Tensor) and t.numel() else None
+                  for t in tree_flatten(outputs[True])[0]]  # fmt: skip
     diff = step_diff(outputs[True], outputs[False], scales, _largest_scale(models[False]))
     result = CheckResult(
         _sqnr_all(expected, outputs[False]), _sqnr_all(expected, outputs[True]), diff, models[True], models[False]

@@ -1,0 +1,76 @@
+"""Dynamic-quantization linear: activations quantized per batch inside the call.
+
+Both backends quantize the activation the same way
+(:func:`graphquant.quant_math.quantize_dynamic_tensor`), so the integers match the
+reference graph exactly; only the float accumulation order differs.
+
+- oneDNN: ``qlinear_pointwise`` with uint8 input and float32 output (per tensor), or int8
+  input with scale 1 and the per-row scale applied to the output (per token).
+- portable: the int32 accumulator in float64, then the same rescale.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from graphquant.quant_math import quantize_dynamic_tensor
+
+_zero_points: dict[int, torch.Tensor] = {}
+
+
+def _w_zero_point(n: int) -> torch.Tensor:
+    zp = _zero_points.get(n)
+    if zp is None:
+        zp = _zero_points[n] = torch.zeros(n, dtype=torch.int64)
+    return zp
+
+
+def check_inputs(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """Raise a ``ValueError`` before any kernel runs; return the output features."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"graphquant::qlinear_dynamic: activation must be float32, got {x.dtype}")
+    if w.is_mkldnn:
+        in_features, out_features = w.shape  # oneDNN stores the packed weight transposed
+    elif w.dtype == torch.int8 and w.dim() == 2:
+        out_features, in_features = w.shape
+    else:
+        raise ValueError(f"graphquant::qlinear_dynamic: weight must be packed or int8 2-d, got {w.dtype}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"graphquant::qlinear_dynamic: input {tuple(x.shape)} does not end in {in_features} features")
+    if w_scale.dtype != torch.float32 or w_scale.shape != (out_features,):
+        raise ValueError(f"graphquant::qlinear_dynamic: w_scale must be float32 with {out_features} entries")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,)):
+        raise ValueError(f"graphquant::qlinear_dynamic: bias must be float32 with {out_features} entries")
+    return out_features
+
+
+def qlinear_dynamic(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, per_token: bool
+) -> torch.Tensor:
+    """float32 in, float32 out; int8 GEMM inside."""
+    out_features = check_inputs(x, w, w_scale, bias)
+    if x.numel() == 0:
+        return x.new_empty((*x.shape[:-1], out_features))
+    q, scale, zero_point = quantize_dynamic_tensor(x.contiguous(), per_token)
+    if w.is_mkldnn:
+        zp = _w_zero_point(out_features)
+        if per_token:
+            y = torch.ops.onednn.qlinear_pointwise(
+                q, 1.0, 0, w, w_scale, zp, None, 1.0, 0, torch.float32, "none", [], ""
+            )
+            y = y * scale
+            return y + bias if bias is not None else y
+        return torch.ops.onednn.qlinear_pointwise.tensor(
+            q, scale, zero_point, w, w_scale, zp, bias, 1.0, 0, torch.float32, "none", [], ""
+        )
+    acc = F.linear(q.double() - zero_point.double(), w.double())
+    y = (acc * (scale.double() * w_scale.double())).float()
+    return y + bias if bias is not None else y
+
+
+def linear_fp16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Linear with a float16-stored weight, computed in float32 (halves weight memory)."""
+    if w.dtype != torch.float16:
+        raise ValueError(f"graphquant::linear_fp16: weight must be float16, got {w.dtype}")
+    return F.linear(x, w.float(), bias)

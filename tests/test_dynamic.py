@@ -1,0 +1,128 @@
+"""Dynamic quantization: int8 weights at convert time, activation qparams per batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import graphquant as gq
+from graphquant.quant_math import sqnr
+
+
+class TwoLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 16)
+        self.lstm = nn.LSTM(16, 8, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.fc2(torch.relu(self.fc1(x)))
+        return h, self.fc2(torch.relu(self.fc1(-x)))  # fc1 and fc2 are each called twice
+
+
+def _model() -> TwoLinears:
+    torch.manual_seed(0)
+    return TwoLinears().eval()
+
+
+def _kernels(model: nn.Module) -> list[str]:
+    return [str(n.target) for n in model.graph.nodes if "qlinear_dynamic" in str(n.target)]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("qconfig", [
+    gq.default_dynamic_qconfig, gq.per_channel_dynamic_qconfig, gq.per_token_dynamic_qconfig,
+])  # fmt: skip
+@pytest.mark.parametrize("backend", ["onednn", "portable"])
+def test_kernel_matches_reference_and_float(qconfig, backend):  # type: ignore[no-untyped-def]
+    model, x = _model(), torch.randn(4, 10, 32)
+    ref = gq.quantize_dynamic(model, {"": qconfig}, example_inputs=(x,), debug=True, backend=backend)
+    q = gq.quantize_dynamic(model, {"": qconfig}, example_inputs=(x,), backend=backend)
+    assert len(_kernels(q)) == 4
+    assert not any(n.target is torch.ops.aten.linear.default for n in q.graph.nodes)
+    for got, want, expected in zip(q(x), ref(x), model(x)):
+        step = float(want.max() - want.min()) / 255
+        assert float((got - want).abs().max()) <= step
+        assert sqnr(expected, got) >= 30.0
+
+
+def test_shared_weights_are_quantized_and_stored_once():
+    model, x = _model(), torch.randn(2, 3, 32)
+    q = gq.quantize_dynamic(model, {"": gq.default_dynamic_qconfig}, example_inputs=(x,))
+    int8 = [name for name, b in q.named_buffers() if b.dtype == torch.int8]
+    assert len(int8) == 2, int8
+    float_weights = [name for name, b in list(q.named_parameters()) + list(q.named_buffers())
+                     if b.dtype == torch.float32 and b.dim() == 2]  # fmt: skip
+    assert float_weights == [], float_weights
+
+
+def test_int8_weights_take_under_30_percent_of_float():
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
+    x = torch.randn(2, 256)
+    q = gq.quantize_dynamic(model, {"": gq.default_dynamic_qconfig}, example_inputs=(x,))
+    float_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "weight" in n)
+    int8_bytes = sum(b.numel() * b.element_size() for n, b in q.named_buffers() if "weight" in n)
+    assert int8_bytes <= 0.30 * float_bytes, (int8_bytes, float_bytes)
+
+
+def test_lazy_capture_on_first_call():
+    model, x = _model(), torch.randn(5, 10, 32)
+    q = gq.quantize_dynamic_jit(model, {"": gq.default_dynamic_qconfig})
+    assert q.graphquant_report is None
+    out = q(x)
+    assert sqnr(model(x)[0], out[0]) >= 30.0
+    assert q(torch.randn(2, 10, 32))[0].shape == (2, 10, 16)
+    assert q.graphquant_report is not None
+
+
+def test_seed_prepare_convert_names():
+    model, x = _model(), torch.randn(5, 10, 32)
+    prepared = gq.prepare_dynamic_jit(model, {"": gq.per_channel_dynamic_qconfig})
+    q = gq.convert_dynamic_jit(prepared)
+    assert sqnr(model(x)[1], q(x)[1]) >= 30.0
+
+
+def test_qconfig_dict_none_keeps_float():
+    model, x = _model(), torch.randn(2, 3, 32)
+    q = gq.quantize_dynamic(model, {"": gq.default_dynamic_qconfig, "fc2": None}, example_inputs=(x,))
+    assert len(_kernels(q)) == 2
+    assert sum(n.target is torch.ops.aten.linear.default for n in q.graph.nodes) == 2
+
+
+def test_float16_weights_saturate_with_a_warning_naming_the_layer():
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[0, 0] = 1e6
+    x = torch.randn(2, 4)
+    with pytest.warns(UserWarning, match=r"0: weights beyond the float16 range"):
+        q = gq.quantize_dynamic(model, {"": gq.float16_dynamic_qconfig}, example_inputs=(x,))
+    w16 = [b for b in q.buffers() if b.dtype == torch.float16]
+    assert len(w16) == 1 and float(w16[0].max()) == 65504.0
+    x = torch.randn(3, 4)
+    expected = torch.nn.functional.linear(x, model[0].weight.clamp(-65504, 65504).half().float(), model[0].bias)
+    torch.testing.assert_close(q(x), expected)
+
+
+def test_static_qconfig_in_dynamic_is_refused():
+    with pytest.raises(gq.GraphQuantError, match="static qconfig; use it with quantize / prepare"):
+        gq.quantize_dynamic(_model(), {"": gq.default_qconfig}, example_inputs=(torch.randn(1, 3, 32),))
+    with pytest.raises(gq.GraphQuantError, match="dynamic qconfig; use it with quantize_dynamic"):
+        gq.prepare_jit(_model(), {"": gq.default_dynamic_qconfig})
+
+
+def test_lstm_stays_float_and_the_report_says_so():
+    class WithLSTM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.lstm = nn.LSTM(8, 8, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lstm(self.fc(x))[0]
+
+    model, x = WithLSTM().eval(), torch.randn(2, 5, 8)
+    q = gq.quantize_dynamic(model, {"": gq.default_dynamic_qconfig}, example_inputs=(x,))
+    lines = [n for n in gq.report(q).float_nodes if n.module_path == "lstm" and "lstm" in n.op]
+    assert lines and "no quantized pattern for aten.lstm" in lines[0].reason
+    assert sqnr(model(x), q(x)) >= 30.0
