@@ -18,6 +18,7 @@ from graphquant.api import (
     report,
 )
 from graphquant.errors import GraphQuantError
+from graphquant import quant_math
 from graphquant.qconfig import (
     ObserverSpec,
     QConfig,
