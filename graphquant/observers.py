@@ -8,6 +8,8 @@ another observer of the same kind, so calibration can be sharded.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -30,10 +32,28 @@ class Observer(nn.Module):
         return bool(self.num_batches > 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() > 0 and x.is_floating_point():
-            self.observe(x.detach())
-            self.num_batches += 1
+        if x.numel() == 0 or not x.is_floating_point():
+            return x
+        values = x.detach()
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            # NaN/Inf would turn the range, and so every scale, into NaN: skip them, loudly
+            warnings.warn(
+                f"graphquant: calibration data has {int((~finite).sum())} NaN/Inf values at "
+                f"{self.where or 'an observer'}; they are ignored. Clean the calibration data",
+                stacklevel=2,
+            )
+            values = values[finite]
+            if values.numel() == 0:
+                return x
+        self.observe(values)
+        self.num_batches += 1
         return x
+
+    @property
+    def where(self) -> str:
+        """Observer name and module path, set by ``insert_observers`` (for messages)."""
+        return str(getattr(self, "graphquant_where", ""))
 
     def observe(self, x: torch.Tensor) -> None:
         raise NotImplementedError

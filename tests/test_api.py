@@ -109,7 +109,7 @@ def test_convert_before_calibration_names_the_observers(net):  # type: ignore[no
     with pytest.raises(gq.GraphQuantError, match="never called"):
         gq.convert_jit(gq.prepare_jit(net, {"": gq.default_qconfig}))
     prepared = gq.prepare(net, {"": gq.default_qconfig}, example_inputs=(torch.randn(1, 3, 16, 16),))
-    with pytest.raises(gq.GraphQuantError, match=r"observers observer_0, .* saw no data"):
+    with pytest.raises(gq.GraphQuantError, match=r"observers observer_0 \(output of x in <model>\); .* saw no data"):
         gq.convert(prepared)
 
 

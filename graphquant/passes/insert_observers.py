@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from graphquant.graph import FLOAT_REASON, MATCH, Match, activation_inputs, copy_meta
+from graphquant.graph import FLOAT_REASON, MATCH, Match, activation_inputs, copy_meta, module_path
 from graphquant.observers import FixedQParamsObserver, Observer, SharedQParams
 
 OBSERVER_PREFIX = "observer_"
@@ -47,6 +47,7 @@ class _Namer:
 
 
 def _add_observer(gm: fx.GraphModule, after: fx.Node, module: nn.Module, name: str) -> fx.Node:
+    module.graphquant_where = f"{name} (output of {after.name} in {module_path(after) or '<model>'})"
     gm.add_submodule(name, module)
     with gm.graph.inserting_after(after):
         node = gm.graph.call_module(name, (after,))
@@ -63,12 +64,13 @@ def _observe_output(gm: fx.GraphModule, match: Match, module: nn.Module, name: s
 
 
 def _observe_input(gm: fx.GraphModule, match: Match, arg: fx.Node, seen: dict[fx.Node, fx.Node], name: _Namer) -> str:
-    """Observer name for activation input ``arg`` of the anchor; only this edge is rewired."""
+    """Observer name for activation input ``arg`` of the match; only its edges into the match are rewired."""
     if is_observer(gm, arg):
         return _source_observer(gm, arg)
     if arg not in seen:  # a float value feeding two quantized ops gets one observer
         seen[arg] = _add_observer(gm, arg, match.qconfig.activation.create(), name())
-    match.anchor.replace_input_with(arg, seen[arg])
+    for node in match.nodes:  # the anchor, and a join reading arg later in the chain (conv(x) + x)
+        node.replace_input_with(arg, seen[arg])
     return str(seen[arg].target)
 
 

@@ -47,12 +47,12 @@ def observer_qparams(gm: fx.GraphModule) -> dict[str, QParams]:
     for name, module in gm.named_children():
         if isinstance(module, Observer):
             if not module.has_data:
-                empty.append(name)
+                empty.append(module.where or name)
             else:
                 qparams[name] = module.qparams()
     if empty:
         raise GraphQuantError(
-            f"graphquant: convert before calibration: observers {', '.join(empty)} saw no data. "
+            f"graphquant: convert before calibration: observers {'; '.join(empty)} saw no data. "
             "Run the prepared model on representative inputs first (graphquant.calibrate or run_fn)"
         )
     return qparams
