@@ -1,0 +1,48 @@
+# graphquant developer targets. Every target works on a fresh clone: the venv is
+# created on first use and each install step is recorded by a stamp file inside
+# .venv, so re-runs skip straight to the command.
+
+PYTHON        ?= python3.11
+VENV          := .venv
+VPY           := $(VENV)/bin/python
+PIP           := $(VPY) -m pip
+TORCH_VERSION := 2.13.0
+THREADS       ?= 2
+BENCH_ARGS    ?= --quiet-only 300
+
+.PHONY: test demo bench lint install install-test install-demo install-bench clean-venv-stamps
+
+test: install-test
+	$(VPY) -m pytest -q -x -p no:cacheprovider tests
+
+demo: install-demo
+	$(VPY) -m graphquant.demo
+
+# Thread pools pinned only here, so timings are comparable from run to run.
+bench: install-bench
+	OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) \
+	  $(VPY) benchmarks/bench_cnn.py --threads $(THREADS) $(BENCH_ARGS)
+
+lint: install-test
+	$(VENV)/bin/ruff check graphquant
+	$(VENV)/bin/mypy graphquant
+
+install: install-test
+install-test: $(VENV)/.stamp-test
+install-demo: $(VENV)/.stamp-demo
+install-bench: $(VENV)/.stamp-bench
+
+# torch goes in first and alone, pinned: an unpinned resolve of `torch` may pull a
+# multi-GB CUDA build, while torch==$(TORCH_VERSION) takes the CPU wheel.
+$(VENV)/.stamp-torch:
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==$(TORCH_VERSION)
+	touch $@
+
+# torch==$(TORCH_VERSION) is repeated so no extra can move it.
+$(VENV)/.stamp-%: pyproject.toml $(VENV)/.stamp-torch
+	$(PIP) install -e '.[$*]' torch==$(TORCH_VERSION)
+	touch $@
+
+clean-venv-stamps:
+	rm -f $(VENV)/.stamp-*
