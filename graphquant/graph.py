@@ -48,7 +48,8 @@ class Match:
 
 def activation_inputs(match: Match) -> list[fx.Node]:
     """The anchor's activation inputs, in ``pattern.activation_args`` order, list args
-    flattened, each node once; scalars and missing optional args are skipped."""
+    flattened, then those of later chain nodes (``pattern.chain_inputs``, skipping the arg
+    the chain enters through); each node once; scalars and missing optional args are skipped."""
     nodes: list[fx.Node] = []
     for index in match.pattern.activation_args:
         if index >= len(match.anchor.args):
@@ -57,6 +58,11 @@ def activation_inputs(match: Match) -> list[fx.Node]:
         for item in arg if isinstance(arg, (list, tuple)) else [arg]:
             if isinstance(item, fx.Node) and item not in nodes:
                 nodes.append(item)
+    for position, index in match.pattern.chain_inputs:
+        node = match.nodes[position]
+        item = node.args[index] if index < len(node.args) else None
+        if isinstance(item, fx.Node) and item is not match.nodes[position - 1] and item not in nodes:
+            nodes.append(item)
     return nodes
 
 

@@ -70,7 +70,8 @@ def test_unpacked_linear_weight_is_refused_not_a_crash():
     ("bad_bias", "bias must be float32 with 8 entries"),
     ("bad_features", "does not end in 16 features"),
     ("bad_zero_point", r"zero points must lie in \[0, 255\]"),
-    ("bad_post_op", "post_op 'gelu'"),
+    ("bad_post_op", "post_op 'elu'"),
+    ("bad_post_op_args", "post_op 'hardtanh' takes 2 scalars"),
 ])  # fmt: skip
 def test_linear_guards(change, needle):  # type: ignore[no-untyped-def]
     packed = onednn.pack_linear(torch.randint(-128, 127, (8, 16), dtype=torch.int8))
@@ -86,8 +87,10 @@ def test_linear_guards(change, needle):  # type: ignore[no-untyped-def]
         args["x"] = torch.randint(0, 255, (2, 15), dtype=torch.uint8)
     elif change == "bad_zero_point":
         args["x_zero_point"] = 300
+    elif change == "bad_post_op":
+        args["post_op"] = "elu"
     else:
-        args["post_op"] = "gelu"
+        args["post_op"] = "hardtanh"
     with pytest.raises(ValueError, match=needle):
         onednn.qlinear(**args)
 
@@ -104,3 +107,211 @@ def test_empty_batch():
     packed = onednn.pack_linear(torch.randint(-128, 127, (8, 16), dtype=torch.int8))
     x = torch.empty(0, 16, dtype=torch.uint8)
     assert onednn.qlinear(x, 0.1, 0, packed, torch.ones(8), None, 0.1, 0, "none").shape == (0, 8)
+
+
+# Post-ops: a name and its scalars, applied to the real value before the one rounding.
+POST_OPS = {
+    "none": ([], lambda y: y),
+    "relu": ([], F.relu),
+    "hardtanh": ([-0.5, 1.0], lambda y: y.clamp(-0.5, 1.0)),
+    "relu6_like": ([0.0, float("inf")], lambda y: y.clamp_min(0.0)),
+    "hardswish": ([], F.hardswish),
+    "silu": ([], F.silu),
+    "gelu": ([], F.gelu),
+    "gelu_tanh": ([], lambda y: F.gelu(y, approximate="tanh")),
+    "leaky_relu": ([0.1], lambda y: F.leaky_relu(y, 0.1)),
+}
+
+
+def _post_op(name: str) -> tuple[str, list[float]]:
+    return ("hardtanh" if name == "relu6_like" else name), POST_OPS[name][0]
+
+
+def _expected(y: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    out_qp = choose_qparams(y.min(), y.max(), torch.uint8, False)
+    out_scale, out_zp = out_qp.scalar()
+    return quantize(y, out_qp).int(), out_scale, out_zp
+
+
+@pytest.mark.parametrize("name", list(POST_OPS))
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_conv_post_ops_on_both_backends(dim, name):  # type: ignore[no-untyped-def]
+    """oneDNN fuses some post-ops only into 2-d convs; the others are clamped on the grid or
+    applied to a float32 output: every one stays within a step of the math on every dim."""
+    x = torch.randn((2, 4) + (7,) * dim)
+    w_q, w_qp, x_q, x_qp, bias = _quantized_operands(6, (6, 2) + (3,) * dim, x)
+    x_scale, x_zp = x_qp.scalar()
+    args = ([1] * dim, [1] * dim, [1] * dim, 2)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
+    y = POST_OPS[name][1](conv(dequantize(x_q, x_qp), dequantize(w_q, w_qp), bias, *args))
+    expected, out_scale, out_zp = _expected(y)
+    post_op, scalars = _post_op(name)
+    packed = onednn.pack_conv(w_q, w_qp.scale, x_scale, x_zp, *args)
+    got = onednn.qconv(x_q, x_scale, x_zp, packed, w_qp.scale, bias, *args, out_scale, out_zp, post_op, scalars)
+    got_p = portable.qconv(x_q, x_scale, x_zp, w_q, w_qp.scale, bias, *args, out_scale, out_zp, post_op, scalars)
+    assert got.shape == got_p.shape == expected.shape
+    assert int((got.int() - expected).abs().max()) <= 1
+    assert int((got_p.int() - expected).abs().max()) <= 1
+
+
+@pytest.mark.parametrize("name", list(POST_OPS))
+def test_linear_post_ops_on_both_backends(name):  # type: ignore[no-untyped-def]
+    x = torch.randn(3, 5, 32)
+    w_q, w_qp, x_q, x_qp, bias = _quantized_operands(16, (16, 32), x)
+    x_scale, x_zp = x_qp.scalar()
+    y = POST_OPS[name][1](F.linear(dequantize(x_q, x_qp), dequantize(w_q, w_qp), bias))
+    expected, out_scale, out_zp = _expected(y)
+    post_op, scalars = _post_op(name)
+    packed = onednn.pack_linear(w_q)
+    got = onednn.qlinear(x_q, x_scale, x_zp, packed, w_qp.scale, bias, out_scale, out_zp, post_op, scalars)
+    got_p = portable.qlinear(x_q, x_scale, x_zp, w_q, w_qp.scale, bias, out_scale, out_zp, post_op, scalars)
+    assert int((got.int() - expected).abs().max()) <= 1
+    assert int((got_p.int() - expected).abs().max()) <= 1
+
+
+def test_post_op_guards():
+    with pytest.raises(ValueError, match="takes 1 scalars"):
+        portable.check_post_op("qconv", "leaky_relu", [])
+    with pytest.raises(ValueError, match="not min <= max"):
+        portable.check_post_op("qconv", "hardtanh", [1.0, 0.0])
+
+
+def _residual_operands(dim: int, relu: bool):  # type: ignore[no-untyped-def]
+    x = torch.randn((2, 4) + (7,) * dim)
+    w_q, w_qp, x_q, x_qp, bias = _quantized_operands(4, (4, 4) + (3,) * dim, x)
+    other = torch.randn((2, 4) + (7,) * dim) * 2
+    a_qp = choose_qparams(other.min(), other.max(), torch.uint8, False)
+    accum = quantize(other, a_qp)
+    conv = (F.conv1d, F.conv2d)[dim - 1]
+    args = ([1] * dim, [1] * dim, [1] * dim, 1)
+    y = conv(dequantize(x_q, x_qp), dequantize(w_q, w_qp), bias, *args) + dequantize(accum, a_qp)
+    expected, out_scale, out_zp = _expected(y.relu() if relu else y)
+    return x_q, x_qp.scalar(), w_q, w_qp, bias, args, accum, a_qp.scalar(), expected, (out_scale, out_zp)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dim", [1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_conv_add_on_both_backends_leaves_accum_alone(dim, relu, layout):  # type: ignore[no-untyped-def]
+    """oneDNN's sum post-op writes into its accum (``Tensor(a!) qaccum``): the kernel hands it a
+    private copy, whether or not the accum is already channels-last (then no copy would be made)."""
+    x_q, (x_scale, x_zp), w_q, w_qp, bias, args, accum, (a_scale, a_zp), expected, out = _residual_operands(dim, relu)
+    if layout == "channels_last" and dim == 2:
+        accum = accum.contiguous(memory_format=torch.channels_last)
+    before = accum.clone()
+    post_op = "relu" if relu else "none"
+    packed = onednn.pack_conv(w_q, w_qp.scale, x_scale, x_zp, *args)
+    got = onednn.qconv_add(x_q, x_scale, x_zp, packed, w_qp.scale, bias, *args, accum, a_scale, a_zp, *out, post_op)
+    got_p = portable.qconv_add(x_q, x_scale, x_zp, w_q, w_qp.scale, bias, *args, accum, a_scale, a_zp, *out, post_op)
+    assert torch.equal(accum, before)
+    assert got.shape == got_p.shape == expected.shape
+    assert int((got.int() - expected).abs().max()) <= 1
+    assert int((got_p.int() - expected).abs().max()) <= 1
+
+
+def test_conv_add_accum_may_be_the_input():
+    """``conv(x) + x``: one uint8 tensor is both the conv's input and the accum."""
+    x = torch.randn(1, 4, 8, 8)
+    w_q, w_qp, x_q, x_qp, bias = _quantized_operands(4, (4, 4, 3, 3), x)
+    x_scale, x_zp = x_qp.scalar()
+    x_q = x_q.contiguous(memory_format=torch.channels_last)
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    y = F.conv2d(dequantize(x_q, x_qp), dequantize(w_q, w_qp), bias, *args) + dequantize(x_q, x_qp)
+    expected, out_scale, out_zp = _expected(y)
+    before = x_q.clone()
+    packed = onednn.pack_conv(w_q, w_qp.scale, x_scale, x_zp, *args)
+    got = onednn.qconv_add(x_q, x_scale, x_zp, packed, w_qp.scale, bias, *args, x_q, x_scale, x_zp, out_scale, out_zp,
+                           "none")  # fmt: skip
+    assert torch.equal(x_q, before)
+    assert int((got.int() - expected).abs().max()) <= 1
+
+
+@pytest.mark.parametrize("change,needle", [
+    ("small_accum", "accum must be a uint8 CPU tensor of the output's shape"),
+    ("float_accum", "accum must be a uint8 CPU tensor"),
+    ("post_op", "fuses only relu after the residual sum"),
+    ("conv3d", "1-d and 2-d convs"),
+])  # fmt: skip
+def test_conv_add_guards(change, needle):  # type: ignore[no-untyped-def]
+    """A smaller accum would have oneDNN write past its end: refused before the call."""
+    dim = 3 if change == "conv3d" else 2
+    x_q, (x_scale, x_zp), w_q, w_qp, bias, args, accum, (a_scale, a_zp), _, out = _residual_operands(2, False)
+    if dim == 3:
+        x_q, w_q, accum = x_q.unsqueeze(-1), w_q.unsqueeze(-1), accum.unsqueeze(-1)
+        args = ([1, 1, 1], [1, 1, 0], [1, 1, 1], 1)
+    packed = onednn.pack_conv(w_q, w_qp.scale, x_scale, x_zp, *args)
+    post_op = "hardswish" if change == "post_op" else "none"
+    if change == "small_accum":
+        accum = accum[:, :, :-1]
+    elif change == "float_accum":
+        accum = accum.float()
+    with pytest.raises(ValueError, match=needle):
+        onednn.qconv_add(x_q, x_scale, x_zp, packed, w_qp.scale, bias, *args, accum, a_scale, a_zp, *out, post_op)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_transpose_kernel_agrees_with_the_math(dim, groups):  # type: ignore[no-untyped-def]
+    """Weight scales along axis 0 (the input channels), as the reference quantizes the weight."""
+    x = torch.randn((2, 4) + (5,) * dim)
+    w_q, w_qp, x_q, x_qp, _ = _quantized_operands(4, (4, 6 // groups) + (3,) * dim, x)
+    bias = torch.randn(6)
+    x_scale, x_zp = x_qp.scalar()
+    stride, padding, output_padding, dilation = [2] * dim, [1] * dim, [1] * dim, [1] * dim
+    conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dim - 1]
+    y = conv(dequantize(x_q, x_qp), dequantize(w_q, w_qp), bias, stride, padding, output_padding, groups, dilation)
+    expected, out_scale, out_zp = _expected(y)
+    op = getattr(torch.ops.graphquant, f"qconv_transpose{dim}d")  # both backends run the portable kernel
+    got = op(x_q, x_scale, x_zp, w_q, w_qp.scale, bias, stride, padding, output_padding, groups, dilation,
+             out_scale, out_zp, "none")  # fmt: skip
+    assert got.shape == expected.shape
+    assert int((got.int() - expected).abs().max()) <= 1
+
+
+def test_conv_add_that_writes_into_its_accum_fails_the_harness(monkeypatch):
+    """The conv2d_add examples read the accum again after the join (and join a conv's own
+    input): a kernel that let oneDNN write the sum into the graph's tensor is caught."""
+    from graphquant.patterns import PATTERNS
+    from graphquant.testing import check_graph_mode_op
+
+    def in_place(x, x_scale, x_zp, w, w_scale, bias, stride, padding, dilation, groups, accum, *rest):  # type: ignore[no-untyped-def]  # noqa: E501
+        a_scale, a_zp, out_scale, out_zp, post_op = rest
+        return torch.ops.onednn.qconv2d_pointwise.binary(
+            x, x_scale, x_zp, w, w_scale, torch.zeros(w.shape[0], dtype=torch.int64), accum, bias, stride, padding,
+            dilation, groups, out_scale, out_zp, None, a_scale, a_zp, "sum", 1.0, post_op, [], "",
+        )  # fmt: skip
+
+    monkeypatch.setattr(onednn, "qconv_add", in_place)
+    module, inputs = next(p for p in PATTERNS if p.name == "conv2d_add").examples()[2]
+    with pytest.raises(AssertionError, match="quantization steps"):
+        check_graph_mode_op(module, inputs, "qconv2d_add", backend="onednn")
+
+
+def test_add_with_alpha_keeps_the_reference_form():
+    """``torch.add(conv(x), x, alpha=2)`` has no fused kernel: it stays conv -> add -> quantize."""
+    from torch import nn
+
+    from graphquant.testing import check_graph_mode_op
+
+    class ScaledResidual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.add(self.conv(x), x, alpha=2)
+
+    result = check_graph_mode_op(ScaledResidual(), (torch.randn(1, 4, 8, 8),), "quantize_per_tensor")
+    assert "qconv2d_add" not in result.quantized.code
+    assert result.max_step_diff <= 1.0 and result.sqnr >= 30.0
+
+
+def test_shortcut_join_reads_the_shortcut_conv_directly():
+    """ResNet's ``conv_b(a) + conv_c(x)``: conv_c is matched after conv_b's join but its output is
+    observed first, so the join reads conv_c's uint8 output with no dequantize -> quantize between."""
+    from graphquant.patterns import PATTERNS
+    from graphquant.testing import check_graph_mode_op
+
+    module, inputs = next(p for p in PATTERNS if p.name == "conv2d_add_relu").examples()[1]
+    result = check_graph_mode_op(module, inputs, "qconv2d_add")
+    assert result.quantized.code.count("graphquant.quantize_per_tensor.default(") == 1  # the model input only

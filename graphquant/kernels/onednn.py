@@ -1,15 +1,42 @@
-"""oneDNN int8 kernels (x86): ``torch.ops.onednn.qconv_pointwise`` / ``qlinear_pointwise``.
+"""oneDNN int8 kernels (x86): ``torch.ops.onednn.qconv_pointwise`` / ``qconv2d_pointwise.binary`` /
+``qlinear_pointwise``.
 
-oneDNN crashes the process on malformed input (an unpacked weight kills it with SIGSEGV),
-so every call checks dtype, packing and shape first and raises a ``ValueError`` instead.
+oneDNN crashes the process on malformed input (an unpacked weight kills it with SIGSEGV;
+a residual ``accum`` smaller than the output would be written past its end), so every
+call checks dtype, packing and shape first and raises a ``ValueError`` instead.
 Weights are packed once, at convert or load time, by :func:`pack_conv` / :func:`pack_linear`.
+
+Post-ops are the names of :data:`graphquant.kernels.portable.POST_OPS`. What torch 2.13's
+oneDNN ops fuse (checked on this machine): ``qlinear_pointwise`` all of them;
+``qconv_pointwise`` on 2-d convs relu, hardtanh, hardswish and silu ("swish"), on 1-d
+and 3-d convs none (conv1d therefore runs here as a 2-d conv of height 1); the ``.binary``
+overload a residual "sum", alone or followed by relu, on 2-d convs only. Where oneDNN
+cannot fuse, a clamp (relu, hardtanh) is applied exactly on the uint8 grid, anything else
+to a float32 output of the same call, followed by one rounding. There is no int8
+transposed convolution in ``torch.ops.onednn``: ``qconv_transpose`` runs on the portable
+backend everywhere.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-_POST_OPS = {"none", "relu"}
+from graphquant.kernels.portable import CLAMPS, apply_post_op, check_post_op, quantize_real
+
+# graphquant post-op name -> oneDNN (attr, algorithm)
+_ONEDNN_POST_OPS = {
+    "none": ("none", ""),
+    "relu": ("relu", ""),
+    "hardtanh": ("hardtanh", ""),
+    "hardswish": ("hardswish", ""),
+    "silu": ("swish", ""),
+    "gelu": ("gelu", "none"),
+    "gelu_tanh": ("gelu", "tanh"),
+    "leaky_relu": ("leaky_relu", ""),
+}
+_CONV2D_FUSES = {"none", "relu", "hardtanh", "hardswish", "silu"}
 _zero_points: dict[int, torch.Tensor] = {}
 
 
@@ -53,7 +80,7 @@ def pack_linear(w: torch.Tensor) -> torch.Tensor:
 
 def _check_common(
     op: str, x: torch.Tensor, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
-    bias: torch.Tensor | None, out_zero_point: int, post_op: str, out_channels: int,
+    bias: torch.Tensor | None, out_zero_point: int, post_op: str, post_op_args: Sequence[float], out_channels: int,
 ) -> None:  # fmt: skip
     if x.dtype != torch.uint8:
         raise ValueError(f"graphquant::{op}: activation must be uint8, got {x.dtype}")
@@ -67,8 +94,45 @@ def _check_common(
         raise ValueError(f"graphquant::{op}: w_scale must be float32 with {out_channels} entries")
     if bias is not None and (bias.dtype != torch.float32 or bias.numel() != out_channels):
         raise ValueError(f"graphquant::{op}: bias must be float32 with {out_channels} entries")
-    if post_op not in _POST_OPS:
-        raise ValueError(f"graphquant::{op}: post_op {post_op!r} is not one of {sorted(_POST_OPS)}")
+    check_post_op(op, post_op, post_op_args)
+
+
+def _conv_out_shape(
+    op: str, x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int
+) -> tuple[int, ...]:
+    """The output shape, or a ``ValueError`` for arguments oneDNN would misread."""
+    spatial = x.dim() - 2
+    # oneDNN packs a conv1d weight as 2-d (out, in, 1, k)
+    spatial_ok = x.dim() in (3, 4, 5) and (x.dim() == w.dim() or (x.dim() == 3 and w.dim() == 4))
+    if not spatial_ok or groups < 1 or x.shape[1] != w.shape[1] * groups:
+        raise ValueError(
+            f"graphquant::{op}: input {tuple(x.shape)} does not fit weight {tuple(w.shape)} with groups={groups}"
+        )
+    if not (len(stride) == len(padding) == len(dilation) == spatial):
+        raise ValueError(f"graphquant::{op}: stride, padding and dilation need {spatial} entries each")
+    kernel = w.shape[-spatial:]
+    out = [
+        (size + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+        for i, size in enumerate(x.shape[2:])
+    ]
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0 or min(out) < 1:
+        raise ValueError(f"graphquant::{op}: input {tuple(x.shape)} is too small for kernel {tuple(kernel)}")
+    return (x.shape[0], w.shape[0], *out)
+
+
+def _as_2d(stride: list[int], padding: list[int], dilation: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """conv1d arguments for the same conv run on ``(N, C, 1, L)``."""
+    return [1, *stride], [0, *padding], [1, *dilation]
+
+
+def _clamp_on_grid(
+    y: torch.Tensor, post_op: str, post_op_args: Sequence[float], scale: float, zero_point: int
+) -> torch.Tensor:
+    """relu / hardtanh after rounding: exact, since rounding is monotone and ``round(0) = 0``."""
+    if post_op == "relu":
+        return y.clamp_min_(zero_point)
+    lo, hi = (quantize_real(torch.tensor(bound, dtype=torch.float32), scale, zero_point) for bound in post_op_args)
+    return y.clamp_(int(lo), int(hi))
 
 
 def qconv(
@@ -85,40 +149,94 @@ def qconv(
     out_scale: float,
     out_zero_point: int,
     post_op: str,
+    post_op_args: Sequence[float] = (),
 ) -> torch.Tensor:
     """uint8 convolution, uint8 out (channels-last), checked before oneDNN sees it."""
     out_channels = w.shape[0]
-    _check_common("qconv", x, x_zero_point, w, w_scale, bias, out_zero_point, post_op, out_channels)
-    # oneDNN packs a conv1d weight as 2-d (out, in, 1, k)
-    spatial_ok = x.dim() == w.dim() or (x.dim() == 3 and w.dim() == 4)
-    if not spatial_ok or x.shape[1] != w.shape[1] * groups:
-        raise ValueError(
-            f"graphquant::qconv: input {tuple(x.shape)} does not fit weight {tuple(w.shape)} with groups={groups}"
-        )
+    _check_common("qconv", x, x_zero_point, w, w_scale, bias, out_zero_point, post_op, post_op_args, out_channels)
+    out_shape = _conv_out_shape("qconv", x, w, stride, padding, dilation, groups)
     if x.shape[0] == 0:
-        return _conv_fake_out(x, w, stride, padding, dilation)
-    fused = post_op
+        return x.new_empty(out_shape)
+    if x.dim() == 3:  # oneDNN fuses post-ops into 2-d convs only
+        y = qconv(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, *_as_2d(stride, padding, dilation),
+                  groups, out_scale, out_zero_point, post_op, post_op_args)  # fmt: skip
+        return y.squeeze(2)
     if x.dim() == 5:
         x = x.contiguous(memory_format=torch.channels_last_3d)  # oneDNN's 3d path wants channels-last
-        fused = "none"  # oneDNN has no relu post-op for conv3d: clamp at the zero point below
-    y = torch.ops.onednn.qconv_pointwise(
-        x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, stride, padding, dilation,
-        groups, out_scale, out_zero_point, None, fused, [], "",
-    )  # fmt: skip
-    if fused != post_op and out_zero_point > 0:
-        y = y.clamp_min_(out_zero_point)  # relu in the uint8 domain; a no-op when the zero point is 0
-    return y
+
+    def call(scale: float, zero_point: int, dtype: torch.dtype | None, fused: str) -> torch.Tensor:
+        attr, algorithm = _ONEDNN_POST_OPS[fused]
+        scalars = list(post_op_args) if fused != "none" else []
+        return torch.ops.onednn.qconv_pointwise(
+            x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, stride, padding, dilation,
+            groups, scale, zero_point, dtype, attr, scalars, algorithm,
+        )  # fmt: skip
+
+    if post_op == "none" or (x.dim() == 4 and post_op in _CONV2D_FUSES):
+        return call(out_scale, out_zero_point, None, post_op)
+    if post_op in CLAMPS:
+        return _clamp_on_grid(call(out_scale, out_zero_point, None, "none"), post_op, post_op_args, out_scale,
+                              out_zero_point)  # fmt: skip
+    # no fused form: oneDNN dequantizes in the same call, the post-op runs in float, one rounding
+    v = call(1.0, 0, torch.float32, "none")
+    return quantize_real(apply_post_op(v, post_op, post_op_args), out_scale, out_zero_point)
 
 
-def _conv_fake_out(
-    x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int]
+def qconv_add(
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    accum: torch.Tensor,
+    accum_scale: float,
+    accum_zero_point: int,
+    out_scale: float,
+    out_zero_point: int,
+    post_op: str,
 ) -> torch.Tensor:
-    kernel = w.shape[-(x.dim() - 2):]
-    spatial = [
-        (size + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
-        for i, size in enumerate(x.shape[2:])
-    ]
-    return x.new_empty((0, w.shape[0], *spatial))
+    """``post_op(conv(x) + accum)`` in one oneDNN call (the "sum" post-op), uint8 out.
+
+    ``qconv2d_pointwise.binary`` writes its result into ``qaccum`` (``Tensor(a!)``). The
+    graph's ``accum`` may be read by other nodes (ResNet's identity feeds the next block's
+    conv too) or be this conv's own input, so oneDNN gets a private channels-last copy:
+    one copy of a uint8 tensor, made anyway when ``accum`` is not channels-last.
+    """
+    out_channels = w.shape[0]
+    _check_common("qconv_add", x, x_zero_point, w, w_scale, bias, out_zero_point, post_op, (), out_channels)
+    if post_op not in ("none", "relu"):
+        raise ValueError(f"graphquant::qconv_add: oneDNN fuses only relu after the residual sum, not {post_op!r}")
+    out_shape = _conv_out_shape("qconv_add", x, w, stride, padding, dilation, groups)
+    if accum.dtype != torch.uint8 or tuple(accum.shape) != out_shape or accum.device.type != "cpu":
+        raise ValueError(
+            f"graphquant::qconv_add: accum must be a uint8 CPU tensor of the output's shape {out_shape}, "
+            f"got {accum.dtype} {tuple(accum.shape)}"
+        )
+    if not 0 <= accum_zero_point <= 255:
+        raise ValueError("graphquant::qconv_add: uint8 zero points must lie in [0, 255]")
+    if x.dim() == 3:  # oneDNN's sum post-op is 2-d only
+        y = qconv_add(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, *_as_2d(stride, padding, dilation),
+                      groups, accum.unsqueeze(2), accum_scale, accum_zero_point, out_scale, out_zero_point,
+                      post_op)  # fmt: skip
+        return y.squeeze(2)
+    if x.dim() != 4:
+        raise ValueError(
+            f"graphquant::qconv_add: oneDNN fuses the residual sum into 1-d and 2-d convs, input is {x.dim()}-d"
+        )
+    if x.shape[0] == 0:
+        return accum.new_empty(out_shape)
+    private = accum.contiguous(memory_format=torch.channels_last)
+    if private.data_ptr() == accum.data_ptr():
+        private = private.clone(memory_format=torch.channels_last)
+    return torch.ops.onednn.qconv2d_pointwise.binary(
+        x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), private, bias, stride, padding, dilation,
+        groups, out_scale, out_zero_point, None, accum_scale, accum_zero_point, "sum", 1.0, post_op, [], "",
+    )  # fmt: skip
 
 
 def qlinear(
@@ -131,18 +249,20 @@ def qlinear(
     out_scale: float,
     out_zero_point: int,
     post_op: str,
+    post_op_args: Sequence[float] = (),
 ) -> torch.Tensor:
     """uint8 linear, uint8 out, checked before oneDNN sees it.
 
     The packed weight is stored transposed, ``(in, out)``.
     """
     in_features, out_features = w.shape
-    _check_common("qlinear", x, x_zero_point, w, w_scale, bias, out_zero_point, post_op, out_features)
+    _check_common("qlinear", x, x_zero_point, w, w_scale, bias, out_zero_point, post_op, post_op_args, out_features)
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"graphquant::qlinear: input {tuple(x.shape)} does not end in {in_features} features")
     if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], out_features))
+    attr, algorithm = _ONEDNN_POST_OPS[post_op]
     return torch.ops.onednn.qlinear_pointwise(
         x.contiguous(), x_scale, x_zero_point, w, w_scale, _w_zero_point(out_features), bias,
-        out_scale, out_zero_point, None, post_op, [], "",
+        out_scale, out_zero_point, None, attr, list(post_op_args), algorithm,
     )  # fmt: skip

@@ -8,6 +8,8 @@ on :mod:`graphquant.kernels.onednn`, a plain ``int8`` weight on
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch.library import Library, register_fake
 
@@ -24,16 +26,32 @@ LIB.define(
     "ScalarType dtype) -> Tensor"
 )
 LIB.define("dequantize_per_channel(Tensor q, Tensor scale, Tensor zero_point, int axis) -> Tensor")
+# A post-op is a name and its scalars (kernels.portable.POST_OPS): "hardtanh", [0.0, 6.0].
+_POST_OP = "str post_op, float[] post_op_args=[]"
 _CONV_ARGS = (
     "(Tensor x, float x_scale, int x_zero_point, Tensor w, Tensor w_scale, Tensor? bias, int[] stride, "
-    "int[] padding, int[] dilation, int groups, float out_scale, int out_zero_point, str post_op) -> Tensor"
+    f"int[] padding, int[] dilation, int groups, float out_scale, int out_zero_point, {_POST_OP}) -> Tensor"
 )
 for _dim in (1, 2, 3):
     LIB.define(f"qconv{_dim}d{_CONV_ARGS}")
 LIB.define(
     "qlinear(Tensor x, float x_scale, int x_zero_point, Tensor w, Tensor w_scale, Tensor? bias, "
-    "float out_scale, int out_zero_point, str post_op) -> Tensor"
+    f"float out_scale, int out_zero_point, {_POST_OP}) -> Tensor"
 )
+# post_op(conv(x) + accum), accum a uint8 activation of the output's shape (ResNet's residual join)
+for _dim in (1, 2):
+    LIB.define(
+        f"qconv{_dim}d_add(Tensor x, float x_scale, int x_zero_point, Tensor w, Tensor w_scale, Tensor? bias, "
+        "int[] stride, int[] padding, int[] dilation, int groups, Tensor accum, float accum_scale, "
+        "int accum_zero_point, float out_scale, int out_zero_point, str post_op) -> Tensor"
+    )
+# weight (in, out / groups, *kernel), w_scale along its axis 0; argument order of aten.conv_transposeNd
+for _dim in (1, 2, 3):
+    LIB.define(
+        f"qconv_transpose{_dim}d(Tensor x, float x_scale, int x_zero_point, Tensor w, Tensor w_scale, Tensor? bias, "
+        "int[] stride, int[] padding, int[] output_padding, int groups, int[] dilation, float out_scale, "
+        f"int out_zero_point, {_POST_OP}) -> Tensor"
+    )
 
 
 # Dynamic quantization: activation qparams from each batch.
@@ -119,11 +137,62 @@ def qconv(
     out_scale: float,
     out_zero_point: int,
     post_op: str,
+    post_op_args: Sequence[float] = (),
 ) -> torch.Tensor:
     backend = onednn if w.is_mkldnn else portable
     return backend.qconv(
-        x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, out_scale, out_zero_point, post_op
-    )
+        x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, out_scale, out_zero_point,
+        post_op, post_op_args,
+    )  # fmt: skip
+
+
+def qconv_add(
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    accum: torch.Tensor,
+    accum_scale: float,
+    accum_zero_point: int,
+    out_scale: float,
+    out_zero_point: int,
+    post_op: str,
+) -> torch.Tensor:
+    backend = onednn if w.is_mkldnn else portable
+    return backend.qconv_add(
+        x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, accum, accum_scale,
+        accum_zero_point, out_scale, out_zero_point, post_op,
+    )  # fmt: skip
+
+
+def qconv_transpose(
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    output_padding: list[int],
+    groups: int,
+    dilation: list[int],
+    out_scale: float,
+    out_zero_point: int,
+    post_op: str,
+    post_op_args: Sequence[float] = (),
+) -> torch.Tensor:
+    # torch.ops.onednn has no int8 transposed conv (torch 2.13): plain int8 weight, portable backend
+    return portable.qconv_transpose(
+        x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, output_padding, groups, dilation,
+        out_scale, out_zero_point, post_op, post_op_args,
+    )  # fmt: skip
 
 
 def qlinear(
@@ -136,9 +205,12 @@ def qlinear(
     out_scale: float,
     out_zero_point: int,
     post_op: str,
+    post_op_args: Sequence[float] = (),
 ) -> torch.Tensor:
     backend = onednn if w.is_mkldnn else portable
-    return backend.qlinear(x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op)
+    return backend.qlinear(
+        x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args
+    )
 
 
 for _name, _fn in {
@@ -149,6 +221,11 @@ for _name, _fn in {
     "qconv1d": qconv,
     "qconv2d": qconv,
     "qconv3d": qconv,
+    "qconv1d_add": qconv_add,
+    "qconv2d_add": qconv_add,
+    "qconv_transpose1d": qconv_transpose,
+    "qconv_transpose2d": qconv_transpose,
+    "qconv_transpose3d": qconv_transpose,
     "qlinear": qlinear,
 }.items():
     LIB.impl(_name, _fn, _KEY)
@@ -175,18 +252,32 @@ def _dequantize_per_channel_fake(q, scale, zero_point, axis):  # type: ignore[no
     return torch.empty(q.shape, dtype=torch.float32)
 
 
-def _conv_fake(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, out_scale, out_zero_point, post_op):  # type: ignore[no-untyped-def]  # noqa: E501
+def _conv_fake(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, *rest):  # type: ignore[no-untyped-def]  # noqa: E501
+    kernel = w.shape[-(x.dim() - 2):]  # a packed conv1d weight is 4-d (out, in, 1, k)
     spatial = []
     for i, size in enumerate(x.shape[2:]):
-        k = w.shape[2 + i]
-        spatial.append((size + 2 * padding[i] - dilation[i] * (k - 1) - 1) // stride[i] + 1)
+        spatial.append((size + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1)
     return x.new_empty((x.shape[0], w.shape[0], *spatial), dtype=torch.uint8)
 
 
 for _dim in (1, 2, 3):
     register_fake(f"graphquant::qconv{_dim}d")(_conv_fake)
+for _dim in (1, 2):
+    register_fake(f"graphquant::qconv{_dim}d_add")(_conv_fake)
+
+
+def _conv_transpose_fake(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, output_padding, groups, dilation, *rest):  # type: ignore[no-untyped-def]  # noqa: E501
+    spatial = []
+    for i, size in enumerate(x.shape[2:]):
+        k = w.shape[2 + i]
+        spatial.append((size - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k - 1) + output_padding[i] + 1)
+    return x.new_empty((x.shape[0], w.shape[1] * groups, *spatial), dtype=torch.uint8)
+
+
+for _dim in (1, 2, 3):
+    register_fake(f"graphquant::qconv_transpose{_dim}d")(_conv_transpose_fake)
 
 
 @register_fake("graphquant::qlinear")
-def _qlinear_fake(x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op):  # type: ignore[no-untyped-def]  # noqa: E501
+def _qlinear_fake(x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args=()):  # type: ignore[no-untyped-def]  # noqa: E501
     return x.new_empty((*x.shape[:-1], w_scale.shape[0]), dtype=torch.uint8)

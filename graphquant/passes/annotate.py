@@ -9,24 +9,47 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from graphquant.graph import MATCH, Match, activation_inputs, is_float_tensor, module_path
 from graphquant.patterns import Pattern, patterns_for
 from graphquant.qconfig import QConfig, resolve
 
 
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    """Whether two values surely have one shape and dtype (symbolic batch sizes included)."""
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)) or va.dtype != vb.dtype:
+        return False
+    return va.dim() == vb.dim() and all(statically_known_true(x == y) for x, y in zip(va.shape, vb.shape, strict=True))
+
+
+def _links(node: fx.Node, prev: fx.Node, pattern: Pattern, position: int) -> bool:
+    """Whether the chain continues from ``prev`` into ``node``: through its first arg or, at a
+    join (``pattern.chain_inputs``), through any named arg, whose others then must be values of
+    ``prev``'s shape."""
+    joins = [index for at, index in pattern.chain_inputs if at == position]
+    if not joins:
+        return bool(node.args) and node.args[0] is prev
+    named = [node.args[i] if i < len(node.args) else None for i in joins]
+    if sum(arg is prev for arg in node.args) != 1 or (prev not in named and node.args[0] is not prev):
+        return False  # add(conv, conv) has no second input to join
+    return all(arg is prev or (isinstance(arg, fx.Node) and _same_shape(arg, prev)) for arg in named)
+
+
 def _chain(node: fx.Node, pattern: Pattern) -> tuple[fx.Node, ...] | None:
     """The nodes ``pattern`` matches starting at ``node``, or None."""
     nodes = [node]
-    for alternatives in pattern.ops[1:]:
+    for position, alternatives in enumerate(pattern.ops[1:], start=1):
         users = list(nodes[-1].users)
         if len(users) != 1:
             return None
         nxt = users[0]
         if nxt.op != "call_function" or nxt.target not in alternatives or MATCH in nxt.meta:
             return None
-        if nxt.args[0] is not nodes[-1]:
+        if not _links(nxt, nodes[-1], pattern, position):
             return None
         nodes.append(nxt)
     return tuple(nodes)
@@ -41,10 +64,13 @@ def _float_io(nodes: tuple[fx.Node, ...], pattern: Pattern) -> bool:
 
 
 def annotate(gm: fx.GraphModule, qconfig_dict: Mapping[str, QConfig | None], dynamic: bool = False) -> list[Match]:
-    """Write a ``Match`` into ``node.meta[MATCH]`` for every pattern occurrence; return them in graph order.
+    """Write a ``Match`` into ``node.meta[MATCH]`` for every pattern occurrence; return them in
+    the graph order of their outputs.
 
     The anchor's module path decides the qconfig; a chain is matched only if every node
-    in it has a qconfig (a fused relu in a float submodule stops the fusion).
+    in it has a qconfig (a fused relu in a float submodule stops the fusion). Output order
+    puts every producer before its consumers: in ``conv2 -> add(., shortcut(x))`` the
+    shortcut conv's anchor comes after conv2's, its output before the add.
     """
     matches: list[Match] = []
     for node in gm.graph.nodes:
@@ -64,4 +90,5 @@ def annotate(gm: fx.GraphModule, qconfig_dict: Mapping[str, QConfig | None], dyn
                 n.meta[MATCH] = match
             matches.append(match)
             break
-    return matches
+    position = {node: i for i, node in enumerate(gm.graph.nodes)}
+    return sorted(matches, key=lambda match: position[match.output])

@@ -55,6 +55,14 @@ class Pattern:
     reference form. ``output_range`` is the fixed output range of a ``fixed_qparams``
     pattern. ``examples`` give modules and inputs that exercise the pattern, for the
     tests and the coverage table.
+
+    ``chain_inputs`` names activation inputs read by later nodes of the chain, as
+    ``(chain position, arg index)`` pairs: ``conv -> add`` has ``((1, 0), (1, 1))``, the
+    residual ``other`` of ``add(conv, other)`` or ``add(other, conv)``. The chain may enter
+    such a node through any of its named args; the others are observed like the anchor's
+    inputs and reach ``lower_kernel`` after them (each node once: in ``conv(x) + x`` the one
+    input ``x`` stands for both). They must have the shape of the value they join, since a
+    fused join accumulates into the output (no broadcasting).
     """
 
     name: str
@@ -67,6 +75,7 @@ class Pattern:
     weight_arg: int | None = None
     bias_arg: int | None = None
     output_range: tuple[float, float] | None = None
+    chain_inputs: tuple[tuple[int, int], ...] = ()
     doc: str = ""
 
     def __post_init__(self) -> None:
@@ -78,6 +87,8 @@ class Pattern:
             raise ValueError(f"graphquant: pattern {self.name}: fixed_qparams patterns and only they set output_range")
         if self.kind in ("weighted", "dynamic") and self.lower_kernel is None:
             raise ValueError(f"graphquant: pattern {self.name} needs a kernel lowering")
+        if any(not 0 < position < len(self.ops) for position, _ in self.chain_inputs):
+            raise ValueError(f"graphquant: pattern {self.name}: chain_inputs name positions after the anchor")
 
 
 PATTERNS: list[Pattern] = []
@@ -97,4 +108,4 @@ def patterns_for(target: object, dynamic: bool = False) -> list[Pattern]:
     return [p for p in PATTERNS if target in p.ops[0] and (p.kind == "dynamic") == dynamic]
 
 
-from graphquant.patterns import conv, dynamic_linear, linear, reshape  # noqa: E402,F401  (fills PATTERNS)
+from graphquant.patterns import conv, conv_transpose, dynamic_linear, linear, reshape  # noqa: E402,F401  (fills PATTERNS)

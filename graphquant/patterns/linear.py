@@ -1,54 +1,88 @@
-"""linear (``nn.Linear``, ``F.linear``), alone and fused with relu -> ``graphquant::qlinear``."""
+"""linear (``nn.Linear``, ``F.linear``), alone and fused with a following activation ->
+``graphquant::qlinear``.
+
+oneDNN's ``qlinear_pointwise`` applies each of these to the real value before its one
+rounding (all checked on torch 2.13): relu; relu6 / hardtanh / clamp ("hardtanh" with its
+bounds); hardswish; silu; gelu, exact or tanh-approximated; leaky_relu.
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from graphquant.graph import Match
-from graphquant.patterns.context import KernelContext, QValue
 from graphquant.patterns import Pattern, aten, register
+from graphquant.patterns.context import KernelContext, QValue
+from graphquant.patterns.post_ops import GELU, HARDSWISH, HARDTANH, LEAKY_RELU, RELU, SILU, fused_post_op
 from graphquant.quant_math import QParams
 
 
-def _lower(post_op: str):  # type: ignore[no-untyped-def]
-    def lower_kernel(ctx: KernelContext, match: Match, inputs: Sequence[QValue], out: QParams) -> fx.Node:
-        x = inputs[0]
-        x_scale, x_zero_point = x.qparams.scalar()
-        w = ctx.linear_weight(match)
-        out_scale, out_zero_point = out.scalar()
-        return ctx.call(
-            torch.ops.graphquant.qlinear.default,
-            (x.node, x_scale, x_zero_point, w.packed, w.scale, w.bias, out_scale, out_zero_point, post_op),
-        )
-
-    return lower_kernel
+def _lower_kernel(ctx: KernelContext, match: Match, inputs: Sequence[QValue], out: QParams) -> fx.Node:
+    x = inputs[0]
+    x_scale, x_zero_point = x.qparams.scalar()
+    w = ctx.linear_weight(match)
+    name, scalars = fused_post_op(match)
+    return ctx.call(
+        torch.ops.graphquant.qlinear.default,
+        (x.node, x_scale, x_zero_point, w.packed, w.scale, w.bias, *out.scalar(), name, scalars),
+    )
 
 
 class _Linear(nn.Module):
-    def __init__(self, relu: bool, bias: bool = True) -> None:
+    def __init__(self, act: nn.Module | None, bias: bool = True) -> None:
         super().__init__()
         self.fc = nn.Linear(16, 8, bias=bias)
-        self.relu = nn.ReLU() if relu else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.fc(x))
+        return self.act(self.fc(x))
 
 
-def _examples(relu: bool):  # type: ignore[no-untyped-def]
+class _Functional(nn.Module):
+    """``F.linear`` with a functional activation after it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 16) / 4)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.how == "clamp":
+            return torch.clamp(y, -0.5, 1.0)
+        if self.how == "gelu_tanh":
+            return F.gelu(y, approximate="tanh")
+        return F.leaky_relu(y, 0.2, inplace=True)
+
+
+def _examples(*modules: nn.Module | str | None):  # type: ignore[no-untyped-def]
+    """First module with a bias on a 2-d input, the rest without on a 3-d input."""
+
     def examples() -> list[tuple[nn.Module, tuple[torch.Tensor, ...]]]:
-        return [
-            (_Linear(relu), (torch.randn(1, 16),)),
-            (_Linear(relu, bias=False), (torch.randn(1, 5, 16),)),
-        ]
+        out: list[tuple[nn.Module, tuple[torch.Tensor, ...]]] = []
+        for i, m in enumerate(modules):
+            module = _Functional(m) if isinstance(m, str) else _Linear(m, bias=i == 0)
+            out.append((module, (torch.randn(1, 16) if i == 0 else torch.randn(1, 5, 16),)))
+        return out
 
     return examples
 
 
 _LINEAR = (aten.linear.default,)
-register(Pattern("linear", (_LINEAR,), "weighted", "qlinear", _lower("none"), _examples(False),
+_FUSED = (
+    ("relu", RELU, _examples(nn.ReLU(), nn.ReLU(inplace=True))),
+    ("hardtanh", HARDTANH, _examples(nn.ReLU6(), "clamp")),
+    ("hardswish", HARDSWISH, _examples(nn.Hardswish())),
+    ("silu", SILU, _examples(nn.SiLU())),
+    ("gelu", GELU, _examples(nn.GELU(), "gelu_tanh")),
+    ("leaky_relu", LEAKY_RELU, _examples(nn.LeakyReLU(), "leaky_relu")),
+)
+register(Pattern("linear", (_LINEAR,), "weighted", "qlinear", _lower_kernel, _examples(None, None),
                  weight_arg=1, bias_arg=2))  # fmt: skip
-register(Pattern("linear_relu", (_LINEAR, (aten.relu.default,)), "weighted", "qlinear", _lower("relu"),
-                 _examples(True), weight_arg=1, bias_arg=2))  # fmt: skip
+for _name, _ops, _ex in _FUSED:
+    register(Pattern(f"linear_{_name}", (_LINEAR, _ops), "weighted", "qlinear", _lower_kernel, _ex,
+                     weight_arg=1, bias_arg=2))  # fmt: skip
