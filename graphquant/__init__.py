@@ -30,6 +30,7 @@ from graphquant.qconfig import (
     per_token_dynamic_qconfig,
 )
 from graphquant.kernels import ops as _ops  # noqa: F401  (registers torch.ops.graphquant)
+from graphquant.serialize import load, save, to_torchscript
 
 __all__ = [
     "GraphQuantError",
@@ -54,5 +55,8 @@ __all__ = [
     "quantize_dynamic",
     "quantize_dynamic_jit",
     "quantize_jit",
+    "load",
     "report",
+    "save",
+    "to_torchscript",
 ]

@@ -9,12 +9,13 @@ int8 kernel graph, returned as a ``torch.fx.GraphModule``.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import fx, nn
 
-from graphquant.capture import capture, check_capturable
+from graphquant.capture import capture, check_capturable, check_control_flow, load_program, module_tree
 from graphquant.errors import GraphQuantError
 from graphquant.graph import rebind_matches
 from graphquant.kernels import onednn
@@ -26,6 +27,8 @@ from graphquant.qconfig import QConfig, check_qconfig_dict, default_dynamic_qcon
 from graphquant.report import ConversionReport
 
 BACKENDS = ("onednn", "portable")
+# what the verbs accept: an nn.Module, a torch.jit.script / torch.jit.trace module, an ExportedProgram or a .pt2 path
+ModelInput = nn.Module | torch.export.ExportedProgram | str | os.PathLike[str]
 
 
 class PreparedModel(nn.Module):
@@ -36,7 +39,10 @@ class PreparedModel(nn.Module):
     none). ``graph_module`` is the observed graph once captured.
     """
 
-    def __init__(self, model: nn.Module, qconfig_dict: dict[str, QConfig | None], dynamic: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module | torch.export.ExportedProgram, qconfig_dict: dict[str, QConfig | None],
+        dynamic: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.qconfig_dict = qconfig_dict
         self.dynamic = dynamic
@@ -46,6 +52,7 @@ class PreparedModel(nn.Module):
     def capture(self, example_inputs: Sequence[Any]) -> None:
         """Capture, fold batch-norm, annotate and insert observers."""
         gm = capture(self._float_model[0], example_inputs)
+        check_control_flow(gm, self.qconfig_dict)
         gm = fold_bn(gm)
         matches = annotate(gm, self.qconfig_dict, dynamic=self.dynamic)
         self.graph_module = insert_observers(gm, matches)
@@ -71,7 +78,7 @@ def _check_example_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
 
 
 def prepare(
-    model: nn.Module, qconfig_dict: Mapping[str, QConfig | None], example_inputs: Sequence[Any] | None = None,
+    model: ModelInput, qconfig_dict: Mapping[str, QConfig | None], example_inputs: Sequence[Any] | None = None,
     inplace: bool = False,
 ) -> PreparedModel:  # fmt: skip
     """Capture ``model`` and insert observers as ``qconfig_dict`` asks.
@@ -82,12 +89,28 @@ def prepare(
     return _prepare(model, qconfig_dict, example_inputs, inplace, dynamic=False)
 
 
+def _model(model: ModelInput, inplace: bool) -> nn.Module | torch.export.ExportedProgram:
+    """The model to capture: a ``.pt2`` path loaded; a copy unless ``inplace``. A TorchScript module
+    or a program cannot turn into its quantized graph in place."""
+    if isinstance(model, (str, os.PathLike)):
+        model = load_program(model)
+    check_capturable(model)
+    if isinstance(model, (torch.jit.ScriptModule, torch.export.ExportedProgram)):
+        if inplace:
+            raise GraphQuantError(
+                f"graphquant: inplace=True cannot turn a {type(model).__name__} into a GraphModule; "
+                "use inplace=False and keep the returned model"
+            )
+        return model  # never written to: capture converts it into a new graph
+    return model if inplace else copy.deepcopy(model)
+
+
 def _prepare(
-    model: nn.Module, qconfig_dict: Mapping[str, QConfig | None], example_inputs: Sequence[Any] | None,
+    model: ModelInput, qconfig_dict: Mapping[str, QConfig | None], example_inputs: Sequence[Any] | None,
     inplace: bool, dynamic: bool,
 ) -> PreparedModel:  # fmt: skip
-    check_capturable(model)
-    checked = check_qconfig_dict(qconfig_dict, model)
+    model = _model(model, inplace)
+    checked = check_qconfig_dict(qconfig_dict, module_tree(model))
     for key, qconfig in checked.items():
         if qconfig is not None and qconfig.is_dynamic != dynamic:
             want = "quantize_dynamic / prepare_dynamic" if qconfig.is_dynamic else "quantize / prepare"
@@ -95,7 +118,7 @@ def _prepare(
                 f"graphquant: qconfig_dict[{key!r}] is a {'dynamic' if qconfig.is_dynamic else 'static'} qconfig; "
                 f"use it with {want}"
             )
-    prepared = PreparedModel(model if inplace else copy.deepcopy(model), checked, dynamic=dynamic)
+    prepared = PreparedModel(model, checked, dynamic=dynamic)
     inputs = _check_example_inputs(example_inputs)
     if inputs is not None:
         prepared.capture(inputs)
@@ -103,7 +126,7 @@ def _prepare(
 
 
 def prepare_dynamic(
-    model: nn.Module, qconfig_dict: Mapping[str, QConfig | None] | None = None,
+    model: ModelInput, qconfig_dict: Mapping[str, QConfig | None] | None = None,
     example_inputs: Sequence[Any] | None = None, inplace: bool = False,
 ) -> PreparedModel:  # fmt: skip
     """Capture ``model`` for dynamic quantization: no observers, no calibration needed.
@@ -156,10 +179,15 @@ def convert(
     gm = prepared.graph_module
     assert gm is not None
     if not inplace:
+        source = gm
         gm = copy.deepcopy(gm)
         rebind_matches(gm)
+        for name, value in vars(source).items():  # GraphModule's deepcopy keeps only modules and tensors
+            if name.startswith("graphquant_") and not hasattr(gm, name):
+                setattr(gm, name, copy.deepcopy(value))
     report = lower(gm, debug, backend, prepared.qconfig_dict)
     gm.graphquant_report = report
+    gm.graphquant_qconfig_dict = dict(prepared.qconfig_dict)
     gm.graphquant_backend = backend
     gm.graphquant_debug = debug
     return gm
@@ -186,7 +214,7 @@ def _become(target: nn.Module, source: nn.Module) -> nn.Module:
 
 
 def quantize(
-    model: nn.Module,
+    model: ModelInput,
     qconfig_dict: Mapping[str, QConfig | None],
     run_fn: Callable[..., Any],
     run_args: Sequence[Any],
@@ -204,7 +232,7 @@ def quantize(
     prepared = prepare(model, qconfig_dict, example_inputs, inplace=inplace)
     run_fn(prepared, *run_args)
     quantized = convert(prepared, debug=debug, inplace=True, backend=backend)
-    return _become(model, quantized) if inplace else quantized  # type: ignore[return-value]
+    return _become(model, quantized) if inplace else quantized  # type: ignore[arg-type,return-value]
 
 
 class LazyQuantized(nn.Module):
@@ -229,7 +257,7 @@ class LazyQuantized(nn.Module):
 
 
 def quantize_dynamic(
-    model: nn.Module,
+    model: ModelInput,
     qconfig_dict: Mapping[str, QConfig | None] | None = None,
     example_inputs: Sequence[Any] | None = None,
     inplace: bool = False,
@@ -243,13 +271,15 @@ def quantize_dynamic(
     """
     prepared = prepare_dynamic(model, qconfig_dict, example_inputs, inplace=inplace)
     quantized = convert(prepared, debug=debug, inplace=True, backend=backend)
-    return _become(model, quantized) if inplace else quantized
+    return _become(model, quantized) if inplace else quantized  # type: ignore[arg-type]
 
 
 # The seed's names: torch.ao.quantization.quantize_jit users change only the import.
 
 
-def prepare_jit(model: nn.Module, qconfig_dict: Mapping[str, QConfig | None], inplace: bool = False) -> PreparedModel:
+def prepare_jit(
+    model: ModelInput, qconfig_dict: Mapping[str, QConfig | None], inplace: bool = False
+) -> PreparedModel:
     """``torch.ao.quantization.prepare_jit``: observers in, captured on the first call."""
     return prepare(model, qconfig_dict, None, inplace=inplace)
 
@@ -260,7 +290,7 @@ def convert_jit(model: PreparedModel, inplace: bool = False, debug: bool = False
 
 
 def quantize_jit(
-    model: nn.Module,
+    model: ModelInput,
     qconfig_dict: Mapping[str, QConfig | None],
     run_fn: Callable[..., Any],
     run_args: Sequence[Any],
@@ -272,7 +302,7 @@ def quantize_jit(
 
 
 def prepare_dynamic_jit(
-    model: nn.Module, qconfig_dict: Mapping[str, QConfig | None] | None = None, inplace: bool = False
+    model: ModelInput, qconfig_dict: Mapping[str, QConfig | None] | None = None, inplace: bool = False
 ) -> PreparedModel:
     """``torch.ao.quantization.prepare_dynamic_jit``."""
     return prepare_dynamic(model, qconfig_dict, None, inplace=inplace)
@@ -286,7 +316,7 @@ def convert_dynamic_jit(
 
 
 def quantize_dynamic_jit(
-    model: nn.Module, qconfig_dict: Mapping[str, QConfig | None] | None = None, inplace: bool = False,
+    model: ModelInput, qconfig_dict: Mapping[str, QConfig | None] | None = None, inplace: bool = False,
     debug: bool = False,
 ) -> nn.Module:  # fmt: skip
     """``torch.ao.quantization.quantize_dynamic_jit``: no calibration; captured on the first call."""

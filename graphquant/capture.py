@@ -1,41 +1,124 @@
 """Model -> ``torch.fx.GraphModule`` via ``torch.export``, with a module path on every node.
 
+Three kinds of input reach the same graph:
+
+- an ``nn.Module``: exported with its example inputs;
+- a ``torch.jit.script`` or ``torch.jit.trace`` module: converted to an fx graph by
+  ``torch._export.converter`` (a private API, kept behind this module), each node tagged with
+  the module path TorchScript recorded in its scope, then exported like an ``nn.Module``;
+- an ``ExportedProgram`` (or a ``.pt2`` file holding one): re-exported from ``ep.module()``,
+  which keeps its module paths, with a dynamic batch dimension where the program allows it.
+
 Normalised once here so passes and patterns see one ATen spelling per op:
-``nn.Conv2d``, ``F.conv2d`` and ``torch.conv2d`` all arrive as ``aten.conv2d.default``;
-in-place ops (``relu_``, ``add_``) arrive functional (``run_decompositions`` with an
-empty table functionalises without decomposing conv and linear).
+``nn.Conv2d``, ``F.conv2d``, ``torch.conv2d`` and a traced ``aten._convolution`` all arrive
+as ``aten.conv2d.default``; in-place ops (``relu_``, ``add_``) arrive functional
+(``run_decompositions`` with an empty table functionalises without decomposing conv and linear).
 """
 
 from __future__ import annotations
 
 import copy
+import io
+import os
 import warnings
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.export import Dim
+from torch.export import Dim, ExportedProgram
 
 from graphquant.errors import GraphQuantError
 from graphquant.graph import MODULE_PATH, MODULE_TYPE, add_attr, get_attr_value
 
 BATCH = "batch"
+# extra file inside a .pt2 that graphquant.save wrote (the manifest); capture refuses such a program
+MANIFEST_FILE = "graphquant/manifest.json"
+
+Model = nn.Module | ExportedProgram
+_BATCH_NORMS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")
 
 
-def check_capturable(model: object) -> nn.Module:
+def _is_batch_norm(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    # a scripted or traced BatchNorm keeps its class name, not its class
+    return isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", "") in _BATCH_NORMS
+
+
+def check_capturable(model: object) -> Model:
     """The model, or a ``GraphQuantError`` saying why it cannot be captured."""
+    if isinstance(model, ExportedProgram):
+        return model
     if not isinstance(model, nn.Module):
         raise GraphQuantError(
-            f"graphquant: expected a torch.nn.Module to quantize, got {type(model).__name__}; "
-            "wrap a function in an nn.Module whose forward calls it"
+            f"graphquant: expected a torch.nn.Module, a TorchScript module, an ExportedProgram or a .pt2 path "
+            f"to quantize, got {type(model).__name__}; wrap a function in an nn.Module whose forward calls it"
         )
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+        if _is_batch_norm(module) and module.training:
+            kind = getattr(module, "original_name", type(module).__name__)
             raise GraphQuantError(
-                f"graphquant: {name or '<model>'} ({type(module).__name__}) is in training mode; "
+                f"graphquant: {name or '<model>'} ({kind}) is in training mode; "
                 "post-training quantization folds batch-norm statistics, call model.eval() first"
             )
     return model
+
+
+def load_program(path: str | os.PathLike[str]) -> ExportedProgram:
+    """A float ``ExportedProgram`` from a ``.pt2`` file (``torch.export.save``)."""
+    extra = {MANIFEST_FILE: ""}
+    try:
+        ep = torch.export.load(path, extra_files=extra)
+    except FileNotFoundError as error:
+        raise GraphQuantError(f"graphquant: no such .pt2 file: {os.fspath(path)}") from error
+    except Exception as error:
+        raise GraphQuantError(
+            f"graphquant: {os.fspath(path)} is not a program torch.export.load can read: {error}"
+        ) from error
+    if extra[MANIFEST_FILE]:
+        raise GraphQuantError(
+            f"graphquant: {os.fspath(path)} is a quantized program written by graphquant.save; "
+            "load it with graphquant.load instead of quantizing it again"
+        )
+    return ep
+
+
+def module_paths(model: Model) -> dict[str, str]:
+    """Module path -> class name of every submodule a ``qconfig_dict`` key may name.
+
+    An ``ExportedProgram`` has no module objects: its paths come from the module stacks
+    export recorded on its nodes.
+    """
+    if isinstance(model, ExportedProgram):
+        paths = {"": "ExportedProgram"}
+        for node in model.graph.nodes:
+            for path, kind in (node.meta.get("nn_module_stack") or {}).values():
+                path = str(path).split("@")[0]
+                kind = kind if isinstance(kind, str) else getattr(kind, "__qualname__", str(kind))
+                paths.setdefault(path, kind.rpartition(".")[2])
+        return paths
+    return {name: getattr(m, "original_name", type(m).__name__) for name, m in model.named_modules()}
+
+
+def module_tree(model: Model) -> nn.Module:
+    """An ``nn.Module`` whose ``named_modules()`` are the paths ``qconfig_dict`` keys may name:
+    the model itself, or for an ``ExportedProgram`` an empty module per recorded path."""
+    if not isinstance(model, ExportedProgram):
+        return model
+    root = nn.Module()
+    for path in sorted(module_paths(model), key=lambda p: p.count(".")):
+        if not path:
+            continue
+        parent = root
+        *owners, leaf = path.split(".")
+        for name in owners:
+            if not hasattr(parent, name):
+                parent.add_module(name, nn.Module())
+            parent = getattr(parent, name)
+        if not hasattr(parent, leaf):
+            parent.add_module(leaf, nn.Module())
+    return root
 
 
 def _batch_examples(example_inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any]:
@@ -52,31 +135,114 @@ def _batch_examples(example_inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], A
     return tuple(grown), tuple(shapes)
 
 
-def _export(model: nn.Module, example_inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
-    """Export with a dynamic batch dimension; fall back to static shapes if the model fixes it."""
+def _export(model: nn.Module, example_inputs: tuple[Any, ...], name: str | None = None) -> tuple[ExportedProgram, bool]:
+    """Export with a dynamic batch dimension; fall back to static shapes if the model fixes it.
+
+    Returns the program and whether its batch dimension is dynamic.
+    """
+    name = name or type(model).__name__
     grown, shapes = _batch_examples(example_inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return torch.export.export(model, grown, dynamic_shapes=shapes)
+            return torch.export.export(model, grown, dynamic_shapes=shapes), True
         except Exception as dyn_error:  # noqa: BLE001 - retried with static shapes below
             try:
                 ep = torch.export.export(model, tuple(example_inputs))
             except Exception as error:
                 raise GraphQuantError(
-                    f"graphquant: torch.export could not capture {type(model).__name__}: {error}. "
+                    f"graphquant: torch.export could not capture {name}: {error}. "
                     "Data-dependent control flow cannot be captured; move it out of forward or "
                     "keep that submodule float and call it outside the quantized model"
                 ) from error
             warnings.warn(
-                f"graphquant: captured {type(model).__name__} with a fixed batch size "
+                f"graphquant: captured {name} with a fixed batch size "
                 f"({str(dyn_error).splitlines()[0][:200]})",
                 stacklevel=3,
             )
-            return ep
+            return ep, False
 
 
-def _module_path(node: fx.Node, paths: set[str]) -> tuple[str, str]:
+def _scope_path(scope: str) -> tuple[str, str]:
+    """``Net::/torch.nn.modules.conv.Conv2d::layer1/...::conv1`` -> ``("layer1.conv1", "Conv2d")``."""
+    segments = [segment.rpartition("::") for segment in scope.split("/")[1:]]
+    path = ".".join(name for _, _, name in segments)
+    kind = segments[-1][0].rpartition(".")[2] if segments else ""
+    return path, kind
+
+
+def _fresh_copy(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """A copy with its own compiled code: the converter inlines the ``forward`` graph it is given,
+    in place, and a ``copy.deepcopy`` shares that graph with the user's module (whose module
+    scopes, and so the module paths of a second conversion, would be gone)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.save / load: deprecated, still ours to read
+        torch.jit.save(model, buffer)
+        buffer.seek(0)
+        return torch.jit.load(buffer)
+
+
+def _script_to_graph(model: torch.jit.ScriptModule, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
+    """A scripted or traced module as an fx graph of ATen calls, each node's
+    ``meta["nn_module_stack"]`` naming the module TorchScript recorded it in.
+
+    ``torch._export.converter`` is private API (torch 2.13); this is the only place that uses it.
+    """
+    from torch._export import converter
+
+    class ScopedGraphConverter(converter.TS2FXGraphConverter):  # type: ignore[misc]
+        def convert_node(self, node: torch._C.Node) -> None:
+            before = set(self.fx_graph.nodes)
+            super().convert_node(node)
+            path, kind = _scope_path(node.scopeName())
+            for new in self.fx_graph.nodes:
+                if new not in before:
+                    new.meta["nn_module_stack"] = {path: (path, kind)} if path else {}
+
+    name = getattr(model, "original_name", type(model).__name__)
+    try:
+        ts = converter.TS2EPConverter(_fresh_copy(model), example_inputs)
+        if ts.name_to_constant:
+            raise GraphQuantError(
+                f"graphquant: {name} holds TorchScript objects ({', '.join(sorted(ts.name_to_constant))}), "
+                "e.g. already-quantized packed weights; quantize the float model instead"
+            )
+        blocks, attribute_fqns = converter.get_block_to_lifted_attrs(ts.ts_graph)
+        graph_converter = ScopedGraphConverter(
+            ts.ts_graph, ts.name_to_param, ts.name_to_buffer, blocks, ts.name_to_non_tensor_attributes,
+            ts.name_to_constant, attribute_fqns,
+        )  # fmt: skip
+        gm = graph_converter.convert()
+        converter.replace_quantized_ops_with_standard_ops(gm)
+    except GraphQuantError:
+        raise
+    except Exception as error:
+        raise GraphQuantError(
+            f"graphquant: could not convert the TorchScript module {name} to a graph: {error}. "
+            "Pass the nn.Module itself, or a torch.jit.trace of it"
+        ) from error
+    return gm
+
+
+def check_control_flow(gm: fx.GraphModule, qconfig_dict: Mapping[str, Any]) -> None:
+    """A ``GraphQuantError`` for an ``if`` on a tensor (``torch.cond``) in a module that is to be
+    quantized; with ``qconfig_dict={path: None}`` it stays in the graph, in float."""
+    from graphquant.qconfig import resolve
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.higher_order.cond:
+            path = str(node.meta.get(MODULE_PATH, ""))
+            if resolve(qconfig_dict, path).qconfig is not None:
+                kind = node.meta.get(MODULE_TYPE) or "module"
+                raise GraphQuantError(
+                    f"graphquant: {path or '<model>'} ({kind}, node {node.name}): an `if` on a tensor value in a "
+                    "scripted module (torch.cond) cannot be quantized. Trace the model with torch.jit.trace (the if "
+                    f"is resolved for the example input), or keep it float with qconfig_dict={{{path!r}: None}}"
+                )
+
+
+def _module_path(node: fx.Node, paths: Mapping[str, str]) -> tuple[str, str]:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return "", ""
@@ -86,6 +252,31 @@ def _module_path(node: fx.Node, paths: set[str]) -> tuple[str, str]:
         return "", ""
     kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
     return path, kind.rpartition(".")[2]
+
+
+_CONV_ND = {1: torch.ops.aten.conv1d.default, 2: torch.ops.aten.conv2d.default, 3: torch.ops.aten.conv3d.default}
+_CONV_TRANSPOSE_ND = {
+    1: torch.ops.aten.conv_transpose1d.default,
+    2: torch.ops.aten.conv_transpose2d.input,
+    3: torch.ops.aten.conv_transpose3d.input,
+}
+
+
+def _convolution_to_conv_nd(gm: fx.GraphModule) -> None:
+    """``aten.convolution`` (what a traced ``_convolution`` becomes) -> ``aten.convNd`` or
+    ``aten.conv_transposeNd``, the spelling an ``nn.Module`` export gives."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.convolution.default:
+            continue
+        x, w, b, stride, padding, dilation, transposed, output_padding, groups = node.args
+        dim = len(stride)
+        if transposed:
+            node.target = _CONV_TRANSPOSE_ND[dim]
+            node.args = (x, w, b, stride, padding, output_padding, groups, dilation)
+        else:
+            node.target = _CONV_ND[dim]
+            node.args = (x, w, b, stride, padding, dilation, groups)
+    gm.recompile()
 
 
 def _matmul_to_linear(gm: fx.GraphModule) -> None:
@@ -111,27 +302,45 @@ def _matmul_to_linear(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def capture(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
+def _program(model: Model, example_inputs: tuple[Any, ...]) -> tuple[ExportedProgram, bool]:
+    """Export ``model`` (an ``nn.Module``, a TorchScript module or an ``ExportedProgram``)."""
+    if isinstance(model, ExportedProgram):
+        return _export(model.module(), example_inputs, name="the ExportedProgram")
+    if isinstance(model, torch.jit.ScriptModule):
+        name = getattr(model, "original_name", type(model).__name__)
+        grown, _ = _batch_examples(example_inputs)
+        return _export(_script_to_graph(model, grown), example_inputs, name=name)
+    return _export(model, example_inputs)
+
+
+def capture(model: Model, example_inputs: Sequence[Any]) -> fx.GraphModule:
     """Export ``model`` on ``example_inputs`` into a functional ATen ``GraphModule``.
 
     The batch dimension is dynamic (captured at batch 1, runs at batch 8). Every
     ``call_function`` node carries ``meta[MODULE_PATH]``. The model's parameters are
     shared, not copied: passes never write into them.
+
+    Records on the result ``graphquant_input_spec`` (per input: shape without the batch
+    dimension and dtype, or ``None`` for a non-tensor) and ``graphquant_batch`` (``None``
+    when the batch dimension is dynamic, else the batch size it is fixed to).
     """
     check_capturable(model)
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    ep = _export(model, tuple(example_inputs)).run_decompositions({})
-    gm = ep.module()
-    paths = {name for name, _ in model.named_modules()}
+    ep, dynamic = _program(model, tuple(example_inputs))
+    gm = ep.run_decompositions({}).module()
+    paths = module_paths(model)
     for node in gm.graph.nodes:
         path, kind = _module_path(node, paths)
         node.meta[MODULE_PATH] = path
         node.meta[MODULE_TYPE] = kind
+    _convolution_to_conv_nd(gm)
     _matmul_to_linear(gm)
     gm.graphquant_input_spec = [
         (tuple(x.shape[1:]), x.dtype) if isinstance(x, torch.Tensor) else None for x in example_inputs
     ]
+    first = next((x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+    gm.graphquant_batch = None if dynamic or first is None else int(first.shape[0])
     return gm
 
 
