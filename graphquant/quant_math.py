@@ -117,10 +117,15 @@ def quantize_tensor(
     """``clamp(round(x / scale) + zero_point, qmin, qmax)`` with broadcasting qparams.
 
     Multiplying by ``1 / scale`` would save a division but can round differently
-    from oneDNN's own quantize at exact half steps, so we divide.
+    from oneDNN's own quantize at exact half steps, so we divide. Rounding comes before
+    the zero point is added (round-half-even of ``x / scale``); the in-place steps after
+    the division save three temporaries on the per-batch path of dynamic quantization.
     """
-    q = torch.round(x.to(torch.float32) / scale) + zero_point
-    return torch.clamp(q, qmin, qmax).to(dtype)
+    q = x.to(torch.float32) / scale
+    q.round_()
+    q.add_(zero_point)
+    q.clamp_(qmin, qmax)
+    return q.to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
