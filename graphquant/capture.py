@@ -313,6 +313,18 @@ def _program(model: Model, example_inputs: tuple[Any, ...]) -> tuple[ExportedPro
     return _export(model, example_inputs)
 
 
+def _views_to_reshape(gm: fx.GraphModule) -> None:
+    """``aten.view`` becomes ``aten.reshape``: export records ``reshape`` as ``view`` when the
+    traced strides allow it, but quantized regions change strides (int8 convs return
+    channels-last, ``dequantize`` returns contiguous tensors). After functionalisation no
+    value is written through a view, so ``reshape`` computes the same."""
+    views = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in views:
+            node.target = torch.ops.aten.reshape.default
+    gm.recompile()
+
+
 def capture(model: Model, example_inputs: Sequence[Any]) -> fx.GraphModule:
     """Export ``model`` on ``example_inputs`` into a functional ATen ``GraphModule``.
 
@@ -336,6 +348,7 @@ def capture(model: Model, example_inputs: Sequence[Any]) -> fx.GraphModule:
         node.meta[MODULE_TYPE] = kind
     _convolution_to_conv_nd(gm)
     _matmul_to_linear(gm)
+    _views_to_reshape(gm)
     gm.graphquant_input_spec = [
         (tuple(x.shape[1:]), x.dtype) if isinstance(x, torch.Tensor) else None for x in example_inputs
     ]

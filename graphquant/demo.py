@@ -407,6 +407,16 @@ def batches_of(inputs: tuple[torch.Tensor, torch.Tensor], size: int) -> list[tup
     return [(ids[i : i + size], mask[i : i + size]) for i in range(0, len(ids), size)]
 
 
+def residual_float(encoder: nn.Module, qconfig_dict: dict[str, gq.QConfig | None]) -> dict[str, gq.QConfig | None]:
+    """qconfig_dict: also each residual add and its LayerNorm float (their dense stays as it was)."""
+    qconfig_dict = dict(qconfig_dict)
+    for name, _ in encoder.named_modules():
+        if re.fullmatch(r"bert\.encoder\.layer\.\d+\.(attention\.)?output", name):
+            qconfig_dict.setdefault(name + ".dense", qconfig_dict.get(name, qconfig_dict[""]))
+            qconfig_dict[name] = None
+    return qconfig_dict
+
+
 def ffn_output_float(encoder: nn.Module) -> dict[str, gq.QConfig | None]:
     """qconfig_dict: everything int8 except each layer's FFN output projection.
 
@@ -472,9 +482,9 @@ def run_minilm(path: Path, dynamic: bool = True) -> MiniLMResult:
         reference = encoder(*held_out)
     variants: dict[str, nn.Module] = {}
     step(f"minilm: quantizing all linears (x86 static, {len(calibration)} batches of {MINILM_BATCH} sentences)")
-    variants["int8 static"] = quantize_minilm(encoder, calibration, {"": gq.get_default_qconfig("x86")})
+    variants["int8 static"] = quantize_minilm(encoder, calibration, residual_float(encoder, {"": gq.get_default_qconfig("x86")}))
     step("minilm: quantizing again with each FFN output linear kept float (qconfig_dict None)")
-    variants["int8 static, FFN-out fp32"] = quantize_minilm(encoder, calibration, ffn_output_float(encoder))
+    variants["int8 static, FFN-out fp32"] = quantize_minilm(encoder, calibration, residual_float(encoder, ffn_output_float(encoder)))
     for name, qconfig_name in DYNAMIC_VARIANTS.items() if dynamic else ():
         step(f"minilm: quantizing dynamically ({qconfig_name}, no calibration)")
         quantized = quantize_minilm_dynamic(encoder, calibration[0], qconfig_name)

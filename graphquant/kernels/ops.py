@@ -281,3 +281,49 @@ for _dim in (1, 2, 3):
 @register_fake("graphquant::qlinear")
 def _qlinear_fake(x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args=()):  # type: ignore[no-untyped-def]  # noqa: E501
     return x.new_empty((*x.shape[:-1], w_scale.shape[0]), dtype=torch.uint8)
+
+
+# uint8 elementwise and join kernels (graphquant.kernels.elementwise): each uint8 input
+# with its own scale and zero point, uint8 out on the output's qparams.
+from graphquant.kernels import elementwise  # noqa: E402
+
+_QX = "Tensor x, float x_scale, int x_zero_point"
+_QY = "Tensor y, float y_scale, int y_zero_point"
+_QOUT = "float out_scale, int out_zero_point, str post_op) -> Tensor"
+_QJOIN = "(Tensor[] xs, float[] scales, int[] zero_points, int dim, float out_scale, int out_zero_point) -> Tensor"
+LIB.define(f"qadd({_QX}, {_QY}, float alpha, {_QOUT}")
+LIB.define(f"qadd_scalar({_QX}, float other, {_QOUT}")
+LIB.define(f"qmul({_QX}, {_QY}, {_QOUT}")
+LIB.define(f"qmul_scalar({_QX}, float other, {_QOUT}")
+LIB.define(f"qcat{_QJOIN}")
+LIB.define(f"qstack{_QJOIN}")
+for _name, _fn in elementwise.TORCHSCRIPT.items():
+    LIB.impl(_name, _fn, _KEY)
+
+
+@register_fake("graphquant::qadd")
+def _qadd_fake(x, x_scale, x_zero_point, y, y_scale, y_zero_point, alpha, out_scale, out_zero_point, post_op):  # type: ignore[no-untyped-def]  # noqa: E501
+    return x.new_empty(torch.broadcast_shapes(x.shape, y.shape), dtype=torch.uint8)
+
+
+@register_fake("graphquant::qmul")
+def _qmul_fake(x, x_scale, x_zero_point, y, y_scale, y_zero_point, out_scale, out_zero_point, post_op):  # type: ignore[no-untyped-def]  # noqa: E501
+    return x.new_empty(torch.broadcast_shapes(x.shape, y.shape), dtype=torch.uint8)
+
+
+def _scalar_fake(x, x_scale, x_zero_point, other, out_scale, out_zero_point, post_op):  # type: ignore[no-untyped-def]
+    return torch.empty_like(x, dtype=torch.uint8)
+
+
+for _name in ("qadd_scalar", "qmul_scalar"):
+    register_fake(f"graphquant::{_name}")(_scalar_fake)
+
+
+@register_fake("graphquant::qcat")
+def _qcat_fake(xs, scales, zero_points, dim, out_scale, out_zero_point):  # type: ignore[no-untyped-def]
+    return torch.cat([torch.empty_like(x, dtype=torch.uint8) for x in xs], dim)
+
+
+@register_fake("graphquant::qstack")
+def _qstack_fake(xs, scales, zero_points, dim, out_scale, out_zero_point):  # type: ignore[no-untyped-def]
+    return torch.stack([torch.empty_like(x, dtype=torch.uint8) for x in xs], dim)

@@ -108,4 +108,15 @@ def patterns_for(target: object, dynamic: bool = False) -> list[Pattern]:
     return [p for p in PATTERNS if target in p.ops[0] and (p.kind == "dynamic") == dynamic]
 
 
-from graphquant.patterns import conv, conv_transpose, dynamic_linear, linear, reshape  # noqa: E402,F401  (fills PATTERNS)
+from graphquant.patterns import (  # noqa: E402,F401  (fills PATTERNS)
+    activations,
+    binary,
+    conv,
+    conv_transpose,
+    dynamic_linear,
+    join,
+    linear,
+    norms,
+    pooling,
+    reshape,
+)
