@@ -122,7 +122,7 @@ def measure(rounds: int, batch: int, seq: int) -> list[str]:
                 c = (embeddings(reference, inputs[1]) * embeddings(outputs[name], inputs[1])).sum(-1)
                 cos = f"{float(c.mean()):.4f} / {float(c.min()):.4f}"
             q = "—" if name == "fp32 eager" else f"{quantize_s:.1f}"
-            rows.append(f"| {wname} b{batch} s{seq} | {name} | {med:.1f} | {iqr:.1f} | {base / med:.2f}x | {s} | {cos} | {q} |")
+            rows.append(f"| {wname} b{inputs[0].shape[0]} s{seq} | {name} | {med:.1f} | {iqr:.1f} | {base / med:.2f}x | {s} | {cos} | {q} |")
         print("\n".join(rows[-len(built):]), flush=True)
     return rows
 
