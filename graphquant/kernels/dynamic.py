@@ -14,17 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from graphquant.kernels.onednn import _w_zero_point
 from graphquant.quant_math import quantize_dynamic_tensor
-
-_zero_points: dict[int, torch.Tensor] = {}
-
-
-def _w_zero_point(n: int) -> torch.Tensor:
-    zp = _zero_points.get(n)
-    if zp is None:
-        zp = _zero_points[n] = torch.zeros(n, dtype=torch.int64)
-    return zp
-
 
 def check_inputs(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> int:
     """Raise a ``ValueError`` before any kernel runs; return the output features."""
