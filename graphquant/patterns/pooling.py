@@ -43,6 +43,19 @@ def _lower_max_pool1d(ctx: KernelContext, match: Match, inputs: Sequence[QValue]
     return node
 
 
+def _lower_max_pool_contiguous(ctx: KernelContext, match: Match, inputs: Sequence[QValue], out: QParams) -> fx.Node:
+    """``max_pool2d/3d`` on a contiguous copy: torch 2.13's uint8 kernel refuses channels-last input of
+    ResNet's stem size (64x112x112: "Expected input_depth * input_height * input_width <= int max"),
+    and int8 convs return channels-last."""
+    graph = ctx.gm.graph
+    node = ctx.call(aten.clone.default, (inputs[0].node,))
+    node.kwargs = {"memory_format": torch.contiguous_format}
+    with graph.inserting_after(node):
+        pooled = graph.call_function(match.anchor.target, (node, *match.anchor.args[1:]), dict(match.anchor.kwargs))
+    copy_meta(match.anchor, pooled)
+    return pooled
+
+
 def _lower_full_reduction(ctx: KernelContext, match: Match, inputs: Sequence[QValue], out: QParams) -> fx.Node:
     """``max(x)`` / ``min(x)`` over all elements is ``amax`` / ``amin`` over no dims, which also take ``dim``."""
     amax = match.anchor.target in (aten.amax.default, aten.max.default)
@@ -82,9 +95,9 @@ def _row(name: str, ops: tuple[torch._ops.OpOverload, ...], kind: Kind, kernel: 
 
 _row("max_pool1d", (aten.max_pool1d.default,), "shares_qparams", "aten.max_pool2d", _lower_max_pool1d,
      (1, lambda y: F.max_pool1d(y, 3, 2, 1, ceil_mode=True)))
-_row("max_pool2d", (aten.max_pool2d.default,), "shares_qparams", "aten.max_pool2d", same_op_on_uint8,
+_row("max_pool2d", (aten.max_pool2d.default,), "shares_qparams", "aten.max_pool2d", _lower_max_pool_contiguous,
      (2, lambda y: F.max_pool2d(y, 3, 2, padding=1)))
-_row("max_pool3d", (aten.max_pool3d.default,), "shares_qparams", "aten.max_pool3d", same_op_on_uint8,
+_row("max_pool3d", (aten.max_pool3d.default,), "shares_qparams", "aten.max_pool3d", _lower_max_pool_contiguous,
      (3, lambda y: F.max_pool3d(y, 2)))
 _row("amax", (aten.amax.default, aten.max.default), "shares_qparams", "aten.amax", _lower_full_reduction,
      (2, lambda y: y.amax(dim=1) - torch.max(y)))
