@@ -8,7 +8,8 @@ on :mod:`graphquant.kernels.onednn`, a plain ``int8`` weight on
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.library import Library, register_fake
@@ -123,94 +124,24 @@ def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor, zero_point: tor
     return (q.to(torch.float32) - zero_point.reshape(shape).to(torch.float32)) * scale.reshape(shape)
 
 
-def qconv(
-    x: torch.Tensor,
-    x_scale: float,
-    x_zero_point: int,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    out_scale: float,
-    out_zero_point: int,
-    post_op: str,
-    post_op_args: Sequence[float] = (),
-) -> torch.Tensor:
-    backend = onednn if w.is_mkldnn else portable
-    return backend.qconv(
-        x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, out_scale, out_zero_point,
-        post_op, post_op_args,
-    )  # fmt: skip
+def _on_weight_backend(kernel: str) -> Callable[..., torch.Tensor]:
+    """The op's implementation: ``kernel`` of the backend its weight (argument 3) belongs to —
+    a packed oneDNN weight (``is_mkldnn``) runs on oneDNN, a plain int8 weight on portable.
+    The schema above fixes the arguments; this only forwards them."""
+
+    def dispatch(*args: Any) -> torch.Tensor:
+        backend = onednn if args[3].is_mkldnn else portable
+        return getattr(backend, kernel)(*args)
+
+    dispatch.__name__ = kernel
+    return dispatch
 
 
-def qconv_add(
-    x: torch.Tensor,
-    x_scale: float,
-    x_zero_point: int,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    accum: torch.Tensor,
-    accum_scale: float,
-    accum_zero_point: int,
-    out_scale: float,
-    out_zero_point: int,
-    post_op: str,
-) -> torch.Tensor:
-    backend = onednn if w.is_mkldnn else portable
-    return backend.qconv_add(
-        x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, accum, accum_scale,
-        accum_zero_point, out_scale, out_zero_point, post_op,
-    )  # fmt: skip
-
-
-def qconv_transpose(
-    x: torch.Tensor,
-    x_scale: float,
-    x_zero_point: int,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    output_padding: list[int],
-    groups: int,
-    dilation: list[int],
-    out_scale: float,
-    out_zero_point: int,
-    post_op: str,
-    post_op_args: Sequence[float] = (),
-) -> torch.Tensor:
-    # torch.ops.onednn has no int8 transposed conv (torch 2.13): plain int8 weight, portable backend
-    return portable.qconv_transpose(
-        x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, output_padding, groups, dilation,
-        out_scale, out_zero_point, post_op, post_op_args,
-    )  # fmt: skip
-
-
-def qlinear(
-    x: torch.Tensor,
-    x_scale: float,
-    x_zero_point: int,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_scale: float,
-    out_zero_point: int,
-    post_op: str,
-    post_op_args: Sequence[float] = (),
-) -> torch.Tensor:
-    backend = onednn if w.is_mkldnn else portable
-    return backend.qlinear(
-        x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args
-    )
+qconv = _on_weight_backend("qconv")
+qconv_add = _on_weight_backend("qconv_add")
+qlinear = _on_weight_backend("qlinear")
+# torch.ops.onednn has no int8 transposed conv (torch 2.13): plain int8 weight, portable backend
+qconv_transpose = portable.qconv_transpose
 
 
 for _name, _fn in {
