@@ -38,3 +38,37 @@ def test_resnet50_all_int8():
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         assert sqnr(model(x), q(x)) >= 25.0
+
+
+def _input_rounding_floor(model: nn.Module, x: torch.Tensor, calibration: list[torch.Tensor]) -> float:
+    """SQNR of the float model when only its input is rounded to uint8 with min-max qparams."""
+    lo = min(float(c.min()) for c in calibration)
+    hi = max(float(c.max()) for c in calibration)
+    scale = (hi - lo) / 255
+    zero_point = round(-lo / scale)
+    rounded = (torch.clamp(torch.round(x / scale) + zero_point, 0, 255) - zero_point) * scale
+    return float(sqnr(model(x), model(rounded)))
+
+
+def test_mobilenet_v2_all_int8():
+    """Every conv int8 (depthwise included). MobileNetV2 with transformers' random init is chaotic:
+    each block loses about 2 dB of any input perturbation (a 40 dB input noise comes out at 6 dB
+    after block 15), so an absolute SQNR target says more about the weights than about the
+    quantizer. The bar is relative: int8 everywhere costs at most 6 dB more than rounding the
+    input alone to uint8 (measured: floor 14.2 dB, graphquant 9.5 dB at 128x128)."""
+    torch.manual_seed(0)
+    model = transformers.MobileNetV2Model(transformers.MobileNetV2Config()).train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 3, 128, 128))
+    model = Pooled(model).eval()
+    calibration = [torch.randn(2, 3, 128, 128) for _ in range(3)]
+    q = gq.quantize(model, {"": gq.default_qconfig}, lambda p, bs: [p(b) for b in bs], [calibration],
+                    example_inputs=(calibration[0][:1],))  # fmt: skip
+    report = gq.report(q)
+    assert [n for n in report.float_nodes if "conv" in n.op or "linear" in n.op] == []
+    assert len([n for n in report.quantized if "conv" in n.op]) == 52
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        floor = _input_rounding_floor(model, x, calibration)
+        assert sqnr(model(x), q(x)) >= floor - 6.0
