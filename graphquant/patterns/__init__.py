@@ -117,6 +117,7 @@ from graphquant.patterns import (  # noqa: E402,F401  (fills PATTERNS)
     join,
     linear,
     norms,
+    padding,
     pooling,
     reshape,
 )
