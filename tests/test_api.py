@@ -175,3 +175,12 @@ def test_portable_backend_end_to_end(net):  # type: ignore[no-untyped-def]
     x = torch.randn(4, 3, 16, 16)
     scale = gq.report(q1).quantized[-1].scale
     assert float((q1(x) - q2(x)).abs().max()) <= scale * (1 + 1e-4)
+
+
+def test_calibration_keeps_no_autograd_graph(net):  # type: ignore[no-untyped-def]
+    """A run_fn that keeps its outputs must not keep every batch's activations for a backward
+    pass that never comes (7 GB on BERT-base before the prepared model ran under no_grad)."""
+    prepared = gq.prepare(net, {"": gq.default_qconfig})
+    kept = [prepared(b) for b in calibration_batches()]
+    assert all(not out.requires_grad and out.grad_fn is None for out in kept)
+    assert torch.is_grad_enabled()  # the caller's grad mode is left as it was

@@ -1,0 +1,266 @@
+"""Every quantizer the benchmark compares, each as a builder from a float workload to a callable.
+
+A builder returns a :class:`Variant` (the quantized model's call, its serialized size, the
+time it took to quantize and the time of its first call) or raises :class:`Unsupported`
+when the peer cannot take the model (the report keeps the reason). Recipes are each
+peer's documented default for x86:
+
+- ``torch.ao`` TorchScript graph mode: ``torch.jit.trace`` then ``quantize_jit`` with
+  ``get_default_qconfig("x86")`` / ``quantize_dynamic_jit`` with ``default_dynamic_qconfig``;
+- ``torch.ao`` FX: ``prepare_fx``/``convert_fx`` with ``get_default_qconfig_mapping("x86")``
+  (dynamic: ``default_dynamic_qconfig``); eager ``quantize_dynamic`` on ``nn.Linear``;
+- torchao PT2E: ``torch.export`` -> ``prepare_pt2e``/``convert_pt2e`` with
+  ``X86InductorQuantizer`` (default config; dynamic: ``is_dynamic=True``) -> ``torch.compile``
+  with inductor freezing, as the torchao tutorial does;
+- ONNX Runtime: ``torch.onnx.export`` (dynamo) then ``quantize_static`` (QDQ, per-channel int8
+  weights, uint8 activations, MinMax calibration) or ``quantize_dynamic`` (int8 weights);
+- graphquant: ``graphquant.quantize`` with ``get_default_qconfig("x86")`` (dynamic: the
+  per-tensor default and the per-token preset), oneDNN kernels.
+
+Every static quantizer calibrates on the same batches; quantize time is the wall time from
+the float model to the quantized one, calibration included, first call excluded.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from timing import quiet_native_stderr
+from workloads import Inputs, Workload
+
+
+class Unsupported(Exception):
+    """The peer cannot quantize this model; the message says why."""
+
+
+@dataclass
+class Variant:
+    name: str
+    call: Callable[[Inputs], torch.Tensor]
+    size_bytes: int | None
+    quantize_s: float | None
+    first_call_s: float | None
+    peer: bool = True  # False for fp32 and graphquant
+    # the call to time at another thread count, where the count is baked in at build (ONNX Runtime)
+    at_threads: Callable[[int], Callable[[Inputs], torch.Tensor]] | None = None
+
+
+def _state_dict_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def _first_call(call: Callable[[Inputs], torch.Tensor], inputs: Inputs) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        call(inputs)
+    return time.perf_counter() - start
+
+
+def _calibrate(model: Callable[..., object], batches: list[Inputs]) -> None:
+    with torch.no_grad():
+        for batch in batches:
+            model(*batch)
+
+
+def fp32(w: Workload, mode: str, threads: int) -> Variant:
+    return Variant("fp32 eager", lambda x: w.model(*x), _state_dict_bytes(w.model), None, None, peer=False)
+
+
+def _graphquant(w: Workload, mode: str, qconfig_name: str, label: str) -> Variant:
+    import graphquant as gq
+
+    qconfig = getattr(gq, qconfig_name)
+    start = time.perf_counter()
+    if mode == "static":
+        q = gq.quantize(w.model, {"": qconfig}, _calibrate, [w.calibration], example_inputs=w.calibration[0])
+    else:
+        q = gq.quantize_dynamic(w.model, {"": qconfig}, example_inputs=w.calibration[0])
+    quantize_s = time.perf_counter() - start
+    first = _first_call(lambda x: q(*x), w.timed)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt2"
+        gq.save(q, path)
+        size = path.stat().st_size
+    return Variant(label, lambda x: q(*x), size, quantize_s, first, peer=False)
+
+
+def graphquant_static(w: Workload, mode: str, threads: int) -> Variant:
+    return _graphquant(w, "static", "default_qconfig", "graphquant")
+
+
+def graphquant_dynamic(w: Workload, mode: str, threads: int) -> Variant:
+    return _graphquant(w, "dynamic", "default_dynamic_qconfig", "graphquant")
+
+
+def graphquant_dynamic_per_token(w: Workload, mode: str, threads: int) -> Variant:
+    return _graphquant(w, "dynamic", "per_token_dynamic_qconfig", "graphquant per-token")
+
+
+def quantize_jit(w: Workload, mode: str, threads: int) -> Variant:
+    from torch.ao.quantization import default_dynamic_qconfig, get_default_qconfig
+    from torch.ao.quantization import quantize_dynamic_jit as ao_quantize_dynamic_jit
+    from torch.ao.quantization import quantize_jit as ao_quantize_jit
+
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings(), quiet_native_stderr():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        traced = torch.jit.trace(copy.deepcopy(w.model), w.calibration[0], strict=False)
+        if mode == "static":
+            q = ao_quantize_jit(traced, {"": get_default_qconfig("x86")}, _calibrate, [w.calibration])
+        else:
+            q = ao_quantize_dynamic_jit(traced, {"": default_dynamic_qconfig})
+        quantize_s = time.perf_counter() - start
+        first = _first_call(lambda x: q(*x), w.timed)
+        buffer = io.BytesIO()
+        torch.jit.save(q, buffer)
+    return Variant("quantize_jit" if mode == "static" else "quantize_dynamic_jit", lambda x: q(*x),
+                   buffer.tell(), quantize_s, first)  # fmt: skip
+
+
+def quantize_fx(w: Workload, mode: str, threads: int) -> Variant:
+    from torch.ao.quantization import QConfigMapping, default_dynamic_qconfig, get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings(), quiet_native_stderr():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        mapping = (get_default_qconfig_mapping("x86") if mode == "static"
+                   else QConfigMapping().set_global(default_dynamic_qconfig))  # fmt: skip
+        try:
+            prepared = prepare_fx(copy.deepcopy(w.model), mapping, w.calibration[0])
+        except Exception as error:  # HF models read shapes as Python ints: symbolic tracing fails
+            raise Unsupported(f"torch.fx cannot trace it ({type(error).__name__}: {str(error).splitlines()[0][:90]})")
+        if mode == "static":
+            _calibrate(prepared, w.calibration)
+        q = convert_fx(prepared)
+        quantize_s = time.perf_counter() - start
+        first = _first_call(lambda x: q(*x), w.timed)
+    return Variant("quantize_fx", lambda x: q(*x), _state_dict_bytes(q), quantize_s, first)
+
+
+def eager_quantize_dynamic(w: Workload, mode: str, threads: int) -> Variant:
+    from torch.ao.quantization import quantize_dynamic
+
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings(), quiet_native_stderr():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        q = quantize_dynamic(copy.deepcopy(w.model), {nn.Linear}, dtype=torch.qint8)
+        quantize_s = time.perf_counter() - start
+        first = _first_call(lambda x: q(*x), w.timed)
+    return Variant("eager quantize_dynamic", lambda x: q(*x), _state_dict_bytes(q), quantize_s, first)
+
+
+def pt2e(w: Workload, mode: str, threads: int) -> Variant:
+    import torch._inductor.config as inductor_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    inductor_config.freezing = True
+    with warnings.catch_warnings(), quiet_native_stderr():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        exported = torch.export.export(copy.deepcopy(w.model), w.calibration[0]).module()
+        quantizer = X86InductorQuantizer()
+        quantizer.set_global(get_default_x86_inductor_quantization_config(is_dynamic=mode == "dynamic"))
+        prepared = prepare_pt2e(exported, quantizer)
+        _calibrate(prepared, w.calibration if mode == "static" else w.calibration[:1])
+        converted = convert_pt2e(prepared)
+        size = _state_dict_bytes(converted)
+        compiled = torch.compile(converted)
+        quantize_s = time.perf_counter() - start
+        first = _first_call(lambda x: compiled(*x), w.timed)  # the compile happens here
+    return Variant("PT2E + inductor", lambda x: compiled(*x), size, quantize_s, first)
+
+
+def _onnx_export(w: Workload, path: Path) -> list[str]:
+    names = ["pixel_values"] if w.kind == "cnn" else ["input_ids", "attention_mask"]
+    with warnings.catch_warnings(), quiet_native_stderr():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(copy.deepcopy(w.model), w.calibration[0], str(path), input_names=names,
+                          output_names=["output"], dynamo=True, verbose=False)  # fmt: skip
+    return names
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over our calibration batches."""
+
+    def __init__(self, names: list[str], batches: list[Inputs]) -> None:
+        self._feeds = iter([{n: t.numpy() for n, t in zip(names, batch)} for batch in batches])
+
+    def get_next(self) -> dict[str, object] | None:
+        return next(self._feeds, None)
+
+    def rewind(self) -> None:  # pragma: no cover - not used by MinMax
+        pass
+
+
+def onnxruntime_peer(w: Workload, mode: str, threads: int) -> Variant:
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    tmp = Path(tempfile.mkdtemp(prefix="graphquant-bench-"))
+    start = time.perf_counter()
+    float_path, q_path = tmp / "float.onnx", tmp / "int8.onnx"
+    names = _onnx_export(w, float_path)
+    with quiet_native_stderr():
+        if mode == "static":
+            reader = _Reader(names, w.calibration)
+            CalibrationDataReader.register(_Reader)
+            ort_quantize_static(str(float_path), str(q_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+        else:
+            ort_quantize_dynamic(str(float_path), str(q_path), weight_type=QuantType.QInt8)
+
+    def at_threads(count: int) -> Callable[[Inputs], torch.Tensor]:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = count
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(str(q_path), options, providers=["CPUExecutionProvider"])
+
+        def call(x: Inputs) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {n: t.numpy() for n, t in zip(names, x)})[0])
+
+        return call
+
+    call = at_threads(threads)
+    quantize_s = time.perf_counter() - start
+    first = _first_call(call, w.timed)
+    size = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("int8"))
+    return Variant(f"ONNX Runtime {mode}", call, size, quantize_s, first, at_threads=at_threads)
+
+
+# mode -> (name, builder); fp32 first (the baseline), graphquant next
+BUILDERS: dict[str, list[tuple[str, Callable[[Workload, str, int], Variant]]]] = {
+    "static": [("fp32", fp32), ("graphquant", graphquant_static), ("quantize_jit", quantize_jit),
+               ("quantize_fx", quantize_fx), ("pt2e", pt2e), ("onnxruntime", onnxruntime_peer)],
+    "dynamic": [("fp32", fp32), ("graphquant", graphquant_dynamic),
+                ("graphquant_per_token", graphquant_dynamic_per_token), ("quantize_jit", quantize_jit),
+                ("quantize_fx", quantize_fx), ("eager", eager_quantize_dynamic), ("pt2e", pt2e),
+                ("onnxruntime", onnxruntime_peer)],
+}  # fmt: skip
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))
