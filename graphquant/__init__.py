@@ -28,6 +28,7 @@ from graphquant.qconfig import (
     get_default_qconfig,
     per_channel_dynamic_qconfig,
     per_token_dynamic_qconfig,
+    qconfig_dict_by_type,
 )
 from graphquant.kernels import ops as _ops  # noqa: F401  (registers torch.ops.graphquant)
 from graphquant.serialize import load, save, to_torchscript
@@ -48,6 +49,7 @@ __all__ = [
     "per_channel_dynamic_qconfig",
     "per_token_dynamic_qconfig",
     "prepare",
+    "qconfig_dict_by_type",
     "prepare_dynamic",
     "prepare_dynamic_jit",
     "prepare_jit",

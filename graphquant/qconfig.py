@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -115,6 +115,37 @@ class QConfig:
         if d.get("version") != CONFIG_VERSION:
             raise GraphQuantError(f"graphquant: QConfig dict version {d.get('version')} is not {CONFIG_VERSION}")
         return cls(ObserverSpec.from_dict(d["activation"]), ObserverSpec.from_dict(d["weight"]))
+
+
+def qconfig_dict_by_type(
+    model: nn.Module, qconfigs: Mapping[type[nn.Module], QConfig | None], default: QConfig | None = None,
+    keep_float: Sequence[str] = (),
+) -> dict[str, QConfig | None]:
+    """A ``qconfig_dict`` keyed by module path from one keyed by module type.
+
+    torch.ao's FX API took ``object_type`` keys; the graph-mode API takes paths only, so this
+    spells the types out: ``qconfig_dict_by_type(model, {nn.Linear: get_default_qconfig()})``
+    quantizes every ``nn.Linear`` and, with ``default=None``, keeps everything else float
+    (attention matmuls, softmax, residual adds, LayerNorm). A linear that only float ops read
+    then writes float32 (no output rounding): on all-MiniLM-L6-v2 that recipe keeps a sentence
+    cosine of 0.993 where quantizing every op gives 0.87. ``keep_float`` lists paths to keep
+    float as well (a transformer's FFN output projections, whose inputs carry the outliers).
+    """
+    if not isinstance(model, nn.Module):
+        raise GraphQuantError(f"graphquant: qconfig_dict_by_type takes an nn.Module, got {type(model).__name__}")
+    out: dict[str, QConfig | None] = {"": default}
+    for name, module in model.named_modules():
+        for kind, qconfig in qconfigs.items():
+            if name and isinstance(module, kind):
+                out[name] = qconfig
+    paths = {name for name, _ in model.named_modules()}
+    for path in keep_float:
+        if path not in paths:
+            close = difflib.get_close_matches(path, sorted(paths), n=3, cutoff=0.4)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise GraphQuantError(f"graphquant: keep_float path {path!r} matches no module of the model{hint}")
+        out[path] = None
+    return out
 
 
 def get_default_qconfig(backend: str = "x86") -> QConfig:

@@ -478,7 +478,7 @@ def _ts_onednn_qconv_nd(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor,
 
 def _ts_requantize(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor | None, out_scale: float,
                    out_zero_point: int, post_op: str, post_op_args: list[float], channel_axis: int,
-                   accum: Tensor | None) -> Tensor:  # fmt: skip
+                   accum: Tensor | None, float_out: bool = False) -> Tensor:  # fmt: skip
     """kernels.portable._requantize."""
     shape = _ts_axis_shape(acc.dim(), channel_axis)
     acc_scale = (w_scale.double() * x_scale).reshape(shape)
@@ -487,6 +487,8 @@ def _ts_requantize(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor | 
     v = acc * acc_scale
     if accum is not None:
         v = v + accum
+    if float_out:
+        return _ts_post_op(v, post_op, post_op_args).to(torch.float32)
     return _ts_quantize_real(_ts_post_op(v, post_op, post_op_args), out_scale, out_zero_point)
 
 
@@ -586,14 +588,16 @@ def _ts_qconv_transpose(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor,
 
 
 def _ts_qlinear(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-                out_scale: float, out_zero_point: int, post_op: str,
-                post_op_args: list[float]) -> Tensor:  # fmt: skip
+                out_scale: float, out_zero_point: int, post_op: str, post_op_args: list[float],
+                float_out: bool = False) -> Tensor:  # fmt: skip
     """graphquant::qlinear. A packed weight is stored transposed, ``(in, out)``."""
+    if float_out:
+        out_scale, out_zero_point = 1.0, 0
     if not w.is_mkldnn:
         _ts_check(x, x_zero_point, w, w_scale, bias, out_zero_point, w.size(0))
         acc = F.linear(x.double() - x_zero_point, w.double())
         return _ts_requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args, -1,
-                              None)  # fmt: skip
+                              None, float_out)  # fmt: skip
     in_features, out_features = w.size(0), w.size(1)
     _ts_check(x, x_zero_point, w, w_scale, bias, out_zero_point, out_features)
     if x.dim() < 1 or x.size(-1) != in_features:
@@ -601,12 +605,13 @@ def _ts_qlinear(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale
     if x.numel() == 0:
         shape = list(x.shape[:-1])
         shape.append(out_features)
-        return x.new_empty(shape)
+        return x.new_empty(shape, dtype=torch.float32 if float_out else torch.uint8)
     attr, algorithm = _ts_onednn_post_op(post_op)
     w_zero_point = torch.zeros(out_features, dtype=torch.int64)
+    out_dtype: torch.dtype | None = torch.float32 if float_out else None
     return torch.ops.onednn.qlinear_pointwise(
-        x.contiguous(), x_scale, x_zero_point, w, w_scale, w_zero_point, bias, out_scale, out_zero_point, None, attr,
-        _ts_scalars(post_op_args), algorithm,
+        x.contiguous(), x_scale, x_zero_point, w, w_scale, w_zero_point, bias, out_scale, out_zero_point, out_dtype,
+        attr, _ts_scalars(post_op_args), algorithm,
     )  # fmt: skip
 
 

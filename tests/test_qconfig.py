@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from torch import nn
+
+import graphquant as gq
 from graphquant import GraphQuantError, ObserverSpec, QConfig, get_default_qconfig
 from graphquant.observers import HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver
 from graphquant.qconfig import resolve
@@ -51,3 +54,12 @@ def test_resolution_most_specific_wins():
     r = resolve(table, "encoder.layer.1.ffn")
     assert r.qconfig is None and r.key == "encoder.layer.1"
     assert resolve({"encoder": a}, "decoder").qconfig is None
+
+
+def test_qconfig_dict_by_type_spells_out_paths():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Sequential(nn.Linear(2, 2), nn.Conv1d(1, 1, 1)))
+    qc = gq.default_qconfig
+    assert gq.qconfig_dict_by_type(model, {nn.Linear: qc}) == {"": None, "0": qc, "2.0": qc}
+    assert gq.qconfig_dict_by_type(model, {nn.Linear: qc}, default=qc, keep_float=["2.0"]) == {"": qc, "0": qc, "2.0": None}
+    with pytest.raises(gq.GraphQuantError, match=r"keep_float path '2\.5' matches no module.*did you mean"):
+        gq.qconfig_dict_by_type(model, {nn.Linear: qc}, keep_float=["2.5"])

@@ -250,8 +250,9 @@ def qlinear(
     out_zero_point: int,
     post_op: str,
     post_op_args: Sequence[float] = (),
+    float_out: bool = False,
 ) -> torch.Tensor:
-    """uint8 linear, uint8 out, checked before oneDNN sees it.
+    """uint8 linear, uint8 out (float32 with ``float_out``), checked before oneDNN sees it.
 
     The packed weight is stored transposed, ``(in, out)``.
     """
@@ -260,9 +261,11 @@ def qlinear(
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"graphquant::qlinear: input {tuple(x.shape)} does not end in {in_features} features")
     if x.numel() == 0:
-        return x.new_empty((*x.shape[:-1], out_features))
+        return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32 if float_out else torch.uint8)
     attr, algorithm = _ONEDNN_POST_OPS[post_op]
+    if float_out:
+        out_scale, out_zero_point = 1.0, 0
     return torch.ops.onednn.qlinear_pointwise(
         x.contiguous(), x_scale, x_zero_point, w, w_scale, _w_zero_point(out_features), bias,
-        out_scale, out_zero_point, None, attr, list(post_op_args), algorithm,
+        out_scale, out_zero_point, torch.float32 if float_out else None, attr, list(post_op_args), algorithm,
     )  # fmt: skip

@@ -35,9 +35,11 @@ _CONV_ARGS = (
 )
 for _dim in (1, 2, 3):
     LIB.define(f"qconv{_dim}d{_CONV_ARGS}")
+# float_out: the result is float32 (out_scale / out_zero_point unused), for a linear whose output
+# only float ops read: one rounding fewer than quantizing it and dequantizing right after
 LIB.define(
     "qlinear(Tensor x, float x_scale, int x_zero_point, Tensor w, Tensor w_scale, Tensor? bias, "
-    f"float out_scale, int out_zero_point, {_POST_OP}) -> Tensor"
+    "float out_scale, int out_zero_point, str post_op, float[] post_op_args=[], bool float_out=False) -> Tensor"
 )
 # post_op(conv(x) + accum), accum a uint8 activation of the output's shape (ResNet's residual join)
 for _dim in (1, 2):
@@ -210,8 +212,9 @@ for _dim in (1, 2, 3):
 
 
 @register_fake("graphquant::qlinear")
-def _qlinear_fake(x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args=()):  # type: ignore[no-untyped-def]  # noqa: E501
-    return x.new_empty((*x.shape[:-1], w_scale.shape[0]), dtype=torch.uint8)
+def _qlinear_fake(x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args=(),  # type: ignore[no-untyped-def]  # noqa: E501
+                  float_out=False):
+    return x.new_empty((*x.shape[:-1], w_scale.shape[0]), dtype=torch.float32 if float_out else torch.uint8)
 
 
 # uint8 elementwise and join kernels (graphquant.kernels.elementwise): each uint8 input

@@ -80,8 +80,9 @@ def _requantize(
     post_op_args: Sequence[float],
     channel_axis: int,
     accum: torch.Tensor | None = None,
+    float_out: bool = False,
 ) -> torch.Tensor:
-    """int32 accumulator -> real value (+ ``accum``, real) -> post-op -> uint8."""
+    """int32 accumulator -> real value (+ ``accum``, real) -> post-op -> uint8 (float32 with ``float_out``)."""
     shape = [1] * acc.dim()
     shape[channel_axis] = -1
     acc_scale = (x_scale * w_scale.double()).reshape(shape)
@@ -91,6 +92,8 @@ def _requantize(
     v = acc * acc_scale
     if accum is not None:
         v = v + accum
+    if float_out:
+        return apply_post_op(v, post_op, post_op_args).to(torch.float32)
     return quantize_real(apply_post_op(v, post_op, post_op_args), out_scale, out_zero_point)
 
 
@@ -204,9 +207,11 @@ def qlinear(
     out_zero_point: int,
     post_op: str,
     post_op_args: Sequence[float] = (),
+    float_out: bool = False,
 ) -> torch.Tensor:
-    """uint8 linear with per-channel int8 weights, uint8 out."""
+    """uint8 linear with per-channel int8 weights, uint8 out (float32 with ``float_out``)."""
     check_inputs("qlinear", x, w, w_scale, bias)
     check_post_op("qlinear", post_op, post_op_args)
     acc = F.linear(x.double() - x_zero_point, w.double())
-    return _requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args, -1)
+    return _requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args, -1,
+                       float_out=float_out)  # fmt: skip

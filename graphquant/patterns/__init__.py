@@ -77,6 +77,8 @@ class Pattern:
     output_range: tuple[float, float] | None = None
     chain_inputs: tuple[tuple[int, int], ...] = ()
     doc: str = ""
+    # lower_kernel takes out=None and then returns float32: used when only float ops read the output
+    float_output: bool = False
 
     def __post_init__(self) -> None:
         if not self.ops or any(not alternatives for alternatives in self.ops):

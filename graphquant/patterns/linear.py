@@ -21,11 +21,15 @@ from graphquant.patterns.post_ops import GELU, HARDSWISH, HARDTANH, LEAKY_RELU, 
 from graphquant.quant_math import QParams
 
 
-def _lower_kernel(ctx: KernelContext, match: Match, inputs: Sequence[QValue], out: QParams) -> fx.Node:
+def _lower_kernel(ctx: KernelContext, match: Match, inputs: Sequence[QValue], out: QParams | None) -> fx.Node:
+    """``qlinear``; with ``out=None`` (only float ops read the result) it returns float32."""
     x = inputs[0]
     x_scale, x_zero_point = x.qparams.scalar()
     w = ctx.linear_weight(match)
     name, scalars = fused_post_op(match)
+    if out is None:
+        return ctx.call(torch.ops.graphquant.qlinear.default,
+                        (x.node, x_scale, x_zero_point, w.packed, w.scale, w.bias, 1.0, 0, name, scalars, True))  # fmt: skip
     return ctx.call(
         torch.ops.graphquant.qlinear.default,
         (x.node, x_scale, x_zero_point, w.packed, w.scale, w.bias, *out.scalar(), name, scalars),
@@ -82,7 +86,7 @@ _FUSED = (
     ("leaky_relu", LEAKY_RELU, _examples(nn.LeakyReLU(), "leaky_relu")),
 )
 register(Pattern("linear", (_LINEAR,), "weighted", "qlinear", _lower_kernel, _examples(None, None),
-                 weight_arg=1, bias_arg=2))  # fmt: skip
+                 weight_arg=1, bias_arg=2, float_output=True))  # fmt: skip
 for _name, _ops, _ex in _FUSED:
     register(Pattern(f"linear_{_name}", (_LINEAR, _ops), "weighted", "qlinear", _lower_kernel, _ex,
-                     weight_arg=1, bias_arg=2))  # fmt: skip
+                     weight_arg=1, bias_arg=2, float_output=True))  # fmt: skip

@@ -103,7 +103,8 @@ def check_graph_mode_op(
     the printed graph shows it (``"qconv2d"``, ``"graphquant::qlinear"``). ``tracing=True``
     captures with the first sample up front; ``tracing=False`` captures lazily on the first
     calibration call, as ``quantize_jit`` on a scripted module would. ``dynamic=True`` uses
-    dynamic quantization (float outputs: one step is 1/255 of the reference output's range).
+    dynamic quantization. Where an output is float (dynamic, or a linear's float output at the
+    border) one step is 1/255 of the reference output's range.
     ``debug=True`` prints both graphs. With ``check=False`` nothing is asserted, only measured.
     """
     module = copy.deepcopy(module)
@@ -135,10 +136,12 @@ def check_graph_mode_op(
     with torch.no_grad():
         expected = module(*sample)
         outputs = {d: models[d](*sample) for d in (True, False)}
-    scales = output_scales(models[False])
-    if dynamic:  # float outputs: one step is what a uint8 per-tensor quantization of the output would take
-        scales = [float(t.max() - t.min()) / 255 if isinstance(t, torch.Tensor) and t.numel() else None
-                  for t in tree_flatten(outputs[True])[0]]  # fmt: skip
+    # A float output (dynamic quantization, or a linear writing float at the border) has no
+    # output scale: one step is what a uint8 per-tensor quantization of that output would take.
+    float_steps = [float(t.max() - t.min()) / 255 if isinstance(t, torch.Tensor) and t.numel() else None
+                   for t in tree_flatten(outputs[True])[0]]  # fmt: skip
+    scales = float_steps if dynamic else output_scales(models[False])
+    scales = [s if s is not None else (float_steps[i] if i < len(float_steps) else None) for i, s in enumerate(scales)]
     diff = step_diff(outputs[True], outputs[False], scales, _largest_scale(models[False]))
     result = CheckResult(
         _sqnr_all(expected, outputs[False]), _sqnr_all(expected, outputs[True]), diff, models[True], models[False]
