@@ -66,7 +66,7 @@ def _value_outputs(node: fx.Node, pattern: Pattern) -> tuple[fx.Node, ...] | Non
         return None
     wanted = pattern.value_outputs
     chosen = [u for u in users if wanted == "all" or u.args[1] in wanted]  # type: ignore[operator]
-    return tuple(sorted(chosen, key=lambda u: int(u.args[1])))  # type: ignore[call-overload]
+    return tuple(sorted(chosen, key=lambda u: int(u.args[1])))  # type: ignore[arg-type]
 
 
 def _float_io(nodes: tuple[fx.Node, ...], outputs: tuple[fx.Node, ...], pattern: Pattern) -> bool:

@@ -36,7 +36,7 @@ is not the quantized most frequent float value.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -84,14 +84,19 @@ def _max_gather(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return values, indices, y.gather(1, indices)  # gather stays float and reads the indices
 
 
-def _examples(*forwards: _Forward | Callable[[], nn.Module]):  # type: ignore[no-untyped-def]
+def _examples(*forwards: _Forward | type[nn.Module]):  # type: ignore[no-untyped-def]
+    """``conv -> forward`` for each function; a module class is its own example."""
+
     def examples() -> list[tuple[nn.Module, tuple[torch.Tensor, ...]]]:
         return [(f() if isinstance(f, type) else _ConvThen(f), (torch.randn(1, 3, 8, 8),)) for f in forwards]
 
     return examples
 
 
-for _name, _ops, _items, _kernel, _forwards in [
+_ROWS: list[tuple[str, tuple[torch._ops.OpOverload, ...], tuple[int, ...] | Literal["all"], str,
+                  tuple[_Forward | type[nn.Module], ...]]] = [  # fmt: skip
+
+
     ("split", (aten.split.Tensor, aten.split_with_sizes.default), "all", "aten.split",
      (_ChunksIntoConvs, lambda y: y.split([1, 3], 1), lambda y: torch.exp(y.split(3, 1)[1]))),
     ("unbind", (aten.unbind.int,), "all", "aten.unbind", (_unbind,)),
@@ -105,7 +110,8 @@ for _name, _ops, _items, _kernel, _forwards in [
     ("median_dim", (aten.median.dim,), (0,), "aten.median.dim", (lambda y: y.median(1),)),
     ("cummax", (aten.cummax.default,), (0,), "aten.cummax", (lambda y: y.cummax(2),)),
     ("cummin", (aten.cummin.default,), (0,), "aten.cummin", (lambda y: y.cummin(3).values,)),
-]:  # fmt: skip
+]  # fmt: skip
+for _name, _ops, _items, _kernel, _forwards in _ROWS:
     register(Pattern(_name, (_ops,), "shares_qparams", _kernel, same_op_on_uint8, _examples(*_forwards),
                      value_outputs=_items))  # fmt: skip
 
