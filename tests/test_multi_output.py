@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 import graphquant as gq
+from graphquant import numerics
 from graphquant.testing import check_graph_mode_op, output_scales
 
 BACKENDS = ("onednn", "portable")
@@ -27,7 +28,7 @@ def _targets(gm: torch.fx.GraphModule) -> list[Any]:
     return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
 
-def _quantize(module: nn.Module, batches: list[tuple[torch.Tensor, ...]], debug: bool, backend: str) -> torch.fx.GraphModule:
+def _quantize(module: nn.Module, batches: list[tuple[torch.Tensor, ...]], debug: bool, backend: str) -> Any:
     def run(model: nn.Module, data: list[tuple[torch.Tensor, ...]]) -> None:
         with torch.no_grad():
             for sample in data:
@@ -255,5 +256,14 @@ def test_torchscript_and_pt2_keep_values_and_indices(backend: str, tmp_path: Any
         gq.save(q, tmp_path / "m.pt2")
         loaded = tree_flatten(gq.load(tmp_path / "m.pt2")(x))[0]
     assert len(expected) == len(scripted) == len(loaded) == 4
-    for e, s, lo in zip(expected, scripted, loaded):
+    for e, s, lo in zip(expected, scripted, loaded, strict=True):
         assert torch.equal(e, s) and torch.equal(e, lo)
+
+
+def test_numerics_lines_up_each_multi_output_op_by_its_first_value_item() -> None:
+    torch.manual_seed(0)
+    data = [torch.randn(1, 3, 9, 9) for _ in range(2)]
+    report = numerics.compare(_Nested().eval(), None, data, backend="portable")
+    rows = {n.pattern: n for n in report.nodes}
+    assert {"split", "max_dim", "sort"} <= set(rows)
+    assert all(rows[p].max_step_diff <= 1.0 and rows[p].layer_sqnr is None for p in ("split", "max_dim", "sort"))
