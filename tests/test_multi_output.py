@@ -268,3 +268,15 @@ def test_numerics_lines_up_each_multi_output_op_by_its_first_value_item() -> Non
     rows = {n.pattern: n for n in report.nodes}
     assert {"split", "max_dim", "sort"} <= set(rows)
     assert all(rows[p].max_step_diff <= 1.0 and rows[p].layer_sqnr is None for p in ("split", "max_dim", "sort"))
+
+
+def test_a_returned_torch_return_types_saves_as_a_plain_tuple(tmp_path: Any) -> None:
+    """``return y.sort(1)`` gives ``torch.return_types.sort``, which ``torch.export.save`` cannot
+    name: the .pt2 returns ``(values, indices)``, the model itself is unchanged."""
+    q = _quantize(_IdentityConvThen(lambda y, x: y.sort(1)), [(_distinct(0),)], False, "portable")
+    x = _distinct(2)
+    gq.save(q, tmp_path / "sort.pt2")
+    with torch.no_grad():
+        out, loaded = q(x), gq.load(tmp_path / "sort.pt2")(x)
+    assert type(out) is torch.return_types.sort and type(loaded) is tuple
+    assert torch.equal(out.values, loaded[0]) and torch.equal(out.indices, loaded[1])
