@@ -280,3 +280,11 @@ def test_a_returned_torch_return_types_saves_as_a_plain_tuple(tmp_path: Any) -> 
         out, loaded = q(x), gq.load(tmp_path / "sort.pt2")(x)
     assert type(out) is torch.return_types.sort and type(loaded) is tuple
     assert torch.equal(out.values, loaded[0]) and torch.equal(out.indices, loaded[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_split_arrives_as_slices_on_uint8(backend: str) -> None:
+    module = _Then(nn.Conv2d(3, 5, 3), lambda y: y.tensor_split([1, 3], 1))
+    result = check_graph_mode_op(module, (torch.randn(1, 3, 8, 8),), "aten.slice", backend=backend)
+    assert result.max_step_diff <= 1.0 + 1e-4 and result.sqnr >= 30
+    assert _targets(result.quantized).count(DQ) == 3 and not result.quantized.graphquant_report.float_nodes
