@@ -57,7 +57,9 @@ A node runs in float, and `graphquant.report(model)` / `graphquant explain` say 
    ops join a quantized region but never start one, so `x + y` of two model inputs stays float,
    as in PyTorch.
 4. **It does not carry float32 tensors.** Only float32 activations become uint8: index
-   tensors, masks, integer and float64 values, and tuples pass through untouched.
+   tensors, masks, integer and float64 values, and tuples pass through untouched. An op
+   returning several tensors (`split`, `max` with indices, `sort`) is quantized item by item
+   through its `getitem` nodes; with only its indices used it stays float.
 5. **The chain is broken.** Every node of a chain but the last must have exactly one user:
    `y = conv(x); z = relu(y); return y, z` matches `conv` alone and `relu` separately.
 6. **It is dynamic-only or static-only.** Rows of kind `dynamic` apply under
@@ -76,11 +78,18 @@ def _op(op: object) -> str:
 
 
 def _chain(pattern: Pattern) -> str:
-    return " -> ".join(" \\| ".join(_op(op) for op in alternatives) for alternatives in pattern.ops)
+    text = " -> ".join(" \\| ".join(_op(op) for op in alternatives) for alternatives in pattern.ops)
+    if pattern.value_outputs == "all":
+        return text + " -> getitem (each item)"
+    if pattern.value_outputs is not None:
+        items = ", ".join(str(i) for i in pattern.value_outputs)
+        return text + f" -> getitem {items} (the other items, indices, pass through)"
+    return text
 
 
 def _source(pattern: Pattern) -> str:
-    fn: Callable[..., object] | None = pattern.lower_kernel or pattern.examples
+    # the examples are made in the file that registers the pattern; a lowering may be shared from another
+    fn: Callable[..., object] | None = pattern.examples or pattern.lower_kernel
     module = getattr(fn, "__module__", "") or ""
     return module.removeprefix("graphquant.").replace(".", "/") + ".py" if module else ""
 

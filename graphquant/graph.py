@@ -25,7 +25,9 @@ class Match:
     """One occurrence of a pattern in the graph, written once by ``annotate``.
 
     ``nodes`` are the matched nodes in graph order; ``nodes[0]`` is the anchor (the conv,
-    the linear) and ``nodes[-1]`` produces the pattern's output.
+    the linear) and ``nodes[-1]`` produces the pattern's output. For an op returning several
+    tensors (``pattern.value_outputs``), ``outputs`` are the ``getitem`` nodes reading the
+    items that carry quantized values, by item index; its other items (indices) pass through.
     """
 
     pattern: Pattern
@@ -35,7 +37,8 @@ class Match:
     module_path: str
     # filled by insert_observers: observer node names feeding each activation input, and the output's
     input_observers: dict[str, str] = field(default_factory=dict)  # input node name -> observer
-    output_observer: str | None = None
+    output_observer: str | None = None  # of several outputs, the first's (all share one scale)
+    outputs: tuple[fx.Node, ...] = ()
 
     @property
     def anchor(self) -> fx.Node:
@@ -43,7 +46,13 @@ class Match:
 
     @property
     def output(self) -> fx.Node:
-        return self.nodes[-1]
+        """The node producing the pattern's value: ``nodes[-1]``, or the first of ``outputs``."""
+        return self.outputs[0] if self.outputs else self.nodes[-1]
+
+    @property
+    def value_nodes(self) -> tuple[fx.Node, ...]:
+        """Every node carrying a quantized value of the pattern: ``outputs``, or ``(nodes[-1],)``."""
+        return self.outputs or (self.nodes[-1],)
 
 
 def activation_inputs(match: Match) -> list[fx.Node]:
@@ -156,6 +165,7 @@ def rebind_matches(gm: fx.GraphModule) -> None:
             continue
         if id(old) not in fresh:
             new = Match(old.pattern, tuple(by_name[n.name] for n in old.nodes), old.qconfig, old.qconfig_key,
-                        old.module_path, dict(old.input_observers), old.output_observer)  # fmt: skip
+                        old.module_path, dict(old.input_observers), old.output_observer,
+                        tuple(by_name[n.name] for n in old.outputs))  # fmt: skip
             fresh[id(old)] = new
         node.meta[MATCH] = fresh[id(old)]

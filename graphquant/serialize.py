@@ -213,16 +213,41 @@ def _export_portable(gm: fx.GraphModule, inputs: list[dict[str, Any]]) -> Export
         raise GraphQuantError(f"graphquant: torch.export could not export the quantized graph: {error}") from error
 
 
+def _plain_tuples(spec: pytree.TreeSpec) -> pytree.TreeSpec:
+    """``spec`` with every ``torch.return_types`` node (what ``x.max(1)``, ``x.sort()`` return)
+    a plain tuple: ``torch.export.save`` has no serialized name for them."""
+
+    def plain(node: Any) -> Any:
+        if type(node).__module__ == "torch.return_types":
+            return tuple(plain(item) for item in node)
+        if isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
+            return type(node)(plain(item) for item in node)
+        if isinstance(node, dict):
+            return {key: plain(value) for key, value in node.items()}
+        return node
+
+    return pytree.tree_structure(plain(pytree.tree_unflatten(list(range(spec.num_leaves)), spec)))
+
+
 def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
     """Write ``qmodel`` as a ``.pt2`` program (int8 weights, no packed ones) and its manifest.
 
     The manifest goes beside it (``model.pt2`` -> ``model.manifest.json``) and inside it (extra
     file ``graphquant/manifest.json``). :func:`load` reads both the program and the manifest.
+    A ``torch.return_types`` output (``return x.max(1)``) loads as a plain ``(values, indices)``
+    tuple: ``torch.export.save`` cannot store those types.
     """
     gm = _graph_module(qmodel)
     data = manifest(gm)
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    program = _export_portable(portable_graph_module(gm), data["inputs"])
+    portable = portable_graph_module(gm)
+    codegen = portable.graph._codegen
+    if isinstance(codegen, fx.graph._PyTreeCodeGen) and codegen.pytree_info.out_spec is not None:
+        out_spec = _plain_tuples(codegen.pytree_info.out_spec)
+        codegen.pytree_info = codegen.pytree_info._replace(out_spec=out_spec)
+        portable._out_spec = out_spec
+        portable.recompile()
+    program = _export_portable(portable, data["inputs"])
     torch.export.save(program, path, extra_files={MANIFEST_FILE: text})
     with open(manifest_path(path), "w", encoding="utf-8") as f:
         f.write(text)

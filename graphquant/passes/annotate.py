@@ -2,11 +2,14 @@
 
 ``x -> conv -> relu -> y`` gets ``meta[MATCH]`` on ``conv`` and ``relu`` pointing at one
 ``Match(conv2d_relu, ...)``. Nodes whose module's qconfig is ``None`` are not matched.
+An op returning several tensors, ``split -> getitem_0, getitem_1``, is matched alone; its
+``getitem`` nodes reading quantized items become ``Match.outputs`` (they carry no record).
 Observer insertion and lowering read these records; nothing searches the graph again.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Mapping
 
 import torch
@@ -55,9 +58,22 @@ def _chain(node: fx.Node, pattern: Pattern) -> tuple[fx.Node, ...] | None:
     return tuple(nodes)
 
 
-def _float_io(nodes: tuple[fx.Node, ...], pattern: Pattern) -> bool:
+def _value_outputs(node: fx.Node, pattern: Pattern) -> tuple[fx.Node, ...] | None:
+    """The ``getitem`` users of a multi-output op that read ``pattern.value_outputs``, by item
+    index; None if something else reads the tuple (then the op stays float)."""
+    users = list(node.users)
+    if any(u.op != "call_function" or u.target is not operator.getitem for u in users):
+        return None
+    wanted = pattern.value_outputs
+    chosen = [u for u in users if wanted == "all" or u.args[1] in wanted]  # type: ignore[operator]
+    return tuple(sorted(chosen, key=lambda u: int(u.args[1])))  # type: ignore[arg-type]
+
+
+def _float_io(nodes: tuple[fx.Node, ...], outputs: tuple[fx.Node, ...], pattern: Pattern) -> bool:
     """Only float32 tensors become uint8: index tensors, masks and tuples stay as they are."""
     if pattern.kind != "shares_qparams" and not is_float_tensor(nodes[-1]):
+        return False
+    if not all(is_float_tensor(out) for out in outputs):
         return False
     probe = Match(pattern, nodes, None, "", "")  # type: ignore[arg-type]
     return all(is_float_tensor(a) for a in activation_inputs(probe)) and bool(activation_inputs(probe))
@@ -78,14 +94,15 @@ def annotate(gm: fx.GraphModule, qconfig_dict: Mapping[str, QConfig | None], dyn
             continue
         for pattern in patterns_for(node.target, dynamic):
             nodes = _chain(node, pattern)
-            if nodes is None or not _float_io(nodes, pattern):
+            outputs = () if pattern.value_outputs is None or nodes is None else _value_outputs(node, pattern)
+            if nodes is None or outputs is None or not _float_io(nodes, outputs, pattern):
                 continue
             resolved = [resolve(qconfig_dict, module_path(n)) for n in nodes]
             if any(r.qconfig is None for r in resolved):
                 continue
             qconfig, key = resolved[0].qconfig, resolved[0].key
             assert qconfig is not None and key is not None
-            match = Match(pattern, nodes, qconfig, key, module_path(node))
+            match = Match(pattern, nodes, qconfig, key, module_path(node), outputs=outputs)
             for n in nodes:
                 n.meta[MATCH] = match
             matches.append(match)

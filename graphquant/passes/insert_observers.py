@@ -10,6 +10,8 @@
   range for fixed_qparams).
 - shares_qparams (flatten, max_pool, relu): quantized only when the input is; the output
   gets a :class:`~graphquant.observers.SharedQParams` marker naming the input's observer.
+  An op returning several tensors gets one marker after each ``getitem`` of a value item:
+  ``x -> obs0 -> split -> getitem_i -> shared(obs0)``; its indices stay unobserved.
 """
 
 from __future__ import annotations
@@ -55,9 +57,8 @@ def _add_observer(gm: fx.GraphModule, after: fx.Node, module: nn.Module, name: s
     return node
 
 
-def _observe_output(gm: fx.GraphModule, match: Match, module: nn.Module, name: str) -> fx.Node:
-    """Put an observer after the match's output; every user now reads the observed value."""
-    out = match.output
+def _observe_output(gm: fx.GraphModule, out: fx.Node, module: nn.Module, name: str) -> fx.Node:
+    """Put an observer after a match's output ``out``; every user now reads the observed value."""
     obs = _add_observer(gm, out, module, name)
     out.replace_all_uses_with(obs, delete_user_cb=lambda user: user is not obs)
     return obs
@@ -92,10 +93,14 @@ def insert_observers(gm: fx.GraphModule, matches: list[Match]) -> fx.GraphModule
         if kind != "weighted" and not any(is_observer(gm, a) for a in inputs):
             _keep_float(match, "input is not quantized")
             continue
+        if match.pattern.value_outputs is not None and not match.outputs:
+            _keep_float(match, "only its indices are used: it has no quantized value to produce")
+            continue
         if kind == "shares_qparams":
             source = _source_observer(gm, inputs[0])
             match.input_observers[inputs[0].name] = source
-            match.output_observer = str(_observe_output(gm, match, SharedQParams(source), name()).target)
+            markers = [_observe_output(gm, out, SharedQParams(source), name()) for out in match.value_nodes]
+            match.output_observer = str(markers[0].target)
             continue
         for arg in inputs:
             match.input_observers[arg.name] = _observe_input(gm, match, arg, seen, name)
@@ -104,7 +109,7 @@ def insert_observers(gm: fx.GraphModule, matches: list[Match]) -> fx.GraphModule
             observer: nn.Module = FixedQParamsObserver(*match.pattern.output_range)
         else:
             observer = match.qconfig.activation.create()
-        match.output_observer = str(_observe_output(gm, match, observer, name()).target)
+        match.output_observer = str(_observe_output(gm, match.output, observer, name()).target)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -17,6 +17,10 @@ model output) is not quantized at its output in either graph: the reference keep
 result, the kernel writes float32 directly. Quantizing there would round a value that is
 dequantized at once; on all-MiniLM-L6-v2 with only the linears int8 that rounding took the
 sentence embeddings' cosine from 0.993 to 0.949.
+
+An op returning several tensors is rewired item by item: the reference
+``q0 -> dq0 -> max -> getitem_0 -> q1 -> dq1``, ``max -> getitem_1 -> indices`` becomes
+``q0 -> max(uint8) -> getitem_0 -> dq1``, ``max(uint8) -> getitem_1 -> indices``.
 """
 
 from __future__ import annotations
@@ -206,6 +210,9 @@ def kernel(gm: fx.GraphModule, matches: list[Match], ctx: KernelContext, quantiz
         for dq in activation_inputs(match):
             assert dq.target is ops.dequantize_per_tensor.default, f"{match.pattern.name}: input {dq} not quantized"
             inputs.append(QValue(dq.args[0], dq.meta[QPARAMS]))  # type: ignore[arg-type]
+        if match.outputs:
+            _lower_items(ctx, match, inputs, quantized_at)
+            continue
         out_q = quantized_at.get(match.output)
         if out_q is None:  # float output at the border: the kernel writes float32
             new = match.pattern.lower_kernel(ctx, match, inputs, None)  # type: ignore[arg-type]
@@ -217,6 +224,28 @@ def kernel(gm: fx.GraphModule, matches: list[Match], ctx: KernelContext, quantiz
         new.meta[QPARAMS] = out_q.meta[QPARAMS]
         out_q.replace_all_uses_with(new)
         gm.graph.erase_node(out_q)
+
+
+def _lower_items(ctx: KernelContext, match: Match, inputs: list[QValue], quantized_at: dict[fx.Node, fx.Node]) -> None:
+    """Every ``getitem`` of a multi-output op reads the uint8 op instead: a value item replaces
+    its ``quantize`` (same qparams: the op preserves values), an index item its float twin."""
+    assert match.pattern.lower_kernel is not None
+    graph = ctx.gm.graph
+    new = match.pattern.lower_kernel(ctx, match, inputs, quantized_at[match.output].meta[QPARAMS])
+    last = new
+    for item in list(match.anchor.users):
+        with graph.inserting_after(last):
+            last = graph.call_function(operator.getitem, (new, item.args[1]))
+        copy_meta(item, last)
+        if item in match.outputs:
+            out_q = quantized_at[item]
+            last.meta[QPARAMS] = out_q.meta[QPARAMS]
+            if item is match.output:  # the node holding the match's value, as a kernel's output does
+                last.meta[MATCH] = match
+            out_q.replace_all_uses_with(last)
+            graph.erase_node(out_q)
+        else:
+            item.replace_all_uses_with(last)
 
 
 def drop_unused_state(gm: fx.GraphModule) -> None:

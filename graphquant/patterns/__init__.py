@@ -11,6 +11,9 @@ Kinds:
   ahead of time, output observed: ``x -> obs -> conv -> [relu] -> obs``.
 - ``"shares_qparams"``: value-preserving ops (flatten, view, max_pool, relu). Quantized only
   when their input is; the output reuses the input's scale and zero point and runs on uint8.
+  Ops returning several tensors (split, max with indices, sort) are of this kind too, with
+  ``value_outputs`` naming the items that carry values (see
+  :mod:`graphquant.patterns.multi_output`).
 - ``"general"``: add, mul, cat, matmul, layer_norm... Quantized when at least one
   activation input is (an ``add`` of two model inputs stays float, as in PyTorch); every
   activation input is observed and the output gets its own observer.
@@ -63,6 +66,12 @@ class Pattern:
     inputs and reach ``lower_kernel`` after them (each node once: in ``conv(x) + x`` the one
     input ``x`` stands for both). They must have the shape of the value they join, since a
     fused join accumulates into the output (no broadcasting).
+
+    ``value_outputs`` marks an op returning several tensors, which the graph reads through
+    ``operator.getitem`` nodes: the item indices that carry the input's values (``(0,)`` for
+    ``max.dim``'s values beside its indices), or ``"all"`` (``split``). Such a pattern is one
+    op of kind ``shares_qparams``; its ``lower_kernel`` returns the op on uint8 and lowering
+    reads every item from it. ``None``: the op returns one tensor.
     """
 
     name: str
@@ -76,6 +85,7 @@ class Pattern:
     bias_arg: int | None = None
     output_range: tuple[float, float] | None = None
     chain_inputs: tuple[tuple[int, int], ...] = ()
+    value_outputs: tuple[int, ...] | Literal["all"] | None = None
     doc: str = ""
     # lower_kernel takes out=None and then returns float32: used when only float ops read the output
     float_output: bool = False
@@ -91,6 +101,9 @@ class Pattern:
             raise ValueError(f"graphquant: pattern {self.name} needs a kernel lowering")
         if any(not 0 < position < len(self.ops) for position, _ in self.chain_inputs):
             raise ValueError(f"graphquant: pattern {self.name}: chain_inputs name positions after the anchor")
+        if self.value_outputs is not None and (len(self.ops) != 1 or self.kind != "shares_qparams"):
+            # one shared scale for every item: other kinds would need an observer per item
+            raise ValueError(f"graphquant: pattern {self.name}: value_outputs is for one shares_qparams op")
 
 
 PATTERNS: list[Pattern] = []
@@ -118,6 +131,7 @@ from graphquant.patterns import (  # noqa: E402,F401  (fills PATTERNS)
     dynamic_linear,
     join,
     linear,
+    multi_output,
     norms,
     padding,
     pooling,

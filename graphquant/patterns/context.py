@@ -96,9 +96,10 @@ class KernelContext:
             setattr(gm, PACKED, {})
 
     def call(self, target: Any, args: tuple[Any, ...]) -> fx.Node:
-        """Insert ``target(*args)`` after the match's output node."""
+        """Insert ``target(*args)`` after the match's last node (an op returning several
+        tensors: before its ``getitem`` nodes, so that their users can read the new op's)."""
         assert self.match is not None
-        with self.gm.graph.inserting_after(self.match.output):
+        with self.gm.graph.inserting_after(self.match.nodes[-1]):
             node = self.gm.graph.call_function(target, args)
         copy_meta(self.match.anchor, node)
         return node

@@ -6,14 +6,12 @@
 - ``avg_pool1/2/3d``, ``adaptive_avg_pool1/2/3d``, ``mean`` and linear / bilinear
   ``interpolate`` compute new values: kind ``general``, reference form ``dq -> op -> q``
   with the output's own scale. (bicubic and trilinear stay float.)
-- ``x.max(dim)[0]``, ``x.min(dim).values``, ``x.sort(dim)[0]`` (values only) arrive as the
-  op and one ``getitem``: that two-node chain is kind ``general``, reference form. With
-  the indices also used they stay float (see :mod:`graphquant.patterns.reshape`).
+- ``x.max(dim)``, ``x.min(dim)``, ``x.sort(dim)``, ``topk`` (values and indices) are in
+  :mod:`graphquant.patterns.multi_output`.
 """
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -128,12 +126,3 @@ _row("upsample_bilinear2d", (aten.upsample_bilinear2d.vec,), "general", "aten.up
 _row("upsample_linear1d", (aten.upsample_linear1d.vec,), "general", "aten.upsample_linear1d", None,
      (1, lambda y: F.interpolate(y, size=15, mode="linear", align_corners=True)))
 
-
-# the op, then getitem(op, 0): a two-node chain whose output is the values tensor
-for _name, _op, _kernel, _forward in [
-    ("max_values", aten.max.dim, "aten.max.dim", lambda y: y.max(dim=1)[0]),
-    ("min_values", aten.min.dim, "aten.min.dim", lambda y: torch.min(y, 2, keepdim=True).values),
-    ("sort_values", aten.sort.default, "aten.sort", lambda y: y.sort(dim=1, descending=True)[0]),
-]:  # fmt: skip
-    register(Pattern(_name, ((_op,), (operator.getitem,)), "general", _kernel, None,  # type: ignore[arg-type]
-                     _examples((2, _forward))))  # fmt: skip

@@ -11,10 +11,9 @@ cannot always reinterpret, while ``reshape`` gives the same values either way.
 at all); ``x.expand_as(y)`` as ``aten.expand``; ``x.narrow`` and ``x[a:b]`` as
 ``aten.slice``; ``x.mT`` and ``x.t()`` as ``aten.transpose`` / ``aten.t``.
 
-Not here (TODO(#3)): ops returning several tensors (``chunk``, ``split``, ``unbind``,
-``max``/``min`` with indices, ``sort``) arrive as one node and ``getitem`` nodes, and the
-passes match single-output nodes only; they stay float. Their values-only forms
-(``x.max(1)[0]``, ``x.sort(1)[0]``) are matched in :mod:`graphquant.patterns.pooling`.
+``x.tensor_split(...)`` arrives as ``aten.slice`` calls. Ops returning several tensors
+(``chunk`` and ``split``, ``unbind``, ``max``/``min`` with indices, ``sort``, ``topk``) arrive
+as one node and ``getitem`` nodes: they are in :mod:`graphquant.patterns.multi_output`.
 """
 
 from __future__ import annotations
