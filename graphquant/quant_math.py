@@ -146,20 +146,20 @@ def quantize_tensor(
     return q.to(dtype)
 
 
-def choose_float_qparams(w: torch.Tensor, qmax: int, scale_dtype: torch.dtype = torch.float32) -> QParams:
-    """Per-row float qparams of a 2-d table (one row per embedding): ``offset`` is the row's
-    minimum, ``scale = (max - min) / qmax``; ``x_hat = q * scale + offset`` with ``q`` in
-    ``[0, qmax]``.
+def choose_float_qparams(
+    min_val: torch.Tensor, max_val: torch.Tensor, qmax: int, scale_dtype: torch.dtype = torch.float32
+) -> QParams:
+    """Per-row float qparams of a table (one row per embedding) from each row's range:
+    ``offset`` is the row's minimum, ``scale = (max - min) / qmax``, and
+    ``x_hat = q * scale + offset`` with ``q`` in ``[0, qmax]`` (``QParams.zero_point`` holds the offset).
 
     Unlike int8 activations the range is not widened to include 0: an embedding row is
-    never padded with zeros, so its whole integer range goes to its own values (a
-    constant row, zeros included, is exact: scale EPS, q 0). ``scale_dtype=torch.float16``
-    rounds scale and offset to float16 first (the 4-bit row format stores them so) and
-    widens the scale a little so that the rounded grid still reaches the row's maximum.
+    never padded with zeros, so its whole integer range goes to its own values (a constant
+    row, all zeros included, is exact: q 0, x_hat = offset). ``scale_dtype=torch.float16``
+    (the 4-bit row format stores scale and offset so) rounds the offset down and the scale
+    up to float16 values, so the rounded grid still spans the row.
     """
-    if w.dim() != 2:
-        raise ValueError(f"graphquant: float qparams are per row of a 2-d table, got shape {tuple(w.shape)}")
-    lo, hi = torch.aminmax(w.detach().float(), dim=1)
+    lo, hi = min_val.detach().float(), max_val.detach().float()
     offset = lo.to(scale_dtype)
     if scale_dtype != torch.float32:  # rounded up, the offset would cut off the row's minimum
         down = torch.nextafter(offset, torch.tensor(float("-inf"), dtype=scale_dtype))
@@ -167,10 +167,9 @@ def choose_float_qparams(w: torch.Tensor, qmax: int, scale_dtype: torch.dtype = 
     offset = offset.float()
     scale = torch.clamp((hi - offset) / qmax, min=EPS)
     if scale_dtype != torch.float32:
-        rounded = scale.to(scale_dtype).float()
-        # a scale rounded down would leave the top of the row past qmax: take the next float16 up
-        up = torch.nextafter(scale.to(scale_dtype), torch.tensor(float("inf"), dtype=scale_dtype)).float()
-        scale = torch.where(rounded * qmax + offset < hi, up, rounded)
+        rounded = scale.to(scale_dtype)
+        up = torch.nextafter(rounded, torch.tensor(float("inf"), dtype=scale_dtype))
+        scale = torch.where(rounded.float() * qmax + offset < hi, up, rounded).float()
     dtype = torch.uint8 if qmax == 255 else torch.uint4
     return QParams(scale, offset, dtype, 0, qmax, axis=0)
 

@@ -10,6 +10,7 @@
   range for fixed_qparams).
 - shares_qparams (flatten, max_pool, relu): quantized only when the input is; the output
   gets a :class:`~graphquant.observers.SharedQParams` marker naming the input's observer.
+- dynamic and weight_only (embeddings): nothing is observed.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def insert_observers(gm: fx.GraphModule, matches: list[Match]) -> fx.GraphModule
     for match in matches:
         inputs = activation_inputs(match)
         kind = match.pattern.kind
-        if kind == "dynamic":
-            continue  # weights are quantized at convert, activations per batch: nothing to observe
+        if kind in ("dynamic", "weight_only"):
+            continue  # weights are quantized at convert, activations per batch or not at all: nothing to observe
         if kind != "weighted" and not any(is_observer(gm, a) for a in inputs):
             _keep_float(match, "input is not quantized")
             continue

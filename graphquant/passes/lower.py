@@ -76,20 +76,25 @@ def _q_dq(gm: fx.GraphModule, obs: fx.Node, qp: QParams) -> tuple[fx.Node, fx.No
 
 
 def _fake_quantize_weight(ctx: KernelContext, match: Match) -> None:
-    """``w -> quantize_per_channel -> dequantize_per_channel -> conv`` on the float weight."""
+    """``w -> quantize_per_channel -> dequantize_per_channel -> conv`` on the float weight; an
+    embedding table with float qparams: ``w -> quantize_float_qparams -> dequantize_float_qparams``."""
     assert match.pattern.weight_arg is not None
     w_node = match.anchor.args[match.pattern.weight_arg]
     _, qp = ctx.weights.get(ctx.gm, match)
     assert qp.axis is not None
     prefix = (match.module_path or match.anchor.name) + "_weight"
     scale = ctx.constant(prefix + "_scale", qp.scale)
-    zero_point = ctx.constant(prefix + "_zero_point", qp.zero_point)
+    zero_point = ctx.constant(prefix + ("_offset" if qp.float_qparams else "_zero_point"), qp.zero_point)
     graph = ctx.gm.graph
     with graph.inserting_before(match.anchor):
-        q = graph.call_function(
-            ops.quantize_per_channel.default, (w_node, scale, zero_point, qp.axis, qp.qmin, qp.qmax, qp.dtype)
-        )
-        dq = graph.call_function(ops.dequantize_per_channel.default, (q, scale, zero_point, qp.axis))
+        if qp.float_qparams:
+            q = graph.call_function(ops.quantize_float_qparams.default, (w_node, scale, zero_point, qp.qmax))
+            dq = graph.call_function(ops.dequantize_float_qparams.default, (q, scale, zero_point))
+        else:
+            q = graph.call_function(
+                ops.quantize_per_channel.default, (w_node, scale, zero_point, qp.axis, qp.qmin, qp.qmax, qp.dtype)
+            )
+            dq = graph.call_function(ops.dequantize_per_channel.default, (q, scale, zero_point, qp.axis))
     for node in (q, dq):
         copy_meta(match.anchor, node)
     match.anchor.replace_input_with(w_node, dq)  # type: ignore[arg-type]
@@ -140,7 +145,7 @@ def reference(
             q, _ = _q_dq(gm, node, qparams[source])
             quantized_at[observed] = q
     for match in matches:
-        if match.pattern.kind == "weighted":
+        if match.pattern.kind in ("weighted", "weight_only"):
             _fake_quantize_weight(ctx, match)
         elif match.pattern.kind == "dynamic":
             _dynamic_reference(ctx, match)
@@ -164,8 +169,9 @@ def kernel(gm: fx.GraphModule, matches: list[Match], ctx: KernelContext, quantiz
         if match.pattern.lower_kernel is None:
             continue  # no int8 kernel: the reference form dq -> op -> q is the kernel graph
         ctx.match = match
-        if match.pattern.kind == "dynamic":
-            new = match.pattern.lower_kernel(ctx, match, [QValue(_dynamic_input(match), None)], None)  # type: ignore[arg-type]
+        if match.pattern.kind in ("dynamic", "weight_only"):  # float out, no output quantize to replace
+            inputs = [QValue(_dynamic_input(match), None)] if match.pattern.kind == "dynamic" else []
+            new = match.pattern.lower_kernel(ctx, match, inputs, None)  # type: ignore[arg-type]
             new.meta[MATCH] = match
             match.output.replace_all_uses_with(new)
             continue
@@ -206,7 +212,7 @@ def _report(gm: fx.GraphModule, qparams: dict[str, QParams], qconfig_dict: Any, 
             continue
         path, op = module_path(node), str(node.target)
         match = node.meta.get(MATCH)
-        if match is not None and match.pattern.kind == "dynamic":
+        if match is not None and match.pattern.kind in ("dynamic", "weight_only"):
             report.nodes.append(NodeReport(node.name, op, path, True, pattern=match.pattern.name,
                                            kernel=match.pattern.kernel, qconfig_key=match.qconfig_key))  # fmt: skip
         elif match is not None and match.output_observer is not None:
@@ -239,7 +245,7 @@ def lower(gm: fx.GraphModule, debug: bool, backend: str, qconfig_dict: Any) -> C
     """
     qparams = observer_qparams(gm)
     report = _report(gm, qparams, qconfig_dict, "reference" if debug else "kernel", backend)
-    matches = [m for m in matches_of(gm) if m.output_observer is not None or m.pattern.kind == "dynamic"]
+    matches = [m for m in matches_of(gm) if m.output_observer is not None or m.pattern.kind in ("dynamic", "weight_only")]
     ctx = KernelContext(gm, backend, WeightCache())
     quantized_at = reference(gm, matches, ctx, qparams)
     if not debug:

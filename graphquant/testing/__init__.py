@@ -136,10 +136,13 @@ def check_graph_mode_op(
         expected = module(*sample)
         outputs = {d: models[d](*sample) for d in (True, False)}
     scales = output_scales(models[False])
-    if dynamic:  # float outputs: one step is what a uint8 per-tensor quantization of the output would take
+    fallback = _largest_scale(models[False])
+    # float outputs only (dynamic, or weight-only embeddings with nothing quantized after them): one
+    # step is what a uint8 per-tensor quantization of the output would take
+    if dynamic or fallback == 0.0:
         scales = [float(t.max() - t.min()) / 255 if isinstance(t, torch.Tensor) and t.numel() else None
                   for t in tree_flatten(outputs[True])[0]]  # fmt: skip
-    diff = step_diff(outputs[True], outputs[False], scales, _largest_scale(models[False]))
+    diff = step_diff(outputs[True], outputs[False], scales, fallback)
     result = CheckResult(
         _sqnr_all(expected, outputs[False]), _sqnr_all(expected, outputs[True]), diff, models[True], models[False]
     )
