@@ -40,7 +40,7 @@ from graphquant.api import LazyQuantized
 from graphquant.capture import BATCH, MANIFEST_FILE
 from graphquant.errors import GraphQuantError, where
 from graphquant.graph import add_attr, get_attr_value, module_path
-from graphquant.kernels import elementwise, onednn
+from graphquant.kernels import elementwise, embedding, onednn
 from graphquant.patterns.context import PACKED
 from graphquant.qconfig import QConfig
 from graphquant.report import ConversionReport, NodeReport
@@ -680,6 +680,7 @@ TORCHSCRIPT_KERNELS: dict[str, Any] = {
     "qlinear_dynamic": _ts_qlinear_dynamic,
     "linear_fp16": _ts_linear_fp16,
     **elementwise.TORCHSCRIPT,
+    **embedding.TORCHSCRIPT,
 }
 
 

@@ -73,8 +73,9 @@ class _Bag(nn.Module):
         super().__init__()
         self.bag = nn.EmbeddingBag(100, 16, mode=mode, include_last_offset=include_last_offset)
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.bag(*inputs)
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor | None = None,
+                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        return self.bag(indices, offsets, per_sample_weights)
 
 
 class _FunctionalBag(nn.Module):
