@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from graphquant.quant_math import QParams, choose_float_qparams, choose_qparams, dtype_range
+from graphquant.quant_math import UINT4, QParams, choose_float_qparams, choose_qparams, dtype_range
 
 
 class Observer(nn.Module):
@@ -179,7 +179,7 @@ class PerChannelFloatQParamsObserver(PerChannelMinMaxObserver):
     """
 
     def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, axis: int = 0) -> None:
-        if dtype not in (torch.uint8, torch.uint4) or symmetric or axis != 0:
+        if dtype not in (torch.uint8, UINT4) or symmetric or axis != 0:
             raise ValueError("graphquant: float qparams are asymmetric, per row (axis 0), uint8 or uint4")
         super().__init__(dtype, symmetric, axis)
 

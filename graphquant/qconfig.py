@@ -16,6 +16,7 @@ from torch import nn
 
 from graphquant.errors import GraphQuantError
 from graphquant.observers import OBSERVERS, Observer
+from graphquant.quant_math import UINT4
 
 CONFIG_VERSION = 1
 # activation "observers" of dynamic quantization: qparams come from each batch at run time
@@ -23,7 +24,7 @@ DYNAMIC_ACTIVATIONS = ("dynamic", "dynamic_per_token")
 # activation "observer" of weight-only quantization (embedding tables): activations are indices, or
 # stay float; nothing is observed or quantized at run time
 WEIGHT_ONLY = "weight_only"
-_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "float16": torch.float16, "uint4": torch.uint4,
+_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "float16": torch.float16, "uint4": UINT4,
            "float32": torch.float32}  # fmt: skip
 
 
@@ -47,16 +48,18 @@ class ObserverSpec:
                 f"{sorted(OBSERVERS) + list(DYNAMIC_ACTIVATIONS) + [WEIGHT_ONLY]}"
             )
         float_qparams = self.observer == "per_channel_float_qparams"
-        if self.dtype == torch.uint4 and not float_qparams:
-            raise GraphQuantError("graphquant: torch.uint4 is for embedding tables (observer 'per_channel_float_qparams')")
+        if self.dtype == UINT4 and not float_qparams:
+            raise GraphQuantError(
+                "graphquant: torch.uint4 is for embedding tables (observer 'per_channel_float_qparams')"
+            )
         if self.is_weight_only != (self.dtype == torch.float32):
             raise GraphQuantError(
                 f"graphquant: the {WEIGHT_ONLY!r} activation spec, and only it, has dtype torch.float32 (got "
                 f"{self.observer!r}, {self.dtype})"
             )
-        if self.dtype not in (torch.uint8, torch.int8, torch.float16, torch.uint4, torch.float32):
+        if self.dtype not in (torch.uint8, torch.int8, torch.float16, UINT4, torch.float32):
             raise GraphQuantError(f"graphquant: observer dtype must be torch.uint8 or torch.int8, got {self.dtype}")
-        if float_qparams and (self.dtype not in (torch.uint8, torch.uint4) or self.symmetric):
+        if float_qparams and (self.dtype not in (torch.uint8, UINT4) or self.symmetric):
             raise GraphQuantError(
                 "graphquant: float qparams are asymmetric, with dtype torch.uint8 (8-bit) or torch.uint4 (4-bit)"
             )
@@ -196,7 +199,7 @@ embedding_qconfig = QConfig(
 # 4 bits a value, two values per byte, float16 scale and offset: 1/8 of the float table plus 4 bytes a row.
 embedding_4bit_qconfig = QConfig(
     activation=ObserverSpec(WEIGHT_ONLY, torch.float32),
-    weight=ObserverSpec("per_channel_float_qparams", torch.uint4, axis=0),
+    weight=ObserverSpec("per_channel_float_qparams", UINT4, axis=0),
 )
 float_qparams_weight_only_qconfig = embedding_qconfig  # torch.ao's names, for migration
 float_qparams_weight_only_qconfig_4bit = embedding_4bit_qconfig

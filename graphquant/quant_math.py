@@ -15,11 +15,14 @@ import torch
 # still gives a positive scale so nothing divides by zero.
 EPS = float(torch.finfo(torch.float32).eps)
 
+# 4-bit values (embedding tables, stored two per byte by the kernels); torch 2.13's stubs lack the name
+UINT4: torch.dtype = torch.uint4  # type: ignore[attr-defined]
+
 _RANGES = {
     torch.uint8: (0, 255),
     torch.int8: (-128, 127),
     torch.int32: (-(2**31), 2**31 - 1),
-    torch.uint4: (0, 15),  # 4-bit embedding tables: stored two per byte by the kernels
+    UINT4: (0, 15),
 }
 
 
@@ -170,7 +173,7 @@ def choose_float_qparams(
         rounded = scale.to(scale_dtype)
         up = torch.nextafter(rounded, torch.tensor(float("inf"), dtype=scale_dtype))
         scale = torch.where(rounded.float() * qmax + offset < hi, up, rounded).float()
-    dtype = torch.uint8 if qmax == 255 else torch.uint4
+    dtype = torch.uint8 if qmax == 255 else UINT4
     return QParams(scale, offset, dtype, 0, qmax, axis=0)
 
 

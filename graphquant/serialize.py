@@ -83,8 +83,11 @@ def _inputs(gm: fx.GraphModule) -> list[dict[str, Any]]:
     batch = getattr(gm, "graphquant_batch", None)
     # a fixed-shape capture: each input's own first size (embedding_bag's indices and offsets differ)
     sizes = getattr(gm, "graphquant_input_sizes", None) or [None] * len(spec)
-    return [{"shape": [BATCH if batch is None else (batch if size is None else size), *shape], "dtype": str(dtype).removeprefix("torch.")}
-            for (shape, dtype), size in zip(spec, sizes, strict=True)]  # fmt: skip
+    entries = []
+    for (shape, dtype), size in zip(spec, sizes, strict=True):
+        first = BATCH if batch is None else (batch if size is None else size)
+        entries.append({"shape": [first, *shape], "dtype": str(dtype).removeprefix("torch.")})
+    return entries
 
 
 def manifest(qmodel: nn.Module) -> dict[str, Any]:

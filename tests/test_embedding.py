@@ -115,7 +115,8 @@ def test_float_qparams_cover_each_row():
 # ----------------------------------------------------------------------------------- storage
 
 
-@pytest.mark.parametrize("qconfig,bits", [(gq.embedding_qconfig, 8), (gq.embedding_4bit_qconfig, 4)], ids=["8bit", "4bit"])
+@pytest.mark.parametrize("qconfig,bits", [(gq.embedding_qconfig, 8), (gq.embedding_4bit_qconfig, 4)],
+                         ids=["8bit", "4bit"])  # fmt: skip
 def test_weight_storage(qconfig, bits):  # type: ignore[no-untyped-def]
     """8-bit: D + 8 bytes a row (values, float32 scale and offset) = 1/4 of float plus qparams; 4-bit:
     D / 2 + 4 (two values a byte, float16 scale and offset) = 1/8 plus qparams. Beside the table the

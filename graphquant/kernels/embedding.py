@@ -30,8 +30,6 @@ Pure PyTorch and TorchScript-compatible: :data:`TORCHSCRIPT` serves both the
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -112,7 +110,7 @@ def check_indices(op: str, indices: Tensor, num_rows: int) -> None:
             )  # fmt: skip
 
 
-def check_bags(op: str, indices: Tensor, offsets: Tensor, mode: int, per_sample_weights: Optional[Tensor],
+def check_bags(op: str, indices: Tensor, offsets: Tensor, mode: int, per_sample_weights: Tensor | None,
                include_last_offset: bool) -> None:  # fmt: skip
     """1-d indices; offsets starting at 0, non-decreasing, within the indices; weights for ``sum`` only."""
     if indices.dim() != 1 or offsets.dim() != 1:
@@ -145,7 +143,7 @@ def dequantize_rows(w: Tensor, w_scale: Tensor, w_offset: Tensor, indices: Tenso
     return dequantize_float_qparams(q, w_scale.index_select(0, indices), w_offset.index_select(0, indices))
 
 
-def _native_sum(w: Tensor, indices: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor],
+def _native_sum(w: Tensor, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None,
                 include_last_offset: bool, bits: int) -> Tensor:  # fmt: skip
     offsets = offsets.to(indices.dtype)
     if bits == 8:
@@ -173,7 +171,7 @@ def qembedding(w: Tensor, w_scale: Tensor, w_offset: Tensor, indices: Tensor, bi
 
 
 def qembedding_bag(w: Tensor, w_scale: Tensor, w_offset: Tensor, indices: Tensor, offsets: Tensor, mode: int,
-                   per_sample_weights: Optional[Tensor], include_last_offset: bool, padding_idx: int,
+                   per_sample_weights: Tensor | None, include_last_offset: bool, padding_idx: int,
                    bits: int) -> Tensor:  # fmt: skip
     """``embedding_bag(w_hat, indices, offsets, mode, ...)[0]``: float32 ``[bags, D]``.
 
@@ -187,22 +185,24 @@ def qembedding_bag(w: Tensor, w_scale: Tensor, w_offset: Tensor, indices: Tensor
         out = _native_sum(w.contiguous(), indices.contiguous(), offsets.contiguous(), per_sample_weights,
                           include_last_offset, bits)  # fmt: skip
         if mode == 1:
-            ends = offsets[1:] if include_last_offset else torch.cat([offsets[1:], offsets.new_full([1], indices.numel())])
+            total = offsets.new_full([1], indices.numel())
+            ends = offsets[1:] if include_last_offset else torch.cat([offsets[1:], total])
             starts = offsets[:-1] if include_last_offset else offsets
             out = out / (ends - starts).clamp(min=1).to(torch.float32).reshape(-1, 1)
         return out
     # portable: the gathered rows are the table, bag entry i reads row i; padding reads an extra row
     rows = dequantize_rows(w, w_scale, w_offset, indices, bits)
     local = torch.arange(indices.numel(), dtype=torch.int64, device=indices.device)
-    pad: Optional[int] = None
+    pad: int | None = None
     if padding_idx >= 0:
         pad = indices.numel()
         local = torch.where(indices == padding_idx, torch.full_like(local, pad), local)
         rows = torch.cat([rows, rows.new_zeros([1, rows.size(1)])])
     elif indices.numel() == 0:
         rows = rows.new_zeros([1, rows.size(1)])  # torch.embedding_bag wants a non-empty table
-    return F.embedding_bag(local, rows, offsets.to(torch.int64), mode=_mode_name(mode), per_sample_weights=per_sample_weights,
-                           include_last_offset=include_last_offset, padding_idx=pad)  # fmt: skip
+    return F.embedding_bag(local, rows, offsets.to(torch.int64), mode=_mode_name(mode),
+                           per_sample_weights=per_sample_weights, include_last_offset=include_last_offset,
+                           padding_idx=pad)  # fmt: skip
 
 
 # graphquant op -> the function that is both its implementation and its TorchScript twin

@@ -170,8 +170,9 @@ def kernel(gm: fx.GraphModule, matches: list[Match], ctx: KernelContext, quantiz
             continue  # no int8 kernel: the reference form dq -> op -> q is the kernel graph
         ctx.match = match
         if match.pattern.kind in ("dynamic", "weight_only"):  # float out, no output quantize to replace
-            inputs = [QValue(_dynamic_input(match), None)] if match.pattern.kind == "dynamic" else []
-            new = match.pattern.lower_kernel(ctx, match, inputs, None)  # type: ignore[arg-type]
+            dynamic = match.pattern.kind == "dynamic"
+            float_in = [QValue(_dynamic_input(match), None)] if dynamic else []  # type: ignore[arg-type]
+            new = match.pattern.lower_kernel(ctx, match, float_in, None)  # type: ignore[arg-type]
             new.meta[MATCH] = match
             match.output.replace_all_uses_with(new)
             continue
@@ -245,7 +246,8 @@ def lower(gm: fx.GraphModule, debug: bool, backend: str, qconfig_dict: Any) -> C
     """
     qparams = observer_qparams(gm)
     report = _report(gm, qparams, qconfig_dict, "reference" if debug else "kernel", backend)
-    matches = [m for m in matches_of(gm) if m.output_observer is not None or m.pattern.kind in ("dynamic", "weight_only")]
+    float_out = ("dynamic", "weight_only")  # kinds without an output observer
+    matches = [m for m in matches_of(gm) if m.output_observer is not None or m.pattern.kind in float_out]
     ctx = KernelContext(gm, backend, WeightCache())
     quantized_at = reference(gm, matches, ctx, qparams)
     if not debug:

@@ -88,7 +88,9 @@ class Pattern:
         if not self.ops or any(not alternatives for alternatives in self.ops):
             raise ValueError(f"graphquant: pattern {self.name} matches nothing")
         if (self.kind in WEIGHT_KINDS) != (self.weight_arg is not None):
-            raise ValueError(f"graphquant: pattern {self.name}: {'/'.join(WEIGHT_KINDS)} patterns, only they, name a weight_arg")
+            raise ValueError(
+                f"graphquant: pattern {self.name}: {'/'.join(WEIGHT_KINDS)} patterns, only they, name a weight_arg"
+            )
         if (self.kind == "fixed_qparams") != (self.output_range is not None):
             raise ValueError(f"graphquant: pattern {self.name}: fixed_qparams patterns and only they set output_range")
         if self.kind in WEIGHT_KINDS and self.lower_kernel is None:

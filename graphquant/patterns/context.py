@@ -173,7 +173,8 @@ class KernelContext:
                     f"(8-bit) for it: qconfig_dict={{{match.module_path!r}: graphquant.embedding_qconfig}}"
                 )
             prefix = (match.module_path or match.anchor.name) + "_weight"
-            table = self.constant(prefix + f"_rowwise{bits}", embedding.pack_rows(q, qparams.scale, qparams.zero_point, bits))
+            fused = embedding.pack_rows(q, qparams.scale, qparams.zero_point, bits)
+            table = self.constant(prefix + f"_rowwise{bits}", fused)
             scale = self.constant(prefix + "_scale", qparams.scale.float().contiguous())
             offset = self.constant(prefix + "_offset", qparams.zero_point.float().contiguous())
             self._lowered[key] = (table, scale, offset)

@@ -17,7 +17,7 @@ A 2-d input (fixed-length bags) reaches the graph as a reshape and ``arange`` of
 from __future__ import annotations
 
 import operator
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ def _lower_embedding(ctx: KernelContext, match: Match, inputs: Sequence[QValue],
 def _lower_embedding_bag(ctx: KernelContext, match: Match, inputs: Sequence[QValue], out: QParams) -> fx.Node:
     w = ctx.rowwise_weight(match)
     args = op_args(match.anchor)
-    # (weight, indices, offsets, scale_grad_by_freq, mode, sparse, per_sample_weights, include_last_offset[, padding_idx])
+    # weight, indices, offsets, scale_grad_by_freq, mode, sparse, per_sample_weights, include_last_offset[, padding_idx]
     padding_idx = args[8] if len(args) > 8 and args[8] is not None else -1
     return ctx.call(
         torch.ops.graphquant.qembedding_bag.default,
@@ -116,6 +116,7 @@ def _bag_examples() -> list[tuple[nn.Module, tuple[torch.Tensor, ...]]]:
 register(Pattern("embedding", ((aten.embedding.default,),), "weight_only", "qembedding", _lower_embedding,
                  _embedding_examples, activation_args=(), weight_arg=0,
                  doc="embedding table with per-row float qparams (8 or 4 bits), float output"))  # fmt: skip
-register(Pattern("embedding_bag", ((aten.embedding_bag.padding_idx, aten.embedding_bag.default), (operator.getitem,)),
-                 "weight_only", "qembedding_bag", _lower_embedding_bag, _bag_examples, activation_args=(),  # type: ignore[arg-type]
-                 weight_arg=0, doc="embedding_bag (sum / mean / max) on a per-row float-qparams table, float output"))  # fmt: skip
+_BAG = ((aten.embedding_bag.padding_idx, aten.embedding_bag.default), (operator.getitem,))
+register(Pattern("embedding_bag", _BAG, "weight_only", "qembedding_bag", _lower_embedding_bag,  # type: ignore[arg-type]
+                 _bag_examples, activation_args=(), weight_arg=0,
+                 doc="embedding_bag (sum / mean / max) on a per-row float-qparams table, float output"))  # fmt: skip
