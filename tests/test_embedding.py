@@ -149,6 +149,31 @@ def test_a_shared_table_is_stored_once():
     assert len([b for b in q.buffers() if b.dtype == torch.uint8]) == 1
 
 
+@BOTH
+def test_a_table_tied_to_the_output_linear_is_quantized_both_ways(backend):  # type: ignore[no-untyped-def]
+    """A language-model head sharing the embedding's weight: row-wise uint8 for the lookup, int8 per
+    channel for the linear, each from the one float table."""
+
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(100, 32)
+            self.mid = nn.Linear(32, 32)
+            self.head = nn.Linear(32, 100, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.mid(self.emb(ids))))
+
+    torch.manual_seed(0)
+    model, ids = TiedLM().eval(), torch.randint(0, 100, (3, 5))
+    q = gq.quantize_dynamic(model, {"": gq.per_token_dynamic_qconfig, "emb": gq.embedding_qconfig},
+                            example_inputs=(ids,), backend=backend)  # fmt: skip
+    assert len(_kernels(q)) == 1
+    assert sum("qlinear_dynamic" in str(n.target) for n in q.graph.nodes) == 2
+    assert sqnr(model(ids), q(ids)) >= 30.0
+
+
 # ----------------------------------------------------------------------------------- qconfigs
 
 

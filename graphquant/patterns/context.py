@@ -18,6 +18,7 @@ from torch import fx
 from graphquant.errors import GraphQuantError
 from graphquant.graph import Match, add_attr, copy_meta, get_attr_value
 from graphquant.kernels import embedding, onednn
+from graphquant.qconfig import ObserverSpec
 from graphquant.quant_math import QParams, quantize
 
 PACKED = "graphquant_packed"  # GraphModule attribute: packed name -> how to rebuild it
@@ -53,9 +54,10 @@ class RowwiseWeight:
 
 @dataclass
 class WeightCache:
-    """Quantized weights by ``get_attr`` target, so each is quantized once."""
+    """Quantized weights by ``get_attr`` target and weight observer spec, so each is quantized
+    once per scheme (a table tied to an output linear is quantized both ways)."""
 
-    quantized: dict[str, tuple[torch.Tensor, QParams]] = field(default_factory=dict)
+    quantized: dict[tuple[str, ObserverSpec], tuple[torch.Tensor, QParams]] = field(default_factory=dict)
     by_match: dict[int, tuple[torch.Tensor, QParams]] = field(default_factory=dict)
 
     def get(self, gm: fx.GraphModule, match: Match) -> tuple[torch.Tensor, QParams]:
@@ -66,7 +68,7 @@ class WeightCache:
         assert match.pattern.weight_arg is not None
         node = match.anchor.args[match.pattern.weight_arg]
         assert isinstance(node, fx.Node)
-        key = str(node.target)
+        key = (str(node.target), match.qconfig.weight)
         if key not in self.quantized:
             w = get_attr_value(gm, node).detach()
             observer = match.qconfig.weight.create()
