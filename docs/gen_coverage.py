@@ -18,7 +18,7 @@ import graphquant  # noqa: F401  (registers the kernels the patterns lower to)
 from graphquant.patterns import PATTERNS, Pattern
 
 OUT = Path(__file__).resolve().parent / "coverage.md"
-KIND_ORDER = ("weighted", "shares_qparams", "general", "fixed_qparams", "dynamic")
+KIND_ORDER = ("weighted", "shares_qparams", "general", "fixed_qparams", "dynamic", "weight_only")
 KIND_TEXT = {
     "weighted": "conv / linear and what fuses into them: input and output observed, weight quantized per channel",
     "shares_qparams": "runs on its input's uint8 values and scale (quantized only when its input is)",
@@ -26,6 +26,9 @@ KIND_TEXT = {
     "fixed_qparams": "output scale and zero point fixed by the op's range (quantized when its input is)",
     "dynamic": "`quantize_dynamic` only: int8 weight, activation quantized per batch inside the kernel, float output "
     "(with `float16_dynamic_qconfig` the weight is float16 and the kernel `linear_fp16`)",
+    "weight_only": "embedding tables under `embedding_qconfig` (8 bits) or `embedding_4bit_qconfig` (4 bits, two a "
+    "byte), in `quantize` and `quantize_dynamic` alike: per-row scale and float offset, indices in, float out "
+    "(quantized by the next op's input observer where that op is quantized). The other presets leave tables float",
 }
 
 HEADER = """# Coverage: what graphquant quantizes
@@ -63,7 +66,9 @@ A node runs in float, and `graphquant.report(model)` / `graphquant explain` say 
 5. **The chain is broken.** Every node of a chain but the last must have exactly one user:
    `y = conv(x); z = relu(y); return y, z` matches `conv` alone and `relu` separately.
 6. **It is dynamic-only or static-only.** Rows of kind `dynamic` apply under
-   `quantize_dynamic` / `prepare_dynamic` only, all others under `quantize` / `prepare` only.
+   `quantize_dynamic` / `prepare_dynamic` only; rows of kind `weight_only` under both, but only
+   where the module's qconfig is weight-only (`embedding_qconfig`), which quantizes nothing else;
+   all others under `quantize` / `prepare` only.
 7. **A fused join does not fit.** `conv -> add` fuses only when the other addend has the
    conv output's shape (no broadcasting) and `alpha == 1` (otherwise the kernel graph keeps
    `conv`, `add` and a `quantize`); `conv3d -> add` has no oneDNN form and stays `conv3d`, `add`.

@@ -99,6 +99,12 @@ def _no_onednn() -> object:
         return gq.convert(prepared, backend="onednn")
 
 
+def _index_outside_table() -> object:
+    table = nn.Sequential(nn.Embedding(10, 8)).eval()
+    qmodel = gq.quantize_dynamic(table, {"": gq.embedding_qconfig}, (torch.tensor([[1, 2]]),))
+    return qmodel(torch.tensor([[3, 10]]))
+
+
 def _observers_saw_nothing() -> object:
     prepared = gq.prepare(net(), QD, (X,))
     gq.calibrate(prepared, [])
@@ -138,6 +144,13 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
      lambda: gq.QConfig.from_dict({**gq.default_qconfig.to_dict(), "version": 0})),
     ("an unknown backend for the default qconfig", "qconfig.get_default_qconfig",
      lambda: gq.get_default_qconfig("arm")),
+    ("per-row float qparams (embedding tables) with an observed activation", "qconfig.QConfig",
+     lambda: gq.QConfig(weight=gq.ObserverSpec("per_channel_float_qparams", torch.uint8, axis=0))),
+    # embeddings
+    ("a 4-bit embedding table with an odd embedding_dim", "patterns.context",
+     lambda: gq.quantize_dynamic(nn.Sequential(nn.Embedding(10, 7)).eval(), {"": gq.embedding_4bit_qconfig},
+                                 (torch.tensor([[1, 2]]),))),
+    ("an index outside a quantized embedding table", "kernels.embedding", _index_outside_table),
     # api
     ("example_inputs that are not a tuple", "api.prepare", lambda: gq.prepare(net(), QD, example_inputs=3)),  # type: ignore[arg-type]
     ("a dynamic qconfig given to prepare / quantize", "api.prepare",

@@ -115,7 +115,7 @@ def _prepare(
     model = _model(model, inplace)
     checked = check_qconfig_dict(qconfig_dict, module_tree(model))
     for key, qconfig in checked.items():
-        if qconfig is not None and qconfig.is_dynamic != dynamic:
+        if qconfig is not None and not qconfig.is_weight_only and qconfig.is_dynamic != dynamic:
             want = "quantize_dynamic / prepare_dynamic" if qconfig.is_dynamic else "quantize / prepare"
             raise GraphQuantError(
                 f"graphquant: qconfig_dict[{key!r}] is a {'dynamic' if qconfig.is_dynamic else 'static'} qconfig; "

@@ -334,7 +334,8 @@ def capture(model: Model, example_inputs: Sequence[Any]) -> fx.GraphModule:
 
     Records on the result ``graphquant_input_spec`` (per input: shape without the batch
     dimension and dtype, or ``None`` for a non-tensor) and ``graphquant_batch`` (``None``
-    when the batch dimension is dynamic, else the batch size it is fixed to).
+    when the batch dimension is dynamic, else the batch size it is fixed to), and, when it is
+    fixed, ``graphquant_input_sizes`` (each input's first size).
     """
     check_capturable(model)
     if not isinstance(example_inputs, (tuple, list)):
@@ -354,6 +355,10 @@ def capture(model: Model, example_inputs: Sequence[Any]) -> fx.GraphModule:
     ]
     first = next((x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
     gm.graphquant_batch = None if dynamic or first is None else int(first.shape[0])
+    # fixed shapes: every input's own first size, which need not be the first input's
+    gm.graphquant_input_sizes = None if dynamic else [
+        int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs
+    ]
     return gm
 
 

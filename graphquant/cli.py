@@ -47,6 +47,8 @@ from graphquant.qconfig import (
     QConfig,
     check_qconfig_dict,
     default_dynamic_qconfig,
+    embedding_4bit_qconfig,
+    embedding_qconfig,
     float16_dynamic_qconfig,
     get_default_qconfig,
     per_channel_dynamic_qconfig,
@@ -73,6 +75,8 @@ PRESETS: dict[str, QConfig] = {
     "per_channel_dynamic": per_channel_dynamic_qconfig,
     "per_token_dynamic": per_token_dynamic_qconfig,
     "float16_dynamic": float16_dynamic_qconfig,
+    "embedding": embedding_qconfig,  # weight-only: either --mode
+    "embedding_4bit": embedding_4bit_qconfig,
 }
 
 
@@ -257,7 +261,7 @@ def build_qconfig_dict(args: argparse.Namespace, model: Model) -> dict[str, QCon
     except GraphQuantError as error:
         raise CliError(str(error), EXIT_USAGE) from error
     for key, qconfig in checked.items():
-        if qconfig is not None and qconfig.is_dynamic != dynamic:
+        if qconfig is not None and not qconfig.is_weight_only and qconfig.is_dynamic != dynamic:
             raise CliError(
                 f"graphquant: qconfig {key!r} is {'dynamic' if qconfig.is_dynamic else 'static'} but --mode is "
                 f"{args.mode}; pass --mode {'dynamic' if qconfig.is_dynamic else 'static'}",
@@ -423,7 +427,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
             result = "float: " + (str(node.meta[FLOAT_REASON]) if FLOAT_REASON in node.meta
                                   else float_reason(node, qconfig_dict))  # fmt: skip
         key = "(none)" if resolved.key is None else repr(resolved.key)
-        kind = "None" if resolved.qconfig is None else ("dynamic" if resolved.qconfig.is_dynamic else "static")
+        qconfig = resolved.qconfig
+        kind = "None" if qconfig is None else (
+            "weight-only" if qconfig.is_weight_only else "dynamic" if qconfig.is_dynamic else "static")  # fmt: skip
         rows.append([node.name, str(node.target), path or "<model>", key, kind, result])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

@@ -380,7 +380,8 @@ def _line_up(float_gm: fx.GraphModule, reference: fx.GraphModule, kernel: fx.Gra
                 "deterministic (no data-dependent Python branches)"
             )
         q = _quantize_node(m.output)
-        if q is not None:
+        # an embedding's output is float: a quantize after it belongs to the op reading it
+        if q is not None and m.pattern.kind != "weight_only":
             ref_q[m.output.name] = q
     kernel_at: dict[str, fx.Node] = {}
     for n in kernel.graph.nodes:

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from graphquant.quant_math import QParams, choose_qparams, dtype_range
+from graphquant.quant_math import UINT4, QParams, choose_float_qparams, choose_qparams, dtype_range
 
 
 class Observer(nn.Module):
@@ -170,6 +170,24 @@ class PerChannelMinMaxObserver(Observer):
         return f"{super().extra_repr()}, axis={self.axis}"
 
 
+class PerChannelFloatQParamsObserver(PerChannelMinMaxObserver):
+    """Per-row float qparams of an embedding table (torch.ao's ``per_channel_affine_float_qparams``):
+    each row's own minimum as a float offset and ``(max - min) / qmax`` as its scale.
+
+    ``dtype=torch.uint8`` gives 8-bit rows with float32 qparams; ``torch.uint4`` 4-bit rows
+    (stored two per byte) with float16 qparams, as the row-wise kernels store them.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, axis: int = 0) -> None:
+        if dtype not in (torch.uint8, UINT4) or symmetric or axis != 0:
+            raise ValueError("graphquant: float qparams are asymmetric, per row (axis 0), uint8 or uint4")
+        super().__init__(dtype, symmetric, axis)
+
+    def qparams(self) -> QParams:
+        scale_dtype = torch.float32 if self.dtype == torch.uint8 else torch.float16
+        return choose_float_qparams(self.min_val, self.max_val, self.qmax, scale_dtype)
+
+
 class HistogramObserver(Observer):
     """Histogram of the values seen; ``qparams`` searches the clipping range that
     minimises the expected quantization error.
@@ -306,5 +324,6 @@ OBSERVERS: dict[str, type[Observer]] = {
     "minmax": MinMaxObserver,
     "moving_average_minmax": MovingAverageMinMaxObserver,
     "per_channel_minmax": PerChannelMinMaxObserver,
+    "per_channel_float_qparams": PerChannelFloatQParamsObserver,
     "histogram": HistogramObserver,
 }

@@ -16,11 +16,16 @@ from torch import nn
 
 from graphquant.errors import GraphQuantError
 from graphquant.observers import OBSERVERS, Observer
+from graphquant.quant_math import UINT4
 
 CONFIG_VERSION = 1
 # activation "observers" of dynamic quantization: qparams come from each batch at run time
 DYNAMIC_ACTIVATIONS = ("dynamic", "dynamic_per_token")
-_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "float16": torch.float16}
+# activation "observer" of weight-only quantization (embedding tables): activations are indices, or
+# stay float; nothing is observed or quantized at run time
+WEIGHT_ONLY = "weight_only"
+_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "float16": torch.float16, "uint4": UINT4,
+           "float32": torch.float32}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -37,13 +42,27 @@ class ObserverSpec:
     options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.observer not in OBSERVERS and self.observer not in DYNAMIC_ACTIVATIONS:
+        if self.observer not in OBSERVERS and self.observer not in (*DYNAMIC_ACTIVATIONS, WEIGHT_ONLY):
             raise GraphQuantError(
                 f"graphquant: unknown observer {self.observer!r}; choose one of "
-                f"{sorted(OBSERVERS) + list(DYNAMIC_ACTIVATIONS)}"
+                f"{sorted(OBSERVERS) + list(DYNAMIC_ACTIVATIONS) + [WEIGHT_ONLY]}"
             )
-        if self.dtype not in (torch.uint8, torch.int8, torch.float16):
+        float_qparams = self.observer == "per_channel_float_qparams"
+        if self.dtype == UINT4 and not float_qparams:
+            raise GraphQuantError(
+                "graphquant: torch.uint4 is for embedding tables (observer 'per_channel_float_qparams')"
+            )
+        if self.is_weight_only != (self.dtype == torch.float32):
+            raise GraphQuantError(
+                f"graphquant: the {WEIGHT_ONLY!r} activation spec, and only it, has dtype torch.float32 (got "
+                f"{self.observer!r}, {self.dtype})"
+            )
+        if self.dtype not in (torch.uint8, torch.int8, torch.float16, UINT4, torch.float32):
             raise GraphQuantError(f"graphquant: observer dtype must be torch.uint8 or torch.int8, got {self.dtype}")
+        if float_qparams and (self.dtype not in (torch.uint8, UINT4) or self.symmetric):
+            raise GraphQuantError(
+                "graphquant: float qparams are asymmetric, with dtype torch.uint8 (8-bit) or torch.uint4 (4-bit)"
+            )
         per_channel = self.observer.startswith("per_channel")
         if per_channel != (self.axis is not None):
             raise GraphQuantError(
@@ -55,10 +74,15 @@ class ObserverSpec:
         """Whether qparams are computed per batch at run time (no observer, no calibration)."""
         return self.observer in DYNAMIC_ACTIVATIONS
 
+    @property
+    def is_weight_only(self) -> bool:
+        """Whether this activation spec means "not quantized": weight-only quantization."""
+        return self.observer == WEIGHT_ONLY
+
     def create(self) -> Observer:
         """A fresh observer module."""
-        if self.is_dynamic:
-            raise GraphQuantError(f"graphquant: {self.observer!r} activations have no observer: they are dynamic")
+        if self.is_dynamic or self.is_weight_only:
+            raise GraphQuantError(f"graphquant: {self.observer!r} activations have no observer: they are not observed")
         kwargs: dict[str, Any] = dict(self.options)
         if self.axis is not None:
             kwargs["axis"] = self.axis
@@ -95,7 +119,13 @@ class QConfig:
                 "graphquant: int8 weights must be symmetric (zero point 0) for the int8 kernels; "
                 "set ObserverSpec(symmetric=True)"
             )
-        if self.activation.dtype != torch.uint8 and not self.activation.observer == "dynamic_per_token":
+        float_qparams = self.weight.observer == "per_channel_float_qparams"
+        if self.is_weight_only != float_qparams:
+            raise GraphQuantError(
+                f"graphquant: per-row float qparams (embedding tables) go with a {WEIGHT_ONLY!r} activation spec and "
+                "it with them; use graphquant.embedding_qconfig or embedding_4bit_qconfig"
+            )
+        if self.activation.dtype != torch.uint8 and self.activation.observer not in ("dynamic_per_token", WEIGHT_ONLY):
             raise GraphQuantError(
                 f"graphquant: activations are uint8 (affine) for the int8 kernels, got {self.activation.dtype}"
             )
@@ -106,6 +136,12 @@ class QConfig:
     def is_dynamic(self) -> bool:
         """Whether this is a dynamic-quantization config (activation qparams per batch)."""
         return self.activation.is_dynamic
+
+    @property
+    def is_weight_only(self) -> bool:
+        """Whether this config quantizes weights only (embedding tables): it fits static and
+        dynamic ``qconfig_dict`` alike, and leaves every other op float."""
+        return self.activation.is_weight_only
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": CONFIG_VERSION, "activation": self.activation.to_dict(), "weight": self.weight.to_dict()}
@@ -181,6 +217,23 @@ per_token_dynamic_qconfig = QConfig(
 float16_dynamic_qconfig = QConfig(
     activation=ObserverSpec("dynamic"), weight=ObserverSpec("minmax", torch.float16, symmetric=True)
 )
+
+# Embedding tables, weight-only: per-row scale and float offset, no activation observer (the
+# inputs are indices), float output. torch.ao's float_qparams_weight_only_qconfig(_4bit). Put it
+# on the embedding's module path, in `quantize` and `quantize_dynamic` alike:
+# {"": default_qconfig, "embeddings": embedding_qconfig}. The other presets leave embeddings
+# float, as torch.ao does: a table's error reaches every token unaveraged, so it is opted into.
+embedding_qconfig = QConfig(
+    activation=ObserverSpec(WEIGHT_ONLY, torch.float32),
+    weight=ObserverSpec("per_channel_float_qparams", torch.uint8, axis=0),
+)
+# 4 bits a value, two values per byte, float16 scale and offset: 1/8 of the float table plus 4 bytes a row.
+embedding_4bit_qconfig = QConfig(
+    activation=ObserverSpec(WEIGHT_ONLY, torch.float32),
+    weight=ObserverSpec("per_channel_float_qparams", UINT4, axis=0),
+)
+float_qparams_weight_only_qconfig = embedding_qconfig  # torch.ao's names, for migration
+float_qparams_weight_only_qconfig_4bit = embedding_4bit_qconfig
 QConfigDict = Mapping[str, "QConfig | None"]
 
 

@@ -15,7 +15,15 @@ import torch
 # still gives a positive scale so nothing divides by zero.
 EPS = float(torch.finfo(torch.float32).eps)
 
-_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int32: (-(2**31), 2**31 - 1)}
+# 4-bit values (embedding tables, stored two per byte by the kernels); torch 2.13's stubs lack the name
+UINT4: torch.dtype = torch.uint4  # type: ignore[attr-defined]
+
+_RANGES = {
+    torch.uint8: (0, 255),
+    torch.int8: (-128, 127),
+    torch.int32: (-(2**31), 2**31 - 1),
+    UINT4: (0, 15),
+}
 
 
 def dtype_range(dtype: torch.dtype) -> tuple[int, int]:
@@ -30,6 +38,9 @@ class QParams:
     """Scale and zero point of one tensor (per tensor) or one axis (per channel).
 
     ``scale`` and ``zero_point`` are 0-d tensors per tensor, 1-d along ``axis`` per channel.
+    A *float* ``zero_point`` marks float qparams (weight-only embedding tables, torch.ao's
+    ``per_channel_affine_float_qparams``): it is then a real-valued offset, the value of
+    integer 0, and ``x_hat = q * scale + zero_point`` (see :func:`choose_float_qparams`).
     """
 
     scale: torch.Tensor
@@ -42,6 +53,11 @@ class QParams:
     @property
     def per_channel(self) -> bool:
         return self.axis is not None
+
+    @property
+    def float_qparams(self) -> bool:
+        """Whether ``zero_point`` is a float offset (``x_hat = q * scale + zero_point``)."""
+        return self.zero_point.is_floating_point()
 
     def scalar(self) -> tuple[float, int]:
         """``(scale, zero_point)`` as Python numbers; only for per-tensor qparams."""
@@ -89,7 +105,10 @@ def _broadcast(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
 
 
 def quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
-    """Float tensor to integer tensor of ``qparams.dtype``."""
+    """Float tensor to integer tensor of ``qparams.dtype`` (uint8 storage for float qparams)."""
+    if qparams.float_qparams:
+        assert qparams.axis == 0, "float qparams are per row"
+        return quantize_float_qparams(x, qparams.scale, qparams.zero_point, qparams.qmax)
     scale, zero_point = qparams.scale, qparams.zero_point
     if qparams.axis is not None:
         scale = _broadcast(scale, x.dim(), qparams.axis)
@@ -99,6 +118,8 @@ def quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
 
 def dequantize(q: torch.Tensor, qparams: QParams) -> torch.Tensor:
     """Integer tensor back to float32."""
+    if qparams.float_qparams:
+        return dequantize_float_qparams(q, qparams.scale, qparams.zero_point)
     scale, zero_point = qparams.scale, qparams.zero_point
     if qparams.axis is not None:
         scale = _broadcast(scale, q.dim(), qparams.axis)
@@ -126,6 +147,45 @@ def quantize_tensor(
     q.add_(zero_point)
     q.clamp_(qmin, qmax)
     return q.to(dtype)
+
+
+def choose_float_qparams(
+    min_val: torch.Tensor, max_val: torch.Tensor, qmax: int, scale_dtype: torch.dtype = torch.float32
+) -> QParams:
+    """Per-row float qparams of a table (one row per embedding) from each row's range:
+    ``offset`` is the row's minimum, ``scale = (max - min) / qmax``, and
+    ``x_hat = q * scale + offset`` with ``q`` in ``[0, qmax]`` (``QParams.zero_point`` holds the offset).
+
+    Unlike int8 activations the range is not widened to include 0: an embedding row is
+    never padded with zeros, so its whole integer range goes to its own values (a constant
+    row, all zeros included, is exact: q 0, x_hat = offset). ``scale_dtype=torch.float16``
+    (the 4-bit row format stores scale and offset so) rounds the offset down and the scale
+    up to float16 values, so the rounded grid still spans the row.
+    """
+    lo, hi = min_val.detach().float(), max_val.detach().float()
+    offset = lo.to(scale_dtype)
+    if scale_dtype != torch.float32:  # rounded up, the offset would cut off the row's minimum
+        down = torch.nextafter(offset, torch.tensor(float("-inf"), dtype=scale_dtype))
+        offset = torch.where(offset.float() > lo, down, offset)
+    offset = offset.float()
+    scale = torch.clamp((hi - offset) / qmax, min=EPS)
+    if scale_dtype != torch.float32:
+        rounded = scale.to(scale_dtype)
+        up = torch.nextafter(rounded, torch.tensor(float("inf"), dtype=scale_dtype))
+        scale = torch.where(rounded.float() * qmax + offset < hi, up, rounded).float()
+    dtype = torch.uint8 if qmax == 255 else UINT4
+    return QParams(scale, offset, dtype, 0, qmax, axis=0)
+
+
+def quantize_float_qparams(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int) -> torch.Tensor:
+    """``clamp(round((x - offset) / scale), 0, qmax)`` row by row, one uint8 per value."""
+    q = (x.to(torch.float32) - offset.reshape(-1, 1)) / scale.reshape(-1, 1)
+    return q.round_().clamp_(0, qmax).to(torch.uint8)
+
+
+def dequantize_float_qparams(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """``q * scale + offset`` row by row, in float32."""
+    return q.to(torch.float32) * scale.reshape(-1, 1) + offset.reshape(-1, 1)
 
 
 def fake_quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:

@@ -40,7 +40,7 @@ from graphquant.api import LazyQuantized
 from graphquant.capture import BATCH, MANIFEST_FILE
 from graphquant.errors import GraphQuantError, where
 from graphquant.graph import add_attr, get_attr_value, module_path
-from graphquant.kernels import elementwise, onednn
+from graphquant.kernels import elementwise, embedding, onednn
 from graphquant.patterns.context import PACKED
 from graphquant.qconfig import QConfig
 from graphquant.report import ConversionReport, NodeReport
@@ -81,8 +81,13 @@ def _inputs(gm: fx.GraphModule) -> list[dict[str, Any]]:
             "its forward takes tensors only"
         )
     batch = getattr(gm, "graphquant_batch", None)
-    return [{"shape": [BATCH if batch is None else batch, *shape], "dtype": str(dtype).removeprefix("torch.")}
-            for shape, dtype in spec]  # fmt: skip
+    # a fixed-shape capture: each input's own first size (embedding_bag's indices and offsets differ)
+    sizes = getattr(gm, "graphquant_input_sizes", None) or [None] * len(spec)
+    entries = []
+    for (shape, dtype), size in zip(spec, sizes, strict=True):
+        first = BATCH if batch is None else (batch if size is None else size)
+        entries.append({"shape": [first, *shape], "dtype": str(dtype).removeprefix("torch.")})
+    return entries
 
 
 def manifest(qmodel: nn.Module) -> dict[str, Any]:
@@ -192,7 +197,7 @@ def portable_graph_module(qmodel: nn.Module) -> fx.GraphModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         portable = fx.GraphModule(gm, graph)
-    for name in ("graphquant_input_spec", "graphquant_batch"):
+    for name in ("graphquant_input_spec", "graphquant_batch", "graphquant_input_sizes"):
         setattr(portable, name, getattr(gm, name, None))
     return portable
 
@@ -342,6 +347,7 @@ def load(path: str | os.PathLike[str]) -> fx.GraphModule:
             (tuple(entry["shape"][1:]), getattr(torch, entry["dtype"])) for entry in data["inputs"]
         ],
         "graphquant_batch": None if first == BATCH else int(first),
+        "graphquant_input_sizes": None if first == BATCH else [int(entry["shape"][0]) for entry in data["inputs"]],
     }
     for name, value in attributes.items():
         setattr(gm, name, value)
@@ -710,6 +716,7 @@ TORCHSCRIPT_KERNELS: dict[str, Any] = {
     "qlinear_dynamic": _ts_qlinear_dynamic,
     "linear_fp16": _ts_linear_fp16,
     **elementwise.TORCHSCRIPT,
+    **embedding.TORCHSCRIPT,
 }
 
 

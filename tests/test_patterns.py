@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from graphquant.patterns import PATTERNS
+from graphquant.qconfig import embedding_qconfig
 from graphquant.testing import check_graph_mode_op
 
 CASES = [
@@ -21,7 +22,8 @@ def test_pattern_kernel_matches_reference(pattern, index, backend):  # type: ign
     torch.manual_seed(index)
     module, inputs = pattern.examples()[index]
     dynamic = pattern.kind == "dynamic"
-    result = check_graph_mode_op(module, inputs, pattern.kernel, backend=backend, dynamic=dynamic)
+    qconfig = embedding_qconfig if pattern.kind == "weight_only" else None  # embeddings: the weight-only qconfig
+    result = check_graph_mode_op(module, inputs, pattern.kernel, backend=backend, dynamic=dynamic, qconfig=qconfig)
     assert result.max_step_diff <= 1.0 + 1e-4
     assert result.sqnr >= 30.0, f"{pattern.name}: SQNR {result.sqnr:.1f} dB"
 

@@ -289,11 +289,13 @@ def test_every_pattern_deploys_bit_identical(tmp_path):  # type: ignore[no-untyp
     for pattern, backend in PATTERN_CASES:
         torch.manual_seed(0)
         module, inputs = pattern.examples()[0]
-        batch = tuple(torch.cat([x, 0.5 * x + 0.1]) for x in inputs)  # batch 2, not the capture's 1
+        # batch 2, not the capture's 1; indices (embeddings) reversed rather than scaled
+        batch = tuple(torch.cat([x, 0.5 * x + 0.1 if x.is_floating_point() else x.flip(-1)]) for x in inputs)
         if pattern.kind == "dynamic":
             model = gq.quantize_dynamic(module.eval(), example_inputs=inputs, backend=backend)
         else:
-            model = gq.quantize(module.eval(), {"": gq.default_qconfig}, lambda m, b: m(*b), [batch],
+            qconfig = gq.embedding_qconfig if pattern.kind == "weight_only" else gq.default_qconfig
+            model = gq.quantize(module.eval(), {"": qconfig}, lambda m, b: m(*b), [batch],
                                 example_inputs=inputs, backend=backend)  # fmt: skip
         name = f"{pattern.name}-{backend}"
         if not _write(tmp_path, name, model, [batch]):

@@ -261,3 +261,40 @@ def _qcat_fake(xs, scales, zero_points, dim, out_scale, out_zero_point):  # type
 @register_fake("graphquant::qstack")
 def _qstack_fake(xs, scales, zero_points, dim, out_scale, out_zero_point):  # type: ignore[no-untyped-def]
     return torch.stack([torch.empty_like(x, dtype=torch.uint8) for x in xs], dim)
+
+
+# Embedding tables with per-row float qparams (graphquant.kernels.embedding): indices in,
+# float32 out. The table is one fused row-wise uint8 tensor (values, then scale and offset), its
+# scales and offsets also given as float32 vectors.
+from graphquant.kernels import embedding  # noqa: E402
+
+LIB.define("quantize_float_qparams(Tensor x, Tensor scale, Tensor offset, int qmax) -> Tensor")
+LIB.define("dequantize_float_qparams(Tensor q, Tensor scale, Tensor offset) -> Tensor")
+LIB.define("qembedding(Tensor w, Tensor w_scale, Tensor w_offset, Tensor indices, int bits) -> Tensor")
+LIB.define(
+    "qembedding_bag(Tensor w, Tensor w_scale, Tensor w_offset, Tensor indices, Tensor offsets, int mode, Tensor? per_sample_weights, "
+    "bool include_last_offset, int padding_idx, int bits) -> Tensor"
+)
+for _name, _fn in embedding.TORCHSCRIPT.items():
+    LIB.impl(_name, _fn, _KEY)
+
+
+@register_fake("graphquant::quantize_float_qparams")
+def _quantize_float_qparams_fake(x, scale, offset, qmax):  # type: ignore[no-untyped-def]
+    return torch.empty_like(x, dtype=torch.uint8)
+
+
+@register_fake("graphquant::dequantize_float_qparams")
+def _dequantize_float_qparams_fake(q, scale, offset):  # type: ignore[no-untyped-def]
+    return torch.empty(q.shape, dtype=torch.float32)
+
+
+@register_fake("graphquant::qembedding")
+def _qembedding_fake(w, w_scale, w_offset, indices, bits):  # type: ignore[no-untyped-def]
+    return w.new_empty((*indices.shape, embedding.embedding_dim(w, bits)), dtype=torch.float32)
+
+
+@register_fake("graphquant::qembedding_bag")
+def _qembedding_bag_fake(w, w_scale, w_offset, indices, offsets, mode, per_sample_weights, include_last_offset, padding_idx, bits):  # type: ignore[no-untyped-def]  # noqa: E501
+    bags = offsets.shape[0] - 1 if include_last_offset else offsets.shape[0]
+    return w.new_empty((bags, embedding.embedding_dim(w, bits)), dtype=torch.float32)

@@ -16,7 +16,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from graphquant.graph import MATCH, Match, activation_inputs, is_float_tensor, module_path
+from graphquant.graph import FLOAT_REASON, MATCH, Match, activation_inputs, is_constant, is_float_tensor, module_path
 from graphquant.patterns import Pattern, patterns_for
 from graphquant.qconfig import QConfig, resolve
 
@@ -70,13 +70,27 @@ def _value_outputs(node: fx.Node, pattern: Pattern) -> tuple[fx.Node, ...] | Non
 
 
 def _float_io(nodes: tuple[fx.Node, ...], outputs: tuple[fx.Node, ...], pattern: Pattern) -> bool:
-    """Only float32 tensors become uint8: index tensors, masks and tuples stay as they are."""
+    """Only float32 tensors become uint8: index tensors, masks and tuples stay as they are. A
+    weight-only pattern reads indices and a float32 table that is a parameter, and gives float32."""
     if pattern.kind != "shares_qparams" and not is_float_tensor(nodes[-1]):
         return False
+    if pattern.kind == "weight_only":
+        assert pattern.weight_arg is not None
+        weight = nodes[0].args[pattern.weight_arg]
+        return is_constant(weight) and is_float_tensor(weight)
     if not all(is_float_tensor(out) for out in outputs):
         return False
     probe = Match(pattern, nodes, None, "", "")  # type: ignore[arg-type]
     return all(is_float_tensor(a) for a in activation_inputs(probe)) and bool(activation_inputs(probe))
+
+
+def _weight_only_reason(pattern: Pattern, key: str, path: str) -> str:
+    """Why a pattern did not match under a qconfig of the other family (weight-only or not)."""
+    if pattern.kind == "weight_only":
+        return (f"embedding tables are quantized by a weight-only qconfig only; to quantize this one use "
+                f"qconfig_dict={{{path!r}: graphquant.embedding_qconfig}}")  # fmt: skip
+    return (f"qconfig_dict[{key!r}] is weight-only (embedding tables); give {path or 'this module'!r} a static or "
+            "dynamic qconfig to quantize it")  # fmt: skip
 
 
 def annotate(gm: fx.GraphModule, qconfig_dict: Mapping[str, QConfig | None], dynamic: bool = False) -> list[Match]:
@@ -102,6 +116,10 @@ def annotate(gm: fx.GraphModule, qconfig_dict: Mapping[str, QConfig | None], dyn
                 continue
             qconfig, key = resolved[0].qconfig, resolved[0].key
             assert qconfig is not None and key is not None
+            if (pattern.kind == "weight_only") != qconfig.is_weight_only:
+                node.meta[FLOAT_REASON] = _weight_only_reason(pattern, key, module_path(node))
+                continue
+            node.meta.pop(FLOAT_REASON, None)
             match = Match(pattern, nodes, qconfig, key, module_path(node), outputs=outputs)
             for n in nodes:
                 n.meta[MATCH] = match

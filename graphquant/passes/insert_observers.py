@@ -12,6 +12,7 @@
   gets a :class:`~graphquant.observers.SharedQParams` marker naming the input's observer.
   An op returning several tensors gets one marker after each ``getitem`` of a value item:
   ``x -> obs0 -> split -> getitem_i -> shared(obs0)``; its indices stay unobserved.
+- dynamic and weight_only (embeddings): nothing is observed.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def insert_observers(gm: fx.GraphModule, matches: list[Match]) -> fx.GraphModule
     for match in matches:
         inputs = activation_inputs(match)
         kind = match.pattern.kind
-        if kind == "dynamic":
-            continue  # weights are quantized at convert, activations per batch: nothing to observe
+        if kind in ("dynamic", "weight_only"):
+            continue  # weights are quantized at convert, activations per batch or not at all: nothing to observe
         if kind != "weighted" and not any(is_observer(gm, a) for a in inputs):
             _keep_float(match, "input is not quantized")
             continue

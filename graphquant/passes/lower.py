@@ -87,20 +87,25 @@ def _q_dq(gm: fx.GraphModule, obs: fx.Node, qp: QParams) -> tuple[fx.Node, fx.No
 
 
 def _fake_quantize_weight(ctx: KernelContext, match: Match) -> None:
-    """``w -> quantize_per_channel -> dequantize_per_channel -> conv`` on the float weight."""
+    """``w -> quantize_per_channel -> dequantize_per_channel -> conv`` on the float weight; an
+    embedding table with float qparams: ``w -> quantize_float_qparams -> dequantize_float_qparams``."""
     assert match.pattern.weight_arg is not None
     w_node = match.anchor.args[match.pattern.weight_arg]
     _, qp = ctx.weights.get(ctx.gm, match)
     assert qp.axis is not None
     prefix = (match.module_path or match.anchor.name) + "_weight"
     scale = ctx.constant(prefix + "_scale", qp.scale)
-    zero_point = ctx.constant(prefix + "_zero_point", qp.zero_point)
+    zero_point = ctx.constant(prefix + ("_offset" if qp.float_qparams else "_zero_point"), qp.zero_point)
     graph = ctx.gm.graph
     with graph.inserting_before(match.anchor):
-        q = graph.call_function(
-            ops.quantize_per_channel.default, (w_node, scale, zero_point, qp.axis, qp.qmin, qp.qmax, qp.dtype)
-        )
-        dq = graph.call_function(ops.dequantize_per_channel.default, (q, scale, zero_point, qp.axis))
+        if qp.float_qparams:
+            q = graph.call_function(ops.quantize_float_qparams.default, (w_node, scale, zero_point, qp.qmax))
+            dq = graph.call_function(ops.dequantize_float_qparams.default, (q, scale, zero_point))
+        else:
+            q = graph.call_function(
+                ops.quantize_per_channel.default, (w_node, scale, zero_point, qp.axis, qp.qmin, qp.qmax, qp.dtype)
+            )
+            dq = graph.call_function(ops.dequantize_per_channel.default, (q, scale, zero_point, qp.axis))
     for node in (q, dq):
         copy_meta(match.anchor, node)
     match.anchor.replace_input_with(w_node, dq)  # type: ignore[arg-type]
@@ -177,7 +182,7 @@ def reference(
             q, _ = _q_dq(gm, node, qparams[source])
             quantized_at[observed] = q
     for match in matches:
-        if match.pattern.kind == "weighted":
+        if match.pattern.kind in ("weighted", "weight_only"):
             _fake_quantize_weight(ctx, match)
         elif match.pattern.kind == "dynamic":
             _dynamic_reference(ctx, match)
@@ -201,8 +206,10 @@ def kernel(gm: fx.GraphModule, matches: list[Match], ctx: KernelContext, quantiz
         if match.pattern.lower_kernel is None:
             continue  # no int8 kernel: the reference form dq -> op -> q is the kernel graph
         ctx.match = match
-        if match.pattern.kind == "dynamic":
-            new = match.pattern.lower_kernel(ctx, match, [QValue(_dynamic_input(match), None)], None)  # type: ignore[arg-type]
+        if match.pattern.kind in ("dynamic", "weight_only"):  # float out, no output quantize to replace
+            dynamic = match.pattern.kind == "dynamic"
+            float_in = [QValue(_dynamic_input(match), None)] if dynamic else []  # type: ignore[arg-type]
+            new = match.pattern.lower_kernel(ctx, match, float_in, None)  # type: ignore[arg-type]
             new.meta[MATCH] = match
             match.output.replace_all_uses_with(new)
             continue
@@ -275,7 +282,7 @@ def _report(
             continue
         path, op = module_path(node), str(node.target)
         match = node.meta.get(MATCH)
-        if match is not None and match.pattern.kind == "dynamic":
+        if match is not None and match.pattern.kind in ("dynamic", "weight_only"):
             report.nodes.append(NodeReport(node.name, op, path, True, pattern=match.pattern.name,
                                            kernel=match.pattern.kernel, qconfig_key=match.qconfig_key))  # fmt: skip
         elif match is not None and match.output_observer in float_outputs:
@@ -310,7 +317,8 @@ def lower(gm: fx.GraphModule, debug: bool, backend: str, qconfig_dict: Any) -> C
     Returns the conversion report.
     """
     qparams = observer_qparams(gm)
-    matches = [m for m in matches_of(gm) if m.output_observer is not None or m.pattern.kind == "dynamic"]
+    float_out = ("dynamic", "weight_only")  # kinds without an output observer
+    matches = [m for m in matches_of(gm) if m.output_observer is not None or m.pattern.kind in float_out]
     float_outputs = float_output_observers(gm, matches)
     report = _report(gm, qparams, qconfig_dict, "reference" if debug else "kernel", backend, float_outputs)
     ctx = KernelContext(gm, backend, WeightCache())

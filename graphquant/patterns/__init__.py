@@ -21,6 +21,11 @@ Kinds:
   activation per batch inside the kernel; output float. Only ``prepare_dynamic`` uses these.
 - ``"fixed_qparams"``: sigmoid, tanh, hardsigmoid. Like ``"general"`` but the output
   qparams come from the op's known range (``output_range``), not from data.
+- ``"weight_only"``: embedding, embedding_bag. The weight (a table) is quantized ahead of
+  time with per-row float qparams; the inputs are indices, so nothing is observed; output
+  float (the next quantized op's input observer quantizes it). Matched in static and
+  dynamic mode, only under a weight-only qconfig (``embedding_qconfig``), which in turn
+  matches nothing else.
 
 ``lower_kernel=None`` means the kernel graph keeps the reference form
 ``dq -> op -> q`` for that pattern: correct, uint8 on both sides, but computed in float.
@@ -41,7 +46,8 @@ if TYPE_CHECKING:
     from graphquant.patterns.context import KernelContext, QValue
     from graphquant.quant_math import QParams
 
-Kind = Literal["weighted", "shares_qparams", "general", "fixed_qparams", "dynamic"]
+Kind = Literal["weighted", "shares_qparams", "general", "fixed_qparams", "dynamic", "weight_only"]
+WEIGHT_KINDS = ("weighted", "dynamic", "weight_only")  # kinds that name a weight_arg and quantize it
 LowerKernel = Callable[["KernelContext", "Match", Sequence["QValue"], "QParams"], fx.Node]
 aten = torch.ops.aten
 
@@ -93,11 +99,13 @@ class Pattern:
     def __post_init__(self) -> None:
         if not self.ops or any(not alternatives for alternatives in self.ops):
             raise ValueError(f"graphquant: pattern {self.name} matches nothing")
-        if (self.kind in ("weighted", "dynamic")) != (self.weight_arg is not None):
-            raise ValueError(f"graphquant: pattern {self.name}: weighted and dynamic patterns, only they, name a weight_arg")
+        if (self.kind in WEIGHT_KINDS) != (self.weight_arg is not None):
+            raise ValueError(
+                f"graphquant: pattern {self.name}: {'/'.join(WEIGHT_KINDS)} patterns, only they, name a weight_arg"
+            )
         if (self.kind == "fixed_qparams") != (self.output_range is not None):
             raise ValueError(f"graphquant: pattern {self.name}: fixed_qparams patterns and only they set output_range")
-        if self.kind in ("weighted", "dynamic") and self.lower_kernel is None:
+        if self.kind in WEIGHT_KINDS and self.lower_kernel is None:
             raise ValueError(f"graphquant: pattern {self.name} needs a kernel lowering")
         if any(not 0 < position < len(self.ops) for position, _ in self.chain_inputs):
             raise ValueError(f"graphquant: pattern {self.name}: chain_inputs name positions after the anchor")
@@ -119,8 +127,10 @@ def register(pattern: Pattern) -> Pattern:
 
 
 def patterns_for(target: object, dynamic: bool = False) -> list[Pattern]:
-    """Static (or, with ``dynamic=True``, dynamic) patterns whose chain starts with ``target``, longest first."""
-    return [p for p in PATTERNS if target in p.ops[0] and (p.kind == "dynamic") == dynamic]
+    """Static (or, with ``dynamic=True``, dynamic) patterns whose chain starts with ``target``, longest first;
+    weight-only patterns in both modes."""
+    return [p for p in PATTERNS
+            if target in p.ops[0] and (p.kind == "weight_only" or (p.kind == "dynamic") == dynamic)]  # fmt: skip
 
 
 from graphquant.patterns import (  # noqa: E402,F401  (fills PATTERNS)
@@ -129,6 +139,7 @@ from graphquant.patterns import (  # noqa: E402,F401  (fills PATTERNS)
     conv,
     conv_transpose,
     dynamic_linear,
+    embedding,
     join,
     linear,
     multi_output,

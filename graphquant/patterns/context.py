@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import fx
 
+from graphquant.errors import GraphQuantError
 from graphquant.graph import Match, add_attr, copy_meta, get_attr_value
-from graphquant.kernels import onednn
+from graphquant.kernels import embedding, onednn
+from graphquant.qconfig import ObserverSpec
 from graphquant.quant_math import QParams, quantize
 
 PACKED = "graphquant_packed"  # GraphModule attribute: packed name -> how to rebuild it
@@ -39,11 +41,23 @@ class KernelWeight:
     bias: fx.Node | None
 
 
+@dataclass(frozen=True)
+class RowwiseWeight:
+    """Graph nodes of a lowered embedding table: the fused row-wise uint8 table, its per-row
+    scales and offsets (float32), and its bits per value."""
+
+    table: fx.Node
+    scale: fx.Node
+    offset: fx.Node
+    bits: int
+
+
 @dataclass
 class WeightCache:
-    """Quantized weights by ``get_attr`` target, so each is quantized once."""
+    """Quantized weights by ``get_attr`` target and weight observer spec, so each is quantized
+    once per scheme (a table tied to an output linear is quantized both ways)."""
 
-    quantized: dict[str, tuple[torch.Tensor, QParams]] = field(default_factory=dict)
+    quantized: dict[tuple[str, ObserverSpec], tuple[torch.Tensor, QParams]] = field(default_factory=dict)
     by_match: dict[int, tuple[torch.Tensor, QParams]] = field(default_factory=dict)
 
     def get(self, gm: fx.GraphModule, match: Match) -> tuple[torch.Tensor, QParams]:
@@ -54,13 +68,13 @@ class WeightCache:
         assert match.pattern.weight_arg is not None
         node = match.anchor.args[match.pattern.weight_arg]
         assert isinstance(node, fx.Node)
-        key = str(node.target)
+        key = (str(node.target), match.qconfig.weight)
         if key not in self.quantized:
             w = get_attr_value(gm, node).detach()
             observer = match.qconfig.weight.create()
             observer(w)
             qparams = observer.qparams()
-            if qparams.axis is None:  # per tensor = per channel with one repeated scale
+            if qparams.axis is None and not qparams.float_qparams:  # per tensor = per channel, one repeated scale
                 n = w.shape[0]
                 qparams = QParams(qparams.scale.expand(n).contiguous(), qparams.zero_point.expand(n).contiguous(),
                                   qparams.dtype, qparams.qmin, qparams.qmax, axis=0)  # fmt: skip
@@ -91,7 +105,7 @@ class KernelContext:
         self.backend = backend
         self.weights = weights
         self.match: Match | None = None
-        self._lowered: dict[tuple[Any, ...], tuple[fx.Node, fx.Node]] = {}
+        self._lowered: dict[tuple[Any, ...], tuple[fx.Node, ...]] = {}
         if not hasattr(gm, PACKED):
             setattr(gm, PACKED, {})
 
@@ -147,6 +161,28 @@ class KernelContext:
         bias = match.anchor.args[bias_arg] if bias_arg is not None and len(match.anchor.args) > bias_arg else None
         w16 = self.constant(prefix, w16_value)
         return KernelWeight(w16, w16, bias if isinstance(bias, fx.Node) else None)
+
+    def rowwise_weight(self, match: Match) -> RowwiseWeight:
+        """The embedding table in the fused row-wise layout of :mod:`graphquant.kernels.embedding`:
+        plain uint8 (saved as it is, nothing to pack on load), shared by every call reading it."""
+        q, qparams = self.weights.get(self.gm, match)
+        bits = 8 if qparams.qmax == 255 else 4
+        key = (id(q), "rowwise", bits)
+        if key not in self._lowered:
+            if bits == 4 and q.shape[1] % 2:
+                raise GraphQuantError(
+                    f"graphquant: {match.module_path or match.anchor.name}: a 4-bit embedding table stores two values "
+                    f"a byte and needs an even embedding_dim, got {q.shape[1]}; use graphquant.embedding_qconfig "
+                    f"(8-bit) for it: qconfig_dict={{{match.module_path!r}: graphquant.embedding_qconfig}}"
+                )
+            prefix = (match.module_path or match.anchor.name) + "_weight"
+            fused = embedding.pack_rows(q, qparams.scale, qparams.zero_point, bits)
+            table = self.constant(prefix + f"_rowwise{bits}", fused)
+            scale = self.constant(prefix + "_scale", qparams.scale.float().contiguous())
+            offset = self.constant(prefix + "_offset", qparams.zero_point.float().contiguous())
+            self._lowered[key] = (table, scale, offset)
+        table, scale, offset = self._lowered[key]
+        return RowwiseWeight(table, scale, offset, bits)
 
     def linear_weight(self, match: Match) -> KernelWeight:
         """The linear weight, quantized and (on oneDNN) packed."""

@@ -136,8 +136,9 @@ def check_graph_mode_op(
     with torch.no_grad():
         expected = module(*sample)
         outputs = {d: models[d](*sample) for d in (True, False)}
-    # A float output (dynamic quantization, or a linear writing float at the border) has no
-    # output scale: one step is what a uint8 per-tensor quantization of that output would take.
+    # A float output (dynamic quantization, a linear writing float at the border, an embedding with
+    # nothing quantized after it) has no output scale: one step is what a uint8 per-tensor
+    # quantization of that output would take.
     float_steps = [float(t.max() - t.min()) / 255 if isinstance(t, torch.Tensor) and t.numel() else None
                    for t in tree_flatten(outputs[True])[0]]  # fmt: skip
     scales = float_steps if dynamic else output_scales(models[False])
