@@ -43,12 +43,12 @@ def test_harness_detects_a_wrong_kernel(monkeypatch):
     """A kernel that is off by two steps must fail the one-step check."""
     import graphquant.kernels.onednn as onednn
 
-    real = onednn.qlinear
+    real = onednn.qconv
 
     def off_by_two(*args):  # type: ignore[no-untyped-def]
         return (real(*args).to(torch.int16) + 2).clamp(0, 255).to(torch.uint8)
 
-    monkeypatch.setattr(onednn, "qlinear", off_by_two)
-    module, inputs = next(p for p in PATTERNS if p.name == "linear").examples()[0]
+    monkeypatch.setattr(onednn, "qconv", off_by_two)
+    module, inputs = next(p for p in PATTERNS if p.name == "conv2d").examples()[0]
     with pytest.raises(AssertionError, match="quantization steps"):
-        check_graph_mode_op(module, inputs, "qlinear", backend="onednn")
+        check_graph_mode_op(module, inputs, "qconv2d", backend="onednn")
