@@ -91,7 +91,9 @@ def test_static_embedding_feeds_a_quantized_linear(backend):  # type: ignore[no-
     assert any("qlinear" in str(n.target) for n in q.graph.nodes)
     with torch.no_grad():
         want, got, expected = ref(*x), q(*x), model(*x)
-    assert step_diff(want, got, output_scales(q), 0.0) <= 1.0
+    # the linear writes float32 (nothing quantized reads it): one step is a uint8 step of its range
+    assert output_scales(q) == [None]
+    assert step_diff(want, got, [float(want.max() - want.min()) / 255], 0.0) <= 1.0
     assert sqnr(expected, got) >= 30.0
 
 
