@@ -14,8 +14,12 @@ peer's documented default for x86:
   with inductor freezing, as the torchao tutorial does;
 - ONNX Runtime: ``torch.onnx.export`` (dynamo) then ``quantize_static`` (QDQ, per-channel int8
   weights, uint8 activations, MinMax calibration) or ``quantize_dynamic`` (int8 weights);
-- graphquant: ``graphquant.quantize`` with ``get_default_qconfig("x86")`` (dynamic: the
-  per-tensor default and the per-token preset), oneDNN kernels.
+- graphquant: ``graphquant.quantize`` with ``get_default_qconfig("x86")`` on the whole model
+  (dynamic: the per-tensor default and the per-token preset), oneDNN kernels; on encoders also
+  the linears-only recipe (``qconfig_dict_by_type(model, {nn.Linear: qconfig})``, what PT2E's
+  x86 quantizer quantizes) and that recipe with the FFN output projections float. Each runs as
+  the returned ``GraphModule`` and as ``graphquant.to_torchscript`` of it (same numbers, no
+  Python per op).
 
 Every static quantizer calibrates on the same batches; quantize time is the wall time from
 the float model to the quantized one, calibration included, first call excluded.
@@ -79,16 +83,47 @@ def fp32(w: Workload, mode: str, threads: int) -> Variant:
     return Variant("fp32 eager", lambda x: w.model(*x), _state_dict_bytes(w.model), None, None, peer=False)
 
 
-def _graphquant(w: Workload, mode: str, qconfig_name: str, label: str) -> Variant:
+# (workload, mode, recipe) -> (quantized graph, quantize seconds): the TorchScript variant
+# is written from the graph the plain variant built, not quantized a second time
+_QUANTIZED: dict[tuple[int, str, str], tuple[nn.Module, float]] = {}
+
+
+def _ffn_outputs(model: nn.Module) -> list[str]:
+    """BERT-style FFN output projections (``layer.N.output.dense``), whose inputs carry the outliers."""
+    return [n for n, _ in model.named_modules() if n.endswith(".output.dense") and ".attention." not in n]
+
+
+def _qconfig_dict(w: Workload, recipe: str) -> dict[str, object]:
     import graphquant as gq
 
-    qconfig = getattr(gq, qconfig_name)
-    start = time.perf_counter()
-    if mode == "static":
-        q = gq.quantize(w.model, {"": qconfig}, _calibrate, [w.calibration], example_inputs=w.calibration[0])
-    else:
-        q = gq.quantize_dynamic(w.model, {"": qconfig}, example_inputs=w.calibration[0])
-    quantize_s = time.perf_counter() - start
+    if recipe == "linears":  # int8 linears, everything else float: what PT2E's x86 quantizer does
+        return gq.qconfig_dict_by_type(w.model, {nn.Linear: gq.default_qconfig})
+    if recipe == "linears_ffn_float":
+        return gq.qconfig_dict_by_type(w.model, {nn.Linear: gq.default_qconfig}, keep_float=_ffn_outputs(w.model))
+    return {"": getattr(gq, recipe)}
+
+
+def _graphquant(w: Workload, mode: str, recipe: str, label: str, torchscript: bool = False) -> Variant:
+    import graphquant as gq
+
+    key = (id(w), mode, recipe)
+    if key not in _QUANTIZED:
+        qconfig_dict = _qconfig_dict(w, recipe)
+        start = time.perf_counter()
+        if mode == "static":
+            q = gq.quantize(w.model, qconfig_dict, _calibrate, [w.calibration], example_inputs=w.calibration[0])
+        else:
+            q = gq.quantize_dynamic(w.model, qconfig_dict, example_inputs=w.calibration[0])
+        _QUANTIZED[key] = (q, time.perf_counter() - start)
+    q, quantize_s = _QUANTIZED[key]
+    if torchscript:
+        start = time.perf_counter()
+        scripted = gq.to_torchscript(q)
+        quantize_s += time.perf_counter() - start
+        first = _first_call(lambda x: scripted(*x), w.timed)
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer)
+        return Variant(f"{label} (TorchScript)", lambda x: scripted(*x), buffer.tell(), quantize_s, first, peer=False)
     first = _first_call(lambda x: q(*x), w.timed)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt2"
@@ -97,16 +132,13 @@ def _graphquant(w: Workload, mode: str, qconfig_name: str, label: str) -> Varian
     return Variant(label, lambda x: q(*x), size, quantize_s, first, peer=False)
 
 
-def graphquant_static(w: Workload, mode: str, threads: int) -> Variant:
-    return _graphquant(w, "static", "default_qconfig", "graphquant")
+def _graphquant_builder(recipe: str, label: str, torchscript: bool = False, encoders_only: bool = False):  # type: ignore[no-untyped-def]
+    def build(w: Workload, mode: str, threads: int) -> Variant:
+        if encoders_only and w.kind != "encoder":
+            raise Unsupported("a transformer recipe")
+        return _graphquant(w, mode, recipe, label, torchscript)
 
-
-def graphquant_dynamic(w: Workload, mode: str, threads: int) -> Variant:
-    return _graphquant(w, "dynamic", "default_dynamic_qconfig", "graphquant")
-
-
-def graphquant_dynamic_per_token(w: Workload, mode: str, threads: int) -> Variant:
-    return _graphquant(w, "dynamic", "per_token_dynamic_qconfig", "graphquant per-token")
+    return build
 
 
 def quantize_jit(w: Workload, mode: str, threads: int) -> Variant:
@@ -253,12 +285,25 @@ def onnxruntime_peer(w: Workload, mode: str, threads: int) -> Variant:
 
 # mode -> (name, builder); fp32 first (the baseline), graphquant next
 BUILDERS: dict[str, list[tuple[str, Callable[[Workload, str, int], Variant]]]] = {
-    "static": [("fp32", fp32), ("graphquant", graphquant_static), ("quantize_jit", quantize_jit),
-               ("quantize_fx", quantize_fx), ("pt2e", pt2e), ("onnxruntime", onnxruntime_peer)],
-    "dynamic": [("fp32", fp32), ("graphquant", graphquant_dynamic),
-                ("graphquant_per_token", graphquant_dynamic_per_token), ("quantize_jit", quantize_jit),
-                ("quantize_fx", quantize_fx), ("eager", eager_quantize_dynamic), ("pt2e", pt2e),
-                ("onnxruntime", onnxruntime_peer)],
+    "static": [
+        ("fp32", fp32),
+        ("graphquant", _graphquant_builder("default_qconfig", "graphquant")),
+        ("graphquant_ts", _graphquant_builder("default_qconfig", "graphquant", torchscript=True)),
+        ("graphquant_linears", _graphquant_builder("linears", "graphquant linears", encoders_only=True)),
+        ("graphquant_linears_ts", _graphquant_builder("linears", "graphquant linears", True, encoders_only=True)),
+        ("graphquant_linears_ffn_float", _graphquant_builder("linears_ffn_float", "graphquant linears, FFN-out fp32",
+                                                             True, encoders_only=True)),
+        ("quantize_jit", quantize_jit), ("quantize_fx", quantize_fx), ("pt2e", pt2e), ("onnxruntime", onnxruntime_peer),
+    ],
+    "dynamic": [
+        ("fp32", fp32),
+        ("graphquant", _graphquant_builder("default_dynamic_qconfig", "graphquant")),
+        ("graphquant_ts", _graphquant_builder("default_dynamic_qconfig", "graphquant", torchscript=True)),
+        ("graphquant_per_token", _graphquant_builder("per_token_dynamic_qconfig", "graphquant per-token")),
+        ("graphquant_per_token_ts", _graphquant_builder("per_token_dynamic_qconfig", "graphquant per-token", True)),
+        ("quantize_jit", quantize_jit), ("quantize_fx", quantize_fx), ("eager", eager_quantize_dynamic),
+        ("pt2e", pt2e), ("onnxruntime", onnxruntime_peer),
+    ],
 }  # fmt: skip
 
 
