@@ -8,9 +8,9 @@ VPY           := $(VENV)/bin/python
 PIP           := $(VPY) -m pip
 TORCH_VERSION := 2.13.0
 THREADS       ?= 2
-BENCH_ARGS    ?= --quiet-only 300
+BENCH_ARGS    ?= --quiet-only 300 --write
 
-.PHONY: test demo bench lint install install-test install-demo install-bench clean-venv-stamps
+.PHONY: test demo bench bench-quick lint install install-test install-demo install-bench clean-venv-stamps
 
 test: install-test
 	$(VPY) -m pytest -q -x -p no:cacheprovider tests
@@ -18,10 +18,14 @@ test: install-test
 demo: install-demo
 	$(VPY) -m graphquant.demo
 
-# Thread pools pinned only here, so timings are comparable from run to run.
+# Thread pools pinned only here, so timings are comparable from run to run. The full run
+# (every workload, 2 then 1 threads) takes about an hour on 2 cores; bench-quick a few minutes.
 bench: install-bench
 	OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) \
-	  $(VPY) benchmarks/bench_cnn.py --threads $(THREADS) $(BENCH_ARGS)
+	  $(VPY) benchmarks/bench_peers.py --threads $(THREADS),1 $(BENCH_ARGS)
+
+bench-quick: install-bench
+	OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) $(VPY) benchmarks/bench_peers.py --quick
 
 lint: install-test
 	$(VENV)/bin/ruff check graphquant

@@ -90,14 +90,14 @@ def build(w: Workload, mode: str, threads: int, only: set[str] | None, notes: li
     return built
 
 
-def bench(w: Workload, mode: str, args: argparse.Namespace, notes: list[str]) -> list[Row]:
+def bench(w: Workload, mode: str, args: argparse.Namespace, notes: list[str], threads_list: list[int]) -> list[Row]:
     torch.set_num_threads(args.threads[0])
     variants = build(w, mode, args.threads[0], args.only, notes)
     with torch.no_grad():
         reference = [w.model(*batch) for batch in w.evaluation]
     quality = {v.name: fidelity(w, v, reference) for v in variants[1:]}
     rows: list[Row] = []
-    for threads in args.threads:
+    for threads in threads_list:
         torch.set_num_threads(threads)
         calls = {}
         for v in variants:
@@ -187,9 +187,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default="static,dynamic", help="static,dynamic (encoders run both)")
     parser.add_argument("--only", default=None, help="comma separated builder keys to run beside fp32")
     parser.add_argument("--threads", default="2,1", help="thread counts, timed in this order (default 2,1)")
+    parser.add_argument("--other-threads-max-batch", type=int, default=1,
+                        help="time the thread counts after the first only up to this batch size (default 1)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds wanted (default 30, quick 8)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up calls per variant (default 3, quick 1)")
-    parser.add_argument("--max-seconds", type=float, default=None, help="cap per timing (default 60, quick 10)")
+    parser.add_argument("--max-seconds", type=float, default=None, help="cap per timing (default 40, quick 10)")
     parser.add_argument("--calibration-batches", type=int, default=None, help="default 8, quick 2")
     parser.add_argument("--image", type=int, default=224, help="image side for W1/W2 (default 224)")
     parser.add_argument("--seq", type=int, default=128, help="sequence length for W3/W4 (default 128)")
@@ -206,34 +208,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.only = None if args.only is None else set(args.only.split(","))
     args.rounds = args.rounds or (8 if args.quick else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    args.max_seconds = args.max_seconds or (10.0 if args.quick else 60.0)
+    args.max_seconds = args.max_seconds or (10.0 if args.quick else 40.0)
     args.calibration_batches = args.calibration_batches or (2 if args.quick else 8)
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    torch.backends.quantized.engine = "x86"
-    rows: list[Row] = []
-    notes: list[str] = []
-    for spec in args.workloads.split(","):
-        name, batch = spec.split(":")
-        factory = WORKLOADS[name]
-        kwargs = {"image": args.image} if name in ("resnet50", "mobilenet_v2") else {"seq": args.seq}
-        w = factory(int(batch), args.calibration_batches, **kwargs)  # type: ignore[call-arg]
-        for mode in w.modes:
-            if mode in args.modes:
-                rows += bench(w, mode, args, notes)
-        del w
-        gc.collect()
-    elapsed = time.perf_counter() - started
+def report(rows: list[Row], notes: list[str], args: argparse.Namespace, elapsed: float, done: int, total: int) -> str:
+    partial = "" if done == total else f" PARTIAL: {done} of {total} workloads done."
     body = [
         f"Command: `{command_line()}`",
         "",
         f"Run {datetime.date.today().isoformat()} in {elapsed / 60:.0f} min: torch {torch.__version__}, {cpu_name()}, "
-        f"{os.cpu_count()} cores; threads {', '.join(map(str, args.threads))}; {args.calibration_batches} calibration "
-        f"batches; up to {args.rounds} interleaved rounds per timing (capped at {args.max_seconds:.0f} s).",
+        f"{os.cpu_count()} cores; threads {', '.join(map(str, args.threads))} (the second count for batch "
+        f"<= {args.other_threads_max_batch} only); {args.calibration_batches} calibration batches; up to {args.rounds} "
+        f"interleaved rounds per timing (capped at {args.max_seconds:.0f} s).{partial}",
         "",
         f"Targets at {args.threads[0]} threads: graphquant's fastest variant against the fastest peer (W2: against "
         "ONNX Runtime), and its most faithful variant against the most faithful peer:",
@@ -246,10 +234,33 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *[f"- {note}" for note in notes],
     ]
-    report = "\n".join(body)
-    print(report)
-    if args.write:
-        write_section(REPO_ROOT / "BENCHMARKS.md", START, END, report, "## graphquant against its peers (`benchmarks/bench_peers.py`)")
+    return "\n".join(body)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    torch.backends.quantized.engine = "x86"
+    rows: list[Row] = []
+    notes: list[str] = []
+    specs = args.workloads.split(",")
+    text = ""
+    for done, spec in enumerate(specs, 1):
+        name, batch = spec.split(":")
+        factory = WORKLOADS[name]
+        kwargs = {"image": args.image} if name in ("resnet50", "mobilenet_v2") else {"seq": args.seq}
+        w = factory(int(batch), args.calibration_batches, **kwargs)  # type: ignore[call-arg]
+        threads = args.threads if int(batch) <= args.other_threads_max_batch else args.threads[:1]
+        for mode in w.modes:
+            if mode in args.modes:
+                rows += bench(w, mode, args, notes, threads)
+        del w
+        gc.collect()
+        text = report(rows, notes, args, time.perf_counter() - started, done, len(specs))
+        if args.write:  # after every workload: a run cut short still leaves its table
+            write_section(REPO_ROOT / "BENCHMARKS.md", START, END, text,
+                          "## graphquant against its peers (`benchmarks/bench_peers.py`)")  # fmt: skip
+    print(text)
 
 
 if __name__ == "__main__":
