@@ -30,6 +30,7 @@ from torch.export import Dim, ExportedProgram
 
 from graphquant.errors import GraphQuantError
 from graphquant.graph import MODULE_PATH, MODULE_TYPE, add_attr, get_attr_value
+from graphquant.inputs import install_input_check, specs_from_examples
 
 BATCH = "batch"
 # extra file inside a .pt2 that graphquant.save wrote (the manifest); capture refuses such a program
@@ -334,13 +335,17 @@ def capture(model: Model, example_inputs: Sequence[Any]) -> fx.GraphModule:
 
     Records on the result ``graphquant_input_spec`` (per input: shape without the batch
     dimension and dtype, or ``None`` for a non-tensor) and ``graphquant_batch`` (``None``
-    when the batch dimension is dynamic, else the batch size it is fixed to).
+    when the batch dimension is dynamic, else the batch size it is fixed to), and checks its
+    inputs against them on every call (:mod:`graphquant.inputs`).
     """
     check_capturable(model)
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
+    specs_from_examples(example_inputs, [], False)  # refuses a batch of 0 and non-float32 floats before export
     ep, dynamic = _program(model, tuple(example_inputs))
     gm = ep.run_decompositions({}).module()
+    names = [node.name for node in gm.graph.find_nodes(op="placeholder")]
+    install_input_check(gm, specs_from_examples(example_inputs, names, dynamic))
     paths = module_paths(model)
     for node in gm.graph.nodes:
         path, kind = _module_path(node, paths)
