@@ -105,7 +105,7 @@ def _mismatch(spec: InputSpec, x: Any, batch: int | None) -> str:
                 f"re-quantize with example inputs of shape {got}")  # fmt: skip
     if spec.rank > 0 and got[0] == 0:
         return f"{where} has batch size 0 (shape {got}); {captured}. Skip empty batches: there is nothing to compute"
-    for dim, (size, want) in enumerate(zip(got, spec.sizes)):
+    for dim, (size, want) in enumerate(zip(got, spec.sizes, strict=True)):
         if dim == 0 and spec.dynamic_batch:
             if batch is not None and size != batch:
                 return (f"{where} has batch size {size}, but an earlier input has {batch}; {captured}. "
@@ -129,7 +129,7 @@ class InputCheck(nn.Module):
 
     def forward(self, *inputs: Any) -> None:
         batch = None
-        for spec, x in zip(self.specs, inputs):
+        for spec, x in zip(self.specs, inputs, strict=False):
             if spec is None:
                 continue
             # plain attribute reads, fastest first; a message is built only on failure

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from graphquant.errors import GraphQuantError
+
 # Smallest scale we hand out: a zero range (constant activation, all-zero channel)
 # still gives a positive scale so nothing divides by zero.
 EPS = float(torch.finfo(torch.float32).eps)
@@ -21,7 +23,7 @@ _RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int32: (-(2**31
 def dtype_range(dtype: torch.dtype) -> tuple[int, int]:
     """The integer range ``(qmin, qmax)`` a dtype holds."""
     if dtype not in _RANGES:
-        raise ValueError(f"graphquant: no integer range for {dtype}; use torch.uint8 or torch.int8")
+        raise GraphQuantError(f"graphquant: no integer range for {dtype}; use torch.uint8 or torch.int8")
     return _RANGES[dtype]
 
 
@@ -46,7 +48,7 @@ class QParams:
     def scalar(self) -> tuple[float, int]:
         """``(scale, zero_point)`` as Python numbers; only for per-tensor qparams."""
         if self.axis is not None:
-            raise ValueError("graphquant: per-channel qparams have no single scale")
+            raise GraphQuantError("graphquant: per-channel qparams have no single scale")
         return float(self.scale), int(self.zero_point)
 
 

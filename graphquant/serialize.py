@@ -696,7 +696,7 @@ def _ts_check_input(x: Tensor, position: int, name: str, dtype: torch.dtype, dev
         elif shape[dim] != sizes[dim]:
             raise ValueError(where + " has shape " + str(shape) + ": dimension " + str(dim) + " must be "
                              + str(sizes[dim]) + ", got " + str(shape[dim]) + "; " + captured
-                             + ". Pass inputs of that shape, or re-quantize with example inputs of that shape")  # fmt: skip
+                             + ". Pass inputs of that shape, or re-quantize with example inputs of that shape")
 
 
 fx.node.has_side_effect(_ts_check_input)  # no users: kept through dead-code elimination
@@ -705,7 +705,7 @@ fx.node.has_side_effect(_ts_check_input)  # no users: kept through dead-code eli
 def _ts_input_checks(graph: fx.Graph, specs: tuple[InputSpec | None, ...], inputs: list[Any]) -> None:
     """One ``_ts_check_input`` call per tensor input, where ``_input_check`` was."""
     first = None
-    for spec, x in zip(specs, inputs):
+    for spec, x in zip(specs, inputs, strict=True):
         if spec is None:
             continue
         if spec.dynamic_batch and first is None:

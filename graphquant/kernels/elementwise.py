@@ -15,15 +15,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from graphquant.errors import GraphQuantError
+
 
 def _check_uint8(op: str, x: Tensor, index: int) -> None:
     if x.dtype != torch.uint8:
-        raise ValueError("graphquant::" + op + ": input " + str(index) + " must be uint8, got " + str(x.dtype))
+        raise GraphQuantError("graphquant::" + op + ": input " + str(index) + " must be uint8, got " + str(x.dtype))
 
 
 def _check_post_op(op: str, post_op: str) -> None:
     if post_op != "none" and post_op != "relu":
-        raise ValueError("graphquant::" + op + ": post_op must be 'none' or 'relu', got '" + post_op + "'")
+        raise GraphQuantError("graphquant::" + op + ": post_op must be 'none' or 'relu', got '" + post_op + "'")
 
 
 def _dequantize(q: Tensor, scale: float, zero_point: int) -> Tensor:
@@ -84,8 +86,8 @@ def _requantize_all(
 ) -> list[Tensor]:
     """Each input on the output's scale. An input that already has it passes unchanged."""
     if len(xs) != len(scales) or len(xs) != len(zero_points):
-        raise ValueError("graphquant::" + op + ": " + str(len(xs)) + " inputs but " + str(len(scales)) + " scales, "
-                         + str(len(zero_points)) + " zero points")  # fmt: skip
+        raise GraphQuantError("graphquant::" + op + ": " + str(len(xs)) + " inputs but " + str(len(scales))
+                              + " scales, " + str(len(zero_points)) + " zero points")  # fmt: skip
     out: list[Tensor] = []
     for i in range(len(xs)):
         _check_uint8(op, xs[i], i)

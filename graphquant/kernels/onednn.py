@@ -3,7 +3,7 @@
 
 oneDNN crashes the process on malformed input (an unpacked weight kills it with SIGSEGV;
 a residual ``accum`` smaller than the output would be written past its end), so every
-call checks dtype, packing and shape first and raises a ``ValueError`` instead.
+call checks dtype, packing and shape first and raises a ``GraphQuantError`` instead.
 Weights are packed once, at convert or load time, by :func:`pack_conv` / :func:`pack_linear`.
 
 Post-ops are the names of :data:`graphquant.kernels.portable.POST_OPS`. What torch 2.13's
@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from graphquant.errors import GraphQuantError
 from graphquant.kernels.portable import CLAMPS, apply_post_op, check_post_op, quantize_real
 
 # graphquant post-op name -> oneDNN (attr, algorithm)
@@ -65,7 +66,7 @@ def pack_conv(
 ) -> torch.Tensor:
     """Pack an int8 conv weight (out, in/groups, *kernel) into oneDNN's opaque layout."""
     if w.dtype != torch.int8 or w.is_mkldnn:
-        raise ValueError(f"graphquant: pack_conv wants a plain int8 weight, got {w.dtype} mkldnn={w.is_mkldnn}")
+        raise GraphQuantError(f"graphquant: pack_conv wants a plain int8 weight, got {w.dtype} mkldnn={w.is_mkldnn}")
     return torch.ops.onednn.qconv_prepack(
         w.contiguous(), w_scale.float(), x_scale, x_zero_point, stride, padding, dilation, groups, None
     )
@@ -74,7 +75,7 @@ def pack_conv(
 def pack_linear(w: torch.Tensor) -> torch.Tensor:
     """Pack an int8 linear weight (out, in) into oneDNN's opaque layout."""
     if w.dtype != torch.int8 or w.is_mkldnn or w.dim() != 2:
-        raise ValueError(f"graphquant: pack_linear wants a plain 2-d int8 weight, got {w.dtype} {tuple(w.shape)}")
+        raise GraphQuantError(f"graphquant: pack_linear wants a plain 2-d int8 weight, got {w.dtype} {tuple(w.shape)}")
     return torch.ops.onednn.qlinear_prepack(w.contiguous(), None)
 
 
@@ -83,40 +84,42 @@ def _check_common(
     bias: torch.Tensor | None, out_zero_point: int, post_op: str, post_op_args: Sequence[float], out_channels: int,
 ) -> None:  # fmt: skip
     if x.dtype != torch.uint8:
-        raise ValueError(f"graphquant::{op}: activation must be uint8, got {x.dtype}")
+        raise GraphQuantError(f"graphquant::{op}: activation must be uint8, got {x.dtype}")
     if x.device.type != "cpu":
-        raise ValueError(f"graphquant::{op}: oneDNN kernels run on CPU, input is on {x.device}")
+        raise GraphQuantError(f"graphquant::{op}: oneDNN kernels run on CPU, input is on {x.device}")
     if not w.is_mkldnn:
-        raise ValueError(f"graphquant::{op}: weight is not packed for oneDNN; pack it with graphquant.kernels.onednn")
+        raise GraphQuantError(
+            f"graphquant::{op}: weight is not packed for oneDNN; pack it with graphquant.kernels.onednn"
+        )
     if not (0 <= x_zero_point <= 255 and 0 <= out_zero_point <= 255):
-        raise ValueError(f"graphquant::{op}: uint8 zero points must lie in [0, 255]")
+        raise GraphQuantError(f"graphquant::{op}: uint8 zero points must lie in [0, 255]")
     if w_scale.dtype != torch.float32 or w_scale.dim() != 1 or w_scale.numel() != out_channels:
-        raise ValueError(f"graphquant::{op}: w_scale must be float32 with {out_channels} entries")
+        raise GraphQuantError(f"graphquant::{op}: w_scale must be float32 with {out_channels} entries")
     if bias is not None and (bias.dtype != torch.float32 or bias.numel() != out_channels):
-        raise ValueError(f"graphquant::{op}: bias must be float32 with {out_channels} entries")
+        raise GraphQuantError(f"graphquant::{op}: bias must be float32 with {out_channels} entries")
     check_post_op(op, post_op, post_op_args)
 
 
 def _conv_out_shape(
     op: str, x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int
 ) -> tuple[int, ...]:
-    """The output shape, or a ``ValueError`` for arguments oneDNN would misread."""
+    """The output shape, or a ``GraphQuantError`` for arguments oneDNN would misread."""
     spatial = x.dim() - 2
     # oneDNN packs a conv1d weight as 2-d (out, in, 1, k)
     spatial_ok = x.dim() in (3, 4, 5) and (x.dim() == w.dim() or (x.dim() == 3 and w.dim() == 4))
     if not spatial_ok or groups < 1 or x.shape[1] != w.shape[1] * groups:
-        raise ValueError(
+        raise GraphQuantError(
             f"graphquant::{op}: input {tuple(x.shape)} does not fit weight {tuple(w.shape)} with groups={groups}"
         )
     if not (len(stride) == len(padding) == len(dilation) == spatial):
-        raise ValueError(f"graphquant::{op}: stride, padding and dilation need {spatial} entries each")
+        raise GraphQuantError(f"graphquant::{op}: stride, padding and dilation need {spatial} entries each")
     kernel = w.shape[-spatial:]
     out = [
         (size + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
         for i, size in enumerate(x.shape[2:])
     ]
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0 or min(out) < 1:
-        raise ValueError(f"graphquant::{op}: input {tuple(x.shape)} is too small for kernel {tuple(kernel)}")
+        raise GraphQuantError(f"graphquant::{op}: input {tuple(x.shape)} is too small for kernel {tuple(kernel)}")
     return (x.shape[0], w.shape[0], *out)
 
 
@@ -210,22 +213,22 @@ def qconv_add(
     out_channels = w.shape[0]
     _check_common("qconv_add", x, x_zero_point, w, w_scale, bias, out_zero_point, post_op, (), out_channels)
     if post_op not in ("none", "relu"):
-        raise ValueError(f"graphquant::qconv_add: oneDNN fuses only relu after the residual sum, not {post_op!r}")
+        raise GraphQuantError(f"graphquant::qconv_add: oneDNN fuses only relu after the residual sum, not {post_op!r}")
     out_shape = _conv_out_shape("qconv_add", x, w, stride, padding, dilation, groups)
     if accum.dtype != torch.uint8 or tuple(accum.shape) != out_shape or accum.device.type != "cpu":
-        raise ValueError(
+        raise GraphQuantError(
             f"graphquant::qconv_add: accum must be a uint8 CPU tensor of the output's shape {out_shape}, "
             f"got {accum.dtype} {tuple(accum.shape)}"
         )
     if not 0 <= accum_zero_point <= 255:
-        raise ValueError("graphquant::qconv_add: uint8 zero points must lie in [0, 255]")
+        raise GraphQuantError("graphquant::qconv_add: uint8 zero points must lie in [0, 255]")
     if x.dim() == 3:  # oneDNN's sum post-op is 2-d only
         y = qconv_add(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, *_as_2d(stride, padding, dilation),
                       groups, accum.unsqueeze(2), accum_scale, accum_zero_point, out_scale, out_zero_point,
                       post_op)  # fmt: skip
         return y.squeeze(2)
     if x.dim() != 4:
-        raise ValueError(
+        raise GraphQuantError(
             f"graphquant::qconv_add: oneDNN fuses the residual sum into 1-d and 2-d convs, input is {x.dim()}-d"
         )
     if x.shape[0] == 0:
@@ -258,7 +261,7 @@ def qlinear(
     in_features, out_features = w.shape
     _check_common("qlinear", x, x_zero_point, w, w_scale, bias, out_zero_point, post_op, post_op_args, out_features)
     if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"graphquant::qlinear: input {tuple(x.shape)} does not end in {in_features} features")
+        raise GraphQuantError(f"graphquant::qlinear: input {tuple(x.shape)} does not end in {in_features} features")
     if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], out_features))
     attr, algorithm = _ONEDNN_POST_OPS[post_op]

@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from graphquant.errors import GraphQuantError
+
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 _CONV_TRANSPOSE = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}
 
@@ -39,12 +41,12 @@ CLAMPS = ("relu", "hardtanh")
 def check_post_op(op: str, post_op: str, post_op_args: Sequence[float]) -> None:
     """A ``ValueError`` unless ``post_op`` is a known name with the right number of scalars."""
     if post_op not in POST_OPS:
-        raise ValueError(f"graphquant::{op}: post_op {post_op!r} is not one of {sorted(POST_OPS)}")
+        raise GraphQuantError(f"graphquant::{op}: post_op {post_op!r} is not one of {sorted(POST_OPS)}")
     arity = POST_OPS[post_op][0]
     if len(post_op_args) != arity:
-        raise ValueError(f"graphquant::{op}: post_op {post_op!r} takes {arity} scalars, got {list(post_op_args)}")
+        raise GraphQuantError(f"graphquant::{op}: post_op {post_op!r} takes {arity} scalars, got {list(post_op_args)}")
     if post_op == "hardtanh" and not post_op_args[0] <= post_op_args[1]:
-        raise ValueError(f"graphquant::{op}: hardtanh bounds {list(post_op_args)} are not min <= max")
+        raise GraphQuantError(f"graphquant::{op}: hardtanh bounds {list(post_op_args)} are not min <= max")
 
 
 def apply_post_op(v: torch.Tensor, post_op: str, post_op_args: Sequence[float]) -> torch.Tensor:
@@ -53,15 +55,15 @@ def apply_post_op(v: torch.Tensor, post_op: str, post_op_args: Sequence[float]) 
 
 
 def check_inputs(op: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Raise a ``ValueError`` naming the argument before any arithmetic runs."""
+    """Raise a ``GraphQuantError`` naming the argument before any arithmetic runs."""
     if x.dtype != torch.uint8:
-        raise ValueError(f"graphquant::{op}: activation must be uint8, got {x.dtype}")
+        raise GraphQuantError(f"graphquant::{op}: activation must be uint8, got {x.dtype}")
     if w.dtype != torch.int8:
-        raise ValueError(f"graphquant::{op}: weight must be int8, got {w.dtype}")
+        raise GraphQuantError(f"graphquant::{op}: weight must be int8, got {w.dtype}")
     if w_scale.dim() != 1 or w_scale.numel() != w.shape[0]:
-        raise ValueError(f"graphquant::{op}: w_scale must have one entry per output channel ({w.shape[0]})")
+        raise GraphQuantError(f"graphquant::{op}: w_scale must have one entry per output channel ({w.shape[0]})")
     if bias is not None and bias.numel() != w.shape[0]:
-        raise ValueError(f"graphquant::{op}: bias must have one entry per output channel ({w.shape[0]})")
+        raise GraphQuantError(f"graphquant::{op}: bias must have one entry per output channel ({w.shape[0]})")
 
 
 def quantize_real(v: torch.Tensor, out_scale: float, out_zero_point: int) -> torch.Tensor:
@@ -142,7 +144,7 @@ def qconv_add(
     xi = x.double() - x_zero_point
     acc = _CONV[x.dim()](xi, w.double(), None, stride, padding, dilation, groups)
     if accum.dtype != torch.uint8 or accum.shape != acc.shape:
-        raise ValueError(
+        raise GraphQuantError(
             f"graphquant::qconv_add: accum must be uint8 of the output's shape {tuple(acc.shape)}, "
             f"got {accum.dtype} {tuple(accum.shape)}"
         )
@@ -174,16 +176,22 @@ def qconv_transpose(
     the sum, in float64 (about 1e-16 relative error instead of exact integers).
     """
     if x.dtype != torch.uint8 or w.dtype != torch.int8:
-        raise ValueError(
+        raise GraphQuantError(
             f"graphquant::qconv_transpose: wants a uint8 activation and an int8 weight, got {x.dtype}, {w.dtype}"
         )
     if x.dim() != w.dim() or x.dim() not in _CONV_TRANSPOSE or x.shape[1] != w.shape[0]:
-        raise ValueError(f"graphquant::qconv_transpose: input {tuple(x.shape)} does not fit weight {tuple(w.shape)}")
+        raise GraphQuantError(
+            f"graphquant::qconv_transpose: input {tuple(x.shape)} does not fit weight {tuple(w.shape)}"
+        )
     if w_scale.dim() != 1 or w_scale.numel() != w.shape[0]:
-        raise ValueError(f"graphquant::qconv_transpose: w_scale must have one entry per input channel ({w.shape[0]})")
+        raise GraphQuantError(
+            f"graphquant::qconv_transpose: w_scale must have one entry per input channel ({w.shape[0]})"
+        )
     out_channels = w.shape[1] * groups
     if bias is not None and bias.numel() != out_channels:
-        raise ValueError(f"graphquant::qconv_transpose: bias must have one entry per output channel ({out_channels})")
+        raise GraphQuantError(
+            f"graphquant::qconv_transpose: bias must have one entry per output channel ({out_channels})"
+        )
     check_post_op("qconv_transpose", post_op, post_op_args)
     channel_shape = [1, -1] + [1] * (x.dim() - 2)
     xs = (x.double() - x_zero_point) * (x_scale * w_scale.double()).reshape(channel_shape)
