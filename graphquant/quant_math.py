@@ -13,9 +13,14 @@ import torch
 
 from graphquant.errors import GraphQuantError
 
-# Smallest scale we hand out: a zero range (constant activation, all-zero channel)
-# still gives a positive scale so nothing divides by zero.
+# The scale of a zero range (an all-zero activation or weight channel): any positive scale
+# represents it exactly, and a positive one means nothing divides by zero.
 EPS = float(torch.finfo(torch.float32).eps)
+# Smallest scale of a non-zero range: the smallest normal float32. Not EPS: weights of 1e-30
+# need a scale of 1e-32, and clamping it to 1.2e-7 would round every weight to 0 (a silent
+# zero output). A normal float32 keeps x_scale * w_scale, which oneDNN forms in float32, away
+# from denormals for any activation scale above about 1e-6.
+TINY = float(torch.finfo(torch.float32).tiny)
 
 _RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int32: (-(2**31), 2**31 - 1)}
 
@@ -73,15 +78,19 @@ def choose_qparams(
     max_val = torch.clamp(max_val.detach().double(), min=0.0)
     if symmetric:
         amax = torch.maximum(-min_val, max_val)
-        scale = amax / ((qmax - qmin) / 2)
-        scale = torch.clamp(scale, min=EPS)
+        scale = _positive(amax / ((qmax - qmin) / 2))
         mid = (qmin + qmax + 1) // 2 if dtype == torch.uint8 else 0
         zero_point = torch.full_like(scale, mid, dtype=torch.int64)
     else:
-        scale = torch.clamp((max_val - min_val) / (qmax - qmin), min=EPS)
+        scale = _positive((max_val - min_val) / (qmax - qmin))
         zero_point = (qmin - torch.round(min_val / scale)).clamp(qmin, qmax).to(torch.int64)
     # float32 scales: the kernels take float32, so the reference must round with the same value.
     return QParams(scale.float(), zero_point, dtype, qmin, qmax, axis)
+
+
+def _positive(scale: torch.Tensor) -> torch.Tensor:
+    """``EPS`` for a zero range, at least ``TINY`` (in float32) otherwise; float64 in and out."""
+    return torch.where(scale > 0, torch.clamp(scale, min=TINY), torch.full_like(scale, EPS))
 
 
 def _broadcast(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
