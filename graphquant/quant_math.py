@@ -176,6 +176,12 @@ def dynamic_qparams(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, tor
 
 def quantize_dynamic_tensor(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q, scale, zero_point)`` of one batch: uint8 per tensor or int8 per token."""
+    if not x.is_floating_point():
+        raise GraphQuantError(f"graphquant::quantize_dynamic: input must be floating point, got {x.dtype}")
+    if x.numel() == 0:  # nothing to take a range of: any positive scale represents it
+        shape = (*x.shape[:-1], 1) if per_token and x.dim() > 0 else ()
+        scale, zero_point = torch.full(shape, EPS), torch.zeros(shape, dtype=torch.int64)
+        return torch.empty_like(x, dtype=torch.int8 if per_token else torch.uint8), scale, zero_point
     scale, zero_point = dynamic_qparams(x, per_token)
     if per_token:
         return quantize_tensor(x, scale, 0, -128, 127, torch.int8), scale, zero_point
