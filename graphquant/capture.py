@@ -18,6 +18,7 @@ as ``aten.conv2d.default``; in-place ops (``relu_``, ``add_``) arrive functional
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import os
 import warnings
@@ -326,6 +327,15 @@ def _views_to_reshape(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _forward_names(model: Model) -> list[str]:
+    """The names of ``forward``'s parameters, for messages about example inputs (best effort)."""
+    forward = getattr(model, "forward", None)
+    try:
+        return [] if forward is None else list(inspect.signature(forward).parameters)
+    except (TypeError, ValueError):  # a TorchScript method may have no Python signature
+        return []
+
+
 def capture(model: Model, example_inputs: Sequence[Any]) -> fx.GraphModule:
     """Export ``model`` on ``example_inputs`` into a functional ATen ``GraphModule``.
 
@@ -341,7 +351,7 @@ def capture(model: Model, example_inputs: Sequence[Any]) -> fx.GraphModule:
     check_capturable(model)
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    specs_from_examples(example_inputs, [], False)  # refuses a batch of 0 and non-float32 floats before export
+    specs_from_examples(example_inputs, _forward_names(model), False)  # refuses a batch of 0 and non-float32 floats
     ep, dynamic = _program(model, tuple(example_inputs))
     gm = ep.run_decompositions({}).module()
     names = [node.name for node in gm.graph.find_nodes(op="placeholder")]
