@@ -331,9 +331,12 @@ def _forward_names(model: Model) -> list[str]:
     """The names of ``forward``'s parameters, for messages about example inputs (best effort)."""
     forward = getattr(model, "forward", None)
     try:
-        return [] if forward is None else list(inspect.signature(forward).parameters)
+        parameters = [] if forward is None else list(inspect.signature(forward).parameters.values())
     except (TypeError, ValueError):  # a TorchScript method may have no Python signature
         return []
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        return []  # forward(*args): the graph's names say more
+    return [p.name for p in parameters]
 
 
 def capture(model: Model, example_inputs: Sequence[Any]) -> fx.GraphModule:
@@ -354,8 +357,10 @@ def capture(model: Model, example_inputs: Sequence[Any]) -> fx.GraphModule:
     specs_from_examples(example_inputs, _forward_names(model), False)  # refuses a batch of 0 and non-float32 floats
     ep, dynamic = _program(model, tuple(example_inputs))
     gm = ep.run_decompositions({}).module()
-    names = [node.name for node in gm.graph.find_nodes(op="placeholder")]
-    install_input_check(gm, specs_from_examples(example_inputs, names, dynamic))
+    names = _forward_names(model)  # the user's names; the graph renames some (``input`` -> ``input_1``)
+    placeholders = [node.name for node in gm.graph.find_nodes(op="placeholder")]
+    install_input_check(gm, specs_from_examples(example_inputs, names if len(names) == len(placeholders) else
+                                                placeholders, dynamic))  # fmt: skip
     paths = module_paths(model)
     for node in gm.graph.nodes:
         path, kind = _module_path(node, paths)

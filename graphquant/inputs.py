@@ -180,7 +180,7 @@ def install_input_check(gm: fx.GraphModule, specs: Sequence[InputSpec | None] | 
         graph.call_module(INPUT_CHECK, tuple(placeholders))
     if _EXPORT_GUARDS in drop:
         # export's forward pre-hook re-checks every call by pytree (tens of µs); the check does it
-        gm.validate_inputs = False
+        gm.validate_inputs = False  # type: ignore[assignment]
     gm.recompile()
 
 

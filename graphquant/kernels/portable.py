@@ -61,7 +61,7 @@ def check_inputs(op: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tenso
         raise GraphQuantError(f"graphquant::{op}: activation must be uint8, got {x.dtype}")
     if w.dtype != torch.int8 or w.is_mkldnn:
         raise GraphQuantError(f"graphquant::{op}: weight must be a plain int8 tensor, got {w.dtype} "
-                              f"mkldnn={w.is_mkldnn} (a packed weight runs on oneDNN: call torch.ops.graphquant)")  # fmt: skip
+                              f"mkldnn={w.is_mkldnn} (a packed weight runs on oneDNN: call torch.ops.graphquant)")
     if w_scale.dim() != 1 or w_scale.numel() != w.shape[0]:
         raise GraphQuantError(f"graphquant::{op}: w_scale must have one entry per output channel ({w.shape[0]})")
     if bias is not None and bias.numel() != w.shape[0]:
