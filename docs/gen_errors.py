@@ -139,6 +139,20 @@ def _two_batches() -> object:
     return model(torch.randn(3, 4), torch.ones(2, 4))
 
 
+class FixedBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(2, -1))
+
+
+def _fixed_batch() -> object:
+    model = gq.quantize_dynamic(FixedBatch().eval(), example_inputs=(torch.randn(2, 8),))
+    return model(torch.randn(3, 8))
+
+
 def _nan_calibration() -> object:
     prepared = gq.prepare(net(), QD, (X,))
     bad = X.clone()
@@ -280,6 +294,7 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
      lambda: _quantized("static")(torch.empty(2, 3, 8, 8, device="meta"))),
     ("a list instead of a tensor", "inputs.InputCheck", lambda: _quantized("static")(X.tolist())),
     ("inputs with different batch sizes", "inputs.InputCheck", _two_batches),
+    ("another batch size where the model fixes it (x.reshape(2, -1))", "inputs.InputCheck", _fixed_batch),
     ("a float64 input to a dynamic model", "inputs.InputCheck",
      lambda: _quantized("dynamic")(torch.randn(2, 4).double())),
     ("a bad input to a model from graphquant.load", "inputs.InputCheck", lambda: _quantized("loaded")(X[0])),

@@ -157,12 +157,10 @@ def _export(model: nn.Module, example_inputs: tuple[Any, ...], name: str | None 
                     "Data-dependent control flow cannot be captured; move it out of forward or "
                     "keep that submodule float and call it outside the quantized model"
                 ) from error
-            warnings.warn(
-                f"graphquant: captured {name} with a fixed batch size "
-                f"({str(dyn_error).splitlines()[0][:200]})",
-                stacklevel=3,
-            )
-            return ep, False
+            reason = str(dyn_error).splitlines()[0][:200]
+    # outside the block above, which silences export's own warnings (it used to silence this one too)
+    warnings.warn(f"graphquant: captured {name} with a fixed batch size ({reason})", stacklevel=3)
+    return ep, False
 
 
 def _scope_path(scope: str) -> tuple[str, str]:

@@ -112,7 +112,7 @@ def _mismatch(spec: InputSpec, x: Any, batch: int | None) -> str:
                         "Give every input the same batch size")  # fmt: skip
             continue
         if size != want:
-            what = "the batch size is fixed" if dim == 0 else f"dimension {dim} must be {want}"
+            what = f"the batch size is fixed at {want}" if dim == 0 else f"dimension {dim} must be {want}"
             return (f"{where} has shape {got}: {what}, got {size}; {captured}. Pass inputs of that shape, or "
                     f"re-quantize with example inputs of shape {got}")  # fmt: skip
     return f"{where}: shape {got} does not match; {captured}"

@@ -149,6 +149,26 @@ def test_inputs_must_share_the_batch_size() -> None:
         model(torch.randn(3, 4, 16), torch.ones(3, 4, 8, dtype=torch.int64))
 
 
+class FixedBatch(nn.Module):
+    """``reshape(2, -1)`` pins the batch: capture falls back to static shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(2, -1))
+
+
+def test_a_fixed_batch_is_named() -> None:
+    with pytest.warns(UserWarning, match="fixed batch size"):
+        model = gq.quantize_dynamic(FixedBatch().eval(), example_inputs=(torch.randn(2, 8),))
+    assert model(torch.randn(2, 8)).shape == (2, 4)
+    with pytest.raises(gq.GraphQuantError, match=r"input 0 \(x\) has shape \(3, 8\): the batch size is fixed at 2, "
+                       r"got 3; the model was captured with 2-d \(2, 8\)"):  # fmt: skip
+        model(torch.randn(3, 8))
+
+
 @pytest.mark.parametrize("example,needle", [
     (torch.randn(2, 3, 16, 16, dtype=torch.float64), r"example input 0 \(x\) is torch.float64; .* with .float\(\)"),
     (torch.randn(2, 3, 16, 16).half(), r"example input 0 \(x\) is torch.float16"),
