@@ -42,6 +42,7 @@ from graphquant.errors import GraphQuantError, where
 from graphquant.graph import add_attr, get_attr_value, module_path
 from graphquant.inputs import INPUT_CHECK, InputSpec, input_specs, install_input_check
 from graphquant.kernels import elementwise, onednn
+from graphquant.kernels.onednn import onednn_dilation
 from graphquant.patterns.context import PACKED
 from graphquant.qconfig import QConfig
 from graphquant.report import ConversionReport, NodeReport
@@ -460,8 +461,8 @@ def _ts_onednn_conv_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor
     scalars = _ts_scalars(post_op_args) if fused != "none" else _ts_scalars([])
     w_zero_point = torch.zeros(w.size(0), dtype=torch.int64)
     return torch.ops.onednn.qconv_pointwise(
-        x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation, groups, scale,
-        zero_point, dtype, attr, scalars, algorithm,
+        x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, onednn_dilation(w, dilation), groups,
+        scale, zero_point, dtype, attr, scalars, algorithm,
     )  # fmt: skip
 
 
@@ -543,7 +544,8 @@ def _ts_onednn_qconv_add_2d(x: Tensor, x_scale: float, x_zero_point: int, w: Ten
     private = accum.clone(memory_format=torch.channels_last)
     w_zero_point = torch.zeros(w.size(0), dtype=torch.int64)
     return torch.ops.onednn.qconv2d_pointwise(
-        x, x_scale, x_zero_point, w, w_scale, w_zero_point, private, bias, stride, padding, dilation, groups,
+        x, x_scale, x_zero_point, w, w_scale, w_zero_point, private, bias, stride, padding,
+        onednn_dilation(w, dilation), groups,
         out_scale, out_zero_point, None, accum_scale, accum_zero_point, "sum", 1.0, post_op, _ts_scalars([]), "",
     )  # fmt: skip
 
@@ -749,7 +751,7 @@ def _ts_pack_conv(w: Tensor, w_scale: Tensor, x_scale: float, x_zero_point: int,
                   padding: list[int], dilation: list[int], groups: int) -> Tensor:  # fmt: skip
     """kernels.onednn.pack_conv."""
     return torch.ops.onednn.qconv_prepack(w.contiguous(), w_scale.float(), x_scale, x_zero_point, stride, padding,
-                                          dilation, groups, None)  # fmt: skip
+                                          onednn_dilation(w, dilation), groups, None)  # fmt: skip
 
 
 ConvState = tuple[Tensor, Tensor, float, int, list[int], list[int], list[int], int, bool]

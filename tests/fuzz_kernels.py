@@ -2,7 +2,7 @@
 tests/test_reliability.py, so that a crash (oneDNN's SIGSEGV on malformed input) kills the
 child, not the test run.
 
-    python tests/fuzz_kernels.py SECONDS LAST_CASE_FILE
+    python tests/fuzz_kernels.py SECONDS LAST_CASE_FILE [SEED]
 
 Drives ``graphquant.kernels.onednn`` / ``portable`` / ``dynamic`` / ``elementwise`` and the
 ``torch.ops.graphquant`` schemas of ``kernels/ops.py`` with random shapes, dtypes (right and
@@ -350,7 +350,7 @@ def quantize_test(fuzz: Fuzz) -> Any:
     return run
 
 
-def main(seconds: float, last_case_file: str) -> None:
+def main(seconds: float, last_case_file: str, base_seed: int) -> None:
     fuzz = Fuzz(last_case_file)
     stop = time.monotonic() + seconds
     tests = [conv_test, linear_test, quantize_test]
@@ -359,11 +359,11 @@ def main(seconds: float, last_case_file: str) -> None:
         test = tests[round_ % len(tests)](fuzz)  # a fresh function: settings and seed decorate it once
         configured = settings(max_examples=60, deadline=None, database=None, phases=[Phase.generate],
                               suppress_health_check=list(HealthCheck))(test)  # fmt: skip
-        seed(round_)(configured)()
+        seed(base_seed + round_)(configured)()  # a round is reproducible from SEED and its number
         round_ += 1
     print(json.dumps({"cases": sum(fuzz.outcomes.values()), "ok": fuzz.outcomes["ok"],
                       "refused": fuzz.outcomes["refused"], "findings": fuzz.findings}))  # fmt: skip
 
 
 if __name__ == "__main__":
-    main(float(sys.argv[1]), sys.argv[2])
+    main(float(sys.argv[1]), sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)

@@ -63,6 +63,17 @@ def _w_zero_point(n: int) -> torch.Tensor:
     return zp
 
 
+def onednn_dilation(w: torch.Tensor, dilation: list[int]) -> list[int]:
+    """``dilation`` with 1 where the kernel is 1 wide: the same convolution (a 1-wide kernel has no
+    gaps to spread), and oneDNN (torch 2.13) writes out of bounds on a 1-wide kernel with dilation
+    > 1, padding and stride >= 2: SIGSEGV, found by tests/fuzz_kernels.py. TorchScript-compatible:
+    the scripted twins in serialize call it too."""
+    out: list[int] = []
+    for i in range(len(dilation)):
+        out.append(1 if w.size(w.dim() - len(dilation) + i) == 1 else dilation[i])
+    return out
+
+
 def pack_conv(
     w: torch.Tensor,
     w_scale: torch.Tensor,
@@ -90,8 +101,9 @@ def pack_conv(
     if w.shape[0] % groups:
         raise GraphQuantError(f"graphquant::pack_conv: groups {groups} must divide the {w.shape[0]} output channels")
     return torch.ops.onednn.qconv_prepack(
-        w.contiguous(), w_scale.float(), x_scale, x_zero_point, stride, padding, dilation, groups, None
-    )
+        w.contiguous(), w_scale.float(), x_scale, x_zero_point, stride, padding, onednn_dilation(w, dilation), groups,
+        None,
+    )  # fmt: skip
 
 
 def pack_linear(w: torch.Tensor) -> torch.Tensor:
@@ -167,6 +179,8 @@ def qconv(
     if x.dim() == 5:
         x = x.contiguous(memory_format=torch.channels_last_3d)  # oneDNN's 3d path wants channels-last
 
+    dilation = onednn_dilation(w, dilation)
+
     def call(scale: float, zero_point: int, dtype: torch.dtype | None, fused: str) -> torch.Tensor:
         attr, algorithm = _ONEDNN_POST_OPS[fused]
         scalars = list(post_op_args) if fused != "none" else []
@@ -237,8 +251,9 @@ def qconv_add(
     if private.data_ptr() == accum.data_ptr():
         private = private.clone(memory_format=torch.channels_last)
     return torch.ops.onednn.qconv2d_pointwise.binary(
-        x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), private, bias, stride, padding, dilation,
-        groups, out_scale, out_zero_point, None, accum_scale, accum_zero_point, "sum", 1.0, post_op, [], "",
+        x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), private, bias, stride, padding,
+        onednn_dilation(w, dilation), groups, out_scale, out_zero_point, None, accum_scale, accum_zero_point, "sum",
+        1.0, post_op, [], "",
     )  # fmt: skip
 
 

@@ -107,6 +107,8 @@ def conv_out_shape(
             f"graphquant::{op}: input {tuple(x.shape)} does not fit weight {tuple(w.shape)} with groups={groups}"
         )
     check_conv_args(op, spatial, stride, padding, dilation, groups)
+    if min(x.shape[2:]) < 1:
+        raise GraphQuantError(f"graphquant::{op}: input {tuple(x.shape)} has an empty spatial dimension")
     kernel = w.shape[-spatial:]
     out = [
         (size + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
@@ -261,7 +263,7 @@ def qconv_transpose(
         (size - 1) * stride[i] - 2 * padding[i] + dilation[i] * (w.shape[2 + i] - 1) + output_padding[i] + 1
         for i, size in enumerate(x.shape[2:])
     ]
-    if min(out) < 1:
+    if min(out) < 1 or min(x.shape[2:]) < 1:
         raise GraphQuantError(f"graphquant::qconv_transpose: input {tuple(x.shape)} with padding {list(padding)} "
                               f"gives an empty output {out}")  # fmt: skip
     if x.shape[0] == 0:
