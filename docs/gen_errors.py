@@ -216,6 +216,15 @@ def _layouts() -> str:
     return "no error: " + "; ".join(results)
 
 
+def _one_wide_dilated() -> str:
+    w, w_scale = torch.randint(-127, 128, (2, 2, 2, 1), dtype=torch.int8), torch.full((2,), 0.01)
+    args = ([1, 2], [1, 1], [1, 2], 1)
+    x = torch.randint(0, 256, (2, 2, 6, 1), dtype=torch.uint8)
+    a = onednn.qconv(x, 0.1, 10, onednn.pack_conv(w, w_scale, 0.1, 10, *args), w_scale, None, *args, 0.5, 2, "none")
+    b = portable.qconv(x, 0.1, 10, w, w_scale, None, *args, 0.5, 2, "none")
+    return f"no error: oneDNN {int((a.int() - b.int()).abs().max())} step(s) from the portable kernel"
+
+
 _W8 = torch.randint(-127, 128, (4, 8), dtype=torch.int8)
 _U8 = torch.randint(0, 256, (2, 8), dtype=torch.uint8)
 
@@ -305,6 +314,8 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
      lambda: onednn.qlinear(_U8, 0.1, 0, _W8, torch.ones(4), None, 0.1, 0, "none")),
     ("stride 0 when packing a conv weight (was SIGFPE)", "kernels.onednn.pack_conv",
      lambda: onednn.pack_conv(_W8.reshape(4, 2, 2, 2), torch.ones(4), 0.1, 0, [0, 1], [0, 0], [1, 1], 1)),
+    ("a 1-wide kernel with dilation 2, padding 1 and stride 2 (was SIGSEGV in oneDNN)", "kernels.onednn",
+     _one_wide_dilated),
     ("a NaN weight scale when packing", "kernels.onednn.pack_conv",
      lambda: onednn.pack_conv(_W8.reshape(4, 2, 2, 2), torch.tensor([1.0, float("nan"), 1.0, 1.0]), 0.1, 0,
                               [1, 1], [0, 0], [1, 1], 1)),
