@@ -12,8 +12,9 @@ captured, what came and the way out::
     x -> _guards_fn(x) -> quantize(x) -> ...   becomes   x -> _input_check(x) -> quantize(x) -> ...
 
 It replaces export's ``_guards_fn`` (which checks the same sizes and batch range, more
-slowly, with an ``AssertionError``) when every input is a tensor. The check reads a few
-attributes per input, no pytree flattening: about 2 µs a call (models run at batch 1).
+slowly, with an ``AssertionError``) and its per-call pytree re-check of the inputs
+(``validate_inputs``) when every input is a tensor: together about 45 µs a call on this
+machine. The check reads a few attributes per input: about 2.6 µs (models run at batch 1).
 
 It is a module of the graph, not a hook, so ``copy.deepcopy`` and ``convert`` keep it;
 ``graphquant.save`` drops it from the exported program and ``graphquant.load`` installs it
