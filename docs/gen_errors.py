@@ -4,12 +4,15 @@
     python docs/gen_errors.py --check    # exit 1 if docs/errors.md is out of date
 
 The messages are the real ones, produced here, not copied from the source: when a message
-changes, rerun this script. A case whose call no longer raises is listed as "(no error)".
+changes, rerun this script. A case whose call no longer raises is listed as "(no error)"; a
+case that is meant to work (the numeric edge cases) returns what was checked, and a case that
+warns instead of raising shows its warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import sys
 import tempfile
@@ -23,7 +26,9 @@ from torch import nn
 
 import graphquant as gq
 from graphquant import capture, numerics, qconfig
-from graphquant.kernels import onednn
+from graphquant.kernels import onednn, portable
+from graphquant.qconfig import ObserverSpec, QConfig
+from graphquant.quant_math import sqnr
 
 OUT = Path(__file__).resolve().parent / "errors.md"
 TMP = Path(tempfile.mkdtemp(prefix="graphquant-errors-"))
@@ -111,6 +116,125 @@ def _observers_saw_nothing() -> object:
     return gq.convert(prepared)
 
 
+@functools.cache
+def _quantized(kind: str) -> nn.Module:
+    """A quantized ``Net`` (static, kernels), ``Mlp`` (dynamic) or ``Net`` saved and loaded."""
+    if kind == "dynamic":
+        return gq.quantize_dynamic(nn.Sequential(nn.Linear(4, 4)).eval(), example_inputs=(torch.randn(2, 4),))
+    quantized = gq.convert(_calibrated())
+    if kind == "loaded":
+        gq.save(quantized, str(TMP / "net.pt2"))
+        return gq.load(str(TMP / "net.pt2"))
+    if kind == "torchscript":
+        torch.jit.save(gq.to_torchscript(quantized), str(TMP / "net.ts"))
+        return torch.jit.load(str(TMP / "net.ts"))
+    return quantized
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * mask
+
+
+def _two_batches() -> object:
+    model = gq.quantize_dynamic(TwoInputs().eval(), example_inputs=(torch.randn(2, 4), torch.ones(2, 4)))
+    return model(torch.randn(3, 4), torch.ones(2, 4))
+
+
+class FixedBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(2, -1))
+
+
+def _fixed_batch() -> object:
+    model = gq.quantize_dynamic(FixedBatch().eval(), example_inputs=(torch.randn(2, 8),))
+    return model(torch.randn(3, 8))
+
+
+def _nan_calibration() -> object:
+    prepared = gq.prepare(net(), QD, (X,))
+    bad = X.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning is what this case shows
+        gq.calibrate(prepared, [bad])
+    return prepared
+
+
+class ConvFc(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def _edge_case(change: str, qconfig: QConfig | None = None) -> str:
+    """Quantize ``ConvFc`` with one numeric edge case on both backends; what was checked."""
+    torch.manual_seed(0)
+    model = ConvFc().eval()
+    data = [torch.randn(2, 3, 8, 8)]
+    with torch.no_grad():
+        if change == "constant":
+            data = [torch.zeros(2, 3, 8, 8)]
+        elif change == "zero channel":
+            model.conv.weight[1] = 0.0
+        elif change == "1e30":
+            model.conv.weight.mul_(1e30)
+            model.fc.weight.mul_(1e-30)
+        elif change == "bias":
+            model.conv.weight.mul_(1e-4)
+            model.conv.bias.fill_(3.0)
+            data = [data[0] * 1e-3]
+    results = []
+    for backend in ("onednn", "portable"):
+        prepared = gq.prepare(model, {"": qconfig or QConfig(activation=ObserverSpec("minmax"))}, (data[0],))
+        gq.calibrate(prepared, data)
+        kernel, reference = gq.convert(prepared, backend=backend), gq.convert(prepared, debug=True, backend=backend)
+        x = data[0]
+        step = [n.scale for n in gq.report(kernel).quantized if n.scale is not None][-1]
+        y = kernel(x)
+        if not bool(torch.isfinite(y).all()):
+            return f"{backend}: non-finite output"
+        steps = float((y - reference(x)).abs().max()) / step
+        results.append(f"{backend} {steps:.0f} step(s) from the reference, SQNR {sqnr(model(x), y):.0f} dB")
+    return "no error: " + "; ".join(results)
+
+
+def _layouts() -> str:
+    results = []
+    for backend in ("onednn", "portable"):
+        quantized = gq.convert(_calibrated(), backend=backend)
+        x = torch.randn(2, 3, 8, 16)[..., ::2]
+        same = all(torch.equal(quantized(v), quantized(x.contiguous()))
+                   for v in (x, x.contiguous(memory_format=torch.channels_last)))  # fmt: skip
+        results.append(f"{backend} {'bit-identical to' if same else 'DIFFERS from'} the contiguous input")
+    return "no error: " + "; ".join(results)
+
+
+def _one_wide_dilated() -> str:
+    w, w_scale = torch.randint(-127, 128, (2, 2, 2, 1), dtype=torch.int8), torch.full((2,), 0.01)
+    args = ([1, 2], [1, 1], [1, 2], 1)
+    x = torch.randint(0, 256, (2, 2, 6, 1), dtype=torch.uint8)
+    a = onednn.qconv(x, 0.1, 10, onednn.pack_conv(w, w_scale, 0.1, 10, *args), w_scale, None, *args, 0.5, 2, "none")
+    b = portable.qconv(x, 0.1, 10, w, w_scale, None, *args, 0.5, 2, "none")
+    return f"no error: oneDNN {int((a.int() - b.int()).abs().max())} step(s) from the portable kernel"
+
+
+_W8 = torch.randint(-127, 128, (4, 8), dtype=torch.int8)
+_U8 = torch.randint(0, 256, (2, 8), dtype=torch.uint8)
+
+
 # (bad input, where it is raised, the call)
 CASES: list[tuple[str, str, Callable[[], object]]] = [
     # capture
@@ -173,6 +297,59 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
      lambda: numerics.compare(net(), None, None, [X])),
     ("numerics.compare given one tensor instead of a list of batches", "numerics.compare",
      lambda: numerics.compare(net(), None, X, None)),
+    # calibration data
+    ("calibration data with NaN or Inf (skipped, with a warning)", "observers.Observer", _nan_calibration),
+    ("a float64 example input", "inputs.specs_from_examples",
+     lambda: gq.prepare(net(), QD, (X.double(),))),
+    ("a half example input", "inputs.specs_from_examples", lambda: gq.prepare(net(), QD, (X.half(),))),
+    ("an example batch of size 0", "inputs.specs_from_examples", lambda: gq.prepare(net(), QD, (X[:0],))),
+    # inference inputs (every converted, prepared, loaded or lazily captured model checks them)
+    ("an inference input of another rank", "inputs.InputCheck", lambda: _quantized("static")(X[0])),
+    ("an inference input with another channel count", "inputs.InputCheck",
+     lambda: _quantized("static")(torch.randn(2, 4, 8, 8))),
+    ("an inference input of another spatial size", "inputs.InputCheck",
+     lambda: _quantized("static")(torch.randn(2, 3, 9, 8))),
+    ("a float64 inference input", "inputs.InputCheck", lambda: _quantized("static")(X.double())),
+    ("a half inference input", "inputs.InputCheck", lambda: _quantized("static")(X.half())),
+    ("an inference batch of size 0", "inputs.InputCheck", lambda: _quantized("static")(X[:0])),
+    ("an inference input on another device", "inputs.InputCheck",
+     lambda: _quantized("static")(torch.empty(2, 3, 8, 8, device="meta"))),
+    ("a list instead of a tensor", "inputs.InputCheck", lambda: _quantized("static")(X.tolist())),
+    ("inputs with different batch sizes", "inputs.InputCheck", _two_batches),
+    ("another batch size where the model fixes it (x.reshape(2, -1))", "inputs.InputCheck", _fixed_batch),
+    ("a float64 input to a dynamic model", "inputs.InputCheck",
+     lambda: _quantized("dynamic")(torch.randn(2, 4).double())),
+    ("a bad input to a model from graphquant.load", "inputs.InputCheck", lambda: _quantized("loaded")(X[0])),
+    ("a bad input to a to_torchscript module (no graphquant needed)", "serialize._ts_check_input",
+     lambda: _quantized("torchscript")(X.double())),
+    # kernels (each checks its arguments before oneDNN or torch sees them)
+    ("an unpacked weight given to oneDNN qlinear (was SIGSEGV)", "kernels.onednn.qlinear",
+     lambda: onednn.qlinear(_U8, 0.1, 0, _W8, torch.ones(4), None, 0.1, 0, "none")),
+    ("stride 0 when packing a conv weight (was SIGFPE)", "kernels.onednn.pack_conv",
+     lambda: onednn.pack_conv(_W8.reshape(4, 2, 2, 2), torch.ones(4), 0.1, 0, [0, 1], [0, 0], [1, 1], 1)),
+    ("a 1-wide kernel with dilation 2, padding 1 and stride 2 (was SIGSEGV in oneDNN)", "kernels.onednn",
+     _one_wide_dilated),
+    ("a NaN weight scale when packing", "kernels.onednn.pack_conv",
+     lambda: onednn.pack_conv(_W8.reshape(4, 2, 2, 2), torch.tensor([1.0, float("nan"), 1.0, 1.0]), 0.1, 0,
+                              [1, 1], [0, 0], [1, 1], 1)),
+    ("a zero activation scale", "kernels.portable.check_qparams",
+     lambda: portable.qlinear(_U8, 0.0, 0, _W8, torch.ones(4), None, 0.1, 0, "none")),
+    ("a zero point of 300 for uint8", "kernels.portable.check_qparams",
+     lambda: portable.qlinear(_U8, 0.1, 300, _W8, torch.ones(4), None, 0.1, 0, "none")),
+    ("a float activation given to an int8 kernel", "kernels.portable.check_inputs",
+     lambda: portable.qlinear(_U8.float(), 0.1, 0, _W8, torch.ones(4), None, 0.1, 0, "none")),
+    ("a quantize with a NaN scale", "kernels.ops.quantize_per_tensor",
+     lambda: torch.ops.graphquant.quantize_per_tensor(X, float("nan"), 0, 0, 255, torch.uint8)),
+    # numeric edge cases: meant to work; the table shows what was checked
+    ("a constant (all-zero) activation", "quant_math.choose_qparams", lambda: _edge_case("constant")),
+    ("an all-zero weight output channel, per channel", "quant_math.choose_qparams",
+     lambda: _edge_case("zero channel")),
+    ("an all-zero weight output channel, per tensor", "quant_math.choose_qparams",
+     lambda: _edge_case("zero channel", QConfig(activation=ObserverSpec("minmax"),
+                                                weight=ObserverSpec("minmax", torch.int8, symmetric=True)))),
+    ("weights of 1e30 feeding weights of 1e-30", "quant_math.choose_qparams", lambda: _edge_case("1e30")),
+    ("a bias beyond int32 at scale x_scale * w_scale", "kernels", lambda: _edge_case("bias")),
+    ("non-contiguous and channels-last inputs", "kernels", _layouts),
 ]
 
 
@@ -180,13 +357,17 @@ def _message(call: Callable[[], object]) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            call()
+            result = call()
     except gq.GraphQuantError as error:
         text = str(error)
+    except UserWarning as warning:  # a case that warns, turned into an error to be shown
+        text = f"(warning) {warning}"
+    except torch.jit.Error as error:  # TorchScript raises its own type, with our words inside
+        text = f"torch.jit.Error: {error}"
     except Exception as error:  # noqa: BLE001 - listed as what it is: not a GraphQuantError
         text = f"{type(error).__name__} (not a GraphQuantError): {error}"
     else:
-        return "(no error)"
+        return result if isinstance(result, str) else "(no error)"
     lines = [line.strip() for line in text.replace(str(TMP), "<dir>").splitlines() if line.strip()]
     # torch's own message, quoted inside ours, can run to many lines: keep its first and our last
     shown = lines[0] if len(lines) == 1 else f"{lines[0]} [...] {lines[-1]}"
@@ -196,7 +377,8 @@ def _message(call: Callable[[], object]) -> str:
 HEADER = """# Errors: bad inputs and what graphquant says
 
 Every problem graphquant can name is a `graphquant.GraphQuantError` (a `RuntimeError`, so code
-that caught PyTorch's quantization errors keeps working). Messages say what is wrong, where
+that caught PyTorch's quantization errors keeps working, and a `ValueError`, as the kernels'
+argument checks were). Messages say what is wrong, where
 (module path, node) and the way out. This table is generated by `python docs/gen_errors.py`,
 which runs each bad input; the messages are the real ones (paths shortened to `<dir>`).
 

@@ -18,6 +18,7 @@ from torch import fx, nn
 from graphquant.capture import capture, check_capturable, check_control_flow, load_program, module_tree
 from graphquant.errors import GraphQuantError
 from graphquant.graph import rebind_matches
+from graphquant.inputs import install_input_check
 from graphquant.kernels import onednn
 from graphquant.passes.annotate import annotate
 from graphquant.passes.fold_bn import fold_bn
@@ -56,6 +57,7 @@ class PreparedModel(nn.Module):
         gm = fold_bn(gm)
         matches = annotate(gm, self.qconfig_dict, dynamic=self.dynamic)
         self.graph_module = insert_observers(gm, matches)
+        install_input_check(self.graph_module)  # first again: observers must not see a bad batch
         self._float_model.clear()
 
     def forward(self, *args: Any) -> Any:
@@ -189,6 +191,7 @@ def convert(
             if name.startswith("graphquant_") and not hasattr(gm, name):
                 setattr(gm, name, copy.deepcopy(value))
     report = lower(gm, debug, backend, prepared.qconfig_dict)
+    install_input_check(gm)  # first again: lowering put quantize nodes right after the inputs
     gm.graphquant_report = report
     gm.graphquant_qconfig_dict = dict(prepared.qconfig_dict)
     gm.graphquant_backend = backend

@@ -18,6 +18,7 @@ as ``aten.conv2d.default``; in-place ops (``relu_``, ``add_``) arrive functional
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import os
 import warnings
@@ -30,6 +31,7 @@ from torch.export import Dim, ExportedProgram
 
 from graphquant.errors import GraphQuantError
 from graphquant.graph import MODULE_PATH, MODULE_TYPE, add_attr, get_attr_value
+from graphquant.inputs import install_input_check, specs_from_examples
 
 BATCH = "batch"
 # extra file inside a .pt2 that graphquant.save wrote (the manifest); capture refuses such a program
@@ -155,12 +157,10 @@ def _export(model: nn.Module, example_inputs: tuple[Any, ...], name: str | None 
                     "Data-dependent control flow cannot be captured; move it out of forward or "
                     "keep that submodule float and call it outside the quantized model"
                 ) from error
-            warnings.warn(
-                f"graphquant: captured {name} with a fixed batch size "
-                f"({str(dyn_error).splitlines()[0][:200]})",
-                stacklevel=3,
-            )
-            return ep, False
+            reason = str(dyn_error).splitlines()[0][:200]
+    # outside the block above, which silences export's own warnings (it used to silence this one too)
+    warnings.warn(f"graphquant: captured {name} with a fixed batch size ({reason})", stacklevel=3)
+    return ep, False
 
 
 def _scope_path(scope: str) -> tuple[str, str]:
@@ -325,6 +325,18 @@ def _views_to_reshape(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _forward_names(model: Model) -> list[str]:
+    """The names of ``forward``'s parameters, for messages about example inputs (best effort)."""
+    forward = getattr(model, "forward", None)
+    try:
+        parameters = [] if forward is None else list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):  # a TorchScript method may have no Python signature
+        return []
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        return []  # forward(*args): the graph's names say more
+    return [p.name for p in parameters]
+
+
 def capture(model: Model, example_inputs: Sequence[Any]) -> fx.GraphModule:
     """Export ``model`` on ``example_inputs`` into a functional ATen ``GraphModule``.
 
@@ -335,13 +347,19 @@ def capture(model: Model, example_inputs: Sequence[Any]) -> fx.GraphModule:
     Records on the result ``graphquant_input_spec`` (per input: shape without the batch
     dimension and dtype, or ``None`` for a non-tensor) and ``graphquant_batch`` (``None``
     when the batch dimension is dynamic, else the batch size it is fixed to), and, when it is
-    fixed, ``graphquant_input_sizes`` (each input's first size).
+    fixed, ``graphquant_input_sizes`` (each input's first size); it checks its inputs against
+    them on every call (:mod:`graphquant.inputs`).
     """
     check_capturable(model)
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
+    specs_from_examples(example_inputs, _forward_names(model), False)  # refuses a batch of 0 and non-float32 floats
     ep, dynamic = _program(model, tuple(example_inputs))
     gm = ep.run_decompositions({}).module()
+    names = _forward_names(model)  # the user's names; the graph renames some (``input`` -> ``input_1``)
+    placeholders = [node.name for node in gm.graph.find_nodes(op="placeholder")]
+    install_input_check(gm, specs_from_examples(example_inputs, names if len(names) == len(placeholders) else
+                                                placeholders, dynamic))  # fmt: skip
     paths = module_paths(model)
     for node in gm.graph.nodes:
         path, kind = _module_path(node, paths)

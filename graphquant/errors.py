@@ -6,11 +6,12 @@ Every message says what is wrong, where (module path or node) and the way out.
 from __future__ import annotations
 
 
-class GraphQuantError(RuntimeError):
+class GraphQuantError(RuntimeError, ValueError):
     """A problem with the user's model, config or data that graphquant can name.
 
     Subclasses ``RuntimeError`` so that callers who caught PyTorch's quantization
-    errors keep working.
+    errors keep working, and ``ValueError`` so that callers who caught the kernels'
+    argument checks (``ValueError`` before they became graphquant errors) do too.
     """
 
 

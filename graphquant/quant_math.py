@@ -11,9 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
-# Smallest scale we hand out: a zero range (constant activation, all-zero channel)
-# still gives a positive scale so nothing divides by zero.
+from graphquant.errors import GraphQuantError
+
+# The scale of a zero range (an all-zero activation or weight channel): any positive scale
+# represents it exactly, and a positive one means nothing divides by zero.
 EPS = float(torch.finfo(torch.float32).eps)
+# Smallest scale of a non-zero range: the smallest normal float32. Not EPS: weights of 1e-30
+# need a scale of 1e-32, and clamping it to 1.2e-7 would round every weight to 0 (a silent
+# zero output). A normal float32 keeps x_scale * w_scale, which oneDNN forms in float32, away
+# from denormals for any activation scale above about 1e-6.
+TINY = float(torch.finfo(torch.float32).tiny)
 
 # 4-bit values (embedding tables, stored two per byte by the kernels); torch 2.13's stubs lack the name
 UINT4: torch.dtype = torch.uint4  # type: ignore[attr-defined]
@@ -29,7 +36,7 @@ _RANGES = {
 def dtype_range(dtype: torch.dtype) -> tuple[int, int]:
     """The integer range ``(qmin, qmax)`` a dtype holds."""
     if dtype not in _RANGES:
-        raise ValueError(f"graphquant: no integer range for {dtype}; use torch.uint8 or torch.int8")
+        raise GraphQuantError(f"graphquant: no integer range for {dtype}; use torch.uint8 or torch.int8")
     return _RANGES[dtype]
 
 
@@ -62,7 +69,7 @@ class QParams:
     def scalar(self) -> tuple[float, int]:
         """``(scale, zero_point)`` as Python numbers; only for per-tensor qparams."""
         if self.axis is not None:
-            raise ValueError("graphquant: per-channel qparams have no single scale")
+            raise GraphQuantError("graphquant: per-channel qparams have no single scale")
         return float(self.scale), int(self.zero_point)
 
 
@@ -87,15 +94,19 @@ def choose_qparams(
     max_val = torch.clamp(max_val.detach().double(), min=0.0)
     if symmetric:
         amax = torch.maximum(-min_val, max_val)
-        scale = amax / ((qmax - qmin) / 2)
-        scale = torch.clamp(scale, min=EPS)
+        scale = _positive(amax / ((qmax - qmin) / 2))
         mid = (qmin + qmax + 1) // 2 if dtype == torch.uint8 else 0
         zero_point = torch.full_like(scale, mid, dtype=torch.int64)
     else:
-        scale = torch.clamp((max_val - min_val) / (qmax - qmin), min=EPS)
+        scale = _positive((max_val - min_val) / (qmax - qmin))
         zero_point = (qmin - torch.round(min_val / scale)).clamp(qmin, qmax).to(torch.int64)
     # float32 scales: the kernels take float32, so the reference must round with the same value.
     return QParams(scale.float(), zero_point, dtype, qmin, qmax, axis)
+
+
+def _positive(scale: torch.Tensor) -> torch.Tensor:
+    """``EPS`` for a zero range, at least ``TINY`` (in float32) otherwise; float64 in and out."""
+    return torch.where(scale > 0, torch.clamp(scale, min=TINY), torch.full_like(scale, EPS))
 
 
 def _broadcast(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
@@ -225,6 +236,12 @@ def dynamic_qparams(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, tor
 
 def quantize_dynamic_tensor(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q, scale, zero_point)`` of one batch: uint8 per tensor or int8 per token."""
+    if not x.is_floating_point():
+        raise GraphQuantError(f"graphquant::quantize_dynamic: input must be floating point, got {x.dtype}")
+    if x.numel() == 0:  # nothing to take a range of: any positive scale represents it
+        shape = (*x.shape[:-1], 1) if per_token and x.dim() > 0 else ()
+        scale, zero_point = torch.full(shape, EPS), torch.zeros(shape, dtype=torch.int64)
+        return torch.empty_like(x, dtype=torch.int8 if per_token else torch.uint8), scale, zero_point
     scale, zero_point = dynamic_qparams(x, per_token)
     if per_token:
         return quantize_tensor(x, scale, 0, -128, 127, torch.int8), scale, zero_point

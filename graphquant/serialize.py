@@ -40,7 +40,9 @@ from graphquant.api import LazyQuantized
 from graphquant.capture import BATCH, MANIFEST_FILE
 from graphquant.errors import GraphQuantError, where
 from graphquant.graph import add_attr, get_attr_value, module_path
+from graphquant.inputs import INPUT_CHECK, InputSpec, input_specs, install_input_check
 from graphquant.kernels import elementwise, embedding, onednn
+from graphquant.kernels.onednn import onednn_dilation
 from graphquant.patterns.context import PACKED
 from graphquant.qconfig import QConfig
 from graphquant.report import ConversionReport, NodeReport
@@ -194,6 +196,8 @@ def portable_graph_module(qmodel: nn.Module) -> fx.GraphModule:
     for node in graph.nodes:
         if node.op == "get_attr" and node.target in packed:
             node.target = str(packed[str(node.target)]["int8"])
+    for node in list(graph.find_nodes(op="call_module", target=INPUT_CHECK)):
+        graph.erase_node(node)  # export would trace it away; load installs it again from the manifest
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         portable = fx.GraphModule(gm, graph)
@@ -351,7 +355,21 @@ def load(path: str | os.PathLike[str]) -> fx.GraphModule:
     }
     for name, value in attributes.items():
         setattr(gm, name, value)
+    install_input_check(gm, _manifest_specs(gm, data["inputs"]))
     return gm
+
+
+def _manifest_specs(gm: fx.GraphModule, inputs: list[dict[str, Any]]) -> tuple[InputSpec, ...]:
+    """The input check of a loaded model, from the manifest's inputs (CPU: the kernels' device)."""
+    names = [node.name for node in gm.graph.find_nodes(op="placeholder")]
+    specs = []
+    for position, entry in enumerate(inputs):
+        batch = entry["shape"][0] if entry["shape"] else None
+        sizes = tuple(1 if i == 0 and batch == BATCH else int(size) for i, size in enumerate(entry["shape"]))
+        name = names[position] if position < len(names) else f"arg{position}"
+        specs.append(InputSpec(position, name, getattr(torch, entry["dtype"]), torch.device("cpu"), sizes,
+                               batch == BATCH))  # fmt: skip
+    return tuple(specs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,8 +492,8 @@ def _ts_onednn_conv_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor
     scalars = _ts_scalars(post_op_args) if fused != "none" else _ts_scalars([])
     w_zero_point = torch.zeros(w.size(0), dtype=torch.int64)
     return torch.ops.onednn.qconv_pointwise(
-        x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation, groups, scale,
-        zero_point, dtype, attr, scalars, algorithm,
+        x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, onednn_dilation(w, dilation), groups,
+        scale, zero_point, dtype, attr, scalars, algorithm,
     )  # fmt: skip
 
 
@@ -559,7 +577,8 @@ def _ts_onednn_qconv_add_2d(x: Tensor, x_scale: float, x_zero_point: int, w: Ten
     private = accum.clone(memory_format=torch.channels_last)
     w_zero_point = torch.zeros(w.size(0), dtype=torch.int64)
     return torch.ops.onednn.qconv2d_pointwise(
-        x, x_scale, x_zero_point, w, w_scale, w_zero_point, private, bias, stride, padding, dilation, groups,
+        x, x_scale, x_zero_point, w, w_scale, w_zero_point, private, bias, stride, padding,
+        onednn_dilation(w, dilation), groups,
         out_scale, out_zero_point, None, accum_scale, accum_zero_point, "sum", 1.0, post_op, _ts_scalars([]), "",
     )  # fmt: skip
 
@@ -690,6 +709,51 @@ def _ts_qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | No
     return y + bias if bias is not None else y
 
 
+def _ts_check_input(x: Tensor, position: int, name: str, dtype: torch.dtype, device: str, sizes: list[int],
+                    dynamic_batch: bool, batch_of: Tensor, captured: str, cast: str) -> None:  # fmt: skip
+    """inputs.InputCheck, one input: ``batch_of`` is the first input with a dynamic batch."""
+    where = "graphquant: <model> input " + str(position) + " (" + name + ")"
+    captured = "the model was captured with " + captured
+    if x.dtype != dtype:
+        raise ValueError(where + " has the wrong dtype; " + captured + ". Cast it with " + name + cast)
+    if str(x.device) != device:
+        raise ValueError(where + " is on " + str(x.device) + "; " + captured + ". Move it with " + name + ".to('"
+                         + device + "')")  # fmt: skip
+    shape = x.shape
+    if len(shape) != len(sizes):
+        raise ValueError(where + " is " + str(len(shape)) + "-d with shape " + str(shape) + "; " + captured
+                         + ". Pass inputs of that rank, or re-quantize with example inputs of that shape")  # fmt: skip
+    if len(shape) > 0 and shape[0] == 0:
+        raise ValueError(where + " has batch size 0 (shape " + str(shape) + "); " + captured
+                         + ". Skip empty batches: there is nothing to compute")  # fmt: skip
+    for dim in range(len(shape)):
+        if dim == 0 and dynamic_batch:
+            if shape[0] != batch_of.size(0):
+                raise ValueError(where + " has batch size " + str(shape[0]) + ", but an earlier input has "
+                                 + str(batch_of.size(0)) + "; give every input the same batch size")  # fmt: skip
+        elif shape[dim] != sizes[dim]:
+            raise ValueError(where + " has shape " + str(shape) + ": dimension " + str(dim) + " must be "
+                             + str(sizes[dim]) + ", got " + str(shape[dim]) + "; " + captured
+                             + ". Pass inputs of that shape, or re-quantize with example inputs of that shape")
+
+
+fx.node.has_side_effect(_ts_check_input)  # no users: kept through dead-code elimination
+
+
+def _ts_input_checks(graph: fx.Graph, specs: tuple[InputSpec | None, ...], inputs: list[Any]) -> None:
+    """One ``_ts_check_input`` call per tensor input, where ``_input_check`` was."""
+    first = None
+    for spec, x in zip(specs, inputs, strict=True):
+        if spec is None:
+            continue
+        if spec.dynamic_batch and first is None:
+            first = x
+        cast = ".float()" if spec.dtype == torch.float32 else f".to({spec.dtype})"
+        graph.call_function(_ts_check_input, (x, spec.position, spec.name, spec.dtype, str(spec.device),
+                                              list(spec.sizes), spec.dynamic_batch, first if first is not None else x,
+                                              spec.describe(), cast))  # fmt: skip
+
+
 def _ts_linear_fp16(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     if w.dtype != torch.float16:
         raise ValueError("graphquant::linear_fp16: weight must be float16")
@@ -724,7 +788,7 @@ def _ts_pack_conv(w: Tensor, w_scale: Tensor, x_scale: float, x_zero_point: int,
                   padding: list[int], dilation: list[int], groups: int) -> Tensor:  # fmt: skip
     """kernels.onednn.pack_conv."""
     return torch.ops.onednn.qconv_prepack(w.contiguous(), w_scale.float(), x_scale, x_zero_point, stride, padding,
-                                          dilation, groups, None)  # fmt: skip
+                                          onednn_dilation(w, dilation), groups, None)  # fmt: skip
 
 
 ConvState = tuple[Tensor, Tensor, float, int, list[int], list[int], list[int], int, bool]
@@ -879,7 +943,10 @@ def _scriptable_graph(gm: fx.GraphModule) -> tuple[nn.Module, fx.Graph]:
                                       "to_torchscript handles tensors only")  # fmt: skip
             env[node] = graph.get_attr(attribute(target, lambda v=value: v))
         elif node.op == "call_module":
-            if node.target != "_guards_fn":  # export's input checks: TorchScript checks shapes in the kernels
+            specs = input_specs(gm) if node.target == INPUT_CHECK else None
+            if specs is not None:
+                _ts_input_checks(graph, specs, [env[arg] for arg in node.args])
+            elif node.target != "_guards_fn":  # export's input checks: TorchScript checks shapes in the kernels
                 raise GraphQuantError(f"graphquant: {node.name} calls submodule {node.target}; to_torchscript "
                                       "handles flat graphs only")  # fmt: skip
         elif node.op == "call_function":

@@ -15,15 +15,55 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from graphquant.errors import GraphQuantError
 
-def _check_uint8(op: str, x: Tensor, index: int) -> None:
+
+def _check_qparams(op: str, what: str, scale: float, zero_point: int) -> None:
+    # a zero scale divides by zero, a NaN one makes every output an arbitrary uint8
+    if not (scale > 0.0 and scale < float("inf")) or zero_point < 0 or zero_point > 255:
+        raise GraphQuantError("graphquant::" + op + ": " + what + " needs a positive finite scale and a zero point "
+                              + "in [0, 255], got " + str(scale) + ", " + str(zero_point))  # fmt: skip
+
+
+def _check_uint8(op: str, x: Tensor, index: int, scale: float, zero_point: int) -> None:
     if x.dtype != torch.uint8:
-        raise ValueError("graphquant::" + op + ": input " + str(index) + " must be uint8, got " + str(x.dtype))
+        raise GraphQuantError("graphquant::" + op + ": input " + str(index) + " must be uint8, got " + str(x.dtype))
+    _check_qparams(op, "input " + str(index), scale, zero_point)
 
 
-def _check_post_op(op: str, post_op: str) -> None:
+def _check_post_op(op: str, post_op: str, out_scale: float, out_zero_point: int) -> None:
     if post_op != "none" and post_op != "relu":
-        raise ValueError("graphquant::" + op + ": post_op must be 'none' or 'relu', got '" + post_op + "'")
+        raise GraphQuantError("graphquant::" + op + ": post_op must be 'none' or 'relu', got '" + post_op + "'")
+    _check_qparams(op, "the output", out_scale, out_zero_point)
+
+
+def _check_broadcast(op: str, x: Tensor, y: Tensor) -> None:
+    """Shapes that broadcast: from the right, equal sizes or a 1."""
+    for i in range(1, min(x.dim(), y.dim()) + 1):
+        a, b = x.size(x.dim() - i), y.size(y.dim() - i)
+        if a != b and a != 1 and b != 1:
+            raise GraphQuantError("graphquant::" + op + ": shapes " + str(x.shape) + " and " + str(y.shape)
+                                  + " do not broadcast")  # fmt: skip
+
+
+def _check_join(op: str, xs: list[Tensor], dim: int, stack: bool) -> None:
+    """Inputs of one shape (``stack``) or of one shape but along ``dim`` (``cat``), ``dim`` in range."""
+    if len(xs) == 0:
+        raise GraphQuantError("graphquant::" + op + ": needs at least one input")
+    rank = xs[0].dim() + (1 if stack else 0)
+    if rank == 0 or dim < -rank or dim >= rank:
+        raise GraphQuantError("graphquant::" + op + ": dim " + str(dim) + " is out of range for inputs of shape "
+                              + str(xs[0].shape))  # fmt: skip
+    along = dim + rank if dim < 0 else dim
+    for x in xs:
+        same = x.dim() == xs[0].dim()
+        if same:
+            for i in range(x.dim()):
+                if x.size(i) != xs[0].size(i) and (stack or i != along):
+                    same = False
+        if not same:
+            raise GraphQuantError("graphquant::" + op + ": input shapes " + str(xs[0].shape) + " and " + str(x.shape)
+                                  + " do not join along dim " + str(dim))  # fmt: skip
 
 
 def _dequantize(q: Tensor, scale: float, zero_point: int) -> Tensor:
@@ -42,9 +82,10 @@ def qadd(
 ) -> Tensor:  # fmt: skip
     """``x + alpha * y`` (broadcasting) on uint8 inputs, uint8 out; ``alpha=-1`` is ``sub``
     (``torch.sub`` is ``torch.add`` with ``-alpha``, bit for bit)."""
-    _check_uint8("qadd", x, 0)
-    _check_uint8("qadd", y, 1)
-    _check_post_op("qadd", post_op)
+    _check_uint8("qadd", x, 0, x_scale, x_zero_point)
+    _check_uint8("qadd", y, 1, y_scale, y_zero_point)
+    _check_post_op("qadd", post_op, out_scale, out_zero_point)
+    _check_broadcast("qadd", x, y)
     v = torch.add(_dequantize(x, x_scale, x_zero_point), _dequantize(y, y_scale, y_zero_point), alpha=alpha)
     return _quantize(v, out_scale, out_zero_point, post_op)
 
@@ -53,8 +94,8 @@ def qadd_scalar(
     x: Tensor, x_scale: float, x_zero_point: int, other: float, out_scale: float, out_zero_point: int, post_op: str
 ) -> Tensor:
     """``x + other`` for a Python number ``other``, uint8 out."""
-    _check_uint8("qadd_scalar", x, 0)
-    _check_post_op("qadd_scalar", post_op)
+    _check_uint8("qadd_scalar", x, 0, x_scale, x_zero_point)
+    _check_post_op("qadd_scalar", post_op, out_scale, out_zero_point)
     return _quantize(_dequantize(x, x_scale, x_zero_point) + other, out_scale, out_zero_point, post_op)
 
 
@@ -63,9 +104,10 @@ def qmul(
     out_scale: float, out_zero_point: int, post_op: str,
 ) -> Tensor:  # fmt: skip
     """``x * y`` (broadcasting) on uint8 inputs, uint8 out."""
-    _check_uint8("qmul", x, 0)
-    _check_uint8("qmul", y, 1)
-    _check_post_op("qmul", post_op)
+    _check_uint8("qmul", x, 0, x_scale, x_zero_point)
+    _check_uint8("qmul", y, 1, y_scale, y_zero_point)
+    _check_post_op("qmul", post_op, out_scale, out_zero_point)
+    _check_broadcast("qmul", x, y)
     v = _dequantize(x, x_scale, x_zero_point) * _dequantize(y, y_scale, y_zero_point)
     return _quantize(v, out_scale, out_zero_point, post_op)
 
@@ -74,8 +116,8 @@ def qmul_scalar(
     x: Tensor, x_scale: float, x_zero_point: int, other: float, out_scale: float, out_zero_point: int, post_op: str
 ) -> Tensor:
     """``x * other`` for a Python number ``other``, uint8 out."""
-    _check_uint8("qmul_scalar", x, 0)
-    _check_post_op("qmul_scalar", post_op)
+    _check_uint8("qmul_scalar", x, 0, x_scale, x_zero_point)
+    _check_post_op("qmul_scalar", post_op, out_scale, out_zero_point)
     return _quantize(_dequantize(x, x_scale, x_zero_point) * other, out_scale, out_zero_point, post_op)
 
 
@@ -84,11 +126,12 @@ def _requantize_all(
 ) -> list[Tensor]:
     """Each input on the output's scale. An input that already has it passes unchanged."""
     if len(xs) != len(scales) or len(xs) != len(zero_points):
-        raise ValueError("graphquant::" + op + ": " + str(len(xs)) + " inputs but " + str(len(scales)) + " scales, "
-                         + str(len(zero_points)) + " zero points")  # fmt: skip
+        raise GraphQuantError("graphquant::" + op + ": " + str(len(xs)) + " inputs but " + str(len(scales))
+                              + " scales, " + str(len(zero_points)) + " zero points")  # fmt: skip
+    _check_qparams(op, "the output", out_scale, out_zero_point)
     out: list[Tensor] = []
     for i in range(len(xs)):
-        _check_uint8(op, xs[i], i)
+        _check_uint8(op, xs[i], i, scales[i], zero_points[i])
         if scales[i] == out_scale and zero_points[i] == out_zero_point:
             out.append(xs[i])
         else:
@@ -100,6 +143,7 @@ def qcat(
     xs: list[Tensor], scales: list[float], zero_points: list[int], dim: int, out_scale: float, out_zero_point: int
 ) -> Tensor:
     """``cat`` of uint8 tensors with their own qparams, requantized to one output scale."""
+    _check_join("qcat", xs, dim, False)
     return torch.cat(_requantize_all("qcat", xs, scales, zero_points, out_scale, out_zero_point), dim)
 
 
@@ -107,6 +151,7 @@ def qstack(
     xs: list[Tensor], scales: list[float], zero_points: list[int], dim: int, out_scale: float, out_zero_point: int
 ) -> Tensor:
     """``stack`` of uint8 tensors with their own qparams, requantized to one output scale."""
+    _check_join("qstack", xs, dim, True)
     return torch.stack(_requantize_all("qstack", xs, scales, zero_points, out_scale, out_zero_point), dim)
 
 

@@ -3,7 +3,7 @@
 
 oneDNN crashes the process on malformed input (an unpacked weight kills it with SIGSEGV;
 a residual ``accum`` smaller than the output would be written past its end), so every
-call checks dtype, packing and shape first and raises a ``ValueError`` instead.
+call checks dtype, packing and shape first and raises a ``GraphQuantError`` instead.
 Weights are packed once, at convert or load time, by :func:`pack_conv` / :func:`pack_linear`.
 
 Post-ops are the names of :data:`graphquant.kernels.portable.POST_OPS`. What torch 2.13's
@@ -19,11 +19,21 @@ backend everywhere.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
-from graphquant.kernels.portable import CLAMPS, apply_post_op, check_post_op, quantize_real
+from graphquant.errors import GraphQuantError
+from graphquant.kernels.portable import (
+    CLAMPS,
+    apply_post_op,
+    check_conv_args,
+    check_post_op,
+    check_qparams,
+    conv_out_shape,
+    quantize_real,
+)
 
 # graphquant post-op name -> oneDNN (attr, algorithm)
 _ONEDNN_POST_OPS = {
@@ -53,6 +63,17 @@ def _w_zero_point(n: int) -> torch.Tensor:
     return zp
 
 
+def onednn_dilation(w: torch.Tensor, dilation: list[int]) -> list[int]:
+    """``dilation`` with 1 where the kernel is 1 wide: the same convolution (a 1-wide kernel has no
+    gaps to spread), and oneDNN (torch 2.13) writes out of bounds on a 1-wide kernel with dilation
+    > 1, padding and stride >= 2: SIGSEGV, found by tests/fuzz_kernels.py. TorchScript-compatible:
+    the scripted twins in serialize call it too."""
+    out: list[int] = []
+    for i in range(len(dilation)):
+        out.append(1 if w.size(w.dim() - len(dilation) + i) == 1 else dilation[i])
+    return out
+
+
 def pack_conv(
     w: torch.Tensor,
     w_scale: torch.Tensor,
@@ -63,61 +84,54 @@ def pack_conv(
     dilation: list[int],
     groups: int,
 ) -> torch.Tensor:
-    """Pack an int8 conv weight (out, in/groups, *kernel) into oneDNN's opaque layout."""
-    if w.dtype != torch.int8 or w.is_mkldnn:
-        raise ValueError(f"graphquant: pack_conv wants a plain int8 weight, got {w.dtype} mkldnn={w.is_mkldnn}")
+    """Pack an int8 conv weight (out, in/groups, *kernel) into oneDNN's opaque layout.
+
+    Checked first: ``qconv_prepack`` divides by stride and dilation (SIGFPE on 0) and reads
+    one scale per output channel.
+    """
+    if w.dtype != torch.int8 or w.is_mkldnn or w.dim() not in (3, 4, 5):
+        raise GraphQuantError(f"graphquant::pack_conv: wants a plain 3-, 4- or 5-d int8 weight, got {w.dtype} "
+                              f"{tuple(w.shape)} mkldnn={w.is_mkldnn}")  # fmt: skip
+    if w_scale.dim() != 1 or w_scale.numel() != w.shape[0] or not w_scale.is_floating_point():
+        raise GraphQuantError(f"graphquant::pack_conv: w_scale must have one float per output channel ({w.shape[0]})")
+    if not bool(((w_scale > 0) & (w_scale < math.inf)).all()):  # once per weight: packing is not on the call path
+        raise GraphQuantError("graphquant::pack_conv: weight scales must be positive and finite")
+    check_conv_args("pack_conv", w.dim() - 2, stride, padding, dilation, groups)
+    check_qparams("pack_conv", x_scale, x_zero_point, 1.0, 0)
+    if w.shape[0] % groups:
+        raise GraphQuantError(f"graphquant::pack_conv: groups {groups} must divide the {w.shape[0]} output channels")
     return torch.ops.onednn.qconv_prepack(
-        w.contiguous(), w_scale.float(), x_scale, x_zero_point, stride, padding, dilation, groups, None
-    )
+        w.contiguous(), w_scale.float(), x_scale, x_zero_point, stride, padding, onednn_dilation(w, dilation), groups,
+        None,
+    )  # fmt: skip
 
 
 def pack_linear(w: torch.Tensor) -> torch.Tensor:
     """Pack an int8 linear weight (out, in) into oneDNN's opaque layout."""
     if w.dtype != torch.int8 or w.is_mkldnn or w.dim() != 2:
-        raise ValueError(f"graphquant: pack_linear wants a plain 2-d int8 weight, got {w.dtype} {tuple(w.shape)}")
+        raise GraphQuantError(f"graphquant: pack_linear wants a plain 2-d int8 weight, got {w.dtype} {tuple(w.shape)}")
     return torch.ops.onednn.qlinear_prepack(w.contiguous(), None)
 
 
 def _check_common(
-    op: str, x: torch.Tensor, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
-    bias: torch.Tensor | None, out_zero_point: int, post_op: str, post_op_args: Sequence[float], out_channels: int,
+    op: str, x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_scale: float, out_zero_point: int, post_op: str, post_op_args: Sequence[float],
+    out_channels: int,
 ) -> None:  # fmt: skip
     if x.dtype != torch.uint8:
-        raise ValueError(f"graphquant::{op}: activation must be uint8, got {x.dtype}")
+        raise GraphQuantError(f"graphquant::{op}: activation must be uint8, got {x.dtype}")
     if x.device.type != "cpu":
-        raise ValueError(f"graphquant::{op}: oneDNN kernels run on CPU, input is on {x.device}")
+        raise GraphQuantError(f"graphquant::{op}: oneDNN kernels run on CPU, input is on {x.device}")
     if not w.is_mkldnn:
-        raise ValueError(f"graphquant::{op}: weight is not packed for oneDNN; pack it with graphquant.kernels.onednn")
-    if not (0 <= x_zero_point <= 255 and 0 <= out_zero_point <= 255):
-        raise ValueError(f"graphquant::{op}: uint8 zero points must lie in [0, 255]")
-    if w_scale.dtype != torch.float32 or w_scale.dim() != 1 or w_scale.numel() != out_channels:
-        raise ValueError(f"graphquant::{op}: w_scale must be float32 with {out_channels} entries")
-    if bias is not None and (bias.dtype != torch.float32 or bias.numel() != out_channels):
-        raise ValueError(f"graphquant::{op}: bias must be float32 with {out_channels} entries")
-    check_post_op(op, post_op, post_op_args)
-
-
-def _conv_out_shape(
-    op: str, x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int
-) -> tuple[int, ...]:
-    """The output shape, or a ``ValueError`` for arguments oneDNN would misread."""
-    spatial = x.dim() - 2
-    # oneDNN packs a conv1d weight as 2-d (out, in, 1, k)
-    spatial_ok = x.dim() in (3, 4, 5) and (x.dim() == w.dim() or (x.dim() == 3 and w.dim() == 4))
-    if not spatial_ok or groups < 1 or x.shape[1] != w.shape[1] * groups:
-        raise ValueError(
-            f"graphquant::{op}: input {tuple(x.shape)} does not fit weight {tuple(w.shape)} with groups={groups}"
+        raise GraphQuantError(
+            f"graphquant::{op}: weight is not packed for oneDNN; pack it with graphquant.kernels.onednn"
         )
-    if not (len(stride) == len(padding) == len(dilation) == spatial):
-        raise ValueError(f"graphquant::{op}: stride, padding and dilation need {spatial} entries each")
-    kernel = w.shape[-spatial:]
-    out = [
-        (size + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
-        for i, size in enumerate(x.shape[2:])
-    ]
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0 or min(out) < 1:
-        raise ValueError(f"graphquant::{op}: input {tuple(x.shape)} is too small for kernel {tuple(kernel)}")
-    return (x.shape[0], w.shape[0], *out)
+    check_qparams(op, x_scale, x_zero_point, out_scale, out_zero_point)
+    if w_scale.dtype != torch.float32 or w_scale.dim() != 1 or w_scale.numel() != out_channels:
+        raise GraphQuantError(f"graphquant::{op}: w_scale must be float32 with {out_channels} entries")
+    if bias is not None and (bias.dtype != torch.float32 or bias.numel() != out_channels):
+        raise GraphQuantError(f"graphquant::{op}: bias must be float32 with {out_channels} entries")
+    check_post_op(op, post_op, post_op_args)
 
 
 def _as_2d(stride: list[int], padding: list[int], dilation: list[int]) -> tuple[list[int], list[int], list[int]]:
@@ -153,8 +167,9 @@ def qconv(
 ) -> torch.Tensor:
     """uint8 convolution, uint8 out (channels-last), checked before oneDNN sees it."""
     out_channels = w.shape[0]
-    _check_common("qconv", x, x_zero_point, w, w_scale, bias, out_zero_point, post_op, post_op_args, out_channels)
-    out_shape = _conv_out_shape("qconv", x, w, stride, padding, dilation, groups)
+    _check_common("qconv", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args,
+                  out_channels)  # fmt: skip
+    out_shape = conv_out_shape("qconv", x, w, stride, padding, dilation, groups)
     if x.shape[0] == 0:
         return x.new_empty(out_shape)
     if x.dim() == 3:  # oneDNN fuses post-ops into 2-d convs only
@@ -163,6 +178,8 @@ def qconv(
         return y.squeeze(2)
     if x.dim() == 5:
         x = x.contiguous(memory_format=torch.channels_last_3d)  # oneDNN's 3d path wants channels-last
+
+    dilation = onednn_dilation(w, dilation)
 
     def call(scale: float, zero_point: int, dtype: torch.dtype | None, fused: str) -> torch.Tensor:
         attr, algorithm = _ONEDNN_POST_OPS[fused]
@@ -208,24 +225,24 @@ def qconv_add(
     one copy of a uint8 tensor, made anyway when ``accum`` is not channels-last.
     """
     out_channels = w.shape[0]
-    _check_common("qconv_add", x, x_zero_point, w, w_scale, bias, out_zero_point, post_op, (), out_channels)
+    _check_common("qconv_add", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, (),
+                  out_channels)  # fmt: skip
     if post_op not in ("none", "relu"):
-        raise ValueError(f"graphquant::qconv_add: oneDNN fuses only relu after the residual sum, not {post_op!r}")
-    out_shape = _conv_out_shape("qconv_add", x, w, stride, padding, dilation, groups)
+        raise GraphQuantError(f"graphquant::qconv_add: oneDNN fuses only relu after the residual sum, not {post_op!r}")
+    out_shape = conv_out_shape("qconv_add", x, w, stride, padding, dilation, groups)
     if accum.dtype != torch.uint8 or tuple(accum.shape) != out_shape or accum.device.type != "cpu":
-        raise ValueError(
+        raise GraphQuantError(
             f"graphquant::qconv_add: accum must be a uint8 CPU tensor of the output's shape {out_shape}, "
             f"got {accum.dtype} {tuple(accum.shape)}"
         )
-    if not 0 <= accum_zero_point <= 255:
-        raise ValueError("graphquant::qconv_add: uint8 zero points must lie in [0, 255]")
+    check_qparams("qconv_add", accum_scale, accum_zero_point, out_scale, out_zero_point)
     if x.dim() == 3:  # oneDNN's sum post-op is 2-d only
         y = qconv_add(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, *_as_2d(stride, padding, dilation),
                       groups, accum.unsqueeze(2), accum_scale, accum_zero_point, out_scale, out_zero_point,
                       post_op)  # fmt: skip
         return y.squeeze(2)
     if x.dim() != 4:
-        raise ValueError(
+        raise GraphQuantError(
             f"graphquant::qconv_add: oneDNN fuses the residual sum into 1-d and 2-d convs, input is {x.dim()}-d"
         )
     if x.shape[0] == 0:
@@ -234,8 +251,9 @@ def qconv_add(
     if private.data_ptr() == accum.data_ptr():
         private = private.clone(memory_format=torch.channels_last)
     return torch.ops.onednn.qconv2d_pointwise.binary(
-        x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), private, bias, stride, padding, dilation,
-        groups, out_scale, out_zero_point, None, accum_scale, accum_zero_point, "sum", 1.0, post_op, [], "",
+        x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), private, bias, stride, padding,
+        onednn_dilation(w, dilation), groups, out_scale, out_zero_point, None, accum_scale, accum_zero_point, "sum",
+        1.0, post_op, [], "",
     )  # fmt: skip
 
 
@@ -256,10 +274,13 @@ def qlinear(
 
     The packed weight is stored transposed, ``(in, out)``.
     """
-    in_features, out_features = w.shape
-    _check_common("qlinear", x, x_zero_point, w, w_scale, bias, out_zero_point, post_op, post_op_args, out_features)
+    if w.is_mkldnn and w.dim() != 2:
+        raise GraphQuantError(f"graphquant::qlinear: weight is a packed {w.dim()}-d (conv) weight, not a linear one")
+    in_features, out_features = w.shape[0], w.shape[-1]
+    _check_common("qlinear", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op,
+                  post_op_args, out_features)  # fmt: skip
     if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"graphquant::qlinear: input {tuple(x.shape)} does not end in {in_features} features")
+        raise GraphQuantError(f"graphquant::qlinear: input {tuple(x.shape)} does not end in {in_features} features")
     if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32 if float_out else torch.uint8)
     attr, algorithm = _ONEDNN_POST_OPS[post_op]

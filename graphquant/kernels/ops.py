@@ -8,12 +8,14 @@ on :mod:`graphquant.kernels.onednn`, a plain ``int8`` weight on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.library import Library, register_fake
 
+from graphquant.errors import GraphQuantError
 from graphquant.kernels import dynamic, onednn, portable
 from graphquant.quant_math import quantize_dynamic_tensor, quantize_tensor
 
@@ -103,25 +105,68 @@ def _axis_shape(ndim: int, axis: int) -> list[int]:
     return shape
 
 
+_INT_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+
+
+def _check_range(op: str, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype) -> None:
+    lo, hi = _INT_RANGES.get(dtype, (1, 0))
+    if not lo <= qmin <= zero_point <= qmax <= hi:
+        raise GraphQuantError(f"graphquant::{op}: wants {dtype} in [{lo}, {hi}] with qmin <= zero_point <= qmax, got "
+                              f"qmin={qmin}, zero_point={zero_point}, qmax={qmax}")  # fmt: skip
+
+
+def _check_scale(op: str, scale: float) -> None:
+    if not 0.0 < scale < math.inf:  # NaN fails too; a zero scale divides by zero
+        raise GraphQuantError(f"graphquant::{op}: scale must be positive and finite, got {scale}")
+
+
 def quantize_per_tensor(
     x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
 ) -> torch.Tensor:
+    # Python-number checks only: this runs on every call of a static model
+    _check_scale("quantize_per_tensor", scale)
+    _check_range("quantize_per_tensor", zero_point, qmin, qmax, dtype)
+    if not x.is_floating_point():
+        raise GraphQuantError(f"graphquant::quantize_per_tensor: input must be floating point, got {x.dtype}")
     return quantize_tensor(x, scale, zero_point, qmin, qmax, dtype)
 
 
 def dequantize_per_tensor(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    _check_scale("dequantize_per_tensor", scale)
+    if q.dtype not in _INT_RANGES:
+        raise GraphQuantError(f"graphquant::dequantize_per_tensor: input must be uint8 or int8, got {q.dtype}")
     # contiguous: int8 convs return channels-last, float code after the border may .view()
     return ((q.to(torch.float32) - zero_point) * scale).contiguous()
+
+
+def _check_channels(op: str, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> None:
+    """One scale and zero point per entry along ``axis`` (weights, in reference graphs: not a hot path)."""
+    if not -x.dim() <= axis < x.dim():
+        raise GraphQuantError(f"graphquant::{op}: axis {axis} is out of range for a {x.dim()}-d tensor")
+    n = x.shape[axis]
+    if scale.shape != (n,) or zero_point.shape != (n,) or not scale.is_floating_point():
+        raise GraphQuantError(f"graphquant::{op}: wants {n} float scales and {n} zero points along axis {axis}, got "
+                              f"{tuple(scale.shape)} {scale.dtype} and {tuple(zero_point.shape)}")  # fmt: skip
+    if not bool(((scale > 0) & (scale < math.inf)).all()):
+        raise GraphQuantError(f"graphquant::{op}: scales must be positive and finite")
 
 
 def quantize_per_channel(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, qmin: int, qmax: int, dtype: torch.dtype
 ) -> torch.Tensor:
+    _check_channels("quantize_per_channel", x, scale, zero_point, axis)
+    lo, hi = _INT_RANGES.get(dtype, (1, 0))
+    if not (x.is_floating_point() and lo <= qmin <= qmax <= hi):
+        raise GraphQuantError(f"graphquant::quantize_per_channel: wants a float input and {dtype} in [{lo}, {hi}], "
+                              f"got {x.dtype} [{qmin}, {qmax}]")  # fmt: skip
     shape = _axis_shape(x.dim(), axis)
     return quantize_tensor(x, scale.reshape(shape), zero_point.reshape(shape), qmin, qmax, dtype)
 
 
 def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+    _check_channels("dequantize_per_channel", q, scale, zero_point, axis)
+    if q.dtype not in _INT_RANGES:
+        raise GraphQuantError(f"graphquant::dequantize_per_channel: input must be uint8 or int8, got {q.dtype}")
     shape = _axis_shape(q.dim(), axis)
     return (q.to(torch.float32) - zero_point.reshape(shape).to(torch.float32)) * scale.reshape(shape)
 

@@ -12,10 +12,13 @@ float64, before the single rounding to the output grid: what the reference graph
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from graphquant.errors import GraphQuantError
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 _CONV_TRANSPOSE = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}
@@ -39,12 +42,12 @@ CLAMPS = ("relu", "hardtanh")
 def check_post_op(op: str, post_op: str, post_op_args: Sequence[float]) -> None:
     """A ``ValueError`` unless ``post_op`` is a known name with the right number of scalars."""
     if post_op not in POST_OPS:
-        raise ValueError(f"graphquant::{op}: post_op {post_op!r} is not one of {sorted(POST_OPS)}")
+        raise GraphQuantError(f"graphquant::{op}: post_op {post_op!r} is not one of {sorted(POST_OPS)}")
     arity = POST_OPS[post_op][0]
     if len(post_op_args) != arity:
-        raise ValueError(f"graphquant::{op}: post_op {post_op!r} takes {arity} scalars, got {list(post_op_args)}")
+        raise GraphQuantError(f"graphquant::{op}: post_op {post_op!r} takes {arity} scalars, got {list(post_op_args)}")
     if post_op == "hardtanh" and not post_op_args[0] <= post_op_args[1]:
-        raise ValueError(f"graphquant::{op}: hardtanh bounds {list(post_op_args)} are not min <= max")
+        raise GraphQuantError(f"graphquant::{op}: hardtanh bounds {list(post_op_args)} are not min <= max")
 
 
 def apply_post_op(v: torch.Tensor, post_op: str, post_op_args: Sequence[float]) -> torch.Tensor:
@@ -53,15 +56,67 @@ def apply_post_op(v: torch.Tensor, post_op: str, post_op_args: Sequence[float]) 
 
 
 def check_inputs(op: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Raise a ``ValueError`` naming the argument before any arithmetic runs."""
+    """Raise a ``GraphQuantError`` naming the argument before any arithmetic runs."""
     if x.dtype != torch.uint8:
-        raise ValueError(f"graphquant::{op}: activation must be uint8, got {x.dtype}")
-    if w.dtype != torch.int8:
-        raise ValueError(f"graphquant::{op}: weight must be int8, got {w.dtype}")
+        raise GraphQuantError(f"graphquant::{op}: activation must be uint8, got {x.dtype}")
+    if w.dtype != torch.int8 or w.is_mkldnn:
+        raise GraphQuantError(f"graphquant::{op}: weight must be a plain int8 tensor, got {w.dtype} "
+                              f"mkldnn={w.is_mkldnn} (a packed weight runs on oneDNN: call torch.ops.graphquant)")
     if w_scale.dim() != 1 or w_scale.numel() != w.shape[0]:
-        raise ValueError(f"graphquant::{op}: w_scale must have one entry per output channel ({w.shape[0]})")
+        raise GraphQuantError(f"graphquant::{op}: w_scale must have one entry per output channel ({w.shape[0]})")
     if bias is not None and bias.numel() != w.shape[0]:
-        raise ValueError(f"graphquant::{op}: bias must have one entry per output channel ({w.shape[0]})")
+        raise GraphQuantError(f"graphquant::{op}: bias must have one entry per output channel ({w.shape[0]})")
+
+
+def check_qparams(op: str, x_scale: float, x_zero_point: int, out_scale: float, out_zero_point: int) -> None:
+    """Scales positive and finite, uint8 zero points in ``[0, 255]``: a zero scale divides by
+    zero, a NaN one turns every output into an arbitrary uint8. Python numbers: no tensor work."""
+    if not (0.0 < x_scale < math.inf and 0.0 < out_scale < math.inf):  # NaN fails both comparisons
+        raise GraphQuantError(
+            f"graphquant::{op}: scales must be positive and finite, got x_scale={x_scale}, out_scale={out_scale}"
+        )
+    if not (0 <= x_zero_point <= 255 and 0 <= out_zero_point <= 255):
+        raise GraphQuantError(f"graphquant::{op}: uint8 zero points must lie in [0, 255], got "
+                              f"x_zero_point={x_zero_point}, out_zero_point={out_zero_point}")  # fmt: skip
+
+
+def check_conv_args(op: str, spatial: int, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                    groups: int) -> None:  # fmt: skip
+    """One stride, padding and dilation per spatial dimension, strides and dilations >= 1 (oneDNN
+    divides by them: a zero stride kills the process with SIGFPE), paddings >= 0, groups >= 1."""
+    if not (len(stride) == len(padding) == len(dilation) == spatial):
+        raise GraphQuantError(f"graphquant::{op}: stride, padding and dilation need {spatial} entries each, got "
+                              f"{list(stride)}, {list(padding)}, {list(dilation)}")  # fmt: skip
+    if min(stride, default=1) < 1 or min(dilation, default=1) < 1 or min(padding, default=0) < 0 or groups < 1:
+        raise GraphQuantError(f"graphquant::{op}: stride {list(stride)} and dilation {list(dilation)} must be >= 1, "
+                              f"padding {list(padding)} >= 0 and groups {groups} >= 1")  # fmt: skip
+
+
+def conv_out_shape(
+    op: str, x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+    dilation: Sequence[int], groups: int,
+) -> tuple[int, ...]:  # fmt: skip
+    """The output shape of a convolution, or a ``GraphQuantError`` for arguments that do not fit."""
+    spatial = x.dim() - 2
+    # oneDNN packs a conv1d weight as 2-d (out, in, 1, k)
+    fits = x.dim() == w.dim() or (x.dim() == 3 and w.dim() == 4 and w.is_mkldnn)
+    if x.dim() not in (3, 4, 5) or not fits or groups < 1 or x.shape[1] != w.shape[1] * groups or (
+        w.shape[0] % groups
+    ):  # fmt: skip
+        raise GraphQuantError(
+            f"graphquant::{op}: input {tuple(x.shape)} does not fit weight {tuple(w.shape)} with groups={groups}"
+        )
+    check_conv_args(op, spatial, stride, padding, dilation, groups)
+    if min(x.shape[2:]) < 1:
+        raise GraphQuantError(f"graphquant::{op}: input {tuple(x.shape)} has an empty spatial dimension")
+    kernel = w.shape[-spatial:]
+    out = [
+        (size + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+        for i, size in enumerate(x.shape[2:])
+    ]
+    if min(out) < 1:
+        raise GraphQuantError(f"graphquant::{op}: input {tuple(x.shape)} is too small for kernel {tuple(kernel)}")
+    return (x.shape[0], w.shape[0], *out)
 
 
 def quantize_real(v: torch.Tensor, out_scale: float, out_zero_point: int) -> torch.Tensor:
@@ -115,7 +170,9 @@ def qconv(
 ) -> torch.Tensor:
     """uint8 convolution with per-channel int8 weights, uint8 out."""
     check_inputs("qconv", x, w, w_scale, bias)
+    check_qparams("qconv", x_scale, x_zero_point, out_scale, out_zero_point)
     check_post_op("qconv", post_op, post_op_args)
+    conv_out_shape("qconv", x, w, stride, padding, dilation, groups)
     xi = x.double() - x_zero_point
     acc = _CONV[x.dim()](xi, w.double(), None, stride, padding, dilation, groups)
     return _requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args, 1)
@@ -141,11 +198,14 @@ def qconv_add(
 ) -> torch.Tensor:
     """``post_op(conv(x) + accum)``: the residual join, one rounding to the output grid."""
     check_inputs("qconv_add", x, w, w_scale, bias)
+    check_qparams("qconv_add", x_scale, x_zero_point, out_scale, out_zero_point)
+    check_qparams("qconv_add", accum_scale, accum_zero_point, out_scale, out_zero_point)
     check_post_op("qconv_add", post_op, ())
+    conv_out_shape("qconv_add", x, w, stride, padding, dilation, groups)
     xi = x.double() - x_zero_point
     acc = _CONV[x.dim()](xi, w.double(), None, stride, padding, dilation, groups)
     if accum.dtype != torch.uint8 or accum.shape != acc.shape:
-        raise ValueError(
+        raise GraphQuantError(
             f"graphquant::qconv_add: accum must be uint8 of the output's shape {tuple(acc.shape)}, "
             f"got {accum.dtype} {tuple(accum.shape)}"
         )
@@ -176,18 +236,41 @@ def qconv_transpose(
     factored out of the sum over input channels: each input channel is scaled before
     the sum, in float64 (about 1e-16 relative error instead of exact integers).
     """
-    if x.dtype != torch.uint8 or w.dtype != torch.int8:
-        raise ValueError(
+    if x.dtype != torch.uint8 or w.dtype != torch.int8 or w.is_mkldnn:
+        raise GraphQuantError(
             f"graphquant::qconv_transpose: wants a uint8 activation and an int8 weight, got {x.dtype}, {w.dtype}"
         )
     if x.dim() != w.dim() or x.dim() not in _CONV_TRANSPOSE or x.shape[1] != w.shape[0]:
-        raise ValueError(f"graphquant::qconv_transpose: input {tuple(x.shape)} does not fit weight {tuple(w.shape)}")
+        raise GraphQuantError(
+            f"graphquant::qconv_transpose: input {tuple(x.shape)} does not fit weight {tuple(w.shape)}"
+        )
     if w_scale.dim() != 1 or w_scale.numel() != w.shape[0]:
-        raise ValueError(f"graphquant::qconv_transpose: w_scale must have one entry per input channel ({w.shape[0]})")
+        raise GraphQuantError(
+            f"graphquant::qconv_transpose: w_scale must have one entry per input channel ({w.shape[0]})"
+        )
     out_channels = w.shape[1] * groups
     if bias is not None and bias.numel() != out_channels:
-        raise ValueError(f"graphquant::qconv_transpose: bias must have one entry per output channel ({out_channels})")
+        raise GraphQuantError(
+            f"graphquant::qconv_transpose: bias must have one entry per output channel ({out_channels})"
+        )
     check_post_op("qconv_transpose", post_op, post_op_args)
+    check_qparams("qconv_transpose", x_scale, x_zero_point, out_scale, out_zero_point)
+    check_conv_args("qconv_transpose", x.dim() - 2, stride, padding, dilation, groups)
+    if w.shape[0] % groups or len(output_padding) != x.dim() - 2 or any(
+        not 0 <= p < max(s, d) for p, s, d in zip(output_padding, stride, dilation, strict=True)
+    ):  # fmt: skip
+        raise GraphQuantError(f"graphquant::qconv_transpose: groups {groups} must divide the {w.shape[0]} input "
+                              f"channels and each output_padding {list(output_padding)} lie below its stride or "
+                              "dilation")  # fmt: skip
+    out = [
+        (size - 1) * stride[i] - 2 * padding[i] + dilation[i] * (w.shape[2 + i] - 1) + output_padding[i] + 1
+        for i, size in enumerate(x.shape[2:])
+    ]
+    if min(out) < 1 or min(x.shape[2:]) < 1:
+        raise GraphQuantError(f"graphquant::qconv_transpose: input {tuple(x.shape)} with padding {list(padding)} "
+                              f"gives an empty output {out}")  # fmt: skip
+    if x.shape[0] == 0:
+        return x.new_empty((0, out_channels, *out))
     channel_shape = [1, -1] + [1] * (x.dim() - 2)
     xs = (x.double() - x_zero_point) * (x_scale * w_scale.double()).reshape(channel_shape)
     v = _CONV_TRANSPOSE[x.dim()](xs, w.double(), None, stride, padding, output_padding, groups, dilation)
@@ -211,7 +294,10 @@ def qlinear(
 ) -> torch.Tensor:
     """uint8 linear with per-channel int8 weights, uint8 out (float32 with ``float_out``)."""
     check_inputs("qlinear", x, w, w_scale, bias)
+    check_qparams("qlinear", x_scale, x_zero_point, out_scale, out_zero_point)
     check_post_op("qlinear", post_op, post_op_args)
+    if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1]:
+        raise GraphQuantError(f"graphquant::qlinear: input {tuple(x.shape)} does not fit weight {tuple(w.shape)}")
     acc = F.linear(x.double() - x_zero_point, w.double())
     return _requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args, -1,
                        float_out=float_out)  # fmt: skip
