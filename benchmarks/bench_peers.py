@@ -38,7 +38,7 @@ from timing import REPO_ROOT, command_line, cpu_name, time_interleaved, write_se
 from workloads import WORKLOADS, Workload  # noqa: E402
 
 START, END = "<!-- bench_peers:start -->", "<!-- bench_peers:end -->"
-FULL = "resnet50:1,resnet50:8,mobilenet_v2:1,bert:1,bert:8,minilm:1,minilm:50"
+FULL = "mobilenet_v2:1,minilm:1,resnet50:1,minilm:50,bert:1,resnet50:8,bert:8"
 QUICK = "mobilenet_v2:1,minilm:1"
 # the latency targets: graphquant at most this times the fastest peer (W2: ONNX Runtime)
 LATENCY_TARGET = {"W1": 0.9, "W2": 1.0, "W3": 0.9, "W4": 0.9}

@@ -125,10 +125,17 @@ class _SameInputTwice(nn.Module):
 
 def test_one_input_used_twice() -> None:
     """``y + y`` and ``cat([y, z, y])`` see ``y`` once among their activation inputs."""
+    torch.manual_seed(51)  # a seed where the conv's kernel and reference outputs differ by one step
     x, model = torch.randn(2, 3, 10, 10), _SameInputTwice()
     quantized, reference = _quantize(model, x), _quantize(model, x, debug=True)
     assert "graphquant.qadd.default" in quantized.code and "graphquant.qcat" in quantized.code
-    assert step_diff(reference(x), quantized(x), output_scales(quantized), 0.0) <= 1.0
+    # Each kernel is within one step of its reference on the same input (tests/test_patterns.py), but
+    # here the add and the cat read the conv's output, whose kernel may already be one step (of the
+    # conv's scale) off: y + y doubles that. Bound: two conv steps upstream plus one output step.
+    y_scale = float(next(n for n in quantized.graphquant_report.quantized if n.pattern == "conv2d").scale)
+    with torch.no_grad():
+        for want, got, out_scale in zip(reference(x), quantized(x), output_scales(quantized)):
+            assert float((want - got).abs().max()) <= 2 * y_scale + out_scale * 1.001
 
 
 @pytest.mark.parametrize("bounds", [(-0.3, 0.2), (0.0, None), (None, -0.1), (-10.0, 10.0), (0.07, 0.07)])
