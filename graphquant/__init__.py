@@ -1,6 +1,7 @@
 """graphquant: graph-mode post-training int8 quantization for PyTorch, on torch.export."""
 
 from graphquant import kernels as _kernels  # noqa: F401
+from graphquant import quant_math  # noqa: F401  (graphquant.quant_math: qparams and SQNR helpers)
 from graphquant.api import (
     PreparedModel,
     calibrate,
@@ -18,7 +19,7 @@ from graphquant.api import (
     report,
 )
 from graphquant.errors import GraphQuantError
-from graphquant import quant_math
+from graphquant.kernels import ops as _ops  # noqa: F401  (registers torch.ops.graphquant)
 from graphquant.qconfig import (
     ObserverSpec,
     QConfig,
@@ -34,7 +35,6 @@ from graphquant.qconfig import (
     per_token_dynamic_qconfig,
     qconfig_dict_by_type,
 )
-from graphquant.kernels import ops as _ops  # noqa: F401  (registers torch.ops.graphquant)
 from graphquant.serialize import load, save, to_torchscript
 
 __all__ = [

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -290,7 +291,9 @@ def prepare_jit(
     return prepare(model, qconfig_dict, None, inplace=inplace)
 
 
-def convert_jit(model: PreparedModel, inplace: bool = False, debug: bool = False, preserved_attrs: Any = None) -> fx.GraphModule:
+def convert_jit(
+    model: PreparedModel, inplace: bool = False, debug: bool = False, preserved_attrs: Any = None
+) -> fx.GraphModule:
     """``torch.ao.quantization.convert_jit``: the reference graph with ``debug=True``, else int8 kernels."""
     return convert(model, debug=debug, inplace=inplace)
 

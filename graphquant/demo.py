@@ -482,9 +482,11 @@ def run_minilm(path: Path, dynamic: bool = True) -> MiniLMResult:
         reference = encoder(*held_out)
     variants: dict[str, nn.Module] = {}
     step(f"minilm: quantizing all linears (x86 static, {len(calibration)} batches of {MINILM_BATCH} sentences)")
-    variants["int8 static"] = quantize_minilm(encoder, calibration, residual_float(encoder, {"": gq.get_default_qconfig("x86")}))
+    all_linears = residual_float(encoder, {"": gq.get_default_qconfig("x86")})
+    variants["int8 static"] = quantize_minilm(encoder, calibration, all_linears)
     step("minilm: quantizing again with each FFN output linear kept float (qconfig_dict None)")
-    variants["int8 static, FFN-out fp32"] = quantize_minilm(encoder, calibration, residual_float(encoder, ffn_output_float(encoder)))
+    ffn_float = residual_float(encoder, ffn_output_float(encoder))
+    variants["int8 static, FFN-out fp32"] = quantize_minilm(encoder, calibration, ffn_float)
     for name, qconfig_name in DYNAMIC_VARIANTS.items() if dynamic else ():
         step(f"minilm: quantizing dynamically ({qconfig_name}, no calibration)")
         quantized = quantize_minilm_dynamic(encoder, calibration[0], qconfig_name)

@@ -8,8 +8,9 @@ parent, and ``None`` keeps that part in float.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,7 +67,8 @@ class ObserverSpec:
         per_channel = self.observer.startswith("per_channel")
         if per_channel != (self.axis is not None):
             raise GraphQuantError(
-                f"graphquant: observer {self.observer!r} {'needs' if per_channel else 'takes no'} axis (got {self.axis})"
+                f"graphquant: observer {self.observer!r} {'needs' if per_channel else 'takes no'} axis "
+                f"(got {self.axis})"
             )
 
     @property

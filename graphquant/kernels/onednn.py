@@ -20,7 +20,7 @@ backend everywhere.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

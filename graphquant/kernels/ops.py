@@ -317,7 +317,8 @@ LIB.define("quantize_float_qparams(Tensor x, Tensor scale, Tensor offset, int qm
 LIB.define("dequantize_float_qparams(Tensor q, Tensor scale, Tensor offset) -> Tensor")
 LIB.define("qembedding(Tensor w, Tensor w_scale, Tensor w_offset, Tensor indices, int bits) -> Tensor")
 LIB.define(
-    "qembedding_bag(Tensor w, Tensor w_scale, Tensor w_offset, Tensor indices, Tensor offsets, int mode, Tensor? per_sample_weights, "
+    "qembedding_bag(Tensor w, Tensor w_scale, Tensor w_offset, Tensor indices, Tensor offsets, int mode, "
+    "Tensor? per_sample_weights, "
     "bool include_last_offset, int padding_idx, int bits) -> Tensor"
 )
 for _name, _fn in embedding.TORCHSCRIPT.items():

@@ -13,7 +13,7 @@ float64, before the single rounding to the output grid: what the reference graph
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,7 @@ Observer insertion and lowering read these records; nothing searches the graph a
 from __future__ import annotations
 
 import operator
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import fx

@@ -44,8 +44,8 @@ from graphquant.graph import (
 )
 from graphquant.observers import Observer, SharedQParams
 from graphquant.patterns.context import PACKED, KernelContext, QValue, WeightCache
-from graphquant.quant_math import QParams
 from graphquant.qconfig import resolve
+from graphquant.quant_math import QParams
 from graphquant.report import ConversionReport, NodeReport
 
 ops = torch.ops.graphquant

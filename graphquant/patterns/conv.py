@@ -12,7 +12,7 @@ fuses after them -> ``graphquant::qconvNd``:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

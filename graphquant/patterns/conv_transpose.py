@@ -11,7 +11,7 @@ lie along its axis 0, the input channels, exactly as the reference graph quantiz
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import fx, nn

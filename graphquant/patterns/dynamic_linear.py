@@ -7,7 +7,7 @@ inside the kernel (uint8 per tensor, or int8 per token). Output is float32.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import fx, nn

@@ -8,7 +8,7 @@ bounds); hardswish; silu; gelu, exact or tanh-approximated; leaky_relu.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,8 @@ def _lower_kernel(ctx: KernelContext, match: Match, inputs: Sequence[QValue], ou
     w = ctx.linear_weight(match)
     name, scalars = fused_post_op(match)
     if out is None:
-        return ctx.call(torch.ops.graphquant.qlinear.default,
-                        (x.node, x_scale, x_zero_point, w.packed, w.scale, w.bias, 1.0, 0, name, scalars, True))  # fmt: skip
+        args = (x.node, x_scale, x_zero_point, w.packed, w.scale, w.bias, 1.0, 0, name, scalars, True)
+        return ctx.call(torch.ops.graphquant.qlinear.default, args)
     return ctx.call(
         torch.ops.graphquant.qlinear.default,
         (x.node, x_scale, x_zero_point, w.packed, w.scale, w.bias, *out.scalar(), name, scalars),

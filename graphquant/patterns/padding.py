@@ -71,4 +71,4 @@ def _examples() -> list[tuple[nn.Module, tuple[torch.Tensor, ...]]]:
 
 
 register(Pattern("pad", ((aten.pad.default,),), "shares_qparams", "aten.pad", _lower_pad, _examples,
-                 doc="constant fill quantized with the input's qparams; reflect/replicate/circular copy values"))  # fmt: skip
+                 doc="constant fill quantized with the input's qparams; reflect/replicate/circular copy"))  # fmt: skip

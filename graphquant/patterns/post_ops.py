@@ -9,7 +9,8 @@ activation to the real value and rounds once to the output grid, as the referenc
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import fx

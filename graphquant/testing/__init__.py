@@ -8,8 +8,9 @@ of the output scale, and returns the SQNR of the kernel output against float.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -67,7 +68,7 @@ def step_diff(reference: Any, quantized: Any, scales: Sequence[float | None], fa
     ref_flat, _ = tree_flatten(reference)
     q_flat, _ = tree_flatten(quantized)
     worst = 0.0
-    for i, (r, q) in enumerate(zip(ref_flat, q_flat)):
+    for i, (r, q) in enumerate(zip(ref_flat, q_flat, strict=False)):
         if not isinstance(r, torch.Tensor) or not r.is_floating_point():
             if isinstance(r, torch.Tensor) and not torch.equal(r, q):
                 return float("inf")
@@ -79,7 +80,8 @@ def step_diff(reference: Any, quantized: Any, scales: Sequence[float | None], fa
 
 
 def _sqnr_all(reference: Any, other: Any) -> float:
-    r = [t.flatten().float() for t in tree_flatten(reference)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    r = [t.flatten().float() for t in tree_flatten(reference)[0]
+         if isinstance(t, torch.Tensor) and t.is_floating_point()]  # fmt: skip
     o = [t.flatten().float() for t in tree_flatten(other)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
     return sqnr(torch.cat(r), torch.cat(o)) if r else float("inf")
 
