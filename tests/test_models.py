@@ -22,19 +22,26 @@ class Pooled(nn.Module):
         return self.model(pixel_values=x).pooler_output
 
 
-def test_resnet50_all_int8():
+def _quantized_backbone(config: object, convs: int) -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    """Random weights, batch-norm statistics from three training-mode passes, quantized with the
+    x86 qconfig on three 2x3x128x128 batches; checks that every conv and linear is int8."""
     torch.manual_seed(0)
-    model = transformers.ResNetModel(transformers.ResNetConfig()).train()
+    backbone = transformers.AutoModel.from_config(config).train()
     with torch.no_grad():
         for _ in range(3):
-            model(torch.randn(4, 3, 128, 128))
-    model = Pooled(model).eval()
+            backbone(torch.randn(4, 3, 128, 128))
+    model = Pooled(backbone).eval()
     calibration = [torch.randn(2, 3, 128, 128) for _ in range(3)]
     q = gq.quantize(model, {"": gq.default_qconfig}, lambda p, bs: [p(b) for b in bs], [calibration],
                     example_inputs=(calibration[0][:1],))  # fmt: skip
     report = gq.report(q)
     assert [n for n in report.float_nodes if "conv" in n.op or "linear" in n.op] == []
-    assert len([n for n in report.quantized if "conv" in n.op]) == 53
+    assert len([n for n in report.quantized if "conv" in n.op]) == convs
+    return model, q, calibration
+
+
+def test_resnet50_all_int8():
+    model, q, _ = _quantized_backbone(transformers.ResNetConfig(), convs=53)
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         assert sqnr(model(x), q(x)) >= 25.0
@@ -56,18 +63,7 @@ def test_mobilenet_v2_all_int8():
     after block 15), so an absolute SQNR target says more about the weights than about the
     quantizer. The bar is relative: int8 everywhere costs at most 6 dB more than rounding the
     input alone to uint8 (measured: floor 14.2 dB, graphquant 10.4 dB at 128x128)."""
-    torch.manual_seed(0)
-    model = transformers.MobileNetV2Model(transformers.MobileNetV2Config()).train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(4, 3, 128, 128))
-    model = Pooled(model).eval()
-    calibration = [torch.randn(2, 3, 128, 128) for _ in range(3)]
-    q = gq.quantize(model, {"": gq.default_qconfig}, lambda p, bs: [p(b) for b in bs], [calibration],
-                    example_inputs=(calibration[0][:1],))  # fmt: skip
-    report = gq.report(q)
-    assert [n for n in report.float_nodes if "conv" in n.op or "linear" in n.op] == []
-    assert len([n for n in report.quantized if "conv" in n.op]) == 52
+    model, q, calibration = _quantized_backbone(transformers.MobileNetV2Config(), convs=52)
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         floor = _input_rounding_floor(model, x, calibration)
