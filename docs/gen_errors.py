@@ -58,17 +58,6 @@ class Branchy(nn.Module):
         return x
 
 
-class ScriptIf(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.sum() > 0:
-            return self.fc(x)
-        return x
-
-
 X = torch.randn(2, 3, 8, 8)
 QD = {"": gq.default_qconfig}
 
@@ -243,7 +232,7 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("data-dependent control flow", "capture.capture",
      lambda: gq.prepare(Branchy().eval(), {"": gq.default_qconfig}, (torch.randn(2, 4),))),
     ("a scripted `if` on a tensor in a quantized module", "capture.check_control_flow",
-     lambda: gq.prepare(torch.jit.script(ScriptIf().eval()), QD, (torch.randn(2, 4),))),
+     lambda: gq.prepare(torch.jit.script(Branchy().eval()), QD, (torch.randn(2, 4),))),
     ("a .pt2 path that does not exist", "capture.load_program", lambda: gq.prepare(str(TMP / "missing.pt2"), QD)),
     ("a .pt2 file written by graphquant.save, to quantize again", "capture.load_program",
      lambda: gq.prepare(_program_file(quantized=True), QD)),
