@@ -33,7 +33,7 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-from peers import BUILDERS, Unsupported, Variant  # noqa: E402
+from peers import BUILDERS, Unsupported, Variant, forget_quantized  # noqa: E402
 from timing import REPO_ROOT, command_line, cpu_name, time_interleaved, write_section  # noqa: E402
 from workloads import WORKLOADS, Workload  # noqa: E402
 
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
             if mode in args.modes:
                 rows += bench(w, mode, args, notes, threads)
         del w
+        forget_quantized()
         gc.collect()
         text = report(rows, notes, args, time.perf_counter() - started, done, len(specs))
         if args.write:  # after every workload: a run cut short still leaves its table

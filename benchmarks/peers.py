@@ -83,9 +83,15 @@ def fp32(w: Workload, mode: str, threads: int) -> Variant:
     return Variant("fp32 eager", lambda x: w.model(*x), _state_dict_bytes(w.model), None, None, peer=False)
 
 
-# (workload, mode, recipe) -> (quantized graph, quantize seconds): the TorchScript variant
-# is written from the graph the plain variant built, not quantized a second time
-_QUANTIZED: dict[tuple[int, str, str], tuple[nn.Module, float]] = {}
+# (mode, recipe) -> (quantized graph, quantize seconds) for the workload being measured: the
+# TorchScript variant is written from the graph the plain variant built, not quantized a second
+# time. Cleared per workload (forget_quantized): an id() key could be reused by the next workload.
+_QUANTIZED: dict[tuple[str, str], tuple[nn.Module, float]] = {}
+
+
+def forget_quantized() -> None:
+    """Drop the graphs quantized for the last workload (and the memory they hold)."""
+    _QUANTIZED.clear()
 
 
 def _ffn_outputs(model: nn.Module) -> list[str]:
@@ -106,7 +112,7 @@ def _qconfig_dict(w: Workload, recipe: str) -> dict[str, object]:
 def _graphquant(w: Workload, mode: str, recipe: str, label: str, torchscript: bool = False) -> Variant:
     import graphquant as gq
 
-    key = (id(w), mode, recipe)
+    key = (mode, recipe)
     if key not in _QUANTIZED:
         qconfig_dict = _qconfig_dict(w, recipe)
         start = time.perf_counter()
