@@ -39,3 +39,30 @@ def test_inplace_ops_arrive_functional():
     targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
     assert "aten.relu.default" in targets and "aten.add.Tensor" in targets
     assert not any(t.endswith("_.default") or t.endswith("_.Tensor") for t in targets), targets
+
+
+def test_identity_clones_are_dropped_and_layout_clones_kept():
+    """Eval dropout and ``x.clone()`` copy for nothing in a functional graph; ``.contiguous()``
+    changes the layout and a returned clone must not alias the input: those two stay."""
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+            self.drop = torch.nn.Dropout(0.1)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            y = self.drop(self.fc(x)).clone() + 1
+            z = x.transpose(0, 1).contiguous().view(-1)
+            return y, z, x.clone()
+
+    model = M().eval()
+    x = torch.randn(3, 4)
+    gm = capture(model, (x,))
+    clones = [n for n in gm.graph.nodes if n.target is torch.ops.aten.clone.default]
+    assert len(clones) == 2, gm.code
+    assert sum("memory_format" in n.kwargs for n in clones) == 1
+    for got, want in zip(gm(x), model(x), strict=True):
+        torch.testing.assert_close(got, want)
+    returned = gm(x)[2]
+    assert returned.data_ptr() != x.data_ptr()
