@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import graphquant as gq
+from graphquant.quant_math import sqnr
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -102,3 +103,54 @@ def test_minilm_static_linears(minilm, keep_ffn_out_float, mean_bound):  # type:
     with torch.no_grad():
         cosine = (encoder(ids, mask) * q(ids, mask)).sum(-1)
     assert float(cosine.mean()) >= mean_bound, float(cosine.mean())
+
+
+class _FFN(nn.Module):
+    """``dense -> activation -> dense``, the activation outside any ``nn.Linear``."""
+
+    def __init__(self, act: nn.Module, tap: bool = False) -> None:
+        super().__init__()
+        self.up, self.act, self.down, self.tap = nn.Linear(16, 64), act, nn.Linear(64, 16), tap
+
+    def forward(self, x: torch.Tensor):  # type: ignore[no-untyped-def]
+        h = self.act(self.up(x))
+        return (self.down(h), h.sum(-1)) if self.tap else self.down(h)
+
+
+@pytest.mark.parametrize("act, post_op", [(nn.GELU(), "gelu"), (nn.GELU("tanh"), "gelu_tanh"), (nn.ReLU(), "relu")])
+def test_float_activation_between_int8_linears_fuses(act, post_op):  # type: ignore[no-untyped-def]
+    """Linears-only recipe: the float activation whose output is rounded for the next linear runs as
+    the first linear's post-op (one rounding, as in the reference), and no float32 tensor is made."""
+    from graphquant.testing import step_diff
+
+    torch.manual_seed(0)
+    model = _FFN(act).eval()
+    batches = [(torch.randn(4, 10, 16),) for _ in range(3)]
+    qconfig_dict = gq.qconfig_dict_by_type(model, {nn.Linear: gq.default_qconfig})
+    run = lambda m, bs: [m(*b) for b in bs]  # noqa: E731
+    kernel = gq.quantize(model, qconfig_dict, run, [batches], example_inputs=batches[0])
+    reference = gq.quantize(model, qconfig_dict, run, [batches], example_inputs=batches[0], debug=True)
+    qlinears = [n for n in kernel.graph.nodes if n.target is torch.ops.graphquant.qlinear.default]
+    assert [n.args[8] for n in qlinears] == [post_op, "none"], kernel.code
+    assert qlinears[1].args[0] is qlinears[0]  # uint8 straight from one kernel to the next
+    assert not any(n.target is torch.ops.graphquant.quantize_per_tensor.default and n.args[0] is not
+                   next(iter(kernel.graph.find_nodes(op="placeholder"))) for n in kernel.graph.nodes)  # fmt: skip
+    x = torch.randn(4, 10, 16)
+    with torch.no_grad():
+        want, got, exact = reference(x), kernel(x), model(x)
+    assert step_diff(want, got, [float(want.max() - want.min()) / 255], 0.0) <= 1.0
+    assert sqnr(exact, got) >= 30
+
+
+def test_float_activation_read_elsewhere_stays_float():
+    """An activation whose float value another op reads is not folded into the linear."""
+    model = _FFN(nn.GELU(), tap=True).eval()
+    batches = [(torch.randn(4, 10, 16),)]
+    qconfig_dict = gq.qconfig_dict_by_type(model, {nn.Linear: gq.default_qconfig})
+    q = gq.quantize(model, qconfig_dict, lambda m, bs: [m(*b) for b in bs], [batches], example_inputs=batches[0])
+    assert any(n.target is torch.ops.aten.gelu.default for n in q.graph.nodes), q.code
+    qlinears = [n for n in q.graph.nodes if n.target is torch.ops.graphquant.qlinear.default]
+    assert [n.args[8] for n in qlinears] == ["none", "none"]
+    with torch.no_grad():
+        for got, want in zip(q(batches[0][0]), model(batches[0][0]), strict=True):
+            assert sqnr(want, got) >= 25

@@ -41,6 +41,8 @@ _POST_OPS: dict[Any, Callable[[list[Any]], PostOp]] = {
     aten.leaky_relu.default: lambda args: ("leaky_relu", [float(args[1])]),
 }
 
+POST_OP_TARGETS = frozenset(_POST_OPS)
+
 RELU = (aten.relu.default,)
 # relu6, F.hardtanh / nn.ReLU6 (hardtanh), torch.clamp with scalar bounds
 HARDTANH = (aten.relu6.default, aten.hardtanh.default, aten.clamp.default, aten.clamp_min.default,
