@@ -43,6 +43,7 @@ from graphquant.graph import add_attr, get_attr_value, module_path
 from graphquant.inputs import INPUT_CHECK, InputSpec, input_specs, install_input_check
 from graphquant.kernels import elementwise, embedding, onednn
 from graphquant.kernels.onednn import onednn_dilation
+from graphquant.kernels.ops import NATIVE_QUANTIZE
 from graphquant.patterns.context import PACKED
 from graphquant.qconfig import QConfig
 from graphquant.report import ConversionReport, NodeReport
@@ -389,8 +390,18 @@ def _ts_scalars(values: list[float]) -> Scalars:
 def _ts_quantize_per_tensor(
     x: Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
 ) -> Tensor:
-    q = torch.round(x.to(torch.float32) / scale) + zero_point
-    return torch.clamp(q, qmin, qmax).to(dtype)
+    q = x.to(torch.float32) / scale
+    return q.round_().add_(zero_point).clamp_(qmin, qmax).to(dtype)
+
+
+def _ts_quantize_per_tensor_native(
+    x: Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
+) -> Tensor:
+    """kernels.ops.native_quantize: torch's one-pass quantize, its integers copied out as plain ints."""
+    if dtype != torch.uint8 and dtype != torch.int8:
+        return _ts_quantize_per_tensor(x, scale, zero_point, qmin, qmax, dtype)
+    qdtype = torch.quint8 if dtype == torch.uint8 else torch.qint8
+    return torch.quantize_per_tensor(x.to(torch.float32), scale, zero_point, qdtype).int_repr().clamp_(qmin, qmax)
 
 
 def _ts_dequantize_per_tensor(q: Tensor, scale: float, zero_point: int) -> Tensor:
@@ -762,7 +773,7 @@ def _ts_linear_fp16(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
 
 # graphquant op name -> its TorchScript twin
 TORCHSCRIPT_KERNELS: dict[str, Any] = {
-    "quantize_per_tensor": _ts_quantize_per_tensor,
+    "quantize_per_tensor": _ts_quantize_per_tensor_native if NATIVE_QUANTIZE else _ts_quantize_per_tensor,
     "dequantize_per_tensor": _ts_dequantize_per_tensor,
     "quantize_per_channel": _ts_quantize_per_channel,
     "dequantize_per_channel": _ts_dequantize_per_channel,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from graphquant.quant_math import choose_qparams, dequantize, quantize
+from graphquant.kernels import ops
+from graphquant.quant_math import choose_qparams, dequantize, quantize, quantize_tensor
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 
@@ -58,3 +60,32 @@ def test_symmetric_int8_has_zero_point_zero():
     qp = choose_qparams(torch.tensor([-1.0, -3.0]), torch.tensor([2.0, 1.0]), torch.int8, True, axis=0)
     assert torch.equal(qp.zero_point, torch.zeros(2, dtype=torch.int64))
     assert torch.allclose(qp.scale, torch.tensor([2.0, 3.0]) / 127.5)
+
+
+@pytest.mark.skipif(not ops.NATIVE_QUANTIZE, reason="this PyTorch has no native per-tensor quantize")
+@pytest.mark.parametrize("grid", [(0.037, 131, 0, 255, torch.uint8), (0.02, 0, -128, 127, torch.int8),
+                                  (0.05, 64, 0, 127, torch.uint8), (0.05, 3, 2, 200, torch.uint8)])  # fmt: skip
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
+def test_native_quantize_matches_the_math(grid, layout):  # type: ignore[no-untyped-def]
+    """graphquant::quantize_per_tensor's one-pass path: a plain integer tensor, equal to
+    quantize_tensor except, by one step, within a float32 rounding of a half step."""
+    scale, zero_point, qmin, qmax, dtype = grid
+    x = torch.randn(8, 6, 16, 16, generator=torch.Generator().manual_seed(1)) * 4
+    x = {"contiguous": x, "transposed": x.transpose(1, 3),
+         "channels_last": x.contiguous(memory_format=torch.channels_last)}[layout]  # fmt: skip
+    got = torch.ops.graphquant.quantize_per_tensor(x, scale, zero_point, qmin, qmax, dtype)
+    want = quantize_tensor(x, scale, zero_point, qmin, qmax, dtype)
+    assert got.dtype == dtype and not got.is_quantized and got.shape == x.shape
+    diff = (got.int() - want.int()).abs()
+    assert int(diff.max()) <= 1
+    near_half = ((x / scale).frac().abs() - 0.5).abs() < 1e-5
+    assert not bool(diff[~near_half].any())  # every difference sits at a half step
+    assert int(got.min()) >= qmin and int(got.max()) <= qmax
+
+
+def test_quantize_op_without_the_native_path(monkeypatch):  # type: ignore[no-untyped-def]
+    """A torch without quantized dtypes gets quantize_tensor, bit for bit."""
+    monkeypatch.setattr(ops, "NATIVE_QUANTIZE", False)
+    x = torch.randn(4, 33) * 3
+    got = torch.ops.graphquant.quantize_per_tensor(x, 0.03, 128, 0, 255, torch.uint8)
+    assert torch.equal(got, quantize_tensor(x, 0.03, 128, 0, 255, torch.uint8))
