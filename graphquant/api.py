@@ -164,7 +164,8 @@ def convert(
     """Lower a calibrated model: a reference graph (``debug=True``) or an int8 kernel graph.
 
     The result is a ``GraphModule``; ``result.graphquant_report`` says what was
-    quantized and what stayed float, and why.
+    quantized and what stayed float, and why. It is for inference: its float parameters do
+    not require grad, so calling it outside ``torch.no_grad()`` records no autograd graph.
     """
     if not isinstance(prepared, PreparedModel):
         raise GraphQuantError(
@@ -192,6 +193,11 @@ def convert(
             if name.startswith("graphquant_") and not hasattr(gm, name):
                 setattr(gm, name, copy.deepcopy(value))
     report = lower(gm, debug, backend, prepared.qconfig_dict)
+    # An inference model: nothing backpropagates through int8 kernels. Float parameters left
+    # (LayerNorm, embeddings) requiring grad would make every call outside torch.no_grad()
+    # record autograd state, and in-place steps on values that need grad copy them first.
+    for parameter in gm.parameters():
+        parameter.requires_grad_(False)
     install_input_check(gm)  # first again: lowering put quantize nodes right after the inputs
     gm.graphquant_report = report
     gm.graphquant_qconfig_dict = dict(prepared.qconfig_dict)

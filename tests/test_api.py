@@ -188,3 +188,16 @@ def test_calibration_keeps_no_autograd_graph(net):  # type: ignore[no-untyped-de
     kept = [prepared(b) for b in calibration_batches()]
     assert all(not out.requires_grad and out.grad_fn is None for out in kept)
     assert torch.is_grad_enabled()  # the caller's grad mode is left as it was
+
+
+def test_quantized_model_records_no_autograd_graph_and_leaves_the_model_trainable():
+    """The converted model is for inference: float parts left (here a LayerNorm) do not require
+    grad, so a call outside no_grad records nothing; the user's model keeps its grads."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4)).train(False)
+    x = torch.randn(3, 8)
+    for quantized in (gq.quantize(model, {"": gq.default_qconfig, "1": None}, run_batches, [[x]], example_inputs=(x,)),
+                      gq.quantize_dynamic(model, {"": gq.default_dynamic_qconfig}, example_inputs=(x,))):  # fmt: skip
+        out = quantized(x)
+        assert not out.requires_grad and out.grad_fn is None
+        assert not any(p.requires_grad for p in quantized.parameters())
+    assert all(p.requires_grad for p in model.parameters())
