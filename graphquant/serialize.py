@@ -485,7 +485,7 @@ def _ts_conv_out_shape(x: Tensor, w: Tensor, stride: list[int], padding: list[in
 
 
 def _ts_onednn_post_op(post_op: str) -> tuple[str, str]:
-    """kernels.onednn._ONEDNN_POST_OPS: graphquant post-op -> oneDNN (attr, algorithm)."""
+    """kernels.onednn.ONEDNN_POST_OPS: graphquant post-op -> oneDNN (attr, algorithm)."""
     if post_op == "silu":
         return "swish", ""
     if post_op == "gelu":
@@ -676,27 +676,39 @@ def _ts_qlinear(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale
     )  # fmt: skip
 
 
+if NATIVE_QUANTIZE:  # the scripted code calls whichever is bound: quant_math.native_quantize or the math
+
+    def _ts_quantize_uint8(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+        return torch.quantize_per_tensor(x.to(torch.float32), float(scale.item()), int(zero_point.item()),
+                                         torch.quint8).int_repr()  # fmt: skip
+
+else:
+
+    def _ts_quantize_uint8(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+        return torch.clamp(torch.round(x.to(torch.float32) / scale) + zero_point, 0, 255).to(torch.uint8)
+
+
 def _ts_quantize_dynamic(x: Tensor, per_token: bool) -> tuple[Tensor, Tensor, Tensor]:
     """quant_math.quantize_dynamic_tensor."""
     if per_token:
-        amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+        amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_()).float()
         scale = torch.clamp(amax / 127.5, min=1.1920928955078125e-07)  # float32 eps, quant_math.EPS
-        q = torch.clamp(torch.round(x.to(torch.float32) / scale) + 0, -128, 127).to(torch.int8)
+        q = (x.to(torch.float32) / scale).round_().clamp_(-128, 127).to(torch.int8)
         return q, scale, torch.zeros_like(scale, dtype=torch.int64)
     lo, hi = torch.aminmax(x.detach().float())
     lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
     scale = torch.clamp((hi - lo) / 255, min=1.1920928955078125e-07)  # float32 eps, quant_math.EPS
     zero_point = torch.clamp(-torch.round(lo / scale), 0, 255).to(torch.int64)
-    q = torch.clamp(torch.round(x.to(torch.float32) / scale) + zero_point, 0, 255).to(torch.uint8)
-    return q, scale, zero_point
+    return _ts_quantize_uint8(x, scale, zero_point), scale, zero_point
 
 
 def _ts_dequantize_dynamic(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     return (q.to(torch.float32) - zero_point.to(torch.float32)) * scale
 
 
-def _ts_qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, per_token: bool) -> Tensor:
-    """graphquant::qlinear_dynamic: float32 in and out, int8 GEMM inside."""
+def _ts_qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, per_token: bool,
+                        post_op: str, post_op_args: list[float]) -> Tensor:
+    """graphquant::qlinear_dynamic: float32 in and out, int8 GEMM inside, then the post-op."""
     out_features = w.size(1) if w.is_mkldnn else w.size(0)
     in_features = w.size(0) if w.is_mkldnn else w.size(1)
     if x.dtype != torch.float32 or x.dim() < 1 or x.size(-1) != in_features:
@@ -708,16 +720,20 @@ def _ts_qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | No
     q, scale, zero_point = _ts_quantize_dynamic(x.contiguous(), per_token)
     if w.is_mkldnn:
         w_zero_point = torch.zeros(out_features, dtype=torch.int64)
-        if per_token:
-            y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, w, w_scale, w_zero_point, None, 1.0, 0, torch.float32,
-                                                   "none", _ts_scalars([]), "")  # fmt: skip
-            y = y * scale
-            return y + bias if bias is not None else y
-        return torch.ops.onednn.qlinear_pointwise(q, scale, zero_point, w, w_scale, w_zero_point, bias, 1.0, 0,
-                                                  torch.float32, "none", _ts_scalars([]), "")  # fmt: skip
-    acc = F.linear(q.double() - zero_point.double(), w.double())
-    y = (acc * (scale.double() * w_scale.double())).float()
-    return y + bias if bias is not None else y
+        if not per_token:
+            attr, algorithm = _ts_onednn_post_op(post_op)
+            scalars = _ts_scalars(post_op_args) if post_op != "none" else _ts_scalars([])
+            return torch.ops.onednn.qlinear_pointwise(q, scale, zero_point, w, w_scale, w_zero_point, bias, 1.0, 0,
+                                                      torch.float32, attr, scalars, algorithm)  # fmt: skip
+        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, w, w_scale, w_zero_point, None, 1.0, 0, torch.float32,
+                                               "none", _ts_scalars([]), "")  # fmt: skip
+        y.mul_(scale)
+    else:
+        acc = F.linear(q.double() - zero_point.double(), w.double())
+        y = (acc * (scale.double() * w_scale.double())).float()
+    if bias is not None:
+        y.add_(bias)
+    return _ts_post_op(y, post_op, post_op_args)
 
 
 def _ts_check_input(x: Tensor, position: int, name: str, dtype: torch.dtype, device: str, sizes: list[int],

@@ -41,10 +41,16 @@ def test_kernel_matches_reference_and_float(qconfig, backend):  # type: ignore[n
     q = gq.quantize_dynamic(model, {"": qconfig}, example_inputs=(x,), backend=backend)
     assert len(_kernels(q)) == 4
     assert not any(n.target is torch.ops.aten.linear.default for n in q.graph.nodes)
-    for got, want, expected in zip(q(x), ref(x), model(x)):
+    # each fc1's relu runs inside it (post-op), in the kernel graph only
+    assert [n.args[5:] for n in q.graph.nodes if "qlinear_dynamic" in str(n.target)].count(("relu", [])) == 2
+    assert not any(n.target is torch.ops.aten.relu.default for n in q.graph.nodes)
+    assert sum(n.target is torch.ops.aten.relu.default for n in ref.graph.nodes) == 2
+    scripted = gq.to_torchscript(q)
+    for got, want, expected, twin in zip(q(x), ref(x), model(x), scripted(x)):
         step = float(want.max() - want.min()) / 255
         assert float((got - want).abs().max()) <= step
         assert sqnr(expected, got) >= 30.0
+        torch.testing.assert_close(twin, got)
 
 
 def test_shared_weights_are_quantized_and_stored_once():

@@ -11,11 +11,14 @@ reference graph exactly; only the float accumulation order differs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from graphquant.errors import GraphQuantError
-from graphquant.kernels.onednn import _w_zero_point
+from graphquant.kernels.onednn import ONEDNN_POST_OPS, _w_zero_point
+from graphquant.kernels.portable import apply_post_op, check_post_op
 from graphquant.quant_math import quantize_dynamic_tensor
 
 
@@ -44,27 +47,52 @@ def check_inputs(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: 
 
 
 def qlinear_dynamic(
-    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, per_token: bool
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, per_token: bool,
+    post_op: str = "none", post_op_args: Sequence[float] = (),
 ) -> torch.Tensor:
-    """float32 in, float32 out; int8 GEMM inside."""
+    """float32 in, float32 out; int8 GEMM inside, then ``post_op`` on the float result.
+
+    Per tensor, oneDNN applies the post-op inside the GEMM call; per token the row scales
+    come after the GEMM, so the post-op runs after them, in place.
+    """
     out_features = check_inputs(x, w, w_scale, bias)
+    check_post_op("qlinear_dynamic", post_op, post_op_args)
     if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], out_features))
     q, scale, zero_point = quantize_dynamic_tensor(x.contiguous(), per_token)
     if w.is_mkldnn:
         zp = _w_zero_point(out_features)
-        if per_token:
-            y = torch.ops.onednn.qlinear_pointwise(
-                q, 1.0, 0, w, w_scale, zp, None, 1.0, 0, torch.float32, "none", [], ""
+        if not per_token:
+            attr, algorithm = ONEDNN_POST_OPS[post_op]
+            return torch.ops.onednn.qlinear_pointwise.tensor(
+                q, scale, zero_point, w, w_scale, zp, bias, 1.0, 0, torch.float32, attr, list(post_op_args), algorithm
             )
-            y = y * scale
-            return y + bias if bias is not None else y
-        return torch.ops.onednn.qlinear_pointwise.tensor(
-            q, scale, zero_point, w, w_scale, zp, bias, 1.0, 0, torch.float32, "none", [], ""
-        )
-    acc = F.linear(q.double() - zero_point.double(), w.double())
-    y = (acc * (scale.double() * w_scale.double())).float()
-    return y + bias if bias is not None else y
+        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, w, w_scale, zp, None, 1.0, 0, torch.float32, "none", [], "")
+        y.mul_(scale)  # y is the kernel's own fresh tensor: scaled in place, no second float32 tensor
+    else:
+        acc = F.linear(q.double() - zero_point.double(), w.double())
+        y = (acc * (scale.double() * w_scale.double())).float()
+    if bias is not None:
+        y.add_(bias)
+    return _post_op_in_place(y, post_op, post_op_args)
+
+
+def _post_op_in_place(y: torch.Tensor, post_op: str, args: Sequence[float]) -> torch.Tensor:
+    """``kernels.portable.apply_post_op`` written into ``y`` (a fresh float32 result): a new
+    tensor per activation costs more than the activation at batch 50 (page faults)."""
+    if post_op in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_.default(y, approximate="tanh" if post_op == "gelu_tanh" else "none")
+    if post_op == "relu":
+        return y.clamp_min_(0.0)
+    if post_op == "hardtanh":
+        return y.clamp_(args[0], args[1])
+    if post_op == "silu":
+        return F.silu(y, inplace=True)
+    if post_op == "hardswish":
+        return F.hardswish(y, inplace=True)
+    if post_op == "leaky_relu":
+        return F.leaky_relu(y, args[0], inplace=True)
+    return apply_post_op(y, post_op, args)
 
 
 def linear_fp16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -36,7 +36,7 @@ from graphquant.kernels.portable import (
 )
 
 # graphquant post-op name -> oneDNN (attr, algorithm)
-_ONEDNN_POST_OPS = {
+ONEDNN_POST_OPS = {
     "none": ("none", ""),
     "relu": ("relu", ""),
     "hardtanh": ("hardtanh", ""),
@@ -182,7 +182,7 @@ def qconv(
     dilation = onednn_dilation(w, dilation)
 
     def call(scale: float, zero_point: int, dtype: torch.dtype | None, fused: str) -> torch.Tensor:
-        attr, algorithm = _ONEDNN_POST_OPS[fused]
+        attr, algorithm = ONEDNN_POST_OPS[fused]
         scalars = list(post_op_args) if fused != "none" else []
         return torch.ops.onednn.qconv_pointwise(
             x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, stride, padding, dilation,
@@ -283,7 +283,7 @@ def qlinear(
         raise GraphQuantError(f"graphquant::qlinear: input {tuple(x.shape)} does not end in {in_features} features")
     if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32 if float_out else torch.uint8)
-    attr, algorithm = _ONEDNN_POST_OPS[post_op]
+    attr, algorithm = ONEDNN_POST_OPS[post_op]
     if float_out:
         out_scale, out_zero_point = 1.0, 0
     return torch.ops.onednn.qlinear_pointwise(

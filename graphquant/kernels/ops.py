@@ -9,7 +9,6 @@ on :mod:`graphquant.kernels.onednn`, a plain ``int8`` weight on
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,7 @@ from torch.library import Library, register_fake
 
 from graphquant.errors import GraphQuantError
 from graphquant.kernels import dynamic, onednn, portable
-from graphquant.quant_math import quantize_dynamic_tensor, quantize_tensor
+from graphquant.quant_math import NATIVE_QUANTIZE, native_quantize, quantize_dynamic_tensor, quantize_tensor
 
 LIB = Library("graphquant", "DEF")
 _KEY = "CompositeExplicitAutograd"
@@ -63,7 +62,11 @@ for _dim in (1, 2, 3):
 # Dynamic quantization: activation qparams from each batch.
 LIB.define("quantize_dynamic(Tensor x, bool per_token) -> (Tensor, Tensor, Tensor)")
 LIB.define("dequantize_dynamic(Tensor q, Tensor scale, Tensor zero_point) -> Tensor")
-LIB.define("qlinear_dynamic(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, bool per_token) -> Tensor")
+# post_op: an activation on the float32 result (the kernel graph folds a following relu / gelu in)
+LIB.define(
+    "qlinear_dynamic(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, bool per_token, str post_op=\"none\", "
+    "float[] post_op_args=[]) -> Tensor"
+)
 LIB.define("linear_fp16(Tensor x, Tensor w, Tensor? bias) -> Tensor")
 
 
@@ -91,7 +94,7 @@ def _dequantize_dynamic_fake(q, scale, zero_point):  # type: ignore[no-untyped-d
 
 
 @register_fake("graphquant::qlinear_dynamic")
-def _qlinear_dynamic_fake(x, w, w_scale, bias, per_token):  # type: ignore[no-untyped-def]
+def _qlinear_dynamic_fake(x, w, w_scale, bias, per_token, post_op="none", post_op_args=()):  # type: ignore[no-untyped-def]
     return x.new_empty((*x.shape[:-1], w_scale.shape[0]))
 
 
@@ -121,46 +124,6 @@ def _check_scale(op: str, scale: float) -> None:
         raise GraphQuantError(f"graphquant::{op}: scale must be positive and finite, got {scale}")
 
 
-# torch's own per-tensor quantize: one vectorised pass writing the integers (fbgemm's loop), where
-# quantize_tensor makes five passes and a float32 temporary. It returns a tensor of the deprecated
-# quantized dtypes, so it is used only inside this op and its bytes are handed on as plain
-# uint8 / int8 at once; without it (a torch that has dropped those dtypes) quantize_tensor runs.
-_NATIVE_DTYPES = {torch.uint8: torch.quint8, torch.int8: torch.qint8}
-
-
-def native_quantize(
-    x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """``quantize_tensor`` for a float32 ``x`` and uint8 / int8, in one pass over ``x``.
-
-    It rounds ``x * (1 / scale) + zero_point`` in one fused multiply-add where
-    ``quantize_tensor`` divides, rounds, then adds: the two differ, by one step, only where
-    ``x / scale`` lies on or within a float32 rounding of a half step (5 in a million values
-    of a random activation). The reference graph calls this same op, so the kernel and
-    reference graphs still round their activations alike.
-    """
-    q = torch.quantize_per_tensor(x, scale, zero_point, _NATIVE_DTYPES[dtype])
-    # the integers as a plain tensor on the same bytes: no copy (int_repr() would make one)
-    out = torch.empty(0, dtype=dtype).set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
-    lo, hi = _INT_RANGES[dtype]
-    return out.clamp_(qmin, qmax) if (qmin, qmax) != (lo, hi) else out
-
-
-def _native_quantize_agrees() -> bool:
-    """Whether torch's quantize exists and agrees with ``quantize_tensor`` away from half steps
-    (scale, zero point, saturation, infinities). Run once, with torch's one-time deprecation
-    warning kept from the user."""
-    x = torch.tensor([-1e4, -0.8, -0.3, 0.0, 0.2, 0.45, 0.7, 1.3, 63.1, 1e4, float("inf"), -float("inf")])
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            grids = ((3, 0, 255, torch.uint8), (0, -128, 127, torch.int8), (64, 0, 127, torch.uint8))
-            return all(torch.equal(native_quantize(x, 0.5, *grid), quantize_tensor(x, 0.5, *grid)) for grid in grids)
-    except (RuntimeError, AttributeError):
-        return False
-
-
-NATIVE_QUANTIZE = _native_quantize_agrees()
 
 
 def quantize_per_tensor(

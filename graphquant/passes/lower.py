@@ -258,7 +258,8 @@ def _lower_items(ctx: KernelContext, match: Match, inputs: list[QValue], quantiz
 
 def fuse_float_activations(gm: fx.GraphModule) -> int:
     """``qlinear(float_out) -> activation -> quantize`` becomes one ``qlinear`` with the
-    activation as its post-op, writing uint8. Returns how many were fused.
+    activation as its post-op, writing uint8; ``qlinear_dynamic -> activation`` one
+    ``qlinear_dynamic`` with the post-op. Returns how many were fused.
 
     The activation was kept float (its module has no qconfig, as in the linears-only recipe
     for a transformer's FFN: ``dense -> gelu -> dense``), but its output is rounded right
@@ -271,6 +272,9 @@ def fuse_float_activations(gm: fx.GraphModule) -> int:
     gm.graph.eliminate_dead_code()
     fused = 0
     for node in list(gm.graph.nodes):
+        if node.target is ops.qlinear_dynamic.default and len(node.users) == 1:
+            fused += _fuse_dynamic_activation(gm, node)
+            continue
         if node.target is not ops.qlinear.default or len(node.users) != 1:
             continue
         args = list(node.args) + [[], False][len(node.args) - 9:]  # post_op_args, float_out defaults
@@ -300,6 +304,22 @@ def fuse_float_activations(gm: fx.GraphModule) -> int:
         gm.graph.erase_node(node)
         fused += 1
     return fused
+
+
+def _fuse_dynamic_activation(gm: fx.GraphModule, node: fx.Node) -> int:
+    """``qlinear_dynamic -> activation`` becomes ``qlinear_dynamic(post_op=...)``: both are float32
+    out, and the per-tensor kernel applies the activation inside oneDNN's GEMM call."""
+    act = next(iter(node.users))
+    if len(node.args) > 5 or act.op != "call_function" or act.target not in POST_OP_TARGETS or act.args[0] is not node:
+        return 0
+    name, scalars = post_op(act)
+    with gm.graph.inserting_before(act):
+        new = gm.graph.call_function(ops.qlinear_dynamic.default, (*node.args, name, scalars))
+    copy_meta(node, new)
+    act.replace_all_uses_with(new)
+    gm.graph.erase_node(act)
+    gm.graph.erase_node(node)
+    return 1
 
 
 def drop_unused_state(gm: fx.GraphModule) -> None:
