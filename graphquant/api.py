@@ -167,6 +167,13 @@ def convert(
     quantized and what stayed float, and why. It is for inference: its float parameters do
     not require grad, so calling it outside ``torch.no_grad()`` records no autograd graph.
     """
+    return _convert(prepared, debug, inplace, backend)
+
+
+def _convert(
+    prepared: PreparedModel, debug: bool, inplace: bool, backend: str | None, fuse_activations: bool = True
+) -> fx.GraphModule:
+    """``convert``; ``fuse_activations=False`` is for numerics, which compares every linear's own output."""
     if not isinstance(prepared, PreparedModel):
         raise GraphQuantError(
             f"graphquant: convert takes the model returned by graphquant.prepare, got {type(prepared).__name__}"
@@ -192,7 +199,7 @@ def convert(
         for name, value in vars(source).items():  # GraphModule's deepcopy keeps only modules and tensors
             if name.startswith("graphquant_") and not hasattr(gm, name):
                 setattr(gm, name, copy.deepcopy(value))
-    report = lower(gm, debug, backend, prepared.qconfig_dict)
+    report = lower(gm, debug, backend, prepared.qconfig_dict, fuse_activations)
     # An inference model: nothing backpropagates through int8 kernels. Float parameters left
     # (LayerNorm, embeddings) requiring grad would make every call outside torch.no_grad()
     # record autograd state, and in-place steps on values that need grad copy them first.

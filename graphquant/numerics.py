@@ -39,7 +39,7 @@ from torch import fx, nn
 from torch.export import ExportedProgram
 from torch.utils._pytree import tree_flatten
 
-from graphquant.api import calibrate, convert, default_backend, prepare, prepare_dynamic
+from graphquant.api import _convert, calibrate, convert, default_backend, prepare, prepare_dynamic
 from graphquant.capture import capture
 from graphquant.errors import GraphQuantError
 from graphquant.graph import MATCH, QPARAMS, Match, matches_of
@@ -358,7 +358,10 @@ def _quantize_both(
     else:
         prepared = prepare(model, qconfig_dict, batches[0])
         calibrate(prepared, progress(batches, "calibrating"))
-    return convert(prepared, debug=True, backend=backend), convert(prepared, debug=False, backend=backend)
+    # activations stay unfolded in the kernel graph: each linear's own output is compared (folded,
+    # the kernel computes the same single rounding of linear -> activation)
+    return (_convert(prepared, True, False, backend),
+            _convert(prepared, False, False, backend, fuse_activations=False))  # fmt: skip
 
 
 def _quantize_node(node: fx.Node) -> fx.Node | None:

@@ -378,10 +378,13 @@ def float_reason(node: fx.Node, qconfig_dict: Any) -> str:
     return f"no quantized pattern for {node.target}"
 
 
-def lower(gm: fx.GraphModule, debug: bool, backend: str, qconfig_dict: Any) -> ConversionReport:
+def lower(
+    gm: fx.GraphModule, debug: bool, backend: str, qconfig_dict: Any, fuse_activations: bool = True
+) -> ConversionReport:
     """Convert a calibrated prepared graph in place: reference graph, then kernels unless ``debug``.
 
-    Returns the conversion report.
+    ``fuse_activations=False`` leaves float activations after linears unfolded (numerics
+    compares each linear's own output). Returns the conversion report.
     """
     qparams = observer_qparams(gm)
     float_out = ("dynamic", "weight_only")  # kinds without an output observer
@@ -392,7 +395,8 @@ def lower(gm: fx.GraphModule, debug: bool, backend: str, qconfig_dict: Any) -> C
     quantized_at = reference(gm, matches, ctx, qparams, float_outputs)
     if not debug:
         kernel(gm, matches, ctx, quantized_at)
-        fuse_float_activations(gm)
+        if fuse_activations:
+            fuse_float_activations(gm)
     drop_unused_state(gm)
     gm.graph.lint()
     gm.recompile()
