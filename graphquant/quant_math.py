@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -290,6 +291,9 @@ def quantize_dynamic_tensor(x: torch.Tensor, per_token: bool) -> tuple[torch.Ten
     scale, zero_point = dynamic_qparams(x, per_token)
     if per_token:
         return quantize_tensor(x, scale, 0, -128, 127, torch.int8), scale, zero_point
-    if NATIVE_QUANTIZE and x.dtype == torch.float32:
-        return native_quantize(x, float(scale), int(zero_point), 0, 255, torch.uint8), scale, zero_point
+    s, zp = float(scale), int(zero_point)
+    # a NaN or infinite batch has no usable range: the math below gives its (meaningless) integers
+    # where torch's quantize would raise
+    if NATIVE_QUANTIZE and x.dtype == torch.float32 and 0.0 < s < math.inf and 0 <= zp <= 255:
+        return native_quantize(x, s, zp, 0, 255, torch.uint8), scale, zero_point
     return quantize_tensor(x, scale, zero_point, 0, 255, torch.uint8), scale, zero_point
