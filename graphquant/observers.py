@@ -8,6 +8,8 @@ another observer of the same kind, so calibration can be sharded.
 
 from __future__ import annotations
 
+import math
+
 import warnings
 
 import torch
@@ -217,22 +219,43 @@ class HistogramObserver(Observer):
         return torch.histogram(centers, bins=self.bins, range=(lo, hi), weight=self.histogram)[0]
 
     def observe(self, x: torch.Tensor) -> None:
-        x = x.double().flatten()
-        x = x[torch.isfinite(x)]
+        x = x.detach().flatten()
         if x.numel() == 0:
             return
         lo_x, hi_x = torch.aminmax(x)
+        if not (math.isfinite(float(lo_x)) and math.isfinite(float(hi_x))):  # NaN or inf: count the rest
+            x = x[torch.isfinite(x)]
+            if x.numel() == 0:
+                return
+            lo_x, hi_x = torch.aminmax(x)
         lo = min(float(lo_x), float(self.min_val))
         hi = max(float(hi_x), float(self.max_val))
         if hi == lo:
             hi = lo + 1e-8  # a constant tensor still needs a non-empty histogram range
-        counts = torch.histogram(x, bins=self.bins, range=(lo, hi))[0]
+        counts = self._counts(x, lo, hi)
         if self.has_data and (lo, hi) != (float(self.min_val), float(self.max_val)):
             counts += self._rebin(lo, hi)
         elif self.has_data:
             counts += self.histogram
         self.histogram = counts
         self.min_val, self.max_val = torch.tensor(lo), torch.tensor(hi)
+
+    # histc counts in float32, exact up to 2**24 per bin: larger tensors are counted in parts
+    _CHUNK = 1 << 24
+
+    def _counts(self, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        """float64 counts of ``x`` (finite, within ``[lo, hi]``) on ``bins`` equal bins.
+
+        ``torch.histc`` on float32 runs in one pass without copying ``x``; ``torch.histogram``
+        wants float64 and was 2x the calibration time of quantize_jit on MiniLM at batch 50.
+        Values of float64 inputs, or ranges float32 cannot hold, take ``torch.histogram``.
+        """
+        if x.dtype != torch.float32 or not (abs(lo) < 3e38 and abs(hi) < 3e38 and (hi - lo) < 3e38):
+            return torch.histogram(x.double(), bins=self.bins, range=(lo, hi))[0]
+        counts = torch.zeros(self.bins, dtype=torch.float64)
+        for part in x.split(self._CHUNK):
+            counts += torch.histc(part, bins=self.bins, min=lo, max=hi).double()
+        return counts
 
     def merge(self, other: Observer) -> None:
         self._check_same_kind(other)

@@ -165,8 +165,9 @@ def quantize_tensor(
 
 # torch's own per-tensor quantize: one vectorised pass writing the integers (fbgemm's loop), where
 # quantize_tensor makes five passes and a float32 temporary. It returns a tensor of the deprecated
-# quantized dtypes, so it is used only inside this op and its bytes are handed on as plain
-# uint8 / int8 at once; without it (a torch that has dropped those dtypes) quantize_tensor runs.
+# quantized dtypes, so only the activation quantize ops call it (graphquant::quantize_per_tensor,
+# the per-tensor dynamic quantize), and its bytes are handed on as plain uint8 / int8 at once;
+# without it (a torch that has dropped those dtypes) quantize_tensor runs.
 _NATIVE_DTYPES = {torch.uint8: torch.quint8, torch.int8: torch.qint8}
 
 

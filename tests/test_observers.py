@@ -122,3 +122,22 @@ def test_observer_passes_input_through_and_ignores_empty():
 def test_merge_refuses_another_kind():
     with pytest.raises(TypeError, match="cannot merge MinMaxObserver into HistogramObserver"):
         HistogramObserver().merge(MinMaxObserver())
+
+
+def test_histogram_counts_match_float64_binning_in_parts_and_skip_non_finite(monkeypatch):  # type: ignore[no-untyped-def]
+    """The one-pass float32 counts (histc) are torch.histogram's float64 counts up to values on
+    a bin edge; counting in parts changes nothing; NaN and inf are left out, as before."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4096, generator=g) * 3, torch.randn(4096, generator=g) * 5 + 1]
+    fast, exact = HistogramObserver(), HistogramObserver()
+    monkeypatch.setattr(HistogramObserver, "_CHUNK", 1000)  # four parts per batch
+    for x in batches:
+        fast(x)
+        exact(x.double())  # float64 input: torch.histogram
+    assert float(fast.histogram.sum()) == float(exact.histogram.sum()) == 8192
+    assert float((fast.histogram - exact.histogram).abs().sum()) <= 8  # a handful of edge values
+    fq, eq = fast.qparams(), exact.qparams()
+    assert abs(float(fq.scale) / float(eq.scale) - 1) < 1e-2 and abs(int(fq.zero_point) - int(eq.zero_point)) <= 1
+    dirty = HistogramObserver()
+    dirty.observe(torch.tensor([float("nan"), float("inf"), -1.0, 2.0, 0.5]))
+    assert float(dirty.histogram.sum()) == 3 and (float(dirty.min_val), float(dirty.max_val)) == (-1.0, 2.0)

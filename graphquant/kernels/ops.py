@@ -124,8 +124,6 @@ def _check_scale(op: str, scale: float) -> None:
         raise GraphQuantError(f"graphquant::{op}: scale must be positive and finite, got {scale}")
 
 
-
-
 def quantize_per_tensor(
     x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
 ) -> torch.Tensor:
