@@ -9,7 +9,6 @@ another observer of the same kind, so calibration can be sharded.
 from __future__ import annotations
 
 import math
-
 import warnings
 
 import torch
