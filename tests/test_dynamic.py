@@ -46,7 +46,7 @@ def test_kernel_matches_reference_and_float(qconfig, backend):  # type: ignore[n
     assert not any(n.target is torch.ops.aten.relu.default for n in q.graph.nodes)
     assert sum(n.target is torch.ops.aten.relu.default for n in ref.graph.nodes) == 2
     scripted = gq.to_torchscript(q)
-    for got, want, expected, twin in zip(q(x), ref(x), model(x), scripted(x)):
+    for got, want, expected, twin in zip(q(x), ref(x), model(x), scripted(x), strict=True):
         step = float(want.max() - want.min()) / 255
         assert float((got - want).abs().max()) <= step
         assert sqnr(expected, got) >= 30.0

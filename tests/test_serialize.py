@@ -138,11 +138,16 @@ def _models() -> dict[str, tuple[nn.Module, Any]]:
     """Name -> (quantized model, input maker): static and dynamic, both backends, reference too."""
     lazy = gq.quantize_dynamic_jit(make_mlp())
     lazy(_tokens(2, 0))  # captured and converted on its first call
+    linears = gq.qconfig_dict_by_type(make_mlp(), {nn.Linear: gq.default_qconfig})
     return {
         "static_onednn": (_static(make_net), _images),
         "static_portable": (_static(make_net, backend="portable"), _images),
         "residual": (_static(make_residual), _images),
         "static_reference": (_static(make_net, debug=True), _images),
+        # linears int8, the ReLU float in the recipe and folded into fc1's kernel (uint8 out)
+        "static_linears_folded_relu": (
+            gq.quantize(make_mlp(), linears, run_batches, [[_tokens(2, s) for s in range(3)]]), _tokens
+        ),
         "dynamic": (gq.quantize_dynamic(make_mlp(), example_inputs=(_tokens(1, 0),)), _tokens),
         "dynamic_per_token": (gq.quantize_dynamic(make_mlp(), {"": gq.per_token_dynamic_qconfig},
                                                   example_inputs=(_tokens(1, 0),)), _tokens),  # fmt: skip
