@@ -277,8 +277,8 @@ def fuse_float_activations(gm: fx.GraphModule) -> int:
             continue
         if node.target is not ops.qlinear.default or len(node.users) != 1:
             continue
-        args = list(node.args) + [[], False][len(node.args) - 9:]  # post_op_args, float_out defaults
-        if not args[10] or args[8] != "none":
+        float_out = len(node.args) > 10 and bool(node.args[10])  # schema: post_op_args=[], float_out=False
+        if not float_out or node.args[8] != "none":
             continue
         act = next(iter(node.users))
         if act.op != "call_function" or act.target not in POST_OP_TARGETS or act.args[0] is not node:
@@ -294,7 +294,7 @@ def fuse_float_activations(gm: fx.GraphModule) -> int:
             continue
         name, scalars = post_op(act)
         with gm.graph.inserting_before(act):
-            new = gm.graph.call_function(ops.qlinear.default, (*args[:6], scale, zero_point, name, scalars, False))
+            new = gm.graph.call_function(ops.qlinear.default, (*node.args[:6], scale, zero_point, name, scalars, False))
         copy_meta(node, new)
         new.meta[QPARAMS] = quantizes[0].meta.get(QPARAMS)
         for q in quantizes:
