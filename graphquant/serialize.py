@@ -43,9 +43,9 @@ from graphquant.graph import add_attr, get_attr_value, module_path
 from graphquant.inputs import INPUT_CHECK, InputSpec, input_specs, install_input_check
 from graphquant.kernels import elementwise, embedding, onednn
 from graphquant.kernels.onednn import onednn_dilation
-from graphquant.kernels.ops import NATIVE_QUANTIZE
 from graphquant.patterns.context import PACKED
 from graphquant.qconfig import QConfig
+from graphquant.quant_math import NATIVE_QUANTIZE
 from graphquant.report import ConversionReport, NodeReport
 
 MANIFEST_FORMAT = "graphquant.manifest"
@@ -401,7 +401,9 @@ def _ts_quantize_per_tensor_native(
     if dtype != torch.uint8 and dtype != torch.int8:
         return _ts_quantize_per_tensor(x, scale, zero_point, qmin, qmax, dtype)
     qdtype = torch.quint8 if dtype == torch.uint8 else torch.qint8
-    return torch.quantize_per_tensor(x.to(torch.float32), scale, zero_point, qdtype).int_repr().clamp_(qmin, qmax)
+    q = torch.quantize_per_tensor(x.to(torch.float32), scale, zero_point, qdtype).int_repr()
+    full = (qmin, qmax) == (0, 255) if dtype == torch.uint8 else (qmin, qmax) == (-128, 127)
+    return q if full else q.clamp_(qmin, qmax)
 
 
 def _ts_dequantize_per_tensor(q: Tensor, scale: float, zero_point: int) -> Tensor:
@@ -676,16 +678,20 @@ def _ts_qlinear(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale
     )  # fmt: skip
 
 
+def _ts_quantize_uint8_math(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    return torch.clamp(torch.round(x.to(torch.float32) / scale) + zero_point, 0, 255).to(torch.uint8)
+
+
 if NATIVE_QUANTIZE:  # the scripted code calls whichever is bound: quant_math.native_quantize or the math
 
     def _ts_quantize_uint8(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
-        return torch.quantize_per_tensor(x.to(torch.float32), float(scale.item()), int(zero_point.item()),
-                                         torch.quint8).int_repr()  # fmt: skip
+        s, zp = float(scale.item()), int(zero_point.item())
+        if not (s > 0.0 and s < float("inf") and zp >= 0 and zp <= 255):  # a NaN or inf batch: the math path
+            return _ts_quantize_uint8_math(x, scale, zero_point)
+        return torch.quantize_per_tensor(x.to(torch.float32), s, zp, torch.quint8).int_repr()
 
 else:
-
-    def _ts_quantize_uint8(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
-        return torch.clamp(torch.round(x.to(torch.float32) / scale) + zero_point, 0, 255).to(torch.uint8)
+    _ts_quantize_uint8 = _ts_quantize_uint8_math
 
 
 def _ts_quantize_dynamic(x: Tensor, per_token: bool) -> tuple[Tensor, Tensor, Tensor]:

@@ -132,3 +132,18 @@ def test_lstm_stays_float_and_the_report_says_so():
     lines = [n for n in gq.report(q).float_nodes if n.module_path == "lstm" and "lstm" in n.op]
     assert lines and "no quantized pattern for aten.lstm" in lines[0].reason
     assert sqnr(model(x), q(x)) >= 30.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_batch_runs_alike_in_torchscript(bad):  # type: ignore[no-untyped-def]
+    """A batch with no usable range takes the math path of the per-batch quantize in the kernel and
+    in its TorchScript twin alike (torch's one-pass quantize would raise on its zero point)."""
+    model, x = _model(), torch.randn(4, 10, 32)
+    q = gq.quantize_dynamic(model, {"": gq.default_dynamic_qconfig}, example_inputs=(x,))
+    scripted = gq.to_torchscript(q)
+    x[0, 0, 0] = bad
+    for got, twin in zip(q(x), scripted(x), strict=True):
+        assert got.shape == twin.shape == (4, 10, 16)
+        torch.testing.assert_close(twin, got, equal_nan=True)
+    clean = torch.randn(4, 10, 32)
+    torch.testing.assert_close(scripted(clean)[0], q(clean)[0])
