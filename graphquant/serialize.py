@@ -723,20 +723,26 @@ def _ts_qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | No
         shape = list(x.shape[:-1])
         shape.append(out_features)
         return x.new_empty(shape)
-    q, scale, zero_point = _ts_quantize_dynamic(x.contiguous(), per_token)
+    x = x.contiguous()
+    if w.is_mkldnn and per_token:  # kernels.dynamic: int8 shifted into uint8, zero point 128
+        amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_()).float()
+        row_scale = torch.clamp(amax / 127.5, min=1.1920928955078125e-07)  # float32 eps, quant_math.EPS
+        qu = (x.to(torch.float32) / row_scale).round_().add_(128).clamp_(0, 255).to(torch.uint8)
+        y = torch.ops.onednn.qlinear_pointwise(qu, 1.0, 128, w, w_scale, torch.zeros(out_features, dtype=torch.int64),
+                                               None, 1.0, 0, torch.float32, "none", _ts_scalars([]), "")  # fmt: skip
+        y.mul_(row_scale)
+        if bias is not None:
+            y.add_(bias)
+        return _ts_post_op(y, post_op, post_op_args)
+    q, scale, zero_point = _ts_quantize_dynamic(x, per_token)
     if w.is_mkldnn:
-        w_zero_point = torch.zeros(out_features, dtype=torch.int64)
-        if not per_token:
-            attr, algorithm = _ts_onednn_post_op(post_op)
-            scalars = _ts_scalars(post_op_args) if post_op != "none" else _ts_scalars([])
-            return torch.ops.onednn.qlinear_pointwise(q, scale, zero_point, w, w_scale, w_zero_point, bias, 1.0, 0,
-                                                      torch.float32, attr, scalars, algorithm)  # fmt: skip
-        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, w, w_scale, w_zero_point, None, 1.0, 0, torch.float32,
-                                               "none", _ts_scalars([]), "")  # fmt: skip
-        y.mul_(scale)
-    else:
-        acc = F.linear(q.double() - zero_point.double(), w.double())
-        y = (acc * (scale.double() * w_scale.double())).float()
+        attr, algorithm = _ts_onednn_post_op(post_op)
+        scalars = _ts_scalars(post_op_args) if post_op != "none" else _ts_scalars([])
+        return torch.ops.onednn.qlinear_pointwise(q, scale, zero_point, w, w_scale,
+                                                  torch.zeros(out_features, dtype=torch.int64), bias, 1.0, 0,
+                                                  torch.float32, attr, scalars, algorithm)  # fmt: skip
+    acc = F.linear(q.double() - zero_point.double(), w.double())
+    y = (acc * (scale.double() * w_scale.double())).float()
     if bias is not None:
         y.add_(bias)
     return _ts_post_op(y, post_op, post_op_args)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import graphquant as gq
+from graphquant.kernels import onednn
 from graphquant.quant_math import sqnr
 
 
@@ -147,3 +148,23 @@ def test_a_non_finite_batch_runs_alike_in_torchscript(bad):  # type: ignore[no-u
         torch.testing.assert_close(twin, got, equal_nan=True)
     clean = torch.randn(4, 10, 32)
     torch.testing.assert_close(scripted(clean)[0], q(clean)[0])
+
+
+@pytest.mark.skipif(not onednn.available(), reason="oneDNN kernels")
+def test_per_token_kernel_feeds_onednn_uint8_with_the_int8_values():
+    """oneDNN's int8-source GEMM runs a reference kernel on some x86 CPUs (AMD EPYC: 2000x slower),
+    so the per-token values go in as uint8 shifted by 128: the results are those of the int8 GEMM,
+    bit for bit (checked here on a GEMM small enough for the slow kernel)."""
+    from graphquant.kernels.dynamic import qlinear_dynamic
+    from graphquant.quant_math import quantize_dynamic_tensor
+
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 5, 32) * 4, torch.randint(-127, 128, (16, 32), dtype=torch.int8)
+    w_scale, bias = torch.rand(16) * 0.01 + 1e-3, torch.randn(16)
+    q, scale, _ = quantize_dynamic_tensor(x, True)
+    assert q.dtype == torch.int8
+    zp = torch.zeros(16, dtype=torch.int64)
+    packed = onednn.pack_linear(w)
+    want = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, w_scale, zp, None, 1.0, 0, torch.float32, "none", [],
+                                              "") * scale + bias  # fmt: skip
+    torch.testing.assert_close(qlinear_dynamic(x, packed, w_scale, bias, True), want, rtol=0, atol=0)
