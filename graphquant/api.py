@@ -171,9 +171,9 @@ def convert(
 
 
 def _convert(
-    prepared: PreparedModel, debug: bool, inplace: bool, backend: str | None, fuse_activations: bool = True
+    prepared: PreparedModel, debug: bool, inplace: bool, backend: str | None, fuse: bool = True
 ) -> fx.GraphModule:
-    """``convert``; ``fuse_activations=False`` is for numerics, which compares every linear's own output."""
+    """``convert``; ``fuse=False`` is for numerics, which compares every node's own output."""
     if not isinstance(prepared, PreparedModel):
         raise GraphQuantError(
             f"graphquant: convert takes the model returned by graphquant.prepare, got {type(prepared).__name__}"
@@ -199,7 +199,7 @@ def _convert(
         for name, value in vars(source).items():  # GraphModule's deepcopy keeps only modules and tensors
             if name.startswith("graphquant_") and not hasattr(gm, name):
                 setattr(gm, name, copy.deepcopy(value))
-    report = lower(gm, debug, backend, prepared.qconfig_dict, fuse_activations)
+    report = lower(gm, debug, backend, prepared.qconfig_dict, fuse)
     # An inference model: nothing backpropagates through int8 kernels. Float parameters left
     # (LayerNorm, embeddings) requiring grad would make every call outside torch.no_grad()
     # record autograd state, and in-place steps on values that need grad copy them first.

@@ -359,9 +359,10 @@ def _quantize_both(
         prepared = prepare(model, qconfig_dict, batches[0])
         calibrate(prepared, progress(batches, "calibrating"))
     # activations stay unfolded in the kernel graph: each linear's own output is compared (folded,
-    # the kernel computes the same single rounding of linear -> activation)
+    # the kernel computes the same single rounding of linear -> activation); no residual accum is
+    # donated, so every recorded value stays as its node wrote it
     return (_convert(prepared, True, False, backend),
-            _convert(prepared, False, False, backend, fuse_activations=False))  # fmt: skip
+            _convert(prepared, False, False, backend, fuse=False))  # fmt: skip
 
 
 def _quantize_node(node: fx.Node) -> fx.Node | None:

@@ -585,9 +585,12 @@ def _ts_qconv(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: 
 def _ts_onednn_qconv_add_2d(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
                             bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
                             groups: int, accum: Tensor, accum_scale: float, accum_zero_point: int, out_scale: float,
-                            out_zero_point: int, post_op: str) -> Tensor:  # fmt: skip
-    # oneDNN writes the sum into its accum: a private channels-last copy, never the graph's value
-    private = accum.clone(memory_format=torch.channels_last)
+                            out_zero_point: int, post_op: str, accum_donated: bool) -> Tensor:  # fmt: skip
+    # oneDNN writes the sum into its accum: a private channels-last copy unless the graph donated it
+    if accum_donated and accum.is_contiguous(memory_format=torch.channels_last):
+        private = accum
+    else:
+        private = accum.clone(memory_format=torch.channels_last)
     w_zero_point = torch.zeros(w.size(0), dtype=torch.int64)
     return torch.ops.onednn.qconv2d_pointwise(
         x, x_scale, x_zero_point, w, w_scale, w_zero_point, private, bias, stride, padding,
@@ -599,7 +602,7 @@ def _ts_onednn_qconv_add_2d(x: Tensor, x_scale: float, x_zero_point: int, w: Ten
 def _ts_qconv_add(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
                   stride: list[int], padding: list[int], dilation: list[int], groups: int, accum: Tensor,
                   accum_scale: float, accum_zero_point: int, out_scale: float, out_zero_point: int,
-                  post_op: str) -> Tensor:  # fmt: skip
+                  post_op: str, accum_donated: bool = False) -> Tensor:  # fmt: skip
     """graphquant::qconv1d_add / qconv2d_add: ``post_op(conv(x) + accum)``."""
     _ts_check(x, x_zero_point, w, w_scale, bias, out_zero_point, w.size(0))
     if post_op != "none" and post_op != "relu":
@@ -616,7 +619,8 @@ def _ts_qconv_add(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_sca
     if x.dim() == 3:
         y = _ts_onednn_qconv_add_2d(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, [1] + stride,
                                     [0] + padding, [1] + dilation, groups, accum.unsqueeze(2), accum_scale,
-                                    accum_zero_point, out_scale, out_zero_point, post_op)  # fmt: skip
+                                    accum_zero_point, out_scale, out_zero_point, post_op,
+                                    accum_donated)  # fmt: skip
         return y.squeeze(2)
     if x.dim() != 4:
         raise ValueError("graphquant::qconv_add: oneDNN fuses the residual sum into 1-d and 2-d convs only")
@@ -624,7 +628,7 @@ def _ts_qconv_add(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_sca
         return accum.new_empty(out_shape)
     return _ts_onednn_qconv_add_2d(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
                                    accum, accum_scale, accum_zero_point, out_scale, out_zero_point,
-                                   post_op)  # fmt: skip
+                                   post_op, accum_donated)  # fmt: skip
 
 
 def _ts_qconv_transpose(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,

@@ -275,7 +275,7 @@ def test_conv_add_that_writes_into_its_accum_fails_the_harness(monkeypatch):
     from graphquant.testing import check_graph_mode_op
 
     def in_place(x, x_scale, x_zp, w, w_scale, bias, stride, padding, dilation, groups, accum, *rest):  # type: ignore[no-untyped-def]  # noqa: E501
-        a_scale, a_zp, out_scale, out_zp, post_op = rest
+        a_scale, a_zp, out_scale, out_zp, post_op = rest[:5]  # a donated accum adds a flag
         return torch.ops.onednn.qconv2d_pointwise.binary(
             x, x_scale, x_zp, w, w_scale, torch.zeros(w.shape[0], dtype=torch.int64), accum, bias, stride, padding,
             dilation, groups, out_scale, out_zp, None, a_scale, a_zp, "sum", 1.0, post_op, [], "",

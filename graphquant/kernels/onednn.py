@@ -216,13 +216,16 @@ def qconv_add(
     out_scale: float,
     out_zero_point: int,
     post_op: str,
+    accum_donated: bool = False,
 ) -> torch.Tensor:
     """``post_op(conv(x) + accum)`` in one oneDNN call (the "sum" post-op), uint8 out.
 
     ``qconv2d_pointwise.binary`` writes its result into ``qaccum`` (``Tensor(a!)``). The
     graph's ``accum`` may be read by other nodes (ResNet's identity feeds the next block's
     conv too) or be this conv's own input, so oneDNN gets a private channels-last copy:
-    one copy of a uint8 tensor, made anyway when ``accum`` is not channels-last.
+    one copy of a uint8 tensor, made anyway when ``accum`` is not channels-last. With
+    ``accum_donated`` (set at convert when no node reads ``accum`` afterwards) a channels-last
+    ``accum`` takes the sum itself.
     """
     out_channels = w.shape[0]
     _check_common("qconv_add", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, (),
@@ -239,7 +242,7 @@ def qconv_add(
     if x.dim() == 3:  # oneDNN's sum post-op is 2-d only
         y = qconv_add(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, *_as_2d(stride, padding, dilation),
                       groups, accum.unsqueeze(2), accum_scale, accum_zero_point, out_scale, out_zero_point,
-                      post_op)  # fmt: skip
+                      post_op, accum_donated)  # fmt: skip
         return y.squeeze(2)
     if x.dim() != 4:
         raise GraphQuantError(
@@ -248,7 +251,7 @@ def qconv_add(
     if x.shape[0] == 0:
         return accum.new_empty(out_shape)
     private = accum.contiguous(memory_format=torch.channels_last)
-    if private.data_ptr() == accum.data_ptr():
+    if not accum_donated and private.data_ptr() == accum.data_ptr():
         private = private.clone(memory_format=torch.channels_last)
     return torch.ops.onednn.qconv2d_pointwise.binary(
         x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), private, bias, stride, padding,

@@ -43,12 +43,14 @@ LIB.define(
     "qlinear(Tensor x, float x_scale, int x_zero_point, Tensor w, Tensor w_scale, Tensor? bias, "
     "float out_scale, int out_zero_point, str post_op, float[] post_op_args=[], bool float_out=False) -> Tensor"
 )
-# post_op(conv(x) + accum), accum a uint8 activation of the output's shape (ResNet's residual join)
+# post_op(conv(x) + accum), accum a uint8 activation of the output's shape (ResNet's residual join).
+# accum_donated: the graph never reads accum after this call (passes.lower.donate_accumulators
+# proves it at convert), so oneDNN may write the sum into it instead of into a copy.
 for _dim in (1, 2):
     LIB.define(
         f"qconv{_dim}d_add(Tensor x, float x_scale, int x_zero_point, Tensor w, Tensor w_scale, Tensor? bias, "
         "int[] stride, int[] padding, int[] dilation, int groups, Tensor accum, float accum_scale, "
-        "int accum_zero_point, float out_scale, int out_zero_point, str post_op) -> Tensor"
+        "int accum_zero_point, float out_scale, int out_zero_point, str post_op, bool accum_donated=False) -> Tensor"
     )
 # weight (in, out / groups, *kernel), w_scale along its axis 0; argument order of aten.conv_transposeNd
 for _dim in (1, 2, 3):

@@ -195,8 +195,10 @@ def qconv_add(
     out_scale: float,
     out_zero_point: int,
     post_op: str,
+    accum_donated: bool = False,
 ) -> torch.Tensor:
-    """``post_op(conv(x) + accum)``: the residual join, one rounding to the output grid."""
+    """``post_op(conv(x) + accum)``: the residual join, one rounding to the output grid.
+    (``accum_donated`` is for oneDNN's in-place sum; this kernel writes a new tensor.)"""
     check_inputs("qconv_add", x, w, w_scale, bias)
     check_qparams("qconv_add", x_scale, x_zero_point, out_scale, out_zero_point)
     check_qparams("qconv_add", accum_scale, accum_zero_point, out_scale, out_zero_point)
