@@ -14,6 +14,7 @@ cannot take a model get a note with the reason instead of a row.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import os
@@ -107,10 +108,23 @@ def bench(w: Workload, mode: str, args: argparse.Namespace, notes: list[str], th
         with torch.no_grad():
             timing = time_interleaved(calls, args.rounds, args.warmup, args.quiet_only, max_seconds=args.max_seconds)
         notes.append(f"{w.name} {mode}, {threads} threads: {timing.describe()}")
+        timed = list(variants)
         for v in variants:
+            if v.alone is None:
+                continue
+            alone = dataclasses.replace(v, name=f"{v.name} (spinning, timed alone)", at_threads=None, alone=None)
+            call = v.alone(threads)
+            with torch.no_grad():
+                solo = time_interleaved({alone.name: lambda call=call: call(w.timed)}, args.rounds, args.warmup,
+                                        args.quiet_only, max_seconds=args.max_seconds)  # fmt: skip
+            notes.append(f"{w.name} {mode}, {threads} threads, {alone.name}: {solo.describe()}")
+            quality[alone.name] = quality.get(v.name, (None, None))
+            timing.samples[alone.name] = solo.samples[alone.name]
+            timed.append(alone)
+        for v in timed:
             db, cos = quality.get(v.name, (None, None))
             rows.append(Row(w, mode, threads, v, timing.median_ms(v.name), timing.iqr_ms(v.name), db, cos))
-        print(render_rows(rows[-len(variants):]), file=sys.stderr, flush=True)
+        print(render_rows(rows[-len(timed):]), file=sys.stderr, flush=True)
     torch.set_num_threads(args.threads[0])
     return rows
 

@@ -58,6 +58,9 @@ class Variant:
     peer: bool = True  # False for fp32 and graphquant
     # the call to time at another thread count, where the count is baked in at build (ONNX Runtime)
     at_threads: Callable[[int], Callable[[Inputs], torch.Tensor]] | None = None
+    # a faster form that cannot share the process's cores while others are timed, so it is timed
+    # alone after the interleaved rounds (ONNX Runtime with its spinning thread pool)
+    alone: Callable[[int], Callable[[Inputs], torch.Tensor]] | None = None
 
 
 def _state_dict_bytes(model: nn.Module) -> int:
@@ -270,8 +273,13 @@ def onnxruntime_peer(w: Workload, mode: str, threads: int) -> Variant:
         else:
             ort_quantize_dynamic(str(float_path), str(q_path), weight_type=QuantType.QInt8)
 
-    def at_threads(count: int) -> Callable[[Inputs], torch.Tensor]:
+    def at_threads(count: int, spinning: bool = False) -> Callable[[Inputs], torch.Tensor]:
         options = ort.SessionOptions()
+        # ONNX Runtime's idle workers spin after each run, for longer than a 30 ms pause between
+        # calls: interleaved with it, every PyTorch variant at 2 threads took about twice its time
+        # (MiniLM b1: graphquant 9.2 -> 17.0 ms, PT2E 9.5 -> 18.3 ms). The interleaved session does
+        # not spin; the spinning one, faster on its own (MiniLM b1 11.8 vs 16.1 ms), is timed alone.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.intra_op_num_threads = count
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -286,7 +294,8 @@ def onnxruntime_peer(w: Workload, mode: str, threads: int) -> Variant:
     quantize_s = time.perf_counter() - start
     first = _first_call(call, w.timed)
     size = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("int8"))
-    return Variant(f"ONNX Runtime {mode}", call, size, quantize_s, first, at_threads=at_threads)
+    return Variant(f"ONNX Runtime {mode}", call, size, quantize_s, first, at_threads=at_threads,
+                   alone=lambda count: at_threads(count, spinning=True))  # fmt: skip
 
 
 # mode -> (name, builder); fp32 first (the baseline), graphquant next

@@ -25,6 +25,11 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 QUIET_CORES = 0.15  # other processes' CPU use under which a block of rounds counts as quiet
+# Each variant's turn in a round: one untimed call, then BURST timed ones. The untimed call
+# takes what the previous variant left behind: its weights in the caches, and its thread pool
+# still spinning on a core (ONNX Runtime's workers spin after a run; interleaved call by call,
+# every PyTorch variant at 2 threads took about twice its time after it).
+BURST = 2
 BLOCK_SECONDS = 0.5  # long enough that /proc/stat's 10 ms ticks resolve ~0.02 cores
 
 
@@ -99,9 +104,11 @@ def _time_block(
         for _ in range(rounds):
             shuffler.shuffle(calls)
             for name, call in calls:
-                start = time.perf_counter_ns()
-                call()
-                samples[name].append((time.perf_counter_ns() - start) * 1e-9)
+                call()  # untimed: see BURST
+                for _ in range(BURST):
+                    start = time.perf_counter_ns()
+                    call()
+                    samples[name].append((time.perf_counter_ns() - start) * 1e-9)
     return samples, meter.cores
 
 
