@@ -44,7 +44,7 @@ LIB.define(
     "float out_scale, int out_zero_point, str post_op, float[] post_op_args=[], bool float_out=False) -> Tensor"
 )
 # post_op(conv(x) + accum), accum a uint8 activation of the output's shape (ResNet's residual join).
-# accum_donated: the graph never reads accum after this call (passes.lower.donate_accumulators
+# accum_donated: the graph never reads accum after this call (passes.fuse.donate_accumulators
 # proves it at convert), so oneDNN may write the sum into it instead of into a copy.
 for _dim in (1, 2):
     LIB.define(
