@@ -83,6 +83,23 @@ def is_float_tensor(node: object) -> bool:
     return isinstance(val, torch.Tensor) and val.dtype == torch.float32
 
 
+def example_shape(node: object) -> list[int] | None:
+    """The shape of ``node``'s tensor as captured, a symbolic batch (dimension 0) read as 1; None
+    where the graph does not record it or another dimension is symbolic. A packing hint only."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    shape = []
+    for i, size in enumerate(val.shape):
+        if isinstance(size, int):
+            shape.append(size)
+        elif i == 0:
+            shape.append(1)
+        else:
+            return None
+    return shape
+
+
 def module_path(node: fx.Node) -> str:
     """Path of the module that called ``node`` (``""`` for the root)."""
     return str(node.meta.get(MODULE_PATH, ""))

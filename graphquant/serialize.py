@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
@@ -39,7 +40,7 @@ from torch.export import Dim, ExportedProgram
 from graphquant.api import LazyQuantized
 from graphquant.capture import BATCH, MANIFEST_FILE
 from graphquant.errors import GraphQuantError, where
-from graphquant.graph import add_attr, get_attr_value, module_path
+from graphquant.graph import add_attr, example_shape, get_attr_value, module_path
 from graphquant.inputs import INPUT_CHECK, InputSpec, input_specs, install_input_check
 from graphquant.kernels import elementwise, embedding, onednn
 from graphquant.kernels.onednn import onednn_dilation
@@ -159,11 +160,16 @@ def _pack_args(gm: fx.GraphModule, node: fx.Node, pack: str) -> dict[str, Any]:
     out = {name: args[name] for name in _CONV_PACK_ARGS}
     out["w_scale"] = get_attr_value(gm, out["w_scale"])
     out["stride"], out["padding"], out["dilation"] = (list(out[k]) for k in ("stride", "padding", "dilation"))
+    out["x_shape"] = example_shape(node.args[0])  # the layout hint, from the graph's recorded shapes
     return out
 
 
 def _same_pack(recorded: dict[str, Any], rebuilt: dict[str, Any]) -> bool:
+    """Whether a packing rebuilt from the graph computes what the recorded one does (the
+    ``x_shape`` layout hint changes only speed)."""
     for name, value in rebuilt.items():
+        if name == "x_shape":
+            continue
         other = recorded.get(name)
         if isinstance(value, Tensor):
             if not (isinstance(other, Tensor) and torch.equal(value.float(), other.float())):
@@ -828,13 +834,16 @@ TORCHSCRIPT_KERNELS: dict[str, Any] = {
 
 
 def _ts_pack_conv(w: Tensor, w_scale: Tensor, x_scale: float, x_zero_point: int, stride: list[int],
-                  padding: list[int], dilation: list[int], groups: int) -> Tensor:  # fmt: skip
-    """kernels.onednn.pack_conv."""
+                  padding: list[int], dilation: list[int], groups: int, x_shape: list[int]) -> Tensor:  # fmt: skip
+    """kernels.onednn.pack_conv (``x_shape`` empty: no layout hint)."""
+    hint: list[int] | None = None
+    if len(x_shape) > 0:
+        hint = x_shape
     return torch.ops.onednn.qconv_prepack(w.contiguous(), w_scale.float(), x_scale, x_zero_point, stride, padding,
-                                          onednn_dilation(w, dilation), groups, None)  # fmt: skip
+                                          onednn_dilation(w, dilation), groups, hint)  # fmt: skip
 
 
-ConvState = tuple[Tensor, Tensor, float, int, list[int], list[int], list[int], int, bool]
+ConvState = tuple[Tensor, Tensor, float, int, list[int], list[int], list[int], int, list[int], bool]
 
 
 class PackedConvWeight(nn.Module):
@@ -844,10 +853,12 @@ class PackedConvWeight(nn.Module):
     """
 
     def __init__(self, w_int8: Tensor, w_scale: Tensor, x_scale: float, x_zero_point: int, stride: list[int],
-                 padding: list[int], dilation: list[int], groups: int, packed: Tensor) -> None:  # fmt: skip
+                 padding: list[int], dilation: list[int], groups: int, x_shape: list[int],
+                 packed: Tensor) -> None:  # fmt: skip
         super().__init__()
         self.w_int8, self.w_scale, self.x_scale, self.x_zero_point = w_int8, w_scale, x_scale, x_zero_point
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.x_shape = x_shape  # pack_conv's layout hint, [] for none
         self.packed = packed
 
     def forward(self) -> Tensor:
@@ -856,15 +867,19 @@ class PackedConvWeight(nn.Module):
     @torch.jit.export
     def __getstate__(self) -> ConvState:
         return (self.w_int8, self.w_scale, self.x_scale, self.x_zero_point, self.stride, self.padding, self.dilation,
-                self.groups, self.training)  # fmt: skip
+                self.groups, self.x_shape, self.training)  # fmt: skip
 
     @torch.jit.export
     def __setstate__(self, state: ConvState) -> None:
         self.w_int8, self.w_scale, self.x_scale, self.x_zero_point = state[0], state[1], state[2], state[3]
         self.stride, self.padding, self.dilation, self.groups = state[4], state[5], state[6], state[7]
-        self.training = state[8]
+        self.x_shape, self.training = state[8], state[9]
         self.packed = _ts_pack_conv(self.w_int8, self.w_scale, self.x_scale, self.x_zero_point, self.stride,
-                                    self.padding, self.dilation, self.groups)  # fmt: skip
+                                    self.padding, self.dilation, self.groups, self.x_shape)  # fmt: skip
+
+
+# the one attribute whose value cannot tell TorchScript its type (an empty list: no hint)
+PackedConvWeight.__annotations__ = {"x_shape": typing.List[int]}  # noqa: UP006
 
 
 class PackedLinearWeight(nn.Module):
@@ -906,9 +921,11 @@ def _packed_weight_module(gm: fx.GraphModule, packed_name: str, entry: dict[str,
     packed = getattr(gm, packed_name)
     if entry["pack"] == "pack_linear":
         return PackedLinearWeight(w_int8, packed)
+    x_shape = entry.get("x_shape")
     return PackedConvWeight(w_int8, entry["w_scale"].float(), float(entry["x_scale"]), int(entry["x_zero_point"]),
                             list(entry["stride"]), list(entry["padding"]), list(entry["dilation"]),
-                            int(entry["groups"]), packed)  # fmt: skip
+                            int(entry["groups"]), [int(n) for n in x_shape] if x_shape and w_int8.dim() == 4 else [],
+                            packed)  # fmt: skip
 
 
 def _script_target(node: fx.Node) -> Any:

@@ -16,7 +16,7 @@ import torch
 from torch import fx
 
 from graphquant.errors import GraphQuantError
-from graphquant.graph import Match, add_attr, copy_meta, get_attr_value
+from graphquant.graph import Match, add_attr, copy_meta, example_shape, get_attr_value
 from graphquant.kernels import embedding, onednn
 from graphquant.qconfig import ObserverSpec
 from graphquant.quant_math import QParams, quantize
@@ -150,7 +150,8 @@ class KernelContext:
         """The conv weight, quantized and (on oneDNN) packed for these input qparams."""
         _, qparams = self.weights.get(self.gm, match)
         args = dict(w_scale=qparams.scale.float(), x_scale=x_scale, x_zero_point=x_zero_point,
-                    stride=stride, padding=padding, dilation=dilation, groups=groups)  # fmt: skip
+                    stride=stride, padding=padding, dilation=dilation, groups=groups,
+                    x_shape=example_shape(match.anchor.args[0]))  # fmt: skip
         return self._weight_nodes(match, onednn.pack_conv, args)
 
     def fp16_weight(self, match: Match) -> KernelWeight:
