@@ -347,6 +347,58 @@ def _drop_identity_clones(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+_CONV_DIMS = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 2, torch.ops.aten.conv3d.default: 3}
+
+
+def _pad_mode_value(node: fx.Node) -> tuple[str, object]:
+    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+    return str(mode), node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+
+
+def _fold_zero_padding(gm: fx.GraphModule) -> None:
+    """Padding the graph need not copy: ``aten.pad`` by nothing is dropped, and a symmetric
+    zero pad that only a convolution reads becomes that convolution's own padding.
+
+    TensorFlow-style "same" padding (the ``transformers`` MobileNetV2) puts an ``aten.pad``
+    before every convolution: 34 of its 52 add nothing, 13 are ``(1, 1, 1, 1)`` before a 3x3
+    convolution; each was a copy of its input. ``conv(pad(x, p, 0.0), padding=q)`` is
+    ``conv(x, padding=q + p)`` exactly (the int8 kernels pad with the zero point, the real 0).
+    Kept: asymmetric, non-zero, reflect / replicate / circular padding; a pad read by anything
+    else or returned; every pad of a graph that mutates anything.
+    """
+    calls = [node for node in gm.graph.nodes if node.op == "call_function"]
+    if any(getattr(getattr(node.target, "_schema", None), "is_mutable", False) for node in calls):
+        return
+    for node in calls:
+        if node.target is not torch.ops.aten.pad.default or not isinstance(node.args[0], fx.Node):
+            continue
+        if any(user.op == "output" for user in node.users):
+            continue
+        pad = [int(p) for p in node.args[1]]
+        if all(p == 0 for p in pad):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            continue
+        mode, value = _pad_mode_value(node)
+        conv = next(iter(node.users)) if len(node.users) == 1 else None
+        dims = _CONV_DIMS.get(conv.target) if conv is not None else None  # type: ignore[call-overload]
+        if conv is None or dims is None or mode != "constant" or value not in (None, 0, 0.0) or conv.kwargs:
+            continue
+        if conv.args[0] is not node or len(pad) != 2 * dims or min(pad) < 0:
+            continue
+        # pad runs from the last dimension backwards: (left, right) of the last, then the one before
+        sides = [(pad[2 * i], pad[2 * i + 1]) for i in range(dims)][::-1]
+        if any(left != right for left, right in sides):
+            continue
+        args = list(conv.args) + [None, [1] * dims, [0] * dims, [1] * dims, 1][len(conv.args) - 2:]
+        padding = [int(p) for p in args[4]]
+        padding = padding * dims if len(padding) == 1 else padding
+        args[4] = [p + left for p, (left, _) in zip(padding, sides, strict=True)]
+        conv.args = (node.args[0], *args[1:])
+        gm.graph.erase_node(node)
+    gm.recompile()
+
+
 def _forward_names(model: Model) -> list[str]:
     """The names of ``forward``'s parameters, for messages about example inputs (best effort)."""
     forward = getattr(model, "forward", None)
@@ -391,6 +443,7 @@ def capture(model: Model, example_inputs: Sequence[Any]) -> fx.GraphModule:
     _matmul_to_linear(gm)
     _views_to_reshape(gm)
     _drop_identity_clones(gm)
+    _fold_zero_padding(gm)
     gm.graphquant_input_spec = [
         (tuple(x.shape[1:]), x.dtype) if isinstance(x, torch.Tensor) else None for x in example_inputs
     ]
