@@ -188,3 +188,25 @@ def test_linears_that_cannot_share_stay_apart() -> None:
     batches = [(torch.randn(4, 8), torch.randn(4, 8)) for _ in range(2)]
     fused, plain = _both(Two().eval(), batches, {"": gq.default_qconfig})
     assert len(_calls(fused, ops.qlinear.default)) == len(_calls(plain, ops.qlinear.default)) == 3
+
+
+def test_linears_the_model_returns_keep_their_own_output() -> None:
+    """A returned output stays a contiguous tensor of its own (a slice of a shared GEMM is not:
+    the caller's ``.view`` could fail); the linears only the model reads still share."""
+
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c, self.d = (nn.Linear(8, 8) for _ in range(4))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.a(x), self.b(x) + self.c(x) * self.d(x)
+
+    torch.manual_seed(0)
+    inputs = (torch.randn(4, 8),)
+    fused, plain = _both(Heads().eval(), [inputs], {"": gq.default_dynamic_qconfig}, dynamic=True)
+    assert len(_calls(fused, ops.qlinear_dynamic.default)) == 2
+    assert fused(*inputs)[0].is_contiguous()
+    with torch.no_grad():
+        for got, want in zip(fused(*inputs), plain(*inputs), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
