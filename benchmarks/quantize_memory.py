@@ -15,6 +15,7 @@ Memory does not depend on how busy the machine is, unlike the timings.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import resource
@@ -83,9 +84,14 @@ def main() -> None:
         rows.append(f"| {mode} | {r['model_mib']:.0f} | {base:.0f} | {r['peak_mib']:.0f} | {added:.0f} "
                     f"| {added / r['model_mib']:.2f}x |")  # fmt: skip
         print(rows[-1], flush=True)
-    body = "\n".join([f"Command: `.venv/bin/python benchmarks/quantize_memory.py {' '.join(sys.argv[1:])}`", "",
+    from timing import cpu_name
+
+    body = "\n".join([f"Command: `.venv/bin/python benchmarks/quantize_memory.py {' '.join(sys.argv[1:])}` "
+                      f"({datetime.date.today().isoformat()}, {cpu_name()})", "",
                       "BERT-base (random weights), static: 8 calibration batches of 8x128 tokens; each mode in a fresh "
-                      "process; peak from `ru_maxrss`.", "", *rows])  # fmt: skip
+                      "process; peak from `ru_maxrss`. The float model and the interpreter (torch, transformers) are in "
+                      '"RSS before quantizing"; the target (peak RSS at most 2x the model) is read on what quantizing '
+                      "adds.", "", *rows])  # fmt: skip
     print(body)
     if args.write:
         from timing import REPO_ROOT, write_section

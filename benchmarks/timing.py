@@ -86,14 +86,15 @@ class Timing:
         return (q3 - q1) * 1e3
 
     @property
-    def rounds(self) -> int:
+    def timed_calls(self) -> int:
+        """Timed calls per variant (BURST a round)."""
         return len(next(iter(self.samples.values())))
 
     def describe(self) -> str:
         cores = "n/a" if self.background_cores is None else f"{self.background_cores:.2f}"
         dropped = f", {self.dropped_blocks} busier blocks dropped" if self.dropped_blocks else ""
         busy = self.background_cores is not None and self.background_cores >= QUIET_CORES
-        return f"{self.rounds} rounds, others used {cores} cores{dropped}{' — NOT QUIET' if busy else ''}"
+        return f"{self.timed_calls} timed calls, others used {cores} cores{dropped}{' — NOT QUIET' if busy else ''}"
 
 
 def _time_block(
