@@ -43,9 +43,9 @@ def _peak_mib() -> float:
 def child(mode: str) -> None:
     warnings.filterwarnings("ignore")
     import torch
+    from workloads import bert_base
 
     import graphquant as gq
-    from workloads import bert_base
 
     torch.set_num_threads(2)
     w = bert_base(8, 8)
