@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -136,6 +137,15 @@ def add_attr(gm: fx.GraphModule, prefix: str, value: torch.Tensor, buffer: bool 
     else:
         setattr(gm, name, value)
     return name
+
+
+def constant_node(gm: fx.GraphModule, prefix: str, value: torch.Tensor, buffer: bool = True) -> fx.Node:
+    """A ``get_attr`` node, first in the graph, reading ``value`` registered under a fresh name
+    (:func:`add_attr`; ``buffer=False`` for packed oneDNN weights)."""
+    name = add_attr(gm, prefix, value, buffer)
+    with gm.graph.inserting_before(next(iter(gm.graph.nodes))), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fx warns on get_attr of a non-buffer (the packed weight)
+        return gm.graph.get_attr(name)
 
 
 def copy_meta(src: fx.Node, dst: fx.Node) -> None:

@@ -13,13 +13,12 @@ Run by :func:`graphquant.passes.lower.lower` after lowering, unless ``fuse=False
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, cast
 
 import torch
 from torch import fx
 
-from graphquant.graph import QPARAMS, add_attr, copy_meta, get_attr_value, module_path
+from graphquant.graph import QPARAMS, constant_node, copy_meta, get_attr_value, module_path
 from graphquant.kernels import onednn
 from graphquant.patterns.context import PACKED
 from graphquant.patterns.post_ops import POST_OP_TARGETS, post_op
@@ -141,13 +140,6 @@ def _weight_part(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, torch
     return int8, get_attr_value(gm, w_scale), get_attr_value(gm, bias) if bias is not None else None
 
 
-def _get_attr(gm: fx.GraphModule, prefix: str, value: torch.Tensor, buffer: bool = True) -> fx.Node:
-    name = add_attr(gm, prefix, value, buffer)
-    with gm.graph.inserting_before(next(iter(gm.graph.nodes))), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fx warns on get_attr of a non-buffer (the packed weight)
-        return gm.graph.get_attr(name)
-
-
 def share_gemms(gm: fx.GraphModule) -> int:
     """Linears reading the same input become one GEMM over their weights side by side.
 
@@ -178,11 +170,11 @@ def share_gemms(gm: fx.GraphModule) -> int:
         bias = torch.cat(biases) if any(p[2] is not None for p in parts) else None
         first = members[0]
         prefix = f"{module_path(first) or first.name}_shared_gemm_weight"
-        int8_node = _get_attr(gm, prefix + "_int8", int8)
-        packed_node = _get_attr(gm, prefix + "_packed", onednn.pack_linear(int8), buffer=False)
+        int8_node = constant_node(gm, prefix + "_int8", int8)
+        packed_node = constant_node(gm, prefix + "_packed", onednn.pack_linear(int8), buffer=False)
         getattr(gm, PACKED)[packed_node.target] = {"int8": int8_node.target, "pack": "pack_linear"}
-        scale_node = _get_attr(gm, prefix + "_scale", w_scale)
-        bias_node = _get_attr(gm, prefix + "_bias", bias) if bias is not None else None
+        scale_node = constant_node(gm, prefix + "_scale", w_scale)
+        bias_node = constant_node(gm, prefix + "_bias", bias) if bias is not None else None
         if first.target is ops.qlinear.default:
             args = (*first.args[:3], packed_node, scale_node, bias_node, *first.args[6:])
         else:

@@ -16,7 +16,7 @@ import torch
 from torch import fx
 
 from graphquant.errors import GraphQuantError
-from graphquant.graph import Match, add_attr, copy_meta, example_shape, get_attr_value
+from graphquant.graph import Match, constant_node, copy_meta, example_shape, get_attr_value
 from graphquant.kernels import embedding, onednn
 from graphquant.qconfig import ObserverSpec
 from graphquant.quant_math import QParams, quantize
@@ -120,10 +120,7 @@ class KernelContext:
 
     def constant(self, prefix: str, value: torch.Tensor, buffer: bool = True) -> fx.Node:
         """A ``get_attr`` node reading ``value``, registered on the module under a fresh name."""
-        name = add_attr(self.gm, prefix, value, buffer)
-        with self.gm.graph.inserting_before(next(iter(self.gm.graph.nodes))), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # fx warns on get_attr of a non-buffer (the packed weight)
-            return self.gm.graph.get_attr(name)
+        return constant_node(self.gm, prefix, value, buffer)
 
     def _weight_nodes(self, match: Match, pack: Any, pack_args: dict[str, Any]) -> KernelWeight:
         w_int8, qparams = self.weights.get(self.gm, match)
