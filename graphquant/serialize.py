@@ -704,11 +704,16 @@ else:
     _ts_quantize_uint8 = _ts_quantize_uint8_math
 
 
+def _ts_row_scale(x: Tensor) -> Tensor:
+    """quant_math.dynamic_qparams per token: one symmetric scale per row."""
+    amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_()).float()
+    return torch.clamp(amax / 127.5, min=1.1920928955078125e-07)  # float32 eps, quant_math.EPS
+
+
 def _ts_quantize_dynamic(x: Tensor, per_token: bool) -> tuple[Tensor, Tensor, Tensor]:
     """quant_math.quantize_dynamic_tensor."""
     if per_token:
-        amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_()).float()
-        scale = torch.clamp(amax / 127.5, min=1.1920928955078125e-07)  # float32 eps, quant_math.EPS
+        scale = _ts_row_scale(x)
         q = (x.to(torch.float32) / scale).round_().clamp_(-128, 127).to(torch.int8)
         return q, scale, torch.zeros_like(scale, dtype=torch.int64)
     lo, hi = torch.aminmax(x.detach().float())
@@ -735,8 +740,7 @@ def _ts_qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | No
         return x.new_empty(shape)
     x = x.contiguous()
     if w.is_mkldnn and per_token:  # kernels.dynamic: int8 shifted into uint8, zero point 128
-        amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_()).float()
-        row_scale = torch.clamp(amax / 127.5, min=1.1920928955078125e-07)  # float32 eps, quant_math.EPS
+        row_scale = _ts_row_scale(x)
         qu = (x.to(torch.float32) / row_scale).round_().add_(128).clamp_(0, 255).to(torch.uint8)
         y = torch.ops.onednn.qlinear_pointwise(qu, 1.0, 128, w, w_scale, torch.zeros(out_features, dtype=torch.int64),
                                                None, 1.0, 0, torch.float32, "none", _ts_scalars([]), "")  # fmt: skip
