@@ -42,7 +42,7 @@ from graphquant.capture import BATCH, MANIFEST_FILE
 from graphquant.errors import GraphQuantError, where
 from graphquant.graph import add_attr, example_shape, get_attr_value, module_path
 from graphquant.inputs import INPUT_CHECK, InputSpec, input_specs, install_input_check
-from graphquant.kernels import elementwise, embedding, onednn
+from graphquant.kernels import elementwise, embedding, onednn, x86
 from graphquant.kernels.onednn import onednn_dilation
 from graphquant.patterns.context import PACKED
 from graphquant.qconfig import QConfig
@@ -383,16 +383,6 @@ def _manifest_specs(gm: fx.GraphModule, inputs: list[dict[str, Any]]) -> tuple[I
 # TorchScript kernels: what kernels/ops.py, onednn.py and portable.py compute, op for op, in
 # TorchScript. Same aten / onednn calls in the same order, so outputs are bit-identical.
 
-Scalars = list[int | float | complex | None]  # TorchScript's Scalar?[] (oneDNN post-op scalars)
-
-
-def _ts_scalars(values: list[float]) -> Scalars:
-    out: Scalars = []
-    for value in values:
-        out.append(value)
-    return out
-
-
 def _ts_quantize_per_tensor(
     x: Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
 ) -> Tensor:
@@ -435,31 +425,6 @@ def _ts_dequantize_per_channel(q: Tensor, scale: Tensor, zero_point: Tensor, axi
     return (q.to(torch.float32) - zero_point.reshape(shape).to(torch.float32)) * scale.reshape(shape)
 
 
-def _ts_quantize_real(v: Tensor, out_scale: float, out_zero_point: int) -> Tensor:
-    return (torch.round(v / out_scale) + out_zero_point).clamp(0, 255).to(torch.uint8)
-
-
-def _ts_post_op(v: Tensor, post_op: str, args: list[float]) -> Tensor:
-    """kernels.portable.POST_OPS."""
-    if post_op == "none":
-        return v
-    if post_op == "relu":
-        return v.clamp_min(0.0)
-    if post_op == "hardtanh":
-        return v.clamp(args[0], args[1])
-    if post_op == "hardswish":
-        return F.hardswish(v)
-    if post_op == "silu":
-        return F.silu(v)
-    if post_op == "gelu":
-        return F.gelu(v)
-    if post_op == "gelu_tanh":
-        return F.gelu(v, approximate="tanh")
-    if post_op == "leaky_relu":
-        return F.leaky_relu(v, args[0])
-    raise ValueError("graphquant: unknown post_op " + post_op)
-
-
 def _ts_check(x: Tensor, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_zero_point: int,
               out_channels: int) -> None:  # fmt: skip
     """The checks both backends make before any arithmetic (oneDNN crashes on malformed input)."""
@@ -492,56 +457,42 @@ def _ts_conv_out_shape(x: Tensor, w: Tensor, stride: list[int], padding: list[in
     return out
 
 
-def _ts_onednn_post_op(post_op: str) -> tuple[str, str]:
-    """kernels.onednn.ONEDNN_POST_OPS: graphquant post-op -> oneDNN (attr, algorithm)."""
-    if post_op == "silu":
-        return "swish", ""
-    if post_op == "gelu":
-        return "gelu", "none"
-    if post_op == "gelu_tanh":
-        return "gelu", "tanh"
-    return post_op, ""
-
-
 def _ts_onednn_conv_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
                          bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
                          scale: float, zero_point: int, dtype: torch.dtype | None, fused: str,
-                         post_op_args: list[float]) -> Tensor:  # fmt: skip
-    attr, algorithm = _ts_onednn_post_op(fused)
-    scalars = _ts_scalars(post_op_args) if fused != "none" else _ts_scalars([])
+                         post_op_args: list[float], saturates: bool) -> Tensor:  # fmt: skip
     w_zero_point = torch.zeros(w.size(0), dtype=torch.int64)
-    return torch.ops.onednn.qconv_pointwise(
-        x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, onednn_dilation(w, dilation), groups,
-        scale, zero_point, dtype, attr, scalars, algorithm,
-    )  # fmt: skip
+    return x86.qconv_call(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding,
+                          onednn_dilation(w, dilation), groups, scale, zero_point, dtype, fused,
+                          post_op_args, saturates)  # fmt: skip
 
 
 def _ts_clamp_on_grid(y: Tensor, post_op: str, args: list[float], scale: float, zero_point: int) -> Tensor:
     if post_op == "relu":
         return y.clamp_min_(zero_point)
-    lo = _ts_quantize_real(torch.tensor(args[0], dtype=torch.float32), scale, zero_point)
-    hi = _ts_quantize_real(torch.tensor(args[1], dtype=torch.float32), scale, zero_point)
+    lo = x86.quantize_real(torch.tensor(args[0], dtype=torch.float32), scale, zero_point)
+    hi = x86.quantize_real(torch.tensor(args[1], dtype=torch.float32), scale, zero_point)
     return y.clamp_(int(lo.item()), int(hi.item()))
 
 
 def _ts_onednn_qconv_nd(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
                         bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
                         out_scale: float, out_zero_point: int, post_op: str,
-                        post_op_args: list[float]) -> Tensor:  # fmt: skip
+                        post_op_args: list[float], saturates: bool) -> Tensor:  # fmt: skip
     """kernels.onednn.qconv on a 2-d or 3-d conv."""
     if x.dim() == 5:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     fuses = post_op in ["none", "relu", "hardtanh", "hardswish", "silu"]
     if post_op == "none" or (x.dim() == 4 and fuses):
         return _ts_onednn_conv_call(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
-                                    out_scale, out_zero_point, None, post_op, post_op_args)  # fmt: skip
+                                    out_scale, out_zero_point, None, post_op, post_op_args, saturates)  # fmt: skip
     if post_op == "relu" or post_op == "hardtanh":
         y = _ts_onednn_conv_call(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
-                                 out_scale, out_zero_point, None, "none", post_op_args)  # fmt: skip
+                                 out_scale, out_zero_point, None, "none", post_op_args, saturates)  # fmt: skip
         return _ts_clamp_on_grid(y, post_op, post_op_args, out_scale, out_zero_point)
     v = _ts_onednn_conv_call(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, 1.0, 0,
-                             torch.float32, "none", post_op_args)  # fmt: skip
-    return _ts_quantize_real(_ts_post_op(v, post_op, post_op_args), out_scale, out_zero_point)
+                             torch.float32, "none", post_op_args, saturates)  # fmt: skip
+    return x86.quantize_real(x86.post_op_float(v, post_op, post_op_args), out_scale, out_zero_point)
 
 
 def _ts_requantize(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor | None, out_scale: float,
@@ -556,8 +507,8 @@ def _ts_requantize(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor | 
     if accum is not None:
         v = v + accum
     if float_out:
-        return _ts_post_op(v, post_op, post_op_args).to(torch.float32)
-    return _ts_quantize_real(_ts_post_op(v, post_op, post_op_args), out_scale, out_zero_point)
+        return x86.post_op_float(v, post_op, post_op_args).to(torch.float32)
+    return x86.quantize_real(x86.post_op_float(v, post_op, post_op_args), out_scale, out_zero_point)
 
 
 def _ts_conv_nd(x: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int],
@@ -571,8 +522,8 @@ def _ts_conv_nd(x: Tensor, w: Tensor, stride: list[int], padding: list[int], dil
 
 def _ts_qconv(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
               stride: list[int], padding: list[int], dilation: list[int], groups: int, out_scale: float,
-              out_zero_point: int, post_op: str, post_op_args: list[float]) -> Tensor:  # fmt: skip
-    """graphquant::qconv1d / qconv2d / qconv3d."""
+              out_zero_point: int, post_op: str, post_op_args: list[float], saturates: bool) -> Tensor:  # fmt: skip
+    """graphquant::qconv1d / qconv2d / qconv3d (``saturates``: :class:`SaturationProbe`'s answer)."""
     _ts_check(x, x_zero_point, w, w_scale, bias, out_zero_point, w.size(0))
     out_shape = _ts_conv_out_shape(x, w, stride, padding, dilation, groups)
     if not w.is_mkldnn:
@@ -582,33 +533,33 @@ def _ts_qconv(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: 
         return x.new_empty(out_shape)
     if x.dim() == 3:  # oneDNN fuses post-ops into 2-d convs only: a conv1d runs as a conv2d of height 1
         y = _ts_onednn_qconv_nd(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, [1] + stride, [0] + padding,
-                                [1] + dilation, groups, out_scale, out_zero_point, post_op, post_op_args)  # fmt: skip
+                                [1] + dilation, groups, out_scale, out_zero_point, post_op, post_op_args,
+                                saturates)  # fmt: skip
         return y.squeeze(2)
     return _ts_onednn_qconv_nd(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
-                               out_scale, out_zero_point, post_op, post_op_args)  # fmt: skip
+                               out_scale, out_zero_point, post_op, post_op_args, saturates)  # fmt: skip
 
 
 def _ts_onednn_qconv_add_2d(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
                             bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
                             groups: int, accum: Tensor, accum_scale: float, accum_zero_point: int, out_scale: float,
-                            out_zero_point: int, post_op: str, accum_donated: bool) -> Tensor:  # fmt: skip
+                            out_zero_point: int, post_op: str, accum_donated: bool,
+                            saturates: bool) -> Tensor:  # fmt: skip
     # oneDNN writes the sum into its accum: a private channels-last copy unless the graph donated it
     if accum_donated and accum.is_contiguous(memory_format=torch.channels_last):
         private = accum
     else:
         private = accum.clone(memory_format=torch.channels_last)
     w_zero_point = torch.zeros(w.size(0), dtype=torch.int64)
-    return torch.ops.onednn.qconv2d_pointwise(
-        x, x_scale, x_zero_point, w, w_scale, w_zero_point, private, bias, stride, padding,
-        onednn_dilation(w, dilation), groups,
-        out_scale, out_zero_point, None, accum_scale, accum_zero_point, "sum", 1.0, post_op, _ts_scalars([]), "",
-    )  # fmt: skip
+    return x86.qconv_add_call(x, x_scale, x_zero_point, w, w_scale, w_zero_point, private, bias, stride, padding,
+                              onednn_dilation(w, dilation), groups, out_scale, out_zero_point, accum_scale,
+                              accum_zero_point, post_op, saturates)  # fmt: skip
 
 
 def _ts_qconv_add(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
                   stride: list[int], padding: list[int], dilation: list[int], groups: int, accum: Tensor,
                   accum_scale: float, accum_zero_point: int, out_scale: float, out_zero_point: int,
-                  post_op: str, accum_donated: bool = False) -> Tensor:  # fmt: skip
+                  post_op: str, accum_donated: bool, saturates: bool) -> Tensor:  # fmt: skip
     """graphquant::qconv1d_add / qconv2d_add: ``post_op(conv(x) + accum)``."""
     _ts_check(x, x_zero_point, w, w_scale, bias, out_zero_point, w.size(0))
     if post_op != "none" and post_op != "relu":
@@ -626,7 +577,7 @@ def _ts_qconv_add(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_sca
         y = _ts_onednn_qconv_add_2d(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, [1] + stride,
                                     [0] + padding, [1] + dilation, groups, accum.unsqueeze(2), accum_scale,
                                     accum_zero_point, out_scale, out_zero_point, post_op,
-                                    accum_donated)  # fmt: skip
+                                    accum_donated, saturates)  # fmt: skip
         return y.squeeze(2)
     if x.dim() != 4:
         raise ValueError("graphquant::qconv_add: oneDNN fuses the residual sum into 1-d and 2-d convs only")
@@ -634,7 +585,7 @@ def _ts_qconv_add(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_sca
         return accum.new_empty(out_shape)
     return _ts_onednn_qconv_add_2d(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
                                    accum, accum_scale, accum_zero_point, out_scale, out_zero_point,
-                                   post_op, accum_donated)  # fmt: skip
+                                   post_op, accum_donated, saturates)  # fmt: skip
 
 
 def _ts_qconv_transpose(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
@@ -657,12 +608,12 @@ def _ts_qconv_transpose(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor,
         v = torch.conv_transpose3d(xs, wd, None, stride, padding, output_padding, groups, dilation)
     if bias is not None:
         v = v + bias.double().reshape(channel_shape)
-    return _ts_quantize_real(_ts_post_op(v, post_op, post_op_args), out_scale, out_zero_point)
+    return x86.quantize_real(x86.post_op_float(v, post_op, post_op_args), out_scale, out_zero_point)
 
 
 def _ts_qlinear(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
                 out_scale: float, out_zero_point: int, post_op: str, post_op_args: list[float],
-                float_out: bool = False) -> Tensor:  # fmt: skip
+                float_out: bool, saturates: bool) -> Tensor:  # fmt: skip
     """graphquant::qlinear. A packed weight is stored transposed, ``(in, out)``."""
     if float_out:
         out_scale, out_zero_point = 1.0, 0
@@ -679,13 +630,10 @@ def _ts_qlinear(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale
         shape = list(x.shape[:-1])
         shape.append(out_features)
         return x.new_empty(shape, dtype=torch.float32 if float_out else torch.uint8)
-    attr, algorithm = _ts_onednn_post_op(post_op)
     w_zero_point = torch.zeros(out_features, dtype=torch.int64)
     out_dtype: torch.dtype | None = torch.float32 if float_out else None
-    return torch.ops.onednn.qlinear_pointwise(
-        x.contiguous(), x_scale, x_zero_point, w, w_scale, w_zero_point, bias, out_scale, out_zero_point, out_dtype,
-        attr, _ts_scalars(post_op_args), algorithm,
-    )  # fmt: skip
+    return x86.qlinear_call(x.contiguous(), x_scale, x_zero_point, w, w_scale, w_zero_point, bias, out_scale,
+                            out_zero_point, out_dtype, post_op, post_op_args, saturates)  # fmt: skip
 
 
 def _ts_quantize_uint8_math(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
@@ -728,7 +676,7 @@ def _ts_dequantize_dynamic(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tens
 
 
 def _ts_qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, per_token: bool,
-                        post_op: str, post_op_args: list[float]) -> Tensor:
+                        post_op: str, post_op_args: list[float], saturates: bool) -> Tensor:
     """graphquant::qlinear_dynamic: float32 in and out, int8 GEMM inside, then the post-op."""
     out_features = w.size(1) if w.is_mkldnn else w.size(0)
     in_features = w.size(0) if w.is_mkldnn else w.size(1)
@@ -742,24 +690,21 @@ def _ts_qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | No
     if w.is_mkldnn and per_token:  # kernels.dynamic: int8 shifted into uint8, zero point 128
         row_scale = _ts_row_scale(x)
         qu = (x.to(torch.float32) / row_scale).round_().add_(128).clamp_(0, 255).to(torch.uint8)
-        y = torch.ops.onednn.qlinear_pointwise(qu, 1.0, 128, w, w_scale, torch.zeros(out_features, dtype=torch.int64),
-                                               None, 1.0, 0, torch.float32, "none", _ts_scalars([]), "")  # fmt: skip
+        y = x86.qlinear_call(qu, 1.0, 128, w, w_scale, torch.zeros(out_features, dtype=torch.int64), None, 1.0, 0,
+                             torch.float32, "none", [], saturates)  # fmt: skip
         y.mul_(row_scale)
         if bias is not None:
             y.add_(bias)
-        return _ts_post_op(y, post_op, post_op_args)
+        return x86.post_op_float(y, post_op, post_op_args)
     q, scale, zero_point = _ts_quantize_dynamic(x, per_token)
     if w.is_mkldnn:
-        attr, algorithm = _ts_onednn_post_op(post_op)
-        scalars = _ts_scalars(post_op_args) if post_op != "none" else _ts_scalars([])
-        return torch.ops.onednn.qlinear_pointwise(q, scale, zero_point, w, w_scale,
-                                                  torch.zeros(out_features, dtype=torch.int64), bias, 1.0, 0,
-                                                  torch.float32, attr, scalars, algorithm)  # fmt: skip
+        return x86.qlinear_dynamic_call(q, scale, zero_point, w, w_scale, torch.zeros(out_features, dtype=torch.int64),
+                                        bias, post_op, post_op_args, saturates)  # fmt: skip
     acc = F.linear(q.double() - zero_point.double(), w.double())
     y = (acc * (scale.double() * w_scale.double())).float()
     if bias is not None:
         y.add_(bias)
-    return _ts_post_op(y, post_op, post_op_args)
+    return x86.post_op_float(y, post_op, post_op_args)
 
 
 def _ts_check_input(x: Tensor, position: int, name: str, dtype: torch.dtype, device: str, sizes: list[int],
@@ -813,6 +758,8 @@ def _ts_linear_fp16(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x, w.float(), bias)
 
 
+# twins that call oneDNN's GEMM / conv: their last argument is SaturationProbe's answer (kernels.x86)
+_ASK_SATURATION = {"qconv1d", "qconv2d", "qconv3d", "qconv1d_add", "qconv2d_add", "qlinear", "qlinear_dynamic"}
 # graphquant op name -> its TorchScript twin
 TORCHSCRIPT_KERNELS: dict[str, Any] = {
     "quantize_per_tensor": _ts_quantize_per_tensor_native if NATIVE_QUANTIZE else _ts_quantize_per_tensor,
@@ -979,6 +926,15 @@ def _scriptable_graph(gm: fx.GraphModule) -> tuple[nn.Module, fx.Graph]:
     root, graph = nn.Module(), fx.Graph()
     env: dict[fx.Node, Any] = {}
     names: dict[str, str] = {}
+    probe: list[fx.Node] = []  # one SaturationProbe call, made where the first oneDNN twin needs it
+
+    def saturates() -> fx.Node | bool:
+        if not packed:  # portable kernels only: nothing saturates
+            return False
+        if not probe:
+            root.add_module("x86_saturation", x86.SaturationProbe())
+            probe.append(graph.call_module("x86_saturation", ()))
+        return probe[0]
 
     def attribute(target: str, make: Any) -> str:
         if target not in names:
@@ -1020,6 +976,8 @@ def _scriptable_graph(gm: fx.GraphModule) -> tuple[nn.Module, fx.Graph]:
             if _is_graphquant_op(node.target):  # the twins take every argument, defaults filled in
                 args, kwargs = tuple(_named_args(node).values()), {}
             args, kwargs = fx.map_arg(args, lambda n: env[n]), fx.map_arg(kwargs, lambda n: env[n])
+            if _is_graphquant_op(node.target) and node.target._opname in _ASK_SATURATION:  # type: ignore[union-attr]
+                args = (*args, saturates())
             env[node] = graph.call_function(_script_target(node), args, kwargs)
         elif node.op == "output":
             flat = fx.map_arg(node.args[0], lambda n: env[n])

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from graphquant.errors import GraphQuantError
-from graphquant.kernels.onednn import ONEDNN_POST_OPS, _w_zero_point
+from graphquant.kernels import x86
+from graphquant.kernels.onednn import _w_zero_point
 from graphquant.kernels.portable import apply_post_op, check_post_op
 from graphquant.quant_math import dynamic_qparams, quantize_dynamic_tensor, quantize_tensor
 
@@ -74,19 +75,16 @@ def qlinear_dynamic(
         # 128: the same integers, the same int32 sums, the same float results.
         scale, _ = dynamic_qparams(x, True)
         q = quantize_tensor(x, scale, _INT8_AS_UINT8, 0, 255, torch.uint8)
-        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, _INT8_AS_UINT8, w, w_scale, _w_zero_point(out_features), None,
-                                               1.0, 0, torch.float32, "none", [], "")  # fmt: skip
+        y = x86.qlinear_call(q, 1.0, _INT8_AS_UINT8, w, w_scale, _w_zero_point(out_features), None, 1.0, 0,
+                             torch.float32, "none", [], x86.saturates())  # fmt: skip
         y.mul_(scale)  # y is the kernel's own fresh tensor: scaled in place, no second float32 tensor
         if bias is not None:
             y.add_(bias)
         return _post_op_in_place(y, post_op, post_op_args)
     q, scale, zero_point = quantize_dynamic_tensor(x, per_token)
     if w.is_mkldnn:
-        attr, algorithm = ONEDNN_POST_OPS[post_op]
-        return torch.ops.onednn.qlinear_pointwise.tensor(
-            q, scale, zero_point, w, w_scale, _w_zero_point(out_features), bias, 1.0, 0, torch.float32, attr,
-            list(post_op_args), algorithm,
-        )  # fmt: skip
+        return x86.qlinear_dynamic_call(q, scale, zero_point, w, w_scale, _w_zero_point(out_features), bias, post_op,
+                                        list(post_op_args), x86.saturates())  # fmt: skip
     acc = F.linear(q.double() - zero_point.double(), w.double())
     y = (acc * (scale.double() * w_scale.double())).float()
     if bias is not None:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from graphquant.errors import GraphQuantError
+from graphquant.kernels import x86
 from graphquant.kernels.portable import (
     CLAMPS,
     apply_post_op,
@@ -189,13 +190,12 @@ def qconv(
 
     dilation = onednn_dilation(w, dilation)
 
+    saturates = x86.saturates()
+
     def call(scale: float, zero_point: int, dtype: torch.dtype | None, fused: str) -> torch.Tensor:
-        attr, algorithm = ONEDNN_POST_OPS[fused]
-        scalars = list(post_op_args) if fused != "none" else []
-        return torch.ops.onednn.qconv_pointwise(
-            x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, stride, padding, dilation,
-            groups, scale, zero_point, dtype, attr, scalars, algorithm,
-        )  # fmt: skip
+        return x86.qconv_call(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, stride,
+                              padding, dilation, groups, scale, zero_point, dtype, fused,
+                              list(post_op_args), saturates)  # fmt: skip
 
     if post_op == "none" or (x.dim() == 4 and post_op in _CONV2D_FUSES):
         return call(out_scale, out_zero_point, None, post_op)
@@ -261,11 +261,9 @@ def qconv_add(
     private = accum.contiguous(memory_format=torch.channels_last)
     if not accum_donated and private.data_ptr() == accum.data_ptr():
         private = private.clone(memory_format=torch.channels_last)
-    return torch.ops.onednn.qconv2d_pointwise.binary(
-        x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), private, bias, stride, padding,
-        onednn_dilation(w, dilation), groups, out_scale, out_zero_point, None, accum_scale, accum_zero_point, "sum",
-        1.0, post_op, [], "",
-    )  # fmt: skip
+    return x86.qconv_add_call(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), private, bias,
+                              stride, padding, onednn_dilation(w, dilation), groups, out_scale, out_zero_point,
+                              accum_scale, accum_zero_point, post_op, x86.saturates())  # fmt: skip
 
 
 def qlinear(
@@ -294,10 +292,8 @@ def qlinear(
         raise GraphQuantError(f"graphquant::qlinear: input {tuple(x.shape)} does not end in {in_features} features")
     if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32 if float_out else torch.uint8)
-    attr, algorithm = ONEDNN_POST_OPS[post_op]
     if float_out:
         out_scale, out_zero_point = 1.0, 0
-    return torch.ops.onednn.qlinear_pointwise(
-        x.contiguous(), x_scale, x_zero_point, w, w_scale, _w_zero_point(out_features), bias,
-        out_scale, out_zero_point, torch.float32 if float_out else None, attr, list(post_op_args), algorithm,
-    )  # fmt: skip
+    return x86.qlinear_call(x.contiguous(), x_scale, x_zero_point, w, w_scale, _w_zero_point(out_features), bias,
+                            out_scale, out_zero_point, torch.float32 if float_out else None, post_op,
+                            list(post_op_args), x86.saturates())  # fmt: skip
