@@ -10,10 +10,20 @@ TORCH_VERSION := 2.13.0
 THREADS       ?= 2
 BENCH_ARGS    ?= --quiet-only 300 --write
 
-.PHONY: test demo bench bench-quick lint install install-test install-demo install-bench clean-venv-stamps
+.PHONY: test test-avx2 demo bench bench-quick lint install install-test install-demo install-bench clean-venv-stamps
 
 test: install-test
 	$(VPY) -m pytest -q -x -p no:cacheprovider tests
+
+# The suite again under ONEDNN_MAX_CPU_ISA=AVX2: oneDNN's kernels without VNNI, which saturate
+# (graphquant/kernels/x86.py), on a machine that has VNNI. Where this CPU saturates already, `make
+# test` ran those paths, and this says so instead of running them twice.
+test-avx2: install-test
+	@if $(VPY) -c "import sys; from graphquant.kernels import x86; sys.exit(0 if x86.saturates() else 1)"; then \
+	  echo "test-avx2: this CPU's int8 kernels saturate already; make test ran the AVX2 paths"; \
+	else \
+	  ONEDNN_MAX_CPU_ISA=AVX2 $(VPY) -m pytest -q -x -p no:cacheprovider tests; \
+	fi
 
 demo: install-demo
 	$(VPY) -m graphquant.demo

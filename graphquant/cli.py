@@ -402,7 +402,8 @@ _BOOKKEEPING = {operator.getitem, torch.ops.aten.sym_size.int}
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from graphquant.passes.lower import float_reason
+    from graphquant.kernels import x86
+    from graphquant.passes.lower import activation_bits, float_reason
 
     model = load_model(args.model)
     batches = load_batches(args.data)
@@ -423,6 +424,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         match = node.meta.get(MATCH)
         if match is not None:
             result = f"int8: {match.pattern.name} -> {match.pattern.kernel}"
+            bits = activation_bits(gm, match) if api.default_backend() == "onednn" else None
+            if bits is not None:  # the x86 path it takes on this CPU (kernels/x86.py)
+                result += f" [{x86.cpu_path(127 if bits <= 7 else 255)}]"
         else:
             result = "float: " + (str(node.meta[FLOAT_REASON]) if FLOAT_REASON in node.meta
                                   else float_reason(node, qconfig_dict))  # fmt: skip

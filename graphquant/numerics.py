@@ -27,6 +27,7 @@ For every quantized node the report gives
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import math
@@ -89,6 +90,7 @@ class NodeNumerics:
     scale: float | None = None  # output qparams (None for dynamic matches: float output)
     zero_point: int | None = None
     index: int = 0  # position in graph order
+    cpu_path: str = ""  # oneDNN GEMM / conv: the x86 path it takes on this CPU (report.NodeReport.cpu_path)
 
     @property
     def lowering_suspect(self) -> bool:
@@ -175,7 +177,8 @@ class NumericsReport:
         rows = [list(_COLUMNS)]
         for rank, n in enumerate(self.nodes, start=1):
             steps = f"{n.max_step_diff:.2f}" + (" !" if n.lowering_suspect else "")
-            rows.append([str(rank), n.node, n.module_path or "<model>", n.pattern, n.kernel or "(reference form)",
+            kernel = (n.kernel or "(reference form)") + (f" [{n.cpu_path}]" if n.cpu_path else "")
+            rows.append([str(rank), n.node, n.module_path or "<model>", n.pattern, kernel,
                          _db(n.layer_sqnr), _db(n.reference_sqnr), _db(n.kernel_sqnr), steps])  # fmt: skip
         return rows
 
@@ -798,6 +801,8 @@ def compare(
     float_gm = fold_bn(capture(model, examples[0]))
     graphs = _line_up(float_gm, reference, kernel)
     nodes, out_ref, out_kernel = _measure(graphs, compared, progress)
+    paths = {n.node: n.cpu_path for n in kernel.graphquant_report.nodes}  # type: ignore[union-attr]
+    nodes = [dataclasses.replace(n, cpu_path=paths.get(n.node, "")) for n in nodes]
     ranked = _rank(nodes)
     suggestion = suggest(ranked, graphs.matches, qconfig_dict, min_sqnr_db, max_layers)
     accuracy = None

@@ -8,24 +8,45 @@ another observer of the same kind, so calibration can be sharded.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
 import torch
 from torch import nn
 
+from graphquant.errors import GraphQuantError
 from graphquant.quant_math import UINT4, QParams, choose_float_qparams, choose_qparams, dtype_range
 
 
 class Observer(nn.Module):
-    """Base class: records statistics of the tensors it is called on."""
+    """Base class: records statistics of the tensors it is called on.
 
-    def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False) -> None:
+    ``reduce_range`` (uint8 activations): the calibrated range maps onto 0..127 instead of
+    0..255, torch.ao's ``reduce_range`` for x86. x86 CPUs without VNNI add pairs of uint8 x int8
+    products in int16 and saturate above 127 (kernels/x86.py), so on them a 7-bit activation
+    runs in one exact int8 call where an 8-bit one takes two. The clamp stays 0..255, as in
+    torch.ao: a value above the calibrated range is not clipped at 127 but runs exactly (on a
+    saturating CPU that batch takes the two-call path). Costs one bit of activation resolution.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, reduce_range: bool = False) -> None:
         super().__init__()
         self.dtype = dtype
         self.symmetric = symmetric
         self.qmin, self.qmax = dtype_range(dtype)
+        if reduce_range and dtype != torch.uint8:
+            raise GraphQuantError(f"graphquant: reduce_range is for uint8 activations, not {dtype}")
+        self.reduce_range = reduce_range
+        if reduce_range:
+            self.qmax = (self.qmax - self.qmin) // 2 + self.qmin  # 127: the grid the calibrated range spans
         self.register_buffer("num_batches", torch.tensor(0, dtype=torch.int64))
+
+    def choose(self, min_val: torch.Tensor, max_val: torch.Tensor) -> QParams:
+        """qparams spanning ``[min_val, max_val]`` on this observer's grid (0..127 with
+        ``reduce_range``, then clamped to the full dtype as torch.ao does)."""
+        qparams = choose_qparams(min_val, max_val, self.dtype, self.symmetric, self.qmin, self.qmax)
+        return dataclasses.replace(qparams, qmax=dtype_range(self.dtype)[1]) if self.reduce_range else qparams
 
     @property
     def has_data(self) -> bool:
@@ -73,14 +94,14 @@ class Observer(nn.Module):
             raise TypeError(f"graphquant: cannot merge {type(other).__name__} into {type(self).__name__}")
 
     def extra_repr(self) -> str:
-        return f"dtype={self.dtype}, symmetric={self.symmetric}"
+        return f"dtype={self.dtype}, symmetric={self.symmetric}" + (", reduce_range=True" if self.reduce_range else "")
 
 
 class MinMaxObserver(Observer):
     """Running minimum and maximum of everything seen."""
 
-    def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False) -> None:
-        super().__init__(dtype, symmetric)
+    def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, reduce_range: bool = False) -> None:
+        super().__init__(dtype, symmetric, reduce_range)
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
 
@@ -90,7 +111,7 @@ class MinMaxObserver(Observer):
         self.max_val = torch.maximum(self.max_val, hi)
 
     def qparams(self) -> QParams:
-        return choose_qparams(self.min_val, self.max_val, self.dtype, self.symmetric)
+        return self.choose(self.min_val, self.max_val)
 
     def merge(self, other: Observer) -> None:
         super().merge(other)
@@ -106,9 +127,10 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
     """
 
     def __init__(
-        self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, averaging_constant: float = 0.01
+        self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, averaging_constant: float = 0.01,
+        reduce_range: bool = False,
     ) -> None:
-        super().__init__(dtype, symmetric)
+        super().__init__(dtype, symmetric, reduce_range)
         if not 0.0 < averaging_constant <= 1.0:
             raise ValueError(f"graphquant: averaging_constant must be in (0, 1], got {averaging_constant}")
         self.averaging_constant = averaging_constant
@@ -200,9 +222,10 @@ class HistogramObserver(Observer):
     """
 
     def __init__(
-        self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, bins: int = 2048, search_points: int = 256
+        self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, bins: int = 2048, search_points: int = 256,
+        reduce_range: bool = False,
     ) -> None:
-        super().__init__(dtype, symmetric)
+        super().__init__(dtype, symmetric, reduce_range)
         self.bins = bins
         self.search_points = search_points
         self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))
@@ -299,9 +322,9 @@ class HistogramObserver(Observer):
 
     def qparams(self) -> QParams:
         if not self.has_data:
-            return choose_qparams(self.min_val, self.max_val, self.dtype, self.symmetric)
+            return self.choose(self.min_val, self.max_val)
         a, b = self.search_range()
-        return choose_qparams(torch.tensor(a), torch.tensor(b), self.dtype, self.symmetric)
+        return self.choose(torch.tensor(a), torch.tensor(b))
 
 
 class FixedQParamsObserver(Observer):

@@ -186,17 +186,23 @@ def qconfig_dict_by_type(
     return out
 
 
-def get_default_qconfig(backend: str = "x86") -> QConfig:
+def get_default_qconfig(backend: str = "x86", reduce_range: bool = False) -> QConfig:
     """The recommended static qconfig for a backend.
 
     ``"x86"`` (oneDNN): histogram observer, uint8 affine activations; per-channel
     symmetric int8 weights. ``"portable"``: min-max uint8 activations, same weights —
     cheaper to calibrate, runs on the pure-PyTorch int8 kernels anywhere.
+
+    ``reduce_range=True`` calibrates activations onto 0..127 (torch.ao's x86 default): for a
+    model that will run on x86 CPUs without VNNI (AVX2), where an 8-bit activation takes two
+    exact int8 calls and a 7-bit one takes one. It costs one bit of activation resolution
+    everywhere; without it graphquant is exact on every CPU and as fast as the CPU allows.
     """
+    options: tuple[tuple[str, Any], ...] = (("reduce_range", True),) if reduce_range else ()
     if backend in ("x86", "onednn", "fbgemm"):
-        return QConfig()
+        return QConfig(activation=ObserverSpec("histogram", options=options))
     if backend in ("portable", "qnnpack"):
-        return QConfig(activation=ObserverSpec("minmax"))
+        return QConfig(activation=ObserverSpec("minmax", options=options))
     raise GraphQuantError(f"graphquant: unknown backend {backend!r}; use 'x86' or 'portable'")
 
 

@@ -6,6 +6,16 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from graphquant.kernels import x86
+
+# kernels that run oneDNN's uint8 x int8 GEMM or conv: their path depends on the CPU (kernels/x86.py)
+X86_GEMM_KERNELS = ("qconv1d", "qconv2d", "qconv3d", "qconv1d_add", "qconv2d_add", "qlinear", "qlinear_dynamic")
+_PATHS = {
+    "vnni": "one int8 call (VNNI: exact)",
+    "7-bit": "one int8 call (7-bit activations: exact without VNNI)",
+    "avx2-split": "two int8 calls (8-bit activations as two exact 7-bit halves: no VNNI here)",
+}
+
 
 @dataclass(frozen=True)
 class NodeReport:
@@ -21,6 +31,16 @@ class NodeReport:
     qconfig_key: str | None = None
     scale: float | None = None
     zero_point: int | None = None
+    # oneDNN GEMM / conv only: 7 (reduce_range) or 8, the activation's calibrated grid
+    activation_bits: int | None = None
+
+    @property
+    def cpu_path(self) -> str:
+        """The path this layer takes on this process's CPU (kernels.x86.cpu_path), or "" where the
+        CPU does not matter (portable kernels, ops other than oneDNN's GEMM and conv)."""
+        if self.activation_bits is None or not self.quantized:
+            return ""
+        return x86.cpu_path(127 if self.activation_bits <= 7 else 255)
 
 
 @dataclass
@@ -48,10 +68,15 @@ class ConversionReport:
     def __str__(self) -> str:
         lines = [f"graphquant conversion ({self.mode}, {self.backend}): "
                  f"{len(self.quantized)} quantized, {len(self.float_nodes)} float"]  # fmt: skip
+        kernels = self.mode == "kernel" and self.backend == "onednn"
+        paths = sorted({n.cpu_path for n in self.nodes if n.cpu_path}) if kernels else []
+        if paths:
+            lines.append("  x86 CPU path: " + "; ".join(f"[{p}] {_PATHS[p]}" for p in paths))
         for n in self.nodes:
             where = n.module_path or "<model>"
             if n.quantized:
-                lines.append(f"  int8   {where:30s} {n.op:28s} {n.pattern} -> {n.kernel}")
+                path = f"  [{n.cpu_path}]" if kernels and n.cpu_path else ""
+                lines.append(f"  int8   {where:30s} {n.op:28s} {n.pattern} -> {n.kernel}{path}")
             else:
                 lines.append(f"  float  {where:30s} {n.op:28s} {n.reason}")
         return "\n".join(lines)

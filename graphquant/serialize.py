@@ -111,7 +111,33 @@ def manifest(qmodel: nn.Module) -> dict[str, Any]:
         "summary": {"quantized": len(report.quantized), "float": len(report.float_nodes)},
         "nodes": [asdict(node) for node in report.nodes],
         "packed_weights": packed,
+        "x86": _x86_record(report),
     }
+
+
+def _x86_record(report: ConversionReport) -> dict[str, Any]:
+    """How the oneDNN GEMM / conv layers were quantized for x86 (kernels/x86.py): how many
+    read 8-bit and how many 7-bit (``reduce_range``) activations, and whether the CPU that
+    quantized the model saturates. :func:`load` reads it to tell the user what the loading
+    CPU will do."""
+    # one count per layer: the conv or linear node itself, not the activation or add fused into it
+    bits = [node.activation_bits for node in report.nodes
+            if node.quantized and node.activation_bits is not None and ("conv" in node.op or "linear" in node.op)]
+    return {"layers_8bit": bits.count(8), "layers_7bit": bits.count(7),
+            "quantized_on_saturating_cpu": report.backend == "onednn" and x86.saturates()}  # fmt: skip
+
+
+def _warn_if_split(data: dict[str, Any], path: str) -> None:
+    """One warning where this CPU saturates and the model has 8-bit layers: they stay exact, at
+    about twice their int8 time, and the option that avoids it is named."""
+    layers = int(data.get("x86", {}).get("layers_8bit", 0))
+    if layers and x86.saturates():
+        warnings.warn(
+            f"graphquant: {path}: this CPU's int8 kernels saturate (x86 without VNNI, or ONEDNN_MAX_CPU_ISA set), so "
+            f"its {layers} int8 layers with 8-bit activations run as two exact int8 calls each (about twice their "
+            "int8 time; outputs are unchanged). For one call on such CPUs, quantize with "
+            "graphquant.get_default_qconfig('x86', reduce_range=True) (7-bit activations)", stacklevel=3,
+        )  # fmt: skip
 
 
 def manifest_json(qmodel: nn.Module) -> str:
@@ -342,6 +368,7 @@ def load(path: str | os.PathLike[str]) -> fx.GraphModule:
     if data["packed_weights"]:
         if onednn.available():
             repack(gm, data["packed_weights"])
+            _warn_if_split(data, text)
         else:
             warnings.warn(f"graphquant: {text} was saved with oneDNN kernels; this PyTorch has none, so it runs on "
                           "the portable kernels", stacklevel=2)  # fmt: skip

@@ -136,7 +136,10 @@ def test_good_inputs_still_run_at_any_batch(kind: str) -> None:
         assert out.shape[0] == batch and bool(torch.isfinite(out).all())
     layouts = [torch.randn(3, *shape[1:]).contiguous(memory_format=torch.channels_last)] if len(shape) == 4 else []
     for x in layouts + [torch.randn(3, *shape[1:-1], 2 * shape[-1])[..., ::2]]:  # strides are not checked
-        assert torch.equal(model(x), model(x.contiguous()))
+        if kind == "prepared":  # float convs: oneDNN picks its algorithm by layout (on AVX2 the sums round apart)
+            torch.testing.assert_close(model(x), model(x.contiguous()), rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(model(x), model(x.contiguous()))
 
 
 def test_inputs_must_share_the_batch_size() -> None:

@@ -197,7 +197,8 @@ def qlinear_dynamic_call(q: Tensor, scale: Tensor, zero_point: Tensor, w: Tensor
     if not saturates or not above_seven_bits(q):
         attr, algorithm = onednn_post_op(post_op)
         return torch.ops.onednn.qlinear_pointwise(q, scale, zero_point, w, w_scale, w_zero_point, bias, 1.0, 0,
-                                                  torch.float32, attr, scalars(post_op, post_op_args), algorithm)  # fmt: skip
+                                                  torch.float32, attr, scalars(post_op, post_op_args),
+                                                  algorithm)  # fmt: skip
     return qlinear_call(q, float(scale.item()), int(zero_point.item()), w, w_scale, w_zero_point, bias, 1.0, 0,
                         torch.float32, post_op, post_op_args, saturates)  # fmt: skip
 

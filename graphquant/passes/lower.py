@@ -47,7 +47,7 @@ from graphquant.passes.fuse import donate_accumulators, fold_activations, share_
 from graphquant.patterns.context import PACKED, KernelContext, QValue, WeightCache
 from graphquant.qconfig import resolve
 from graphquant.quant_math import QParams
-from graphquant.report import ConversionReport, NodeReport
+from graphquant.report import X86_GEMM_KERNELS, ConversionReport, NodeReport
 
 ops = torch.ops.graphquant
 _BOOKKEEPING = {operator.getitem, torch.ops.aten.sym_size.int}
@@ -291,12 +291,15 @@ def _report(
             continue
         path, op = module_path(node), str(node.target)
         match = node.meta.get(MATCH)
+        bits = activation_bits(gm, match) if match is not None and backend == "onednn" else None
         if match is not None and match.pattern.kind in ("dynamic", "weight_only"):
             report.nodes.append(NodeReport(node.name, op, path, True, pattern=match.pattern.name,
-                                           kernel=match.pattern.kernel, qconfig_key=match.qconfig_key))  # fmt: skip
+                                           kernel=match.pattern.kernel, qconfig_key=match.qconfig_key,
+                                           activation_bits=bits))  # fmt: skip
         elif match is not None and match.output_observer in float_outputs:
             report.nodes.append(NodeReport(node.name, op, path, True, pattern=match.pattern.name,
-                                           kernel=match.pattern.kernel, qconfig_key=match.qconfig_key))  # fmt: skip
+                                           kernel=match.pattern.kernel, qconfig_key=match.qconfig_key,
+                                           activation_bits=bits))  # fmt: skip
         elif match is not None and match.output_observer is not None:
             source = match.output_observer
             module = gm.get_submodule(source)
@@ -304,10 +307,23 @@ def _report(
             scale, zero_point = qp.scalar()
             report.nodes.append(NodeReport(node.name, op, path, True, pattern=match.pattern.name,
                                            kernel=match.pattern.kernel, qconfig_key=match.qconfig_key,
-                                           scale=scale, zero_point=zero_point))  # fmt: skip
+                                           scale=scale, zero_point=zero_point, activation_bits=bits))  # fmt: skip
         else:
             report.nodes.append(NodeReport(node.name, op, path, False, reason=float_reason(node, qconfig_dict)))
     return report
+
+
+def activation_bits(gm: fx.GraphModule, match: Match) -> int | None:
+    """7 or 8: the calibrated grid of the uint8 activation a oneDNN GEMM or conv reads (7 with
+    ``reduce_range``), which picks its path on x86 CPUs without VNNI; None for other kernels."""
+    if match.pattern.kernel not in X86_GEMM_KERNELS:
+        return None
+    for observer in match.input_observers.values():
+        module = gm.get_submodule(observer)
+        if isinstance(module, SharedQParams):
+            module = gm.get_submodule(module.source)
+        return 7 if getattr(module, "reduce_range", False) else 8
+    return 8  # dynamic: the activation is quantized per batch onto 0..255
 
 
 def float_reason(node: fx.Node, qconfig_dict: Any) -> str:
