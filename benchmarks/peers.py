@@ -109,6 +109,8 @@ def _qconfig_dict(w: Workload, recipe: str) -> dict[str, object]:
         return gq.qconfig_dict_by_type(w.model, {nn.Linear: gq.default_qconfig})
     if recipe == "linears_ffn_float":
         return gq.qconfig_dict_by_type(w.model, {nn.Linear: gq.default_qconfig}, keep_float=_ffn_outputs(w.model))
+    if recipe == "reduce_range":  # 7-bit activations: one int8 call per layer on x86 CPUs without VNNI
+        return {"": gq.get_default_qconfig("x86", reduce_range=True)}
     return {"": getattr(gq, recipe)}
 
 
@@ -207,7 +209,7 @@ def eager_quantize_dynamic(w: Workload, mode: str, threads: int) -> Variant:
     return Variant("eager quantize_dynamic", lambda x: q(*x), _state_dict_bytes(q), quantize_s, first)
 
 
-def pt2e(w: Workload, mode: str, threads: int) -> Variant:
+def pt2e(w: Workload, mode: str, threads: int, reduce_range: bool = False) -> Variant:
     import torch._inductor.config as inductor_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
@@ -221,7 +223,8 @@ def pt2e(w: Workload, mode: str, threads: int) -> Variant:
         start = time.perf_counter()
         exported = torch.export.export(copy.deepcopy(w.model), w.calibration[0]).module()
         quantizer = X86InductorQuantizer()
-        quantizer.set_global(get_default_x86_inductor_quantization_config(is_dynamic=mode == "dynamic"))
+        quantizer.set_global(get_default_x86_inductor_quantization_config(is_dynamic=mode == "dynamic",
+                                                                          reduce_range=reduce_range))
         prepared = prepare_pt2e(exported, quantizer)
         _calibrate(prepared, w.calibration if mode == "static" else w.calibration[:1])
         converted = convert_pt2e(prepared)
@@ -229,7 +232,13 @@ def pt2e(w: Workload, mode: str, threads: int) -> Variant:
         compiled = torch.compile(converted)
         quantize_s = time.perf_counter() - start
         first = _first_call(lambda x: compiled(*x), w.timed)  # the compile happens here
-    return Variant("PT2E + inductor", lambda x: compiled(*x), size, quantize_s, first)
+    label = "PT2E + inductor" + (" (reduce_range)" if reduce_range else "")
+    return Variant(label, lambda x: compiled(*x), size, quantize_s, first)
+
+
+def pt2e_reduce_range(w: Workload, mode: str, threads: int) -> Variant:
+    """PT2E with torchao's ``reduce_range=True`` (7-bit activations), its setting for CPUs without VNNI."""
+    return pt2e(w, mode, threads, reduce_range=True)
 
 
 def _onnx_export(w: Workload, path: Path) -> list[str]:
@@ -308,7 +317,10 @@ BUILDERS: dict[str, list[tuple[str, Callable[[Workload, str, int], Variant]]]] =
         ("graphquant_linears_ts", _graphquant_builder("linears", "graphquant linears", True, encoders_only=True)),
         ("graphquant_linears_ffn_float", _graphquant_builder("linears_ffn_float", "graphquant linears, FFN-out fp32",
                                                              True, encoders_only=True)),
-        ("quantize_jit", quantize_jit), ("quantize_fx", quantize_fx), ("pt2e", pt2e), ("onnxruntime", onnxruntime_peer),
+        ("graphquant_7bit", _graphquant_builder("reduce_range", "graphquant 7-bit")),
+        ("graphquant_7bit_ts", _graphquant_builder("reduce_range", "graphquant 7-bit", torchscript=True)),
+        ("quantize_jit", quantize_jit), ("quantize_fx", quantize_fx), ("pt2e", pt2e),
+        ("pt2e_reduce_range", pt2e_reduce_range), ("onnxruntime", onnxruntime_peer),
     ],
     "dynamic": [
         ("fp32", fp32),
@@ -317,7 +329,7 @@ BUILDERS: dict[str, list[tuple[str, Callable[[Workload, str, int], Variant]]]] =
         ("graphquant_per_token", _graphquant_builder("per_token_dynamic_qconfig", "graphquant per-token")),
         ("graphquant_per_token_ts", _graphquant_builder("per_token_dynamic_qconfig", "graphquant per-token", True)),
         ("quantize_jit", quantize_jit), ("quantize_fx", quantize_fx), ("eager", eager_quantize_dynamic),
-        ("pt2e", pt2e), ("onnxruntime", onnxruntime_peer),
+        ("pt2e", pt2e), ("pt2e_reduce_range", pt2e_reduce_range), ("onnxruntime", onnxruntime_peer),
     ],
 }  # fmt: skip
 

@@ -316,20 +316,16 @@ def _db(value: float) -> str:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    save = getattr(graphquant, "save", None)
-    if args.out and save is None:  # say so before the work, not after
-        raise CliError(
-            "graphquant: --out needs graphquant.save (graphquant/serialize.py), which this installation does "
-            "not have yet; run without --out to quantize and report only",
-            EXIT_FAILED,
-        )
+    from graphquant.serialize import check_writable, save
+
+    if args.out:  # say so before the work, not after
+        check_writable(args.out)
     model = load_model(args.model)
     batches = load_batches(args.data)
     quantized = _quantize(args, model, batches)
     print(graphquant.report(quantized))
     print(f"int8 vs float SQNR on the first batch: {_db(_output_sqnr(model, quantized, batches[0]))} dB")
     if args.out:
-        assert save is not None
         try:
             save(quantized, args.out)
         except Exception as error:  # noqa: BLE001

@@ -155,6 +155,22 @@ def manifest_path(path: str | os.PathLike[str]) -> str:
 # save
 
 
+def check_writable(path: str | os.PathLike[str], what: str = "the model") -> None:
+    """A ``GraphQuantError`` naming ``path`` and the way out, before any work, where ``path``
+    cannot be written: its directory missing or not a directory, or ``path`` itself a directory
+    (``torch.export.save`` would raise a bare ``RuntimeError`` after the export)."""
+    text = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise GraphQuantError(f"graphquant: cannot write {what} to {text}: it is a directory; give a file name "
+                              "such as model.pt2 inside it")  # fmt: skip
+    if not os.path.isdir(parent):
+        raise GraphQuantError(f"graphquant: cannot write {what} to {text}: directory {parent} does not exist; "
+                              "create it first (os.makedirs) or choose another path")  # fmt: skip
+    if not os.access(parent, os.W_OK):
+        raise GraphQuantError(f"graphquant: cannot write {what} to {text}: directory {parent} is not writable")
+
+
 def _named_args(node: fx.Node) -> dict[str, Any]:
     """A ``graphquant::`` call's arguments by schema name, defaults filled in."""
     values: dict[str, Any] = {}
@@ -280,6 +296,8 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
     tuple: ``torch.export.save`` cannot store those types.
     """
     gm = _graph_module(qmodel)
+    check_writable(path)
+    check_writable(manifest_path(path), "the manifest")
     data = manifest(gm)
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     portable = portable_graph_module(gm)

@@ -63,8 +63,6 @@ def test_minilm_int8_embeddings_stay_close() -> None:
         "int8 dynamic": (0.985, 0.96),
         "int8 dynamic, per-token": (0.99, 0.98),
     }
-    if not hasattr(gq, "quantize_dynamic"):
-        floors = {name: floor for name, floor in floors.items() if "dynamic" not in name}
     assert set(result.cosine) == set(floors)
     for name, (mean_floor, min_floor) in floors.items():
         mean, low = result.cosine[name]

@@ -281,6 +281,13 @@ def test_deployment_refusals(deployed, tmp_path):  # type: ignore[no-untyped-def
         gq.load(tmp_path / "missing.pt2")
     with pytest.raises(gq.GraphQuantError, match="load it with graphquant.load"):
         gq.prepare_jit(str(deployed["dir"] / "static_onednn.pt2"), {"": gq.default_qconfig})
+    model = gq.load(deployed["dir"] / "static_onednn.pt2")
+    missing = tmp_path / "no" / "such" / "model.pt2"
+    with pytest.raises(gq.GraphQuantError, match=f"directory {missing.parent} does not exist; create it first"):
+        gq.save(model, missing)
+    with pytest.raises(gq.GraphQuantError, match="it is a directory; give a file name"):
+        gq.save(model, tmp_path)
+    assert not missing.parent.exists()
 
 
 PATTERN_CASES = [(pattern, backend) for pattern in PATTERNS for backend in ("onednn", "portable")]
