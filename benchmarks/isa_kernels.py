@@ -14,6 +14,10 @@ math (float64 accumulation of the same integers) and timed (median of interleave
 - s8 src: oneDNN linear with an int8 source (per-token dynamic's int8 values)
 - fp32 over ints: the float op over the integer values ``x_q - zp`` and ``w_q`` (every
   product exact in float32; the sums round like float)
+- fbgemm (7-bit acts): torch's ``quantized::linear`` on quantized tensors, activations in 0..127
+  (torch.ao's x86 setting). fbgemm picks its own ISA: ``ONEDNN_MAX_CPU_ISA`` does not cap it, so
+  under the cap on a VNNI machine its time is not an AVX2 figure. Its error is in output steps.
+- torch._int_mm: int8 x int8 -> int32 (the activation shifted to int8)
 
 Errors are in units of the accumulator's range, so "0" means exact to float rounding.
 """
@@ -69,6 +73,16 @@ def _linear_case(m: int, k: int, n: int) -> tuple[dict[str, Callable[[], torch.T
         return torch.ops.onednn.qlinear_pointwise(q, scale, zero_point, packed, w_scale, wzp, None, 1.0, 0,
                                                   torch.float32, "none", [], "")  # fmt: skip
 
+    torch.backends.quantized.engine = "fbgemm"
+    qx7 = torch.quantize_per_tensor(x7.float() - 64, 1.0, 64, torch.quint8)
+    qw = torch.quantize_per_channel(w.float(), torch.ones(n, dtype=torch.double), torch.zeros(n, dtype=torch.long), 0,
+                                    torch.qint8)  # fmt: skip
+    fbgemm_w = torch.ops.quantized.linear_prepack(qw, None)
+    exact7 = F.linear(x7.double() - 64, w.double())
+    out_scale = float(exact7.max() - exact7.min()) / 255
+    out_zp = int(round(-float(exact7.min()) / out_scale))
+    w_t = w.t().contiguous()
+
     fns: dict[str, Callable[[], torch.Tensor]] = {
         "fp32": lambda: F.linear(xf, wf),
         "u8 (8-bit)": lambda: call(x, 1.0, zp),
@@ -76,11 +90,15 @@ def _linear_case(m: int, k: int, n: int) -> tuple[dict[str, Callable[[], torch.T
         "u8 (7-bit acts)": lambda: call(x7, 1.0, 64),
         "s8 src": lambda: call(xs8, 1.0, 0),
         "fp32 over ints": lambda: F.linear(x.float() - zp, w_ints),
+        "fbgemm (7-bit acts)": lambda: torch.ops.quantized.linear(qx7, fbgemm_w, out_scale, out_zp).dequantize(),
+        "torch._int_mm": lambda: torch._int_mm(xs8, w_t),
     }
     del hi, lo
     exacts = {
-        "u8 (7-bit acts)": F.linear(x7.double() - 64, w.double()),
+        "u8 (7-bit acts)": exact7,
+        "fbgemm (7-bit acts)": exact7,
         "s8 src": F.linear(xs8.double(), w.double()),
+        "torch._int_mm": F.linear(xs8.double(), w.double()),
     }
     return fns, exact, exacts  # type: ignore[return-value]
 
@@ -148,6 +166,8 @@ def main() -> None:
                 ref = exacts.get(name, exact)
                 out = fn().double()  # type: ignore[union-attr]
                 err = f"{float((out - ref).abs().max()) / float(ref.max() - ref.min()):.1e}"
+                if name.startswith("fbgemm"):  # uint8 out: its error in output steps
+                    err = f"{float((out - ref).abs().max()) / (float(ref.max() - ref.min()) / 255):.1f} steps"
             print(f"| {case} | {name} | {times[name]:.3f} | {times['fp32'] / times[name]:.2f}x | {err} |")
 
 

@@ -505,11 +505,11 @@ def _ts_conv_out_shape(x: Tensor, w: Tensor, stride: list[int], padding: list[in
 def _ts_onednn_conv_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
                          bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
                          scale: float, zero_point: int, dtype: torch.dtype | None, fused: str,
-                         post_op_args: list[float], saturates: bool) -> Tensor:  # fmt: skip
+                         post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
     w_zero_point = torch.zeros(w.size(0), dtype=torch.int64)
     return x86.qconv_call(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding,
                           onednn_dilation(w, dilation), groups, scale, zero_point, dtype, fused,
-                          post_op_args, saturates)  # fmt: skip
+                          post_op_args, x_qmax, saturates)  # fmt: skip
 
 
 def _ts_clamp_on_grid(y: Tensor, post_op: str, args: list[float], scale: float, zero_point: int) -> Tensor:
@@ -523,20 +523,21 @@ def _ts_clamp_on_grid(y: Tensor, post_op: str, args: list[float], scale: float, 
 def _ts_onednn_qconv_nd(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
                         bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
                         out_scale: float, out_zero_point: int, post_op: str,
-                        post_op_args: list[float], saturates: bool) -> Tensor:  # fmt: skip
+                        post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
     """kernels.onednn.qconv on a 2-d or 3-d conv."""
     if x.dim() == 5:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     fuses = post_op in ["none", "relu", "hardtanh", "hardswish", "silu"]
     if post_op == "none" or (x.dim() == 4 and fuses):
         return _ts_onednn_conv_call(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
-                                    out_scale, out_zero_point, None, post_op, post_op_args, saturates)  # fmt: skip
+                                    out_scale, out_zero_point, None, post_op, post_op_args, x_qmax,
+                                    saturates)  # fmt: skip
     if post_op == "relu" or post_op == "hardtanh":
         y = _ts_onednn_conv_call(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
-                                 out_scale, out_zero_point, None, "none", post_op_args, saturates)  # fmt: skip
+                                 out_scale, out_zero_point, None, "none", post_op_args, x_qmax, saturates)  # fmt: skip
         return _ts_clamp_on_grid(y, post_op, post_op_args, out_scale, out_zero_point)
     v = _ts_onednn_conv_call(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, 1.0, 0,
-                             torch.float32, "none", post_op_args, saturates)  # fmt: skip
+                             torch.float32, "none", post_op_args, x_qmax, saturates)  # fmt: skip
     return x86.quantize_real(x86.post_op_float(v, post_op, post_op_args), out_scale, out_zero_point)
 
 
@@ -567,7 +568,8 @@ def _ts_conv_nd(x: Tensor, w: Tensor, stride: list[int], padding: list[int], dil
 
 def _ts_qconv(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
               stride: list[int], padding: list[int], dilation: list[int], groups: int, out_scale: float,
-              out_zero_point: int, post_op: str, post_op_args: list[float], saturates: bool) -> Tensor:  # fmt: skip
+              out_zero_point: int, post_op: str, post_op_args: list[float], x_qmax: int,
+              saturates: bool) -> Tensor:  # fmt: skip
     """graphquant::qconv1d / qconv2d / qconv3d (``saturates``: :class:`SaturationProbe`'s answer)."""
     _ts_check(x, x_zero_point, w, w_scale, bias, out_zero_point, w.size(0))
     out_shape = _ts_conv_out_shape(x, w, stride, padding, dilation, groups)
@@ -579,17 +581,17 @@ def _ts_qconv(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: 
     if x.dim() == 3:  # oneDNN fuses post-ops into 2-d convs only: a conv1d runs as a conv2d of height 1
         y = _ts_onednn_qconv_nd(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, [1] + stride, [0] + padding,
                                 [1] + dilation, groups, out_scale, out_zero_point, post_op, post_op_args,
-                                saturates)  # fmt: skip
+                                x_qmax, saturates)  # fmt: skip
         return y.squeeze(2)
     return _ts_onednn_qconv_nd(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
-                               out_scale, out_zero_point, post_op, post_op_args, saturates)  # fmt: skip
+                               out_scale, out_zero_point, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
 
 
 def _ts_onednn_qconv_add_2d(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
                             bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
                             groups: int, accum: Tensor, accum_scale: float, accum_zero_point: int, out_scale: float,
                             out_zero_point: int, post_op: str, accum_donated: bool,
-                            saturates: bool) -> Tensor:  # fmt: skip
+                            x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
     # oneDNN writes the sum into its accum: a private channels-last copy unless the graph donated it
     if accum_donated and accum.is_contiguous(memory_format=torch.channels_last):
         private = accum
@@ -598,13 +600,13 @@ def _ts_onednn_qconv_add_2d(x: Tensor, x_scale: float, x_zero_point: int, w: Ten
     w_zero_point = torch.zeros(w.size(0), dtype=torch.int64)
     return x86.qconv_add_call(x, x_scale, x_zero_point, w, w_scale, w_zero_point, private, bias, stride, padding,
                               onednn_dilation(w, dilation), groups, out_scale, out_zero_point, accum_scale,
-                              accum_zero_point, post_op, saturates)  # fmt: skip
+                              accum_zero_point, post_op, x_qmax, saturates)  # fmt: skip
 
 
 def _ts_qconv_add(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
                   stride: list[int], padding: list[int], dilation: list[int], groups: int, accum: Tensor,
                   accum_scale: float, accum_zero_point: int, out_scale: float, out_zero_point: int,
-                  post_op: str, accum_donated: bool, saturates: bool) -> Tensor:  # fmt: skip
+                  post_op: str, accum_donated: bool, x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
     """graphquant::qconv1d_add / qconv2d_add: ``post_op(conv(x) + accum)``."""
     _ts_check(x, x_zero_point, w, w_scale, bias, out_zero_point, w.size(0))
     if post_op != "none" and post_op != "relu":
@@ -622,7 +624,7 @@ def _ts_qconv_add(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_sca
         y = _ts_onednn_qconv_add_2d(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, [1] + stride,
                                     [0] + padding, [1] + dilation, groups, accum.unsqueeze(2), accum_scale,
                                     accum_zero_point, out_scale, out_zero_point, post_op,
-                                    accum_donated, saturates)  # fmt: skip
+                                    accum_donated, x_qmax, saturates)  # fmt: skip
         return y.squeeze(2)
     if x.dim() != 4:
         raise ValueError("graphquant::qconv_add: oneDNN fuses the residual sum into 1-d and 2-d convs only")
@@ -630,7 +632,7 @@ def _ts_qconv_add(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_sca
         return accum.new_empty(out_shape)
     return _ts_onednn_qconv_add_2d(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
                                    accum, accum_scale, accum_zero_point, out_scale, out_zero_point,
-                                   post_op, accum_donated, saturates)  # fmt: skip
+                                   post_op, accum_donated, x_qmax, saturates)  # fmt: skip
 
 
 def _ts_qconv_transpose(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
@@ -658,7 +660,7 @@ def _ts_qconv_transpose(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor,
 
 def _ts_qlinear(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
                 out_scale: float, out_zero_point: int, post_op: str, post_op_args: list[float],
-                float_out: bool, saturates: bool) -> Tensor:  # fmt: skip
+                float_out: bool, x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
     """graphquant::qlinear. A packed weight is stored transposed, ``(in, out)``."""
     if float_out:
         out_scale, out_zero_point = 1.0, 0
@@ -678,7 +680,7 @@ def _ts_qlinear(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale
     w_zero_point = torch.zeros(out_features, dtype=torch.int64)
     out_dtype: torch.dtype | None = torch.float32 if float_out else None
     return x86.qlinear_call(x.contiguous(), x_scale, x_zero_point, w, w_scale, w_zero_point, bias, out_scale,
-                            out_zero_point, out_dtype, post_op, post_op_args, saturates)  # fmt: skip
+                            out_zero_point, out_dtype, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
 
 
 def _ts_quantize_uint8_math(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
@@ -736,7 +738,7 @@ def _ts_qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | No
         row_scale = _ts_row_scale(x)
         qu = (x.to(torch.float32) / row_scale).round_().add_(128).clamp_(0, 255).to(torch.uint8)
         y = x86.qlinear_call(qu, 1.0, 128, w, w_scale, torch.zeros(out_features, dtype=torch.int64), None, 1.0, 0,
-                             torch.float32, "none", [], saturates)  # fmt: skip
+                             torch.float32, "none", [], 255, saturates)  # fmt: skip
         y.mul_(row_scale)
         if bias is not None:
             y.add_(bias)

@@ -88,7 +88,7 @@ def _linear(post_op: str, args: list[float], float_out: bool) -> KernelCase:
         if force_split:
             got = x86.qlinear_call(x, 0.02, 131, packed, w_scale, torch.zeros(24, dtype=torch.int64), bias,
                                    1.0 if float_out else scale, 0 if float_out else zp,
-                                   torch.float32 if float_out else None, post_op, args, True)  # fmt: skip
+                                   torch.float32 if float_out else None, post_op, args, 255, True)  # fmt: skip
         else:
             got = ops.qlinear(x, 0.02, 131, packed, w_scale, bias, scale, zp, post_op, args, float_out)
         return got, want
@@ -113,7 +113,7 @@ def _conv(dim: int, groups: int, post_op: str, args: list[float], stride: int = 
             assert dim == 2 and post_op in ("none", "relu", "hardtanh")
             xc = x.contiguous(memory_format=torch.channels_last)
             got = x86.qconv_call(xc, 0.03, 127, packed, w_scale, torch.zeros(out, dtype=torch.int64), bias,
-                                 *conv, scale, zp, None, post_op, args, True)  # fmt: skip
+                                 *conv, scale, zp, None, post_op, args, 255, True)  # fmt: skip
         else:
             got = getattr(ops, f"qconv{dim}d")(x, 0.03, 127, packed, w_scale, bias, *conv, scale, zp, post_op, args)
         return got, want
@@ -141,7 +141,7 @@ def _conv_add(dim: int, post_op: str) -> KernelCase:
             private = accum.clone().contiguous(memory_format=torch.channels_last)
             got = x86.qconv_add_call(x.contiguous(memory_format=torch.channels_last), 0.02, 140, packed, w_scale,
                                      torch.zeros(16, dtype=torch.int64), private, bias, *conv, scale, zp, 0.5, 100,
-                                     post_op, True)  # fmt: skip
+                                     post_op, 255, True)  # fmt: skip
             assert torch.equal(private, got)  # written into the accum, as oneDNN's sum post-op does
         else:
             got = getattr(ops, f"qconv{dim}d_add")(x, 0.02, 140, packed, w_scale, bias, *conv, accum, 0.5, 100, scale,
@@ -210,7 +210,7 @@ def test_worst_case_operands_match_exact_integer_math(case: str) -> None:
 
 @pytest.mark.parametrize("case", SPLIT)
 def test_the_two_half_split_is_exact_on_any_cpu(case: str) -> None:
-    """The split forced (``saturates=True``) runs 7-bit halves, exact on every CPU: its algebra
+    """The split forced (``saturates=True``, an 8-bit grid) runs 7-bit halves, exact on every CPU: its algebra
     (doubled scale, split zero point, bias once, post-op after the sum) is checked here too."""
     got, want = CASES[case](True)
     if want.dtype == torch.uint8:
@@ -307,7 +307,8 @@ def _calibrate(model: nn.Module, batches: list[torch.Tensor]) -> None:
 def test_saved_on_this_cpu_and_loaded_under_the_cap_stays_within_a_step(tmp_path: Path, reduce_range: bool) -> None:
     """A model quantized and saved here (.pt2 and TorchScript) and loaded in a process whose oneDNN
     saturates: every runtime within one step of the reference graph; one warning on load naming
-    reduce_range for 8-bit models, none for 7-bit ones; the report names the path."""
+    reduce_range for 8-bit models, none for 7-bit ones; the report names the path, and the 7-bit
+    model runs one oneDNN call per layer, the 8-bit one two."""
     torch.manual_seed(0)
     model = _Net().eval()
     batches = [_wide(4, 64, 4, 4) for _ in range(3)]
@@ -332,9 +333,12 @@ def test_saved_on_this_cpu_and_loaded_under_the_cap_stays_within_a_step(tmp_path
         scripted = torch.jit.load({str(tmp_path / "model.ts")!r})
         with torch.no_grad():
             outs = {{"pt2": loaded(io["x"]), "ts": scripted(io["x"])}}
+            with torch.profiler.profile() as prof:
+                loaded(io["x"])
+        calls = sum(e.count for e in prof.key_averages() if e.key.startswith("onednn::q") and "prepack" not in e.key)
         steps = {{k: float((v - io["reference"]).abs().max()) / {step} for k, v in outs.items()}}
         print(json.dumps({{"steps": steps, "warnings": [str(w.message) for w in caught if "saturate" in str(w.message)],
-                          "report": str(loaded.graphquant_report)}}))
+                          "report": str(loaded.graphquant_report), "onednn_calls": calls}}))
         """,
         tmp_path,
     )
@@ -343,7 +347,9 @@ def test_saved_on_this_cpu_and_loaded_under_the_cap_stays_within_a_step(tmp_path
     assert all(s <= 1.0 + 1e-4 for s in out["steps"].values()), out["steps"]
     if reduce_range:
         assert out["warnings"] == [] and "[7-bit]" in out["report"] and "[avx2-split]" not in out["report"]
+        assert out["onednn_calls"] == 5  # one call per conv and linear: the 7-bit grid never takes the split
     else:
+        assert out["onednn_calls"] == 10  # two calls per conv and linear
         assert len(out["warnings"]) == 1 and "reduce_range=True" in out["warnings"][0]
         assert "5 int8 layers with 8-bit activations" in out["warnings"][0]
         assert "[avx2-split]" in out["report"] and "[7-bit]" not in out["report"]
@@ -354,13 +360,13 @@ def test_saved_on_this_cpu_and_loaded_under_the_cap_stays_within_a_step(tmp_path
 
 
 @pytest.mark.parametrize("observer", [MinMaxObserver, HistogramObserver])
-def test_reduce_range_calibrates_onto_0_127_and_clamps_at_255(observer: type) -> None:
+def test_reduce_range_calibrates_onto_0_127(observer: type) -> None:
     x = torch.linspace(-1.0, 3.0, 1000)
     full, reduced = observer(), observer(reduce_range=True)
     full(x)
     reduced(x)
     q_full, q_reduced = full.qparams(), reduced.qparams()
-    assert q_reduced.qmin == 0 and q_reduced.qmax == 255  # the clamp: values past calibration are not clipped at 127
+    assert q_reduced.qmin == 0 and q_reduced.qmax == 127  # the grid ends at 127: no tail reaches the next layer
     assert abs(float(q_reduced.scale) / float(q_full.scale) - 255 / 127) < 0.02
     hi = reduced.search_range()[1] if isinstance(reduced, HistogramObserver) else 3.0  # the range it chose
     top = float(torch.tensor(hi) / q_reduced.scale + q_reduced.zero_point)

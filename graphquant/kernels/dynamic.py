@@ -76,7 +76,7 @@ def qlinear_dynamic(
         scale, _ = dynamic_qparams(x, True)
         q = quantize_tensor(x, scale, _INT8_AS_UINT8, 0, 255, torch.uint8)
         y = x86.qlinear_call(q, 1.0, _INT8_AS_UINT8, w, w_scale, _w_zero_point(out_features), None, 1.0, 0,
-                             torch.float32, "none", [], x86.saturates())  # fmt: skip
+                             torch.float32, "none", [], 255, x86.saturates())  # fmt: skip
         y.mul_(scale)  # y is the kernel's own fresh tensor: scaled in place, no second float32 tensor
         if bias is not None:
             y.add_(bias)

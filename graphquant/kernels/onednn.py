@@ -173,8 +173,10 @@ def qconv(
     out_zero_point: int,
     post_op: str,
     post_op_args: Sequence[float] = (),
+    x_qmax: int = 255,
 ) -> torch.Tensor:
-    """uint8 convolution, uint8 out (channels-last), checked before oneDNN sees it."""
+    """uint8 convolution, uint8 out (channels-last), checked before oneDNN sees it; exact on
+    every x86 CPU (``x_qmax``: see :mod:`graphquant.kernels.x86`)."""
     out_channels = w.shape[0]
     _check_common("qconv", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args,
                   out_channels)  # fmt: skip
@@ -183,7 +185,7 @@ def qconv(
         return x.new_empty(out_shape)
     if x.dim() == 3:  # oneDNN fuses post-ops into 2-d convs only
         y = qconv(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, *_as_2d(stride, padding, dilation),
-                  groups, out_scale, out_zero_point, post_op, post_op_args)  # fmt: skip
+                  groups, out_scale, out_zero_point, post_op, post_op_args, x_qmax)  # fmt: skip
         return y.squeeze(2)
     if x.dim() == 5:
         x = x.contiguous(memory_format=torch.channels_last_3d)  # oneDNN's 3d path wants channels-last
@@ -195,7 +197,7 @@ def qconv(
     def call(scale: float, zero_point: int, dtype: torch.dtype | None, fused: str) -> torch.Tensor:
         return x86.qconv_call(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, stride,
                               padding, dilation, groups, scale, zero_point, dtype, fused,
-                              list(post_op_args), saturates)  # fmt: skip
+                              list(post_op_args), x_qmax, saturates)  # fmt: skip
 
     if post_op == "none" or (x.dim() == 4 and post_op in _CONV2D_FUSES):
         return call(out_scale, out_zero_point, None, post_op)
@@ -225,6 +227,7 @@ def qconv_add(
     out_zero_point: int,
     post_op: str,
     accum_donated: bool = False,
+    x_qmax: int = 255,
 ) -> torch.Tensor:
     """``post_op(conv(x) + accum)`` in one oneDNN call (the "sum" post-op), uint8 out.
 
@@ -250,7 +253,7 @@ def qconv_add(
     if x.dim() == 3:  # oneDNN's sum post-op is 2-d only
         y = qconv_add(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, *_as_2d(stride, padding, dilation),
                       groups, accum.unsqueeze(2), accum_scale, accum_zero_point, out_scale, out_zero_point,
-                      post_op, accum_donated)  # fmt: skip
+                      post_op, accum_donated, x_qmax)  # fmt: skip
         return y.squeeze(2)
     if x.dim() != 4:
         raise GraphQuantError(
@@ -263,7 +266,7 @@ def qconv_add(
         private = private.clone(memory_format=torch.channels_last)
     return x86.qconv_add_call(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), private, bias,
                               stride, padding, onednn_dilation(w, dilation), groups, out_scale, out_zero_point,
-                              accum_scale, accum_zero_point, post_op, x86.saturates())  # fmt: skip
+                              accum_scale, accum_zero_point, post_op, x_qmax, x86.saturates())  # fmt: skip
 
 
 def qlinear(
@@ -278,6 +281,7 @@ def qlinear(
     post_op: str,
     post_op_args: Sequence[float] = (),
     float_out: bool = False,
+    x_qmax: int = 255,
 ) -> torch.Tensor:
     """uint8 linear, uint8 out (float32 with ``float_out``), checked before oneDNN sees it.
 
@@ -296,4 +300,4 @@ def qlinear(
         out_scale, out_zero_point = 1.0, 0
     return x86.qlinear_call(x.contiguous(), x_scale, x_zero_point, w, w_scale, _w_zero_point(out_features), bias,
                             out_scale, out_zero_point, torch.float32 if float_out else None, post_op,
-                            list(post_op_args), x86.saturates())  # fmt: skip
+                            list(post_op_args), x_qmax, x86.saturates())  # fmt: skip

@@ -31,9 +31,13 @@ LIB.define(
 LIB.define("dequantize_per_channel(Tensor q, Tensor scale, Tensor zero_point, int axis) -> Tensor")
 # A post-op is a name and its scalars (kernels.portable.POST_OPS): "hardtanh", [0.0, 6.0].
 _POST_OP = "str post_op, float[] post_op_args=[]"
+# x_qmax: the largest value x can hold on its grid (127 for reduce_range's 7-bit activations). On
+# x86 CPUs without VNNI a oneDNN GEMM or conv is exact in one call for x_qmax <= 127 and runs as two
+# exact 7-bit halves above it (kernels/x86.py); other backends ignore it.
+_X_QMAX = "int x_qmax=255"
 _CONV_ARGS = (
     "(Tensor x, float x_scale, int x_zero_point, Tensor w, Tensor w_scale, Tensor? bias, int[] stride, "
-    f"int[] padding, int[] dilation, int groups, float out_scale, int out_zero_point, {_POST_OP}) -> Tensor"
+    f"int[] padding, int[] dilation, int groups, float out_scale, int out_zero_point, {_POST_OP}, {_X_QMAX}) -> Tensor"
 )
 for _dim in (1, 2, 3):
     LIB.define(f"qconv{_dim}d{_CONV_ARGS}")
@@ -41,7 +45,8 @@ for _dim in (1, 2, 3):
 # only float ops read: one rounding fewer than quantizing it and dequantizing right after
 LIB.define(
     "qlinear(Tensor x, float x_scale, int x_zero_point, Tensor w, Tensor w_scale, Tensor? bias, "
-    "float out_scale, int out_zero_point, str post_op, float[] post_op_args=[], bool float_out=False) -> Tensor"
+    f"float out_scale, int out_zero_point, str post_op, float[] post_op_args=[], bool float_out=False, {_X_QMAX}) "
+    "-> Tensor"
 )
 # post_op(conv(x) + accum), accum a uint8 activation of the output's shape (ResNet's residual join).
 # accum_donated: the graph never reads accum after this call (passes.fuse.donate_accumulators
@@ -50,7 +55,8 @@ for _dim in (1, 2):
     LIB.define(
         f"qconv{_dim}d_add(Tensor x, float x_scale, int x_zero_point, Tensor w, Tensor w_scale, Tensor? bias, "
         "int[] stride, int[] padding, int[] dilation, int groups, Tensor accum, float accum_scale, "
-        "int accum_zero_point, float out_scale, int out_zero_point, str post_op, bool accum_donated=False) -> Tensor"
+        f"int accum_zero_point, float out_scale, int out_zero_point, str post_op, bool accum_donated=False, {_X_QMAX}) "
+        "-> Tensor"
     )
 # weight (in, out / groups, *kernel), w_scale along its axis 0; argument order of aten.conv_transposeNd
 for _dim in (1, 2, 3):
@@ -184,9 +190,9 @@ def _on_weight_backend(kernel: str) -> Callable[..., torch.Tensor]:
     a packed oneDNN weight (``is_mkldnn``) runs on oneDNN, a plain int8 weight on portable.
     The schema above fixes the arguments; this only forwards them."""
 
-    def dispatch(*args: Any) -> torch.Tensor:
+    def dispatch(*args: Any, **kwargs: Any) -> torch.Tensor:
         backend = onednn if args[3].is_mkldnn else portable
-        return getattr(backend, kernel)(*args)
+        return getattr(backend, kernel)(*args, **kwargs)
 
     dispatch.__name__ = kernel
     return dispatch
@@ -238,7 +244,7 @@ def _dequantize_per_channel_fake(q, scale, zero_point, axis):  # type: ignore[no
     return torch.empty(q.shape, dtype=torch.float32)
 
 
-def _conv_fake(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, *rest):  # type: ignore[no-untyped-def]  # noqa: E501
+def _conv_fake(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, *rest, **kwargs):  # type: ignore[no-untyped-def]  # noqa: E501
     kernel = w.shape[-(x.dim() - 2):]  # a packed conv1d weight is 4-d (out, in, 1, k)
     spatial = []
     for i, size in enumerate(x.shape[2:]):
@@ -266,7 +272,7 @@ for _dim in (1, 2, 3):
 
 @register_fake("graphquant::qlinear")
 def _qlinear_fake(x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args=(),  # type: ignore[no-untyped-def]  # noqa: E501
-                  float_out=False):
+                  float_out=False, x_qmax=255):
     return x.new_empty((*x.shape[:-1], w_scale.shape[0]), dtype=torch.float32 if float_out else torch.uint8)
 
 

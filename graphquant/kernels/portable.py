@@ -167,8 +167,9 @@ def qconv(
     out_zero_point: int,
     post_op: str,
     post_op_args: Sequence[float] = (),
+    x_qmax: int = 255,
 ) -> torch.Tensor:
-    """uint8 convolution with per-channel int8 weights, uint8 out."""
+    """uint8 convolution with per-channel int8 weights, uint8 out (exact for any ``x_qmax``)."""
     check_inputs("qconv", x, w, w_scale, bias)
     check_qparams("qconv", x_scale, x_zero_point, out_scale, out_zero_point)
     check_post_op("qconv", post_op, post_op_args)
@@ -196,9 +197,11 @@ def qconv_add(
     out_zero_point: int,
     post_op: str,
     accum_donated: bool = False,
+    x_qmax: int = 255,
 ) -> torch.Tensor:
     """``post_op(conv(x) + accum)``: the residual join, one rounding to the output grid.
-    (``accum_donated`` is for oneDNN's in-place sum; this kernel writes a new tensor.)"""
+    (``accum_donated`` is for oneDNN's in-place sum, ``x_qmax`` for its saturating CPUs; this
+    kernel writes a new tensor, exactly.)"""
     check_inputs("qconv_add", x, w, w_scale, bias)
     check_qparams("qconv_add", x_scale, x_zero_point, out_scale, out_zero_point)
     check_qparams("qconv_add", accum_scale, accum_zero_point, out_scale, out_zero_point)
@@ -293,8 +296,9 @@ def qlinear(
     post_op: str,
     post_op_args: Sequence[float] = (),
     float_out: bool = False,
+    x_qmax: int = 255,
 ) -> torch.Tensor:
-    """uint8 linear with per-channel int8 weights, uint8 out (float32 with ``float_out``)."""
+    """uint8 linear with per-channel int8 weights, uint8 out (float32 with ``float_out``; exact for any ``x_qmax``)."""
     check_inputs("qlinear", x, w, w_scale, bias)
     check_qparams("qlinear", x_scale, x_zero_point, out_scale, out_zero_point)
     check_post_op("qlinear", post_op, post_op_args)

@@ -7,15 +7,18 @@ adds each pair of neighbouring products in int16 and saturates at 32767: ``255 *
 A pair stays exact when the uint8 values are at most 127 (``127 * 128 * 2 = 32512``), whatever
 the zero point (oneDNN subtracts it after the products, as a compensation term).
 
-What happens here, per call, only where :func:`probe_saturates` found saturation:
+What happens here, only where :func:`probe_saturates` found saturation:
 
-- activations at most 127 (7-bit: ``reduce_range`` models, or a batch that happens to fit): one
-  oneDNN call, exact by range;
+- an activation whose grid ends at 127 (``x_qmax``: ``reduce_range``'s 7-bit activations, which
+  the kernel graph clamps there): one oneDNN call, exact by range;
 - otherwise the activation runs as two 7-bit halves, ``x = 2 * (x >> 1) + (x & 1)``: two oneDNN
   calls with the same packed weight and float32 out, ``x_scale`` doubled for the high half and the
   zero point split the same way (``zp = 2 * (zp >> 1) + (zp & 1)``), so each half's integer sum
   is exact; their float sum, the post-op and the one rounding to the output grid follow in float32,
   as oneDNN does them inside one call. About twice the int8 GEMM (``benchmarks/isa_kernels.py``).
+
+The choice follows the grid, not the data: no pass over the activation to find its maximum
+(measured 140 us a conv on ResNet-50), and the same path for every batch.
 
 Every function here is TorchScript-compatible: the eager kernels (:mod:`graphquant.kernels.onednn`,
 :mod:`graphquant.kernels.dynamic`) and their TorchScript twins call the same code, and a scripted
@@ -156,9 +159,10 @@ def quantize_real(v: Tensor, out_scale: float, out_zero_point: int) -> Tensor:
     return (torch.round(v / out_scale) + out_zero_point).clamp(0, 255).to(torch.uint8)
 
 
-def above_seven_bits(x: Tensor) -> bool:
-    """Whether a uint8 activation holds a value a saturating kernel cannot take whole (> 127)."""
-    return x.numel() > 0 and bool(x.max() > 127)
+def split(x_qmax: int, saturates: bool) -> bool:
+    """Whether a call takes the two-half path: the CPU saturates and the activation's grid
+    reaches past 127."""
+    return saturates and x_qmax > 127
 
 
 def _finish(v: Tensor, out_scale: float, out_zero_point: int, out_dtype: torch.dtype | None, post_op: str,
@@ -172,11 +176,11 @@ def _finish(v: Tensor, out_scale: float, out_zero_point: int, out_dtype: torch.d
 
 def qlinear_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, w_zero_point: Tensor,
                  bias: Tensor | None, out_scale: float, out_zero_point: int,
-                 out_dtype: torch.dtype | None, post_op: str, post_op_args: list[float],
+                 out_dtype: torch.dtype | None, post_op: str, post_op_args: list[float], x_qmax: int,
                  saturates: bool) -> Tensor:  # fmt: skip
-    """``onednn::qlinear_pointwise`` on checked arguments (``x`` contiguous uint8, ``w`` packed),
-    exact where the CPU saturates (module docstring)."""
-    if not saturates or not above_seven_bits(x):
+    """``onednn::qlinear_pointwise`` on checked arguments (``x`` contiguous uint8 on a grid ending at
+    ``x_qmax``, ``w`` packed), exact where the CPU saturates (module docstring)."""
+    if not split(x_qmax, saturates):
         attr, algorithm = onednn_post_op(post_op)
         return torch.ops.onednn.qlinear_pointwise(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, out_scale,
                                                   out_zero_point, out_dtype, attr, scalars(post_op, post_op_args),
@@ -194,22 +198,22 @@ def qlinear_dynamic_call(q: Tensor, scale: Tensor, zero_point: Tensor, w: Tensor
                          saturates: bool) -> Tensor:  # fmt: skip
     """``onednn::qlinear_pointwise.tensor``: a per-tensor dynamic linear, its uint8 activation's
     ``scale`` and ``zero_point`` 0-d tensors from the batch, float32 out; exact where the CPU saturates."""
-    if not saturates or not above_seven_bits(q):
+    if not split(255, saturates):
         attr, algorithm = onednn_post_op(post_op)
         return torch.ops.onednn.qlinear_pointwise(q, scale, zero_point, w, w_scale, w_zero_point, bias, 1.0, 0,
                                                   torch.float32, attr, scalars(post_op, post_op_args),
                                                   algorithm)  # fmt: skip
     return qlinear_call(q, float(scale.item()), int(zero_point.item()), w, w_scale, w_zero_point, bias, 1.0, 0,
-                        torch.float32, post_op, post_op_args, saturates)  # fmt: skip
+                        torch.float32, post_op, post_op_args, 255, saturates)  # fmt: skip
 
 
 def qconv_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, w_zero_point: Tensor,
                bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
                groups: int, out_scale: float, out_zero_point: int, out_dtype: torch.dtype | None,
-               post_op: str, post_op_args: list[float], saturates: bool) -> Tensor:  # fmt: skip
+               post_op: str, post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
     """``onednn::qconv_pointwise`` on checked arguments (``post_op`` one the conv fuses), exact
     where the CPU saturates (module docstring)."""
-    if not saturates or not above_seven_bits(x):
+    if not split(x_qmax, saturates):
         attr, algorithm = onednn_post_op(post_op)
         return torch.ops.onednn.qconv_pointwise(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride,
                                                 padding, dilation, groups, out_scale, out_zero_point, out_dtype,
@@ -234,11 +238,11 @@ def _conv_split(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale
 def qconv_add_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, w_zero_point: Tensor,
                    accum: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
                    dilation: list[int], groups: int, out_scale: float, out_zero_point: int, accum_scale: float,
-                   accum_zero_point: int, post_op: str, saturates: bool) -> Tensor:  # fmt: skip
+                   accum_zero_point: int, post_op: str, x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
     """``onednn::qconv2d_pointwise.binary`` with the "sum" post-op (``post_op(conv(x) + accum)``,
     written into ``accum``, a channels-last uint8 tensor the caller gives away), exact where the
     CPU saturates: there the sum is taken in float32 and copied into ``accum``, as oneDNN writes it."""
-    if not saturates or not above_seven_bits(x):
+    if not split(x_qmax, saturates):
         empty: Scalars = []
         return torch.ops.onednn.qconv2d_pointwise(x, x_scale, x_zero_point, w, w_scale, w_zero_point, accum, bias,
                                                   stride, padding, dilation, groups, out_scale, out_zero_point, None,

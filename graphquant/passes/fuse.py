@@ -110,11 +110,11 @@ def _shared_gemm_key(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] | Non
     """What linears must share to run as one GEMM with their weights side by side: the input,
     its qparams (or per-token scheme), float32 out without a post-op; packed oneDNN weights."""
     packed = getattr(gm, PACKED, {})
-    if node.kwargs or any(user.op == "output" for user in node.users):
+    if set(node.kwargs) - {"x_qmax"} or any(user.op == "output" for user in node.users):
         return None  # a returned output stays its own contiguous tensor
     if node.target is ops.qlinear.default and len(node.args) == 11:
         x, x_scale, x_zero_point, w, w_scale, bias, _, _, post_op, _, float_out = node.args
-        key: tuple[Any, ...] = ("static", x, x_scale, x_zero_point)
+        key: tuple[Any, ...] = ("static", x, x_scale, x_zero_point, node.kwargs.get("x_qmax", 255))
         if not float_out or post_op != "none":
             return None
     elif node.target is ops.qlinear_dynamic.default and len(node.args) == 5:
@@ -180,7 +180,7 @@ def share_gemms(gm: fx.GraphModule) -> int:
         else:
             args = (first.args[0], packed_node, scale_node, bias_node, first.args[4])
         with gm.graph.inserting_before(first):
-            shared = gm.graph.call_function(cast(Any, first.target), args)
+            shared = gm.graph.call_function(cast(Any, first.target), args, dict(first.kwargs))
         copy_meta(first, shared)
         shared.meta.pop("val", None)
         start, cursor = 0, shared

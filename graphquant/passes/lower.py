@@ -233,8 +233,27 @@ def kernel(gm: fx.GraphModule, matches: list[Match], ctx: KernelContext, quantiz
         new = match.pattern.lower_kernel(ctx, match, inputs, out_q.meta[QPARAMS])
         new.meta[MATCH] = match
         new.meta[QPARAMS] = out_q.meta[QPARAMS]
+        new = _clamp_to_grid(gm, match, new)
         out_q.replace_all_uses_with(new)
         gm.graph.erase_node(out_q)
+
+
+def _clamp_to_grid(gm: fx.GraphModule, match: Match, new: fx.Node) -> fx.Node:
+    """``new`` clamped to its grid's ``qmax`` where the grid ends below the dtype's (``reduce_range``:
+    0..127). The kernels round onto 0..255; the reference graph's quantize clamps at 127, and a
+    value above 127 would take the two-call path on x86 CPUs without VNNI. Ops that pass their
+    input's integers through (``shares_qparams``) cannot leave the grid and get no clamp.
+
+    ``x -> qconv2d -> y`` becomes ``x -> qconv2d -> clamp_max(127) -> y``.
+    """
+    qparams: QParams = new.meta[QPARAMS]
+    if match.pattern.kind == "shares_qparams" or qparams.dtype != torch.uint8 or qparams.qmax >= 255:
+        return new
+    with gm.graph.inserting_after(new):
+        clamped = gm.graph.call_function(torch.ops.aten.clamp_max.default, (new, qparams.qmax))
+    copy_meta(new, clamped)
+    clamped.meta[QPARAMS] = qparams
+    return clamped
 
 
 def _lower_items(ctx: KernelContext, match: Match, inputs: list[QValue], quantized_at: dict[fx.Node, fx.Node]) -> None:

@@ -97,6 +97,13 @@ class WeightCache:
         return self.by_match[id(match)][0]
 
 
+def x_qmax_kwarg(x: QValue) -> dict[str, int]:
+    """``{"x_qmax": 127}`` for a GEMM or conv input on ``reduce_range``'s 7-bit grid (one exact call
+    on x86 CPUs without VNNI, kernels/x86.py); nothing for the full 0..255 grid, the schema default,
+    so the graphs of 8-bit models are unchanged."""
+    return {"x_qmax": x.qparams.qmax} if x.qparams.qmax < 255 else {}
+
+
 class KernelContext:
     """Builds kernel nodes before ``insert_point``, with the anchor's module path."""
 
@@ -109,12 +116,12 @@ class KernelContext:
         if not hasattr(gm, PACKED):
             setattr(gm, PACKED, {})
 
-    def call(self, target: Any, args: tuple[Any, ...]) -> fx.Node:
-        """Insert ``target(*args)`` after the match's last node (an op returning several
+    def call(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> fx.Node:
+        """Insert ``target(*args, **kwargs)`` after the match's last node (an op returning several
         tensors: before its ``getitem`` nodes, so that their users can read the new op's)."""
         assert self.match is not None
         with self.gm.graph.inserting_after(self.match.nodes[-1]):
-            node = self.gm.graph.call_function(target, args)
+            node = self.gm.graph.call_function(target, args, kwargs or {})
         copy_meta(self.match.anchor, node)
         return node
 

@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from graphquant.graph import Match, op_args
 from graphquant.patterns import Pattern, aten, register
-from graphquant.patterns.context import KernelContext, QValue
+from graphquant.patterns.context import KernelContext, QValue, x_qmax_kwarg
 from graphquant.patterns.post_ops import HARDSWISH, HARDTANH, RELU, fused_post_op
 from graphquant.quant_math import QParams
 
@@ -44,7 +44,8 @@ def _lower(dim: int):  # type: ignore[no-untyped-def]
 
     def lower_kernel(ctx: KernelContext, match: Match, inputs: Sequence[QValue], out: QParams) -> fx.Node:
         name, scalars = fused_post_op(match)
-        return ctx.call(kernel, (*_conv_args(ctx, match, inputs[0]), *out.scalar(), name, scalars))
+        return ctx.call(kernel, (*_conv_args(ctx, match, inputs[0]), *out.scalar(), name, scalars),
+                        x_qmax_kwarg(inputs[0]))
 
     return lower_kernel
 
@@ -60,7 +61,7 @@ def _lower_add(dim: int):  # type: ignore[no-untyped-def]
         accum = inputs[-1]  # in conv(x) + x the one input x is also the accum
         post_op = "relu" if len(match.nodes) == 3 else "none"
         return ctx.call(kernel, (*_conv_args(ctx, match, inputs[0]), accum.node, *accum.qparams.scalar(),
-                                 *out.scalar(), post_op))  # fmt: skip
+                                 *out.scalar(), post_op), x_qmax_kwarg(inputs[0]))  # fmt: skip
 
     return lower_kernel
 

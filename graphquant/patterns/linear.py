@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from graphquant.graph import Match
 from graphquant.patterns import Pattern, aten, register
-from graphquant.patterns.context import KernelContext, QValue
+from graphquant.patterns.context import KernelContext, QValue, x_qmax_kwarg
 from graphquant.patterns.post_ops import GELU, HARDSWISH, HARDTANH, LEAKY_RELU, RELU, SILU, fused_post_op
 from graphquant.quant_math import QParams
 
@@ -29,10 +29,11 @@ def _lower_kernel(ctx: KernelContext, match: Match, inputs: Sequence[QValue], ou
     name, scalars = fused_post_op(match)
     if out is None:
         args = (x.node, x_scale, x_zero_point, w.packed, w.scale, w.bias, 1.0, 0, name, scalars, True)
-        return ctx.call(torch.ops.graphquant.qlinear.default, args)
+        return ctx.call(torch.ops.graphquant.qlinear.default, args, x_qmax_kwarg(x))
     return ctx.call(
         torch.ops.graphquant.qlinear.default,
         (x.node, x_scale, x_zero_point, w.packed, w.scale, w.bias, *out.scalar(), name, scalars),
+        x_qmax_kwarg(x),
     )
 
 
