@@ -111,6 +111,8 @@ def _qconfig_dict(w: Workload, recipe: str) -> dict[str, object]:
         return gq.qconfig_dict_by_type(w.model, {nn.Linear: gq.default_qconfig}, keep_float=_ffn_outputs(w.model))
     if recipe == "reduce_range":  # 7-bit activations: one int8 call per layer on x86 CPUs without VNNI
         return {"": gq.get_default_qconfig("x86", reduce_range=True)}
+    if recipe == "linears_reduce_range":
+        return gq.qconfig_dict_by_type(w.model, {nn.Linear: gq.get_default_qconfig("x86", reduce_range=True)})
     return {"": getattr(gq, recipe)}
 
 
@@ -319,6 +321,8 @@ BUILDERS: dict[str, list[tuple[str, Callable[[Workload, str, int], Variant]]]] =
                                                              True, encoders_only=True)),
         ("graphquant_7bit", _graphquant_builder("reduce_range", "graphquant 7-bit")),
         ("graphquant_7bit_ts", _graphquant_builder("reduce_range", "graphquant 7-bit", torchscript=True)),
+        ("graphquant_linears_7bit_ts", _graphquant_builder("linears_reduce_range", "graphquant linears 7-bit", True,
+                                                           encoders_only=True)),
         ("quantize_jit", quantize_jit), ("quantize_fx", quantize_fx), ("pt2e", pt2e),
         ("pt2e_reduce_range", pt2e_reduce_range), ("onnxruntime", onnxruntime_peer),
     ],
