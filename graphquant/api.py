@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -206,10 +206,11 @@ def _convert(
     for parameter in gm.parameters():
         parameter.requires_grad_(False)
     install_input_check(gm)  # first again: lowering put quantize nodes right after the inputs
-    gm.graphquant_report = report
-    gm.graphquant_qconfig_dict = dict(prepared.qconfig_dict)
-    gm.graphquant_backend = backend
-    gm.graphquant_debug = debug
+    # plain attributes on the GraphModule, set with setattr: nn.Module types its attributes as tensors or modules
+    setattr(gm, "graphquant_report", report)  # noqa: B010
+    setattr(gm, "graphquant_qconfig_dict", dict(prepared.qconfig_dict))  # noqa: B010
+    setattr(gm, "graphquant_backend", backend)  # noqa: B010
+    setattr(gm, "graphquant_debug", debug)  # noqa: B010
     return gm
 
 
@@ -273,7 +274,7 @@ class LazyQuantized(nn.Module):
 
     @property
     def graphquant_report(self) -> ConversionReport | None:
-        return None if self.quantized is None else self.quantized.graphquant_report
+        return None if self.quantized is None else cast(ConversionReport, self.quantized.graphquant_report)
 
 
 def quantize_dynamic(

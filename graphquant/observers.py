@@ -21,6 +21,9 @@ from graphquant.quant_math import UINT4, QParams, choose_float_qparams, choose_q
 class Observer(nn.Module):
     """Base class: records statistics of the tensors it is called on.
 
+    (The class-level annotations type the buffers for mypy: ``nn.Module.__getattr__`` returns
+    ``Tensor | Module``.)
+
     ``reduce_range`` (uint8 activations): 7-bit activations on 0..127 instead of 0..255, like
     torch.ao's ``reduce_range`` for x86. x86 CPUs without VNNI add pairs of uint8 x int8 products
     in int16 and saturate above 127 (kernels/x86.py), so on them a 7-bit activation runs in one
@@ -30,6 +33,8 @@ class Observer(nn.Module):
     reach the next layer above 127 (fbgemm saturates on them; here every such layer would take
     the two-call path: measured on ResNet-50, 51 of 53 convs). Costs one bit of resolution.
     """
+
+    num_batches: torch.Tensor
 
     def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, reduce_range: bool = False) -> None:
         super().__init__()
@@ -99,6 +104,9 @@ class Observer(nn.Module):
 class MinMaxObserver(Observer):
     """Running minimum and maximum of everything seen."""
 
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+
     def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, reduce_range: bool = False) -> None:
         super().__init__(dtype, symmetric, reduce_range)
         self.register_buffer("min_val", torch.tensor(float("inf")))
@@ -114,6 +122,7 @@ class MinMaxObserver(Observer):
 
     def merge(self, other: Observer) -> None:
         super().merge(other)
+        assert isinstance(other, MinMaxObserver)  # checked above: the same kind
         self.min_val = torch.minimum(self.min_val, other.min_val)
         self.max_val = torch.maximum(self.max_val, other.max_val)
 
@@ -145,6 +154,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
     def merge(self, other: Observer) -> None:
         self._check_same_kind(other)
+        assert isinstance(other, MinMaxObserver)  # checked above: the same kind
         n, m = int(self.num_batches), int(other.num_batches)
         if m == 0:
             return
@@ -158,6 +168,9 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
 class PerChannelMinMaxObserver(Observer):
     """Minimum and maximum of each slice along ``axis`` (output channels of a weight)."""
+
+    min_val: torch.Tensor
+    max_val: torch.Tensor
 
     def __init__(self, dtype: torch.dtype = torch.int8, symmetric: bool = True, axis: int = 0) -> None:
         super().__init__(dtype, symmetric)
@@ -179,6 +192,7 @@ class PerChannelMinMaxObserver(Observer):
 
     def merge(self, other: Observer) -> None:
         self._check_same_kind(other)
+        assert isinstance(other, PerChannelMinMaxObserver)  # checked above: the same kind
         if other.min_val.numel() == 0:
             return
         if self.min_val.numel() == 0:
@@ -219,6 +233,10 @@ class HistogramObserver(Observer):
     error) for each value inside. Prefix sums make every candidate pair O(1), so the
     search tries all pairs of bin edges on a grid of ``search_points``.
     """
+
+    histogram: torch.Tensor
+    min_val: torch.Tensor
+    max_val: torch.Tensor
 
     def __init__(
         self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, bins: int = 2048, search_points: int = 256,
@@ -280,6 +298,7 @@ class HistogramObserver(Observer):
 
     def merge(self, other: Observer) -> None:
         self._check_same_kind(other)
+        assert isinstance(other, HistogramObserver)  # checked above: the same kind
         if not other.has_data:
             return
         if not self.has_data:

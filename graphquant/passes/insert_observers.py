@@ -50,7 +50,7 @@ class _Namer:
 
 
 def _add_observer(gm: fx.GraphModule, after: fx.Node, module: nn.Module, name: str) -> fx.Node:
-    module.graphquant_where = f"{name} (output of {after.name} in {module_path(after) or '<model>'})"
+    setattr(module, "graphquant_where", f"{name} (output of {after.name} in {module_path(after) or '<model>'})")  # noqa: B010
     gm.add_submodule(name, module)
     with gm.graph.inserting_after(after):
         node = gm.graph.call_module(name, (after,))

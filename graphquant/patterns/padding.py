@@ -17,6 +17,7 @@ float pad and a requantize (with its own, new rounding) between two int8 kernels
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import fx, nn
@@ -40,7 +41,7 @@ def _lower_pad(ctx: KernelContext, match: Match, inputs: Sequence[QValue], out: 
     value = match.anchor.kwargs.get("value", args[3])
     if mode != "constant":
         return ctx.call(aten.pad.default, (inputs[0].node, pad, mode))
-    fill = quantized_fill(0.0 if value is None else float(value), inputs[0].qparams)
+    fill = quantized_fill(0.0 if value is None else float(cast(float, value)), inputs[0].qparams)
     return ctx.call(aten.pad.default, (inputs[0].node, pad, "constant", float(fill)))
 
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ def _lower_max_pool_via_float(ctx: KernelContext, match: Match, inputs: Sequence
     as_float = ctx.call(aten._to_copy.default, (inputs[0].node,))
     as_float.kwargs = {"dtype": torch.float32}
     with graph.inserting_after(as_float):
-        pooled = graph.call_function(match.anchor.target, (as_float, *match.anchor.args[1:]),
+        pooled = graph.call_function(cast(Callable[..., Any], match.anchor.target), (as_float, *match.anchor.args[1:]),
                                      dict(match.anchor.kwargs))  # fmt: skip
     with graph.inserting_after(pooled):
         back = graph.call_function(aten._to_copy.default, (pooled,), {"dtype": torch.uint8})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -145,27 +145,28 @@ def check_graph_mode_op(
             d: quantize(module, qconfig_dict, run_fn, [batches], example_inputs=example, debug=d, backend=backend)
             for d in (True, False)
         }
+    graphs = {d: cast(fx.GraphModule, m) for d, m in models.items()}  # quantize / quantize_dynamic give GraphModules
     if debug:
-        print(models[True].code)
-        print(models[False].code)
+        print(graphs[True].code)
+        print(graphs[False].code)
     sample = batches[0]
     with torch.no_grad():
         expected = module(*sample)
-        outputs = {d: models[d](*sample) for d in (True, False)}
+        outputs = {d: graphs[d](*sample) for d in (True, False)}
     # A float output (dynamic quantization, a linear writing float at the border, an embedding with
     # nothing quantized after it) has no output scale and no rounding: float32 arithmetic is all
     # that may differ (FLOAT_OUTPUT_TOLERANCE).
     float_steps = [float_output_step(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else None
                    for t in tree_flatten(outputs[True])[0]]  # fmt: skip
-    scales = float_steps if dynamic else output_scales(models[False])
+    scales = float_steps if dynamic else output_scales(graphs[False])
     scales = [s if s is not None else (float_steps[i] if i < len(float_steps) else None) for i, s in enumerate(scales)]
-    diff = step_diff(outputs[True], outputs[False], scales, _largest_scale(models[False]))
+    diff = step_diff(outputs[True], outputs[False], scales, _largest_scale(graphs[False]))
     result = CheckResult(
-        _sqnr_all(expected, outputs[False]), _sqnr_all(expected, outputs[True]), diff, models[True], models[False]
+        _sqnr_all(expected, outputs[False]), _sqnr_all(expected, outputs[True]), diff, graphs[True], graphs[False]
     )
     if check:
         wanted = quantized_op.replace("::", ".")
-        code = models[False].code
+        code = graphs[False].code
         assert wanted in code, f"graphquant: expected {quantized_op} in the kernel graph:\n{code}"
         assert diff <= 1.0 + 1e-4, (
             f"graphquant: kernel and reference outputs differ by {diff:.3f} quantization steps (more than one)"
