@@ -36,17 +36,6 @@ from graphquant.kernels.portable import (
     quantize_real,
 )
 
-# graphquant post-op name -> oneDNN (attr, algorithm)
-ONEDNN_POST_OPS = {
-    "none": ("none", ""),
-    "relu": ("relu", ""),
-    "hardtanh": ("hardtanh", ""),
-    "hardswish": ("hardswish", ""),
-    "silu": ("swish", ""),
-    "gelu": ("gelu", "none"),
-    "gelu_tanh": ("gelu", "tanh"),
-    "leaky_relu": ("leaky_relu", ""),
-}
 _CONV2D_FUSES = {"none", "relu", "hardtanh", "hardswish", "silu"}
 _zero_points: dict[int, torch.Tensor] = {}
 

@@ -13,27 +13,28 @@ float64, before the single rounding to the output grid: what the reference graph
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from graphquant.errors import GraphQuantError
+from graphquant.kernels import x86
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 _CONV_TRANSPOSE = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}
 
-PostOpFn = Callable[[torch.Tensor, Sequence[float]], torch.Tensor]
-# name -> (number of scalars, the op on real values)
-POST_OPS: dict[str, tuple[int, PostOpFn]] = {
-    "none": (0, lambda v, a: v),
-    "relu": (0, lambda v, a: v.clamp_min(0.0)),
-    "hardtanh": (2, lambda v, a: v.clamp(a[0], a[1])),  # relu6, clamp, clamp_min, clamp_max
-    "hardswish": (0, lambda v, a: F.hardswish(v)),
-    "silu": (0, lambda v, a: F.silu(v)),
-    "gelu": (0, lambda v, a: F.gelu(v)),
-    "gelu_tanh": (0, lambda v, a: F.gelu(v, approximate="tanh")),
-    "leaky_relu": (1, lambda v, a: F.leaky_relu(v, a[0])),
+# name -> number of scalars; the ops themselves are kernels.x86.post_op_float, written once in the
+# TorchScript-compatible subset for every backend and runtime
+POST_OPS: dict[str, int] = {
+    "none": 0,
+    "relu": 0,
+    "hardtanh": 2,  # relu6, clamp, clamp_min, clamp_max
+    "hardswish": 0,
+    "silu": 0,
+    "gelu": 0,
+    "gelu_tanh": 0,
+    "leaky_relu": 1,
 }
 # post-ops that are monotone clamps: exact on the uint8 grid, clamped after rounding
 CLAMPS = ("relu", "hardtanh")
@@ -43,7 +44,7 @@ def check_post_op(op: str, post_op: str, post_op_args: Sequence[float]) -> None:
     """A ``ValueError`` unless ``post_op`` is a known name with the right number of scalars."""
     if post_op not in POST_OPS:
         raise GraphQuantError(f"graphquant::{op}: post_op {post_op!r} is not one of {sorted(POST_OPS)}")
-    arity = POST_OPS[post_op][0]
+    arity = POST_OPS[post_op]
     if len(post_op_args) != arity:
         raise GraphQuantError(f"graphquant::{op}: post_op {post_op!r} takes {arity} scalars, got {list(post_op_args)}")
     if post_op == "hardtanh" and not post_op_args[0] <= post_op_args[1]:
@@ -52,7 +53,7 @@ def check_post_op(op: str, post_op: str, post_op_args: Sequence[float]) -> None:
 
 def apply_post_op(v: torch.Tensor, post_op: str, post_op_args: Sequence[float]) -> torch.Tensor:
     """``post_op`` on real values ``v``."""
-    return POST_OPS[post_op][1](v, post_op_args)
+    return x86.post_op_float(v, post_op, list(post_op_args))
 
 
 def check_inputs(op: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -119,9 +120,7 @@ def conv_out_shape(
     return (x.shape[0], w.shape[0], *out)
 
 
-def quantize_real(v: torch.Tensor, out_scale: float, out_zero_point: int) -> torch.Tensor:
-    """Real values to the uint8 output grid: the one rounding of every kernel."""
-    return (torch.round(v / out_scale) + out_zero_point).clamp(0, 255).to(torch.uint8)
+quantize_real = x86.quantize_real  # real values to the uint8 output grid: the one rounding of every kernel
 
 
 def _requantize(
