@@ -399,7 +399,7 @@ _BOOKKEEPING = {operator.getitem, torch.ops.aten.sym_size.int}
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from graphquant.kernels import x86
-    from graphquant.passes.lower import activation_bits, float_reason
+    from graphquant.passes.lower import activation_bits, depthwise_conv, float_reason
 
     model = load_model(args.model)
     batches = load_batches(args.data)
@@ -422,7 +422,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             result = f"int8: {match.pattern.name} -> {match.pattern.kernel}"
             bits = activation_bits(gm, match) if api.default_backend() == "onednn" else None
             if bits is not None:  # the x86 path it takes on this CPU (kernels/x86.py)
-                result += f" [{x86.cpu_path(127 if bits <= 7 else 255)}]"
+                result += f" [{x86.cpu_path(127 if bits <= 7 else 255, depthwise_conv(gm, node))}]"
         else:
             result = "float: " + (str(node.meta[FLOAT_REASON]) if FLOAT_REASON in node.meta
                                   else float_reason(node, qconfig_dict))  # fmt: skip

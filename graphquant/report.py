@@ -12,8 +12,9 @@ from graphquant.kernels import x86
 X86_GEMM_KERNELS = ("qconv1d", "qconv2d", "qconv3d", "qconv1d_add", "qconv2d_add", "qlinear", "qlinear_dynamic")
 _PATHS = {
     "vnni": "one int8 call (VNNI: exact)",
+    "int8-dw": "one int8 call (a depthwise conv: oneDNN's depthwise kernel does not saturate here)",
     "7-bit": "one int8 call (7-bit activations: exact without VNNI)",
-    "avx2-split": "two int8 calls (8-bit activations as two exact 7-bit halves: no VNNI here)",
+    "avx2-fp32": "float32 GEMM over the int8 values (8-bit activations, no VNNI here: exact)",
 }
 
 
@@ -33,6 +34,7 @@ class NodeReport:
     zero_point: int | None = None
     # oneDNN GEMM / conv only: 7 (reduce_range) or 8, the activation's calibrated grid
     activation_bits: int | None = None
+    depthwise: bool = False  # a depthwise conv: oneDNN runs it with a kernel of its own
 
     @property
     def cpu_path(self) -> str:
@@ -40,7 +42,7 @@ class NodeReport:
         CPU does not matter (portable kernels, ops other than oneDNN's GEMM and conv)."""
         if self.activation_bits is None or not self.quantized:
             return ""
-        return x86.cpu_path(127 if self.activation_bits <= 7 else 255)
+        return x86.cpu_path(127 if self.activation_bits <= 7 else 255, self.depthwise)
 
 
 @dataclass

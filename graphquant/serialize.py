@@ -127,15 +127,15 @@ def _x86_record(report: ConversionReport) -> dict[str, Any]:
             "quantized_on_saturating_cpu": report.backend == "onednn" and x86.saturates()}  # fmt: skip
 
 
-def _warn_if_split(data: dict[str, Any], path: str) -> None:
+def _warn_if_8bit_on_saturating_cpu(data: dict[str, Any], path: str) -> None:
     """One warning where this CPU saturates and the model has 8-bit layers: they stay exact, at
-    about twice their int8 time, and the option that avoids it is named."""
+    about fp32 speed, and the option that avoids it is named."""
     layers = int(data.get("x86", {}).get("layers_8bit", 0))
     if layers and x86.saturates():
         warnings.warn(
             f"graphquant: {path}: this CPU's int8 kernels saturate (x86 without VNNI, or ONEDNN_MAX_CPU_ISA set), so "
-            f"its {layers} int8 layers with 8-bit activations run as two exact int8 calls each (about twice their "
-            "int8 time; outputs are unchanged). For one call on such CPUs, quantize with "
+            f"its {layers} int8 layers with 8-bit activations run as the exact float32 op over their int8 values "
+            "(about fp32 speed; outputs are unchanged). For int8 kernels on such CPUs, quantize with "
             "graphquant.get_default_qconfig('x86', reduce_range=True) (7-bit activations)", stacklevel=3,
         )  # fmt: skip
 
@@ -386,7 +386,7 @@ def load(path: str | os.PathLike[str]) -> fx.GraphModule:
     if data["packed_weights"]:
         if onednn.available():
             repack(gm, data["packed_weights"])
-            _warn_if_split(data, text)
+            _warn_if_8bit_on_saturating_cpu(data, text)
         else:
             warnings.warn(f"graphquant: {text} was saved with oneDNN kernels; this PyTorch has none, so it runs on "
                           "the portable kernels", stacklevel=2)  # fmt: skip
@@ -973,15 +973,20 @@ def _scriptable_graph(gm: fx.GraphModule) -> tuple[nn.Module, fx.Graph]:
     root, graph = nn.Module(), fx.Graph()
     env: dict[fx.Node, Any] = {}
     names: dict[str, str] = {}
-    probe: list[fx.Node] = []  # one SaturationProbe call, made where the first oneDNN twin needs it
+    probes: dict[bool, fx.Node] = {}  # a SaturationProbe call per kind, made where the first twin needs it
 
-    def saturates() -> fx.Node | bool:
+    def saturates(node: fx.Node) -> fx.Node | bool:
         if not packed:  # portable kernels only: nothing saturates
             return False
-        if not probe:
-            root.add_module("x86_saturation", x86.SaturationProbe())
-            probe.append(graph.call_module("x86_saturation", ()))
-        return probe[0]
+        named = _named_args(node)
+        weight, groups = named.get("w"), named.get("groups", 1)
+        depthwise = isinstance(weight, fx.Node) and weight.op == "get_attr" and isinstance(groups, int) and \
+            x86.is_depthwise(get_attr_value(gm, weight), groups)  # fmt: skip
+        if depthwise not in probes:
+            name = "x86_saturation_depthwise" if depthwise else "x86_saturation"
+            root.add_module(name, x86.SaturationProbe(depthwise))
+            probes[depthwise] = graph.call_module(name, ())
+        return probes[depthwise]
 
     def attribute(target: str, make: Any) -> str:
         if target not in names:
@@ -1024,7 +1029,7 @@ def _scriptable_graph(gm: fx.GraphModule) -> tuple[nn.Module, fx.Graph]:
                 args, kwargs = tuple(_named_args(node).values()), {}
             args, kwargs = fx.map_arg(args, lambda n: env[n]), fx.map_arg(kwargs, lambda n: env[n])
             if _is_graphquant_op(node.target) and node.target._opname in _ASK_SATURATION:  # type: ignore[union-attr]
-                args = (*args, saturates())
+                args = (*args, saturates(node))
             env[node] = graph.call_function(_script_target(node), args, kwargs)
         elif node.op == "output":
             flat = fx.map_arg(node.args[0], lambda n: env[n])

@@ -1,6 +1,6 @@
 """Exact int8 on every x86 CPU (kernels/x86.py): worst-case operands through every oneDNN GEMM and
-conv kernel, held to exact integer math (the portable backend), on this CPU, on the two-half split
-forced, and in a child process with ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN's saturating kernels)."""
+conv kernel, held to exact integer math (the portable backend), on this CPU, on the float32 path
+over the integer values forced, and in a child process with ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN's saturating kernels)."""
 
 from __future__ import annotations
 
@@ -74,55 +74,44 @@ def _assert_float_exact(got: torch.Tensor, want: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 # worst-case operands, every kernel: (oneDNN op call, portable op call)
 
-KernelCase = Callable[[bool], tuple[torch.Tensor, torch.Tensor]]
+KernelCase = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _linear(post_op: str, args: list[float], float_out: bool) -> KernelCase:
-    def run(force_split: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
         x, w = _worst_uint8((6, 7, 320), -1), _worst_int8((24, 320))
         w_scale, bias = torch.rand(24) * 0.01 + 1e-3, torch.randn(24)
         real = portable.qlinear(x, 0.02, 131, w, w_scale, bias, 1.0, 0, post_op, args, float_out=True)
         scale, zp = _out_qparams(real)
         want = portable.qlinear(x, 0.02, 131, w, w_scale, bias, scale, zp, post_op, args, float_out=float_out)
-        packed = onednn.pack_linear(w)
-        if force_split:
-            got = x86.qlinear_call(x, 0.02, 131, packed, w_scale, torch.zeros(24, dtype=torch.int64), bias,
-                                   1.0 if float_out else scale, 0 if float_out else zp,
-                                   torch.float32 if float_out else None, post_op, args, 255, True)  # fmt: skip
-        else:
-            got = ops.qlinear(x, 0.02, 131, packed, w_scale, bias, scale, zp, post_op, args, float_out)
+        got = ops.qlinear(x, 0.02, 131, onednn.pack_linear(w), w_scale, bias, scale, zp, post_op, args, float_out)
         return got, want
 
     return run
 
 
-def _conv(dim: int, groups: int, post_op: str, args: list[float], stride: int = 1) -> KernelCase:
-    def run(force_split: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        channels, out = 256 if groups == 1 else 32, 16 if groups == 1 else 32
-        spatial = (5,) * dim
+def _conv(dim: int, groups: int, post_op: str, args: list[float], stride: int = 1, out: int = 16,
+          size: int = 5) -> KernelCase:  # fmt: skip
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        channels, out_channels = (256, out) if groups == 1 else (32, 32)
+        spatial = (size,) * dim
         x = _worst_uint8((2, channels, *spatial), 1)
-        w = _worst_int8((out, channels // groups, *(3,) * dim))
-        w_scale, bias = torch.rand(out) * 0.01 + 1e-3, torch.randn(out)
+        w = _worst_int8((out_channels, channels // groups, *(3,) * dim))
+        w_scale, bias = torch.rand(out_channels) * 0.01 + 1e-3, torch.randn(out_channels)
         conv = ([stride] * dim, [1] * dim, [1] * dim, groups)
         acc = portable._CONV[x.dim()](x.double() - 127, w.double(), None, *conv)
         real = acc * (0.03 * w_scale.double()).reshape(1, -1, *[1] * dim) + bias.double().reshape(1, -1, *[1] * dim)
         scale, zp = _out_qparams(portable.apply_post_op(real, post_op, args))
         want = portable.qconv(x, 0.03, 127, w, w_scale, bias, *conv, scale, zp, post_op, args)
         packed = onednn.pack_conv(w, w_scale, 0.03, 127, *conv, x_shape=list(x.shape))
-        if force_split:
-            assert dim == 2 and post_op in ("none", "relu", "hardtanh")
-            xc = x.contiguous(memory_format=torch.channels_last)
-            got = x86.qconv_call(xc, 0.03, 127, packed, w_scale, torch.zeros(out, dtype=torch.int64), bias,
-                                 *conv, scale, zp, None, post_op, args, 255, True)  # fmt: skip
-        else:
-            got = getattr(ops, f"qconv{dim}d")(x, 0.03, 127, packed, w_scale, bias, *conv, scale, zp, post_op, args)
+        got = getattr(ops, f"qconv{dim}d")(x, 0.03, 127, packed, w_scale, bias, *conv, scale, zp, post_op, args)
         return got, want
 
     return run
 
 
 def _conv_add(dim: int, post_op: str) -> KernelCase:
-    def run(force_split: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
         x = _worst_uint8((2, 256, *(6,) * dim), 1)
         w = _worst_int8((16, 256, *(3,) * dim))
         w_scale, bias = torch.rand(16) * 0.01 + 1e-3, torch.randn(16)
@@ -136,16 +125,8 @@ def _conv_add(dim: int, post_op: str) -> KernelCase:
         want = portable.qconv_add(x, 0.02, 140, w, w_scale, bias, *conv, accum, 0.5, 100, scale, zp, post_op)
         packed = onednn.pack_conv(w, w_scale, 0.02, 140, *conv)
         kept = accum.clone()
-        if force_split:
-            assert dim == 2
-            private = accum.clone().contiguous(memory_format=torch.channels_last)
-            got = x86.qconv_add_call(x.contiguous(memory_format=torch.channels_last), 0.02, 140, packed, w_scale,
-                                     torch.zeros(16, dtype=torch.int64), private, bias, *conv, scale, zp, 0.5, 100,
-                                     post_op, 255, True)  # fmt: skip
-            assert torch.equal(private, got)  # written into the accum, as oneDNN's sum post-op does
-        else:
-            got = getattr(ops, f"qconv{dim}d_add")(x, 0.02, 140, packed, w_scale, bias, *conv, accum, 0.5, 100, scale,
-                                                   zp, post_op)  # fmt: skip
+        got = getattr(ops, f"qconv{dim}d_add")(x, 0.02, 140, packed, w_scale, bias, *conv, accum, 0.5, 100, scale, zp,
+                                               post_op)  # fmt: skip
         assert torch.equal(accum, kept)  # not donated: the graph's accum is left as it was
         return got, want
 
@@ -153,14 +134,13 @@ def _conv_add(dim: int, post_op: str) -> KernelCase:
 
 
 def _dynamic(per_token: bool, post_op: str) -> KernelCase:
-    def run(force_split: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(3)
         x = torch.randn(4, 9, 384, generator=g) * 3
         x[..., ::2] = x[..., ::2].abs() + 6  # full-range uint8 (per tensor) / int8 near +127 (per token)
         w = _worst_int8((32, 384))
         w_scale, bias = torch.rand(32) * 0.01 + 1e-3, torch.randn(32)
         want = qlinear_dynamic(x, w, w_scale, bias, per_token, post_op)  # portable: exact integer sums
-        assert not force_split
         return qlinear_dynamic(x, onednn.pack_linear(w), w_scale, bias, per_token, post_op), want
 
     return run
@@ -182,6 +162,8 @@ CASES: dict[str, KernelCase] = {
     "conv2d_silu_strided": _conv(2, 1, "silu", [], stride=2),
     "conv2d_grouped": _conv(2, 4, "none", []),
     "conv2d_depthwise": _conv(2, 32, "relu", []),
+    # a weight large beside its output: the saturating CPU's path runs it as two int8 calls
+    "conv2d_large_weight": _conv(2, 1, "relu", [], out=128, size=2),
     "conv3d": _conv(3, 1, "none", []),
     "conv3d_gelu": _conv(3, 1, "gelu", []),
     "conv1d_add": _conv_add(1, "none"),
@@ -192,31 +174,55 @@ CASES: dict[str, KernelCase] = {
     "dynamic_per_token": _dynamic(True, "none"),
     "dynamic_per_token_gelu": _dynamic(True, "gelu"),
 }
-SPLIT = ["linear", "linear_relu", "linear_hardtanh", "linear_gelu", "linear_float_out", "linear_gelu_float_out",
-         "conv2d", "conv2d_relu", "conv2d_hardtanh", "conv2d_grouped", "conv2d_depthwise", "conv2d_add",
-         "conv2d_add_relu"]  # fmt: skip
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_worst_case_operands_match_exact_integer_math(case: str) -> None:
     """On this CPU, whichever path the probe picks: within one step of the portable kernel
     (a float32 output within float32 rescaling of it)."""
-    got, want = CASES[case](False)
+    got, want = CASES[case]()
     if want.dtype == torch.uint8:
         _assert_within_one_step(got, want)
     else:
         _assert_float_exact(got, want)
 
 
-@pytest.mark.parametrize("case", SPLIT)
-def test_the_two_half_split_is_exact_on_any_cpu(case: str) -> None:
-    """The split forced (``saturates=True``, an 8-bit grid) runs 7-bit halves, exact on every CPU: its algebra
-    (doubled scale, split zero point, bias once, post-op after the sum) is checked here too."""
-    got, want = CASES[case](True)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_float32_path_over_the_integers_is_exact_on_any_cpu(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The saturating CPU's path forced (``saturates()`` answers True): each 8-bit layer runs the
+    float32 op over its integer values, exact on every CPU; its algebra (zero point, per-channel
+    scale, bias, post-op, one rounding, the residual sum written into the accum) and the 1-d /
+    3-d / grouped / dynamic call sites are held to the portable kernels."""
+    monkeypatch.setattr(x86, "_SATURATES", {False: True, True: True})
+    calls: list[str] = []
+    with torch.profiler.profile() as prof:
+        got, want = CASES[case]()
+    calls = [e.count for e in prof.key_averages() if e.key.startswith("onednn::q") and "prepack" not in e.key]
+    if case == "conv2d_large_weight":  # 128 x 256 x 3 x 3 weights for 2 x 2 outputs: two exact 7-bit calls
+        assert calls == [2] and x86.TWO_CALLS_WEIGHTS_PER_OUTPUT * 4 < 128 * 256 * 9
+    else:
+        assert calls == []  # the float32 op over the integers: no int8 oneDNN call, which could saturate
     if want.dtype == torch.uint8:
         _assert_within_one_step(got, want)
     else:
         _assert_float_exact(got, want)
+
+
+def test_a_depthwise_conv_keeps_one_int8_call_where_only_the_gemm_saturates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the GEMM kernels saturate and the depthwise kernel does not (oneDNN on AVX2, measured
+    under the cap above), a depthwise conv runs oneDNN's one int8 call and the report says so."""
+    monkeypatch.setattr(x86, "_SATURATES", {False: True, True: False})
+    with torch.profiler.profile() as prof:
+        got, want = CASES["conv2d_depthwise"]()
+    calls = [e.count for e in prof.key_averages() if e.key.startswith("onednn::q") and "prepack" not in e.key]
+    assert calls == [1]
+    _assert_within_one_step(got, want)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1)).eval()
+    data = [(torch.randn(2, 8, 6, 6),)]
+    qmodel = gq.quantize(model, {"": gq.get_default_qconfig("x86")}, lambda m, d: [m(*b) for b in d], [data],
+                         example_inputs=data[0])  # fmt: skip
+    paths = {n.module_path: n.cpu_path for n in qmodel.graphquant_report.quantized}
+    assert paths == {"0": "int8-dw", "1": "avx2-fp32"}
+    scripted = gq.to_torchscript(qmodel)
+    assert scripted.x86_saturation_depthwise.depthwise and not scripted.x86_saturation.depthwise
 
 
 def test_probe_answers_for_this_cpu() -> None:
@@ -256,6 +262,7 @@ def test_the_avx2_cap_runs_avx2_kernels_that_saturate_and_graphquant_stays_exact
                                                "none", [], "")
         print("BARE_ERROR", float((y - 256 * 255 * 127).abs().max() / (256 * 255 * 127)))
         print("SATURATES", x86.saturates())
+        print("DEPTHWISE_SATURATES", x86.saturates(True))
         """,
         tmp_path,
         ONEDNN_VERBOSE="1",
@@ -265,14 +272,17 @@ def test_the_avx2_cap_runs_avx2_kernels_that_saturate_and_graphquant_stays_exact
     implementations = [line for line in lines if line.startswith("onednn_verbose") and ",exec," in line]
     assert implementations and all("avx512" not in line and "amx" not in line for line in implementations)
     assert any(line.startswith("onednn_verbose") and "cpu,isa:Intel AVX2" in line for line in lines)
-    values = dict(line.split(" ", 1) for line in lines if line.startswith(("BARE_ERROR", "SATURATES")))
+    values = dict(line.split(" ", 1) for line in lines if line.startswith(("BARE_ERROR", "SATURATES", "DEPTHWISE")))
     assert float(values["BARE_ERROR"]) > 0.1  # the bare kernel is 10%+ of its range off: saturation
     assert values["SATURATES"] == "True"
+    # oneDNN's AVX2 depthwise kernel multiplies in int32: measured here, so depthwise convs keep one
+    # int8 call (and the worst-case depthwise case below holds it to exact integer math)
+    assert values["DEPTHWISE_SATURATES"] == "False"
     suite = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                            "worst_case or two_half"], capture_output=True, text=True, cwd=ROOT, timeout=900,
+                            "worst_case or over_the_integers"], capture_output=True, text=True, cwd=ROOT, timeout=900,
                            env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})  # fmt: skip
     assert suite.returncode == 0, suite.stdout[-3000:]
-    assert f"{len(CASES) + len(SPLIT)} passed" in suite.stdout
+    assert f"{2 * len(CASES)} passed" in suite.stdout
 
 
 class _Net(nn.Module):
@@ -346,13 +356,13 @@ def test_saved_on_this_cpu_and_loaded_under_the_cap_stays_within_a_step(tmp_path
     out = json.loads(result.stdout.splitlines()[-1])
     assert all(s <= 1.0 + 1e-4 for s in out["steps"].values()), out["steps"]
     if reduce_range:
-        assert out["warnings"] == [] and "[7-bit]" in out["report"] and "[avx2-split]" not in out["report"]
-        assert out["onednn_calls"] == 5  # one call per conv and linear: the 7-bit grid never takes the split
+        assert out["warnings"] == [] and "[7-bit]" in out["report"] and "[avx2-fp32]" not in out["report"]
+        assert out["onednn_calls"] == 5  # one int8 call per conv and linear: the 7-bit grid stays on oneDNN
     else:
-        assert out["onednn_calls"] == 10  # two calls per conv and linear
+        assert out["onednn_calls"] == 0  # every conv and linear runs the float32 op over its integers
         assert len(out["warnings"]) == 1 and "reduce_range=True" in out["warnings"][0]
         assert "5 int8 layers with 8-bit activations" in out["warnings"][0]
-        assert "[avx2-split]" in out["report"] and "[7-bit]" not in out["report"]
+        assert "[avx2-fp32]" in out["report"] and "[7-bit]" not in out["report"]
 
 
 # ---------------------------------------------------------------------------------------------

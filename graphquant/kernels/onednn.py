@@ -181,7 +181,7 @@ def qconv(
 
     dilation = onednn_dilation(w, dilation)
 
-    saturates = x86.saturates()
+    saturates = x86.saturates(x86.is_depthwise(w, groups))
 
     def call(scale: float, zero_point: int, dtype: torch.dtype | None, fused: str) -> torch.Tensor:
         return x86.qconv_call(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, stride,
@@ -255,7 +255,8 @@ def qconv_add(
         private = private.clone(memory_format=torch.channels_last)
     return x86.qconv_add_call(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), private, bias,
                               stride, padding, onednn_dilation(w, dilation), groups, out_scale, out_zero_point,
-                              accum_scale, accum_zero_point, post_op, x_qmax, x86.saturates())  # fmt: skip
+                              accum_scale, accum_zero_point, post_op, x_qmax,
+                              x86.saturates(x86.is_depthwise(w, groups)))  # fmt: skip
 
 
 def qlinear(

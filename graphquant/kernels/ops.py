@@ -32,8 +32,8 @@ LIB.define("dequantize_per_channel(Tensor q, Tensor scale, Tensor zero_point, in
 # A post-op is a name and its scalars (kernels.portable.POST_OPS): "hardtanh", [0.0, 6.0].
 _POST_OP = "str post_op, float[] post_op_args=[]"
 # x_qmax: the largest value x can hold on its grid (127 for reduce_range's 7-bit activations). On
-# x86 CPUs without VNNI a oneDNN GEMM or conv is exact in one call for x_qmax <= 127 and runs as two
-# exact 7-bit halves above it (kernels/x86.py); other backends ignore it.
+# x86 CPUs without VNNI a oneDNN GEMM or conv is exact in one call for x_qmax <= 127 and runs as the
+# exact float32 op over the integer values above it (kernels/x86.py); other backends ignore it.
 _X_QMAX = "int x_qmax=255"
 _CONV_ARGS = (
     "(Tensor x, float x_scale, int x_zero_point, Tensor w, Tensor w_scale, Tensor? bias, int[] stride, "

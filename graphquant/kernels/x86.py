@@ -11,14 +11,22 @@ What happens here, only where :func:`probe_saturates` found saturation:
 
 - an activation whose grid ends at 127 (``x_qmax``: ``reduce_range``'s 7-bit activations, which
   the kernel graph clamps there): one oneDNN call, exact by range;
-- otherwise the activation runs as two 7-bit halves, ``x = 2 * (x >> 1) + (x & 1)``: two oneDNN
-  calls with the same packed weight and float32 out, ``x_scale`` doubled for the high half and the
-  zero point split the same way (``zp = 2 * (zp >> 1) + (zp & 1)``), so each half's integer sum
-  is exact; their float sum, the post-op and the one rounding to the output grid follow in float32,
-  as oneDNN does them inside one call. About twice the int8 GEMM (``benchmarks/isa_kernels.py``).
+- otherwise the layer runs as the float32 GEMM / conv over the integer values: ``x_q - zp`` and
+  ``w_q`` held as float32 (every product ``|255 * 128|`` is exact in float32; the sum rounds like
+  float, far inside one output step), scaled by ``x_scale * w_scale``, plus the bias, the post-op
+  and the one rounding to the output grid, as oneDNN does them inside one call. The weight's
+  float32 copy is made from the packed weight (``to_dense``) once per weight in eager PyTorch
+  (:func:`int_weight`; 4 bytes a weight, only on such a CPU) and on every call in TorchScript;
+- except a conv whose weight is large beside its output (:data:`TWO_CALLS_WEIGHTS_PER_OUTPUT`),
+  where a float32 conv pays for reordering its weight on every call: it runs as two int8 calls on
+  the activation's 7-bit halves ``x = 2 * (x >> 1) + (x & 1)``, each exact.
 
-The choice follows the grid, not the data: no pass over the activation to find its maximum
-(measured 140 us a conv on ResNet-50), and the same path for every batch.
+Measured per layer (docs/x86.md, ``benchmarks/x86_layers.py``): over the integers takes 0.6-1.04x
+the time of two int8 calls on MobileNetV2, MiniLM and ResNet-50 layers, 1.9-2.6x on the
+large-weight convs; whole models run at 0.76-0.92x fp32 on 8-bit layers.
+
+The choice follows the grid and the shapes, not the data: no pass over the activation to find its
+maximum (measured 140 us a conv on ResNet-50), and the same path for every batch of a shape.
 
 Every function here is TorchScript-compatible: the eager kernels (:mod:`graphquant.kernels.onednn`,
 :mod:`graphquant.kernels.dynamic`) and their TorchScript twins call the same code, and a scripted
@@ -27,6 +35,8 @@ model asks :class:`SaturationProbe` (probed again when ``torch.jit.load`` builds
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -59,53 +69,81 @@ def _probe_conv() -> bool:
     return bool((y - 2072640.0).abs().max() > 0.5)
 
 
-def probe_saturates() -> bool:
+def _probe_depthwise() -> bool:
+    # a 3x3 depthwise conv over 8 channels, 9 products of 255 * 127 per output: 291465
+    x = torch.full([1, 8, 3, 3], 255, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    w_scale = torch.ones(8)
+    w = torch.ops.onednn.qconv_prepack(torch.full([8, 1, 3, 3], 127, dtype=torch.int8), w_scale, 1.0, 0,
+                                       [1, 1], [0, 0], [1, 1], 8, None)  # fmt: skip
+    empty: Scalars = []
+    y = torch.ops.onednn.qconv_pointwise(x, 1.0, 0, w, w_scale, torch.zeros(8, dtype=torch.int64), None, [1, 1],
+                                         [0, 0], [1, 1], 8, 1.0, 0, torch.float32, "none", empty, "")  # fmt: skip
+    return bool((y - 291465.0).abs().max() > 0.5)
+
+
+def probe_saturates(depthwise: bool = False) -> bool:
     """Whether oneDNN's uint8 x int8 GEMM or conv saturates in this process: one tiny linear and
     one 1x1 conv whose every product pair is ``255 * 127 * 2``, against the exact sum. Sees
-    ``ONEDNN_MAX_CPU_ISA``, which ``torch.cpu._is_vnni_supported()`` does not. About 1 ms."""
+    ``ONEDNN_MAX_CPU_ISA``, which ``torch.cpu._is_vnni_supported()`` does not. About 1 ms.
+    ``depthwise``: the same question for oneDNN's depthwise conv, a kernel of its own (on AVX2
+    it multiplies in int32 and does not saturate: measured, so asked, not assumed)."""
+    if depthwise:
+        return _probe_depthwise()
     return _probe_linear() or _probe_conv()
 
 
-_SATURATES: list[bool] = []
+_SATURATES: dict[bool, bool] = {}
 
 
-def saturates() -> bool:
-    """:func:`probe_saturates`, run once per process (False where this PyTorch has no oneDNN int8 ops)."""
-    if not _SATURATES:
+def saturates(depthwise: bool = False) -> bool:
+    """:func:`probe_saturates`, run once per process and kind (False where this PyTorch has no
+    oneDNN int8 ops)."""
+    if depthwise not in _SATURATES:
         available = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.onednn, "qlinear_pointwise")
-        _SATURATES.append(available and probe_saturates())
-    return _SATURATES[0]
+        _SATURATES[depthwise] = available and probe_saturates(depthwise)
+    return _SATURATES[depthwise]
 
 
-def cpu_path(x_qmax: int | None = None) -> str:
+def is_depthwise(w: Tensor, groups: int) -> bool:
+    """Whether a packed conv weight ``(out, in / groups, *kernel)`` is depthwise (one input and one
+    output channel per group), which oneDNN runs with a kernel of its own."""
+    return groups > 1 and w.dim() > 2 and w.size(0) == groups and w.size(1) == 1
+
+
+def cpu_path(x_qmax: int | None = None, depthwise: bool = False) -> str:
     """The path an int8 layer takes on this CPU, for reports: ``"vnni"`` (one exact call),
+    ``"int8-dw"`` (saturating CPU, a depthwise conv, whose kernel does not saturate: one call),
     ``"7-bit"`` (saturating CPU, activations of at most 7 bits: one call, exact by range) or
-    ``"avx2-split"`` (saturating CPU, 8-bit activations: two exact 7-bit halves)."""
+    ``"avx2-fp32"`` (saturating CPU, 8-bit activations: the exact float32 op over the integer values)."""
     if not saturates():
         return "vnni"
-    return "7-bit" if x_qmax is not None and x_qmax <= SEVEN_BIT_MAX else "avx2-split"
+    if depthwise and not saturates(True):
+        return "int8-dw"
+    return "7-bit" if x_qmax is not None and x_qmax <= SEVEN_BIT_MAX else "avx2-fp32"
 
 
 class SaturationProbe(nn.Module):
-    """A scripted model's answer to :func:`saturates`: probed when built and again when
-    ``torch.jit.load`` builds it (``__setstate__``), on the machine that runs it. Nothing of the
-    machine that saved it is kept."""
+    """A scripted model's answer to :func:`saturates` (``depthwise``: for its depthwise convs):
+    probed when built and again when ``torch.jit.load`` builds it (``__setstate__``), on the
+    machine that runs it. Nothing of the machine that saved it is kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, depthwise: bool = False) -> None:
         super().__init__()
-        self.saturates = probe_saturates()
+        self.depthwise = depthwise
+        self.saturates = probe_saturates(depthwise)
 
     def forward(self) -> bool:
         return self.saturates
 
     @torch.jit.export
     def __getstate__(self) -> tuple[bool, bool]:
-        return (False, self.training)
+        return (self.depthwise, self.training)
 
     @torch.jit.export
     def __setstate__(self, state: tuple[bool, bool]) -> None:
+        self.depthwise = state[0]
         self.training = state[1]
-        self.saturates = probe_saturates()
+        self.saturates = probe_saturates(self.depthwise)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,19 +197,53 @@ def quantize_real(v: Tensor, out_scale: float, out_zero_point: int) -> Tensor:
     return (torch.round(v / out_scale) + out_zero_point).clamp(0, 255).to(torch.uint8)
 
 
-def split(x_qmax: int, saturates: bool) -> bool:
-    """Whether a call takes the two-half path: the CPU saturates and the activation's grid
-    reaches past 127."""
+_INT_WEIGHTS: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}
+
+
+def _dense_int_weight(w: Tensor, dim: int) -> Tensor:
+    """A packed oneDNN weight's int8 values as float32: a linear's ``(in, out)``, a conv's
+    ``(out, in / groups, *kernel)`` with as many dims as its input ``dim`` (a 1-d conv runs as 2-d)."""
+    dense = w.to_dense().to(torch.float32)
+    while dense.dim() > 2 and dense.dim() < dim:
+        dense = dense.unsqueeze(2)
+    return dense
+
+
+@torch.jit.unused
+def _cached_int_weight(w: Tensor, dim: int) -> Tensor:
+    hit = _INT_WEIGHTS.get(id(w))
+    if hit is not None and hit[0]() is w:
+        return hit[1]
+    for stale in [key for key, (ref, _) in _INT_WEIGHTS.items() if ref() is None]:
+        del _INT_WEIGHTS[stale]
+    dense = _dense_int_weight(w, dim)
+    _INT_WEIGHTS[id(w)] = (weakref.ref(w), dense)
+    return dense
+
+
+def int_weight(w: Tensor, dim: int) -> Tensor:
+    """The float32 values of a packed weight for the exact path (:func:`_dense_int_weight`),
+    made once per weight in eager PyTorch and kept while the weight lives; TorchScript, which
+    has no such cache, makes it on each call (the same values, so the same results)."""
+    if torch.jit.is_scripting():
+        return _dense_int_weight(w, dim)
+    return _cached_int_weight(w, dim)
+
+
+def over_ints(x_qmax: int, saturates: bool) -> bool:
+    """Whether a call takes the exact float32 path over the integer values instead of oneDNN's
+    int8 kernel: the CPU saturates and the activation's grid reaches past 127."""
     return saturates and x_qmax > 127
 
 
 def _finish(v: Tensor, out_scale: float, out_zero_point: int, out_dtype: torch.dtype | None, post_op: str,
             post_op_args: list[float]) -> Tensor:  # fmt: skip
-    """The split's float32 sum -> post-op -> what the single call would return."""
+    """The float32 result (the caller's own tensor) -> post-op -> what oneDNN's call would return;
+    :func:`quantize_real`'s rounding, in place."""
     v = post_op_float(v, post_op, post_op_args)
     if out_dtype is not None:  # float32 out: graphquant asks for it with out_scale 1, out_zero_point 0
         return v
-    return quantize_real(v, out_scale, out_zero_point)
+    return torch.round(v.div_(out_scale)).add_(out_zero_point).clamp_(0, 255).to(torch.uint8)
 
 
 def qlinear_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, w_zero_point: Tensor,
@@ -180,16 +252,15 @@ def qlinear_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scal
                  saturates: bool) -> Tensor:  # fmt: skip
     """``onednn::qlinear_pointwise`` on checked arguments (``x`` contiguous uint8 on a grid ending at
     ``x_qmax``, ``w`` packed), exact where the CPU saturates (module docstring)."""
-    if not split(x_qmax, saturates):
+    if not over_ints(x_qmax, saturates):
         attr, algorithm = onednn_post_op(post_op)
         return torch.ops.onednn.qlinear_pointwise(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, out_scale,
                                                   out_zero_point, out_dtype, attr, scalars(post_op, post_op_args),
                                                   algorithm)  # fmt: skip
-    empty: Scalars = []
-    v = torch.ops.onednn.qlinear_pointwise(torch.bitwise_right_shift(x, 1), 2.0 * x_scale, x_zero_point >> 1, w,
-                                           w_scale, w_zero_point, bias, 1.0, 0, torch.float32, "none", empty, "")
-    v.add_(torch.ops.onednn.qlinear_pointwise(torch.bitwise_and(x, 1), x_scale, x_zero_point & 1, w, w_scale,
-                                              w_zero_point, None, 1.0, 0, torch.float32, "none", empty, ""))
+    w_int = int_weight(w, x.dim())  # (in, out), as oneDNN stores a packed linear weight
+    v = torch.matmul(x.to(torch.float32).sub_(float(x_zero_point)), w_int).mul_(x_scale * w_scale)
+    if bias is not None:
+        v.add_(bias)
     return _finish(v, out_scale, out_zero_point, out_dtype, post_op, post_op_args)
 
 
@@ -198,13 +269,16 @@ def qlinear_dynamic_call(q: Tensor, scale: Tensor, zero_point: Tensor, w: Tensor
                          saturates: bool) -> Tensor:  # fmt: skip
     """``onednn::qlinear_pointwise.tensor``: a per-tensor dynamic linear, its uint8 activation's
     ``scale`` and ``zero_point`` 0-d tensors from the batch, float32 out; exact where the CPU saturates."""
-    if not split(255, saturates):
+    if not over_ints(255, saturates):
         attr, algorithm = onednn_post_op(post_op)
         return torch.ops.onednn.qlinear_pointwise(q, scale, zero_point, w, w_scale, w_zero_point, bias, 1.0, 0,
                                                   torch.float32, attr, scalars(post_op, post_op_args),
                                                   algorithm)  # fmt: skip
-    return qlinear_call(q, float(scale.item()), int(zero_point.item()), w, w_scale, w_zero_point, bias, 1.0, 0,
-                        torch.float32, post_op, post_op_args, 255, saturates)  # fmt: skip
+    w_int = int_weight(w, q.dim())
+    v = torch.matmul(q.to(torch.float32).sub_(zero_point), w_int).mul_(scale * w_scale)
+    if bias is not None:
+        v.add_(bias)
+    return post_op_float(v, post_op, post_op_args)
 
 
 def qconv_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, w_zero_point: Tensor,
@@ -213,19 +287,44 @@ def qconv_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale:
                post_op: str, post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
     """``onednn::qconv_pointwise`` on checked arguments (``post_op`` one the conv fuses), exact
     where the CPU saturates (module docstring)."""
-    if not split(x_qmax, saturates):
+    if not over_ints(x_qmax, saturates):
         attr, algorithm = onednn_post_op(post_op)
         return torch.ops.onednn.qconv_pointwise(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride,
                                                 padding, dilation, groups, out_scale, out_zero_point, out_dtype,
                                                 attr, scalars(post_op, post_op_args), algorithm)  # fmt: skip
-    v = _conv_split(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation, groups)
+    v = _conv_exact(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation, groups)
     return _finish(v, out_scale, out_zero_point, out_dtype, post_op, post_op_args)
 
 
-def _conv_split(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, w_zero_point: Tensor,
+# A conv whose weight is large beside its output (ResNet-50's 512-channel 3x3 convs at 7x7) runs
+# two int8 calls faster than one float32 conv, whose plain weight oneDNN reorders on every call:
+# measured under ONEDNN_MAX_CPU_ISA=AVX2, 2 threads, 3.1 vs 5.7-8.2 ms for 512x512x3x3 at 7x7;
+# every MobileNetV2 conv and every other ResNet-50 conv is faster over the integers (docs/x86.md).
+TWO_CALLS_WEIGHTS_PER_OUTPUT = 8192
+
+
+def _conv_exact(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, w_zero_point: Tensor,
                 bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
                 groups: int) -> Tensor:  # fmt: skip
-    """``conv(x - zp) * x_scale * w_scale + bias`` in float32, from two exact 7-bit halves."""
+    """``conv(x - zp) * x_scale * w_scale + bias`` in float32, exact on a saturating CPU: the
+    float32 conv over the integer values, or, where the weight is large beside the output
+    positions (:data:`TWO_CALLS_WEIGHTS_PER_OUTPUT`), two int8 calls on 7-bit halves. The choice
+    follows the shapes only, so every runtime takes the same one."""
+    positions = x.size(0)
+    for i in range(2, x.dim()):
+        positions *= max(1, x.size(i) // stride[i - 2])
+    if w.numel() > 8192 * positions:  # TWO_CALLS_WEIGHTS_PER_OUTPUT (TorchScript reads no module constants)
+        return _conv_two_halves(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation,
+                                groups)  # fmt: skip
+    return _conv_over_ints(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups)
+
+
+def _conv_two_halves(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
+                     w_zero_point: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
+                     dilation: list[int], groups: int) -> Tensor:  # fmt: skip
+    """Two oneDNN calls on the activation's 7-bit halves ``x = 2 * (x >> 1) + (x & 1)``, each exact:
+    the same packed weight, ``x_scale`` doubled for the high half, the zero point split the same
+    way (``zp = 2 * (zp >> 1) + (zp & 1)``), the bias once, float32 out, summed."""
     empty: Scalars = []
     v = torch.ops.onednn.qconv_pointwise(torch.bitwise_right_shift(x, 1), 2.0 * x_scale, x_zero_point >> 1, w,
                                          w_scale, w_zero_point, bias, stride, padding, dilation, groups, 1.0, 0,
@@ -235,6 +334,21 @@ def _conv_split(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale
                                                    torch.float32, "none", empty, ""))  # fmt: skip
 
 
+def _conv_over_ints(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+                    stride: list[int], padding: list[int], dilation: list[int], groups: int) -> Tensor:  # fmt: skip
+    """The float32 conv over the integer values ``x - zp`` and ``w``."""
+    w_int = int_weight(w, x.dim())
+    layout = torch.channels_last_3d if x.dim() == 5 else torch.channels_last  # what oneDNN's int8 conv returns
+    scale = x_scale * w_scale
+    v = torch.convolution(x.to(torch.float32).sub_(float(x_zero_point)).contiguous(memory_format=layout), w_int,
+                          None if bias is None else bias / scale, stride, padding, dilation, False, [0],
+                          groups)  # fmt: skip  (the bias goes in on the integer scale: one pass less)
+    channel: list[int] = [1, -1]
+    for _ in range(x.dim() - 2):
+        channel.append(1)
+    return v.mul_(scale.view(channel))
+
+
 def qconv_add_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, w_zero_point: Tensor,
                    accum: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
                    dilation: list[int], groups: int, out_scale: float, out_zero_point: int, accum_scale: float,
@@ -242,12 +356,12 @@ def qconv_add_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_sc
     """``onednn::qconv2d_pointwise.binary`` with the "sum" post-op (``post_op(conv(x) + accum)``,
     written into ``accum``, a channels-last uint8 tensor the caller gives away), exact where the
     CPU saturates: there the sum is taken in float32 and copied into ``accum``, as oneDNN writes it."""
-    if not split(x_qmax, saturates):
+    if not over_ints(x_qmax, saturates):
         empty: Scalars = []
         return torch.ops.onednn.qconv2d_pointwise(x, x_scale, x_zero_point, w, w_scale, w_zero_point, accum, bias,
                                                   stride, padding, dilation, groups, out_scale, out_zero_point, None,
                                                   accum_scale, accum_zero_point, "sum", 1.0, post_op, empty,
                                                   "")  # fmt: skip
-    v = _conv_split(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation, groups)
+    v = _conv_exact(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation, groups)
     v.add_((accum.to(torch.float32) - accum_zero_point) * accum_scale)
     return accum.copy_(_finish(v, out_scale, out_zero_point, None, post_op, []))

@@ -39,9 +39,11 @@ from graphquant.graph import (
     Match,
     activation_inputs,
     copy_meta,
+    get_attr_value,
     matches_of,
     module_path,
 )
+from graphquant.kernels import x86
 from graphquant.observers import Observer, SharedQParams
 from graphquant.passes.fuse import donate_accumulators, fold_activations, share_gemms
 from graphquant.patterns.context import PACKED, KernelContext, QValue, WeightCache
@@ -311,6 +313,7 @@ def _report(
         path, op = module_path(node), str(node.target)
         match = node.meta.get(MATCH)
         bits = activation_bits(gm, match) if match is not None and backend == "onednn" else None
+        depthwise = bits is not None and depthwise_conv(gm, node)
         if match is not None and match.pattern.kind in ("dynamic", "weight_only"):
             report.nodes.append(NodeReport(node.name, op, path, True, pattern=match.pattern.name,
                                            kernel=match.pattern.kernel, qconfig_key=match.qconfig_key,
@@ -318,7 +321,7 @@ def _report(
         elif match is not None and match.output_observer in float_outputs:
             report.nodes.append(NodeReport(node.name, op, path, True, pattern=match.pattern.name,
                                            kernel=match.pattern.kernel, qconfig_key=match.qconfig_key,
-                                           activation_bits=bits))  # fmt: skip
+                                           activation_bits=bits, depthwise=depthwise))  # fmt: skip
         elif match is not None and match.output_observer is not None:
             source = match.output_observer
             module = gm.get_submodule(source)
@@ -326,10 +329,23 @@ def _report(
             scale, zero_point = qp.scalar()
             report.nodes.append(NodeReport(node.name, op, path, True, pattern=match.pattern.name,
                                            kernel=match.pattern.kernel, qconfig_key=match.qconfig_key,
-                                           scale=scale, zero_point=zero_point, activation_bits=bits))  # fmt: skip
+                                           scale=scale, zero_point=zero_point, activation_bits=bits,
+                                           depthwise=depthwise))  # fmt: skip
         else:
             report.nodes.append(NodeReport(node.name, op, path, False, reason=float_reason(node, qconfig_dict)))
     return report
+
+
+def depthwise_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is an ``aten.conv{1,2,3}d`` with one input and one output channel per group,
+    which oneDNN runs with a kernel of its own (kernels.x86.is_depthwise)."""
+    if node.target not in (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
+                           torch.ops.aten.conv3d.default) or len(node.args) < 7:  # fmt: skip
+        return False
+    weight, groups = node.args[1], node.args[6]
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr" or not isinstance(groups, int):
+        return False
+    return x86.is_depthwise(get_attr_value(gm, weight), groups)
 
 
 def activation_bits(gm: fx.GraphModule, match: Match) -> int | None:
