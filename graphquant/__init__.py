@@ -19,6 +19,7 @@ from graphquant.api import (
     report,
 )
 from graphquant.errors import GraphQuantError
+from graphquant.kernel_timing import KernelTiming, time_kernels
 from graphquant.kernels import ops as _ops  # noqa: F401  (registers torch.ops.graphquant)
 from graphquant.qconfig import (
     ObserverSpec,
@@ -39,6 +40,7 @@ from graphquant.serialize import load, save, to_torchscript
 
 __all__ = [
     "GraphQuantError",
+    "KernelTiming",
     "ObserverSpec",
     "PreparedModel",
     "QConfig",
@@ -58,6 +60,7 @@ __all__ = [
     "per_token_dynamic_qconfig",
     "prepare",
     "qconfig_dict_by_type",
+    "time_kernels",
     "prepare_dynamic",
     "prepare_dynamic_jit",
     "prepare_jit",

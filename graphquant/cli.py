@@ -441,7 +441,35 @@ def cmd_explain(args: argparse.Namespace) -> int:
             for k in unused))  # fmt: skip
     else:
         print("keys that matched nothing: none")
+    if args.time:
+        _explain_speed(args, model, batches, qconfig_dict)
     return EXIT_OK
+
+
+def _explain_speed(args: argparse.Namespace, model: Model, batches: list[Batch], qconfig_dict: dict[str, Any]) -> None:
+    """``explain --time``: each int8 GEMM / conv kernel against float32 on this CPU, and the
+    ``--skip`` options (or a ``--suggest-out`` file) that keep the losing layers float."""
+    from graphquant.kernel_timing import time_kernels
+    from graphquant.numerics import qconfig_dict_to_json
+
+    quantized = _quantize(args, model, batches)
+    timings = time_kernels(quantized, batches[0], rounds=args.rounds)
+    slower = [t for t in timings if t.slower_than_float]
+    print(f"int8 kernels against float32 on this CPU, {torch.get_num_threads()} threads, median of {args.rounds} "
+          f"interleaved calls: {len(slower)} of {len(timings)} slower than float32")  # fmt: skip
+    for timing in timings:
+        print("  " + str(timing))
+    paths = sorted({t.module_path for t in slower if t.module_path})
+    if not paths:
+        print("every int8 kernel beats float32 here" if not slower else
+              "the slower kernels are called by the model itself (no submodule to keep float)")  # fmt: skip
+        return
+    print("keep them float on this CPU (each keeps its whole module float): " +
+          " ".join(f"--skip {path}" for path in paths))  # fmt: skip
+    if args.suggest_out:
+        suggested = {**qconfig_dict, **{path: None for path in paths}}
+        Path(args.suggest_out).write_text(json.dumps(qconfig_dict_to_json(suggested), indent=2))
+        print(f"wrote {args.suggest_out} (use it with --qconfig)")
 
 
 def _state_bytes(model: nn.Module) -> int:
@@ -573,6 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("explain", "which qconfig_dict key applies to each node, and the keys that matched nothing",
              "graphquant explain mypkg.models:net --data calib.pt --qconfig qconfig.json --skip head",
              _common(calib), _qconfig_options())  # fmt: skip
+    p.add_argument("--time", action="store_true",
+                   help="also quantize and time each int8 GEMM / conv kernel against float32 on this CPU, and "
+                        "name the layers to keep float where int8 loses")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=20, help="timed calls of each kernel with --time (default 20)")
+    p.add_argument("--suggest-out", metavar="FILE.json",
+                   help="with --time: write the qconfig_dict that keeps the losing layers float")  # fmt: skip
     p.set_defaults(run=cmd_explain)
 
     p = verb("bench", "int8 vs float latency (interleaved runs) and size",

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from graphquant.kernels import x86
+
+if TYPE_CHECKING:
+    from graphquant.kernel_timing import KernelTiming
 
 # kernels that run oneDNN's uint8 x int8 GEMM or conv: their path depends on the CPU (kernels/x86.py)
 X86_GEMM_KERNELS = ("qconv1d", "qconv2d", "qconv3d", "qconv1d_add", "qconv2d_add", "qlinear", "qlinear_dynamic")
@@ -52,6 +55,8 @@ class ConversionReport:
     mode: str
     backend: str
     nodes: list[NodeReport] = field(default_factory=list)
+    # filled by graphquant.time_kernels: each int8 GEMM / conv against its float32 op, on this CPU
+    timings: list[KernelTiming] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[NodeReport]:
@@ -62,7 +67,10 @@ class ConversionReport:
         return [n for n in self.nodes if not n.quantized]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "backend": self.backend, "nodes": [asdict(n) for n in self.nodes]}
+        out = {"mode": self.mode, "backend": self.backend, "nodes": [asdict(n) for n in self.nodes]}
+        if self.timings:
+            out["timings"] = [asdict(t) for t in self.timings]
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -81,4 +89,9 @@ class ConversionReport:
                 lines.append(f"  int8   {where:30s} {n.op:28s} {n.pattern} -> {n.kernel}{path}")
             else:
                 lines.append(f"  float  {where:30s} {n.op:28s} {n.reason}")
+        if self.timings:
+            slower = [t for t in self.timings if t.slower_than_float]
+            lines.append(f"  int8 kernels against float32 on this CPU (graphquant.time_kernels): {len(slower)} of "
+                         f"{len(self.timings)} slower than float32")  # fmt: skip
+            lines.extend("    " + str(t) for t in self.timings)
         return "\n".join(lines)
