@@ -111,6 +111,10 @@ def _qconfig_dict(w: Workload, recipe: str) -> dict[str, object]:
         return gq.qconfig_dict_by_type(w.model, {nn.Linear: gq.default_qconfig}, keep_float=_ffn_outputs(w.model))
     if recipe == "reduce_range":  # 7-bit activations: one int8 call per layer on x86 CPUs without VNNI
         return {"": gq.get_default_qconfig("x86", reduce_range=True)}
+    if recipe == "dynamic_reduce_range":
+        return {"": gq.get_default_dynamic_qconfig(reduce_range=True)}
+    if recipe == "per_token_reduce_range":
+        return {"": gq.get_default_dynamic_qconfig(per_token=True, reduce_range=True)}
     if recipe == "linears_reduce_range":
         return gq.qconfig_dict_by_type(w.model, {nn.Linear: gq.get_default_qconfig("x86", reduce_range=True)})
     return {"": getattr(gq, recipe)}
@@ -332,6 +336,9 @@ BUILDERS: dict[str, list[tuple[str, Callable[[Workload, str, int], Variant]]]] =
         ("graphquant_ts", _graphquant_builder("default_dynamic_qconfig", "graphquant", torchscript=True)),
         ("graphquant_per_token", _graphquant_builder("per_token_dynamic_qconfig", "graphquant per-token")),
         ("graphquant_per_token_ts", _graphquant_builder("per_token_dynamic_qconfig", "graphquant per-token", True)),
+        ("graphquant_7bit_ts", _graphquant_builder("dynamic_reduce_range", "graphquant 7-bit", True)),
+        ("graphquant_per_token_7bit_ts", _graphquant_builder("per_token_reduce_range", "graphquant per-token 7-bit",
+                                                             True)),
         ("quantize_jit", quantize_jit), ("quantize_fx", quantize_fx), ("eager", eager_quantize_dynamic),
         ("pt2e", pt2e), ("pt2e_reduce_range", pt2e_reduce_range), ("onnxruntime", onnxruntime_peer),
     ],

@@ -64,6 +64,10 @@ class ObserverSpec:
             raise GraphQuantError(
                 "graphquant: float qparams are asymmetric, with dtype torch.uint8 (8-bit) or torch.uint4 (4-bit)"
             )
+        unknown = set(dict(self.options)) - {"reduce_range"}
+        if self.observer in DYNAMIC_ACTIVATIONS and unknown:
+            raise GraphQuantError(f"graphquant: dynamic activations take the option 'reduce_range' only, got "
+                                  f"{sorted(unknown)}")  # fmt: skip
         per_channel = self.observer.startswith("per_channel")
         if per_channel != (self.axis is not None):
             raise GraphQuantError(
@@ -194,9 +198,10 @@ def get_default_qconfig(backend: str = "x86", reduce_range: bool = False) -> QCo
     cheaper to calibrate, runs on the pure-PyTorch int8 kernels anywhere.
 
     ``reduce_range=True`` calibrates activations onto 0..127 (torch.ao's x86 default): for a
-    model that will run on x86 CPUs without VNNI (AVX2), where an 8-bit activation takes two
-    exact int8 calls and a 7-bit one takes one. It costs one bit of activation resolution
-    everywhere; without it graphquant is exact on every CPU and as fast as the CPU allows.
+    model that will run on x86 CPUs without VNNI (AVX2), where an 8-bit layer runs exact at
+    about fp32 speed and a 7-bit one runs one int8 call. It costs one bit of activation
+    resolution everywhere; without it graphquant is exact on every CPU and as fast as the CPU
+    allows.
     """
     options: tuple[tuple[str, Any], ...] = (("reduce_range", True),) if reduce_range else ()
     if backend in ("x86", "onednn", "fbgemm"):
@@ -207,6 +212,30 @@ def get_default_qconfig(backend: str = "x86", reduce_range: bool = False) -> QCo
 
 
 default_qconfig = get_default_qconfig("x86")
+
+
+def get_default_dynamic_qconfig(per_token: bool = False, reduce_range: bool = False) -> QConfig:
+    """A dynamic-quantization qconfig: :data:`default_dynamic_qconfig` (per-tensor uint8
+    activations, per-tensor int8 weights) or, ``per_token=True``, :data:`per_token_dynamic_qconfig`
+    (a symmetric int8 scale per activation row, per-channel weights).
+
+    ``reduce_range=True`` quantizes each batch onto the 7-bit grid (0..127 per tensor, -64..63 per
+    token): for models that will run on x86 CPUs without VNNI, where 7-bit activations run one
+    int8 call and 8-bit ones run at about fp32 speed (kernels/x86.py). It costs one bit of
+    activation resolution everywhere (docs/x86.md).
+    """
+    options: tuple[tuple[str, Any], ...] = (("reduce_range", True),) if reduce_range else ()
+    if per_token:
+        return QConfig(activation=ObserverSpec("dynamic_per_token", torch.int8, symmetric=True, options=options),
+                       weight=ObserverSpec("per_channel_minmax", torch.int8, symmetric=True, axis=0))  # fmt: skip
+    return QConfig(activation=ObserverSpec("dynamic", options=options),
+                   weight=ObserverSpec("minmax", torch.int8, symmetric=True))  # fmt: skip
+
+
+def activation_qmax(spec: ObserverSpec) -> int:
+    """The activation grid's largest value a kernel is told about: 127 with ``reduce_range``
+    (7-bit), else 255 (the schema default)."""
+    return 127 if dict(spec.options).get("reduce_range", False) else 255
 
 # Dynamic quantization: weights int8 ahead of time, activations quantized per batch.
 default_dynamic_qconfig = QConfig(

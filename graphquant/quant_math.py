@@ -263,38 +263,46 @@ def sqnr(reference: torch.Tensor, other: torch.Tensor) -> float:
     return float(10 * torch.log10(signal / noise))
 
 
-def dynamic_qparams(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def dynamic_qparams(x: torch.Tensor, per_token: bool, qmax: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of one batch, computed at run time (dynamic quantization).
 
-    Per tensor: uint8 affine over the batch's range widened to include 0. Per token: int8
-    symmetric, one scale per row (last dimension reduced), zero point 0.
+    Per tensor: uint8 affine over the batch's range widened to include 0, onto ``0..qmax``. Per
+    token: int8 symmetric, one scale per row (last dimension reduced), zero point 0, onto
+    ``-128..127`` (``qmax`` 255) or ``-64..63`` (``qmax`` 127, ``reduce_range``).
+    TorchScript-compatible: the TorchScript module runs this same function.
     """
     if per_token:  # the largest |x| of each row, without a tensor of |x|
         x = x.detach()
         amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_()).float()
-        scale = torch.clamp(amax / 127.5, min=EPS)
+        scale = torch.clamp(amax / (qmax / 2.0), min=1.1920928955078125e-07)  # EPS
         return scale, torch.zeros_like(scale, dtype=torch.int64)
     lo, hi = torch.aminmax(x.detach().float())
     lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
-    scale = torch.clamp((hi - lo) / 255, min=EPS)
-    zero_point = torch.clamp(-torch.round(lo / scale), 0, 255).to(torch.int64)
+    scale = torch.clamp((hi - lo) / qmax, min=1.1920928955078125e-07)  # EPS
+    zero_point = torch.clamp(-torch.round(lo / scale), 0, qmax).to(torch.int64)
     return scale, zero_point
 
 
-def quantize_dynamic_tensor(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q, scale, zero_point)`` of one batch: uint8 per tensor or int8 per token."""
+def quantize_dynamic_tensor(
+    x: torch.Tensor, per_token: bool, qmax: int = 255
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, scale, zero_point)`` of one batch: uint8 per tensor or int8 per token, on the grid
+    :func:`dynamic_qparams` gives for ``qmax``."""
+    if qmax not in (127, 255):
+        raise GraphQuantError(f"graphquant::quantize_dynamic: qmax must be 255 or 127 (reduce_range), got {qmax}")
     if not x.is_floating_point():
         raise GraphQuantError(f"graphquant::quantize_dynamic: input must be floating point, got {x.dtype}")
     if x.numel() == 0:  # nothing to take a range of: any positive scale represents it
         shape = (*x.shape[:-1], 1) if per_token and x.dim() > 0 else ()
         scale, zero_point = torch.full(shape, EPS), torch.zeros(shape, dtype=torch.int64)
         return torch.empty_like(x, dtype=torch.int8 if per_token else torch.uint8), scale, zero_point
-    scale, zero_point = dynamic_qparams(x, per_token)
+    scale, zero_point = dynamic_qparams(x, per_token, qmax)
     if per_token:
-        return quantize_tensor(x, scale, 0, -128, 127, torch.int8), scale, zero_point
+        return quantize_tensor(x, scale, 0, -(qmax + 1) // 2, qmax // 2, torch.int8), scale, zero_point
     s, zp = float(scale), int(zero_point)
     # a NaN or infinite batch has no usable range: the math below gives its (meaningless) integers
     # where torch's quantize would raise
-    if NATIVE_QUANTIZE and x.dtype == torch.float32 and 0.0 < s < math.inf and 0 <= zp <= 255:
-        return native_quantize(x, s, zp, 0, 255, torch.uint8), scale, zero_point
-    return quantize_tensor(x, scale, zero_point, 0, 255, torch.uint8), scale, zero_point
+    if NATIVE_QUANTIZE and x.dtype == torch.float32 and 0.0 < s < math.inf and 0 <= zp <= qmax:
+        q = native_quantize(x, s, zp, 0, 255, torch.uint8)
+        return (q.clamp_max_(qmax) if qmax < 255 else q), scale, zero_point
+    return quantize_tensor(x, scale, zero_point, 0, qmax, torch.uint8), scale, zero_point

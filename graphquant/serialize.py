@@ -46,7 +46,7 @@ from graphquant.kernels import elementwise, embedding, onednn, x86
 from graphquant.kernels.onednn import onednn_dilation
 from graphquant.patterns.context import PACKED
 from graphquant.qconfig import QConfig
-from graphquant.quant_math import NATIVE_QUANTIZE
+from graphquant.quant_math import NATIVE_QUANTIZE, dynamic_qparams
 from graphquant.report import ConversionReport, NodeReport
 
 MANIFEST_FORMAT = "graphquant.manifest"
@@ -699,23 +699,14 @@ else:
     _ts_quantize_uint8 = _ts_quantize_uint8_math
 
 
-def _ts_row_scale(x: Tensor) -> Tensor:
-    """quant_math.dynamic_qparams per token: one symmetric scale per row."""
-    amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_()).float()
-    return torch.clamp(amax / 127.5, min=1.1920928955078125e-07)  # float32 eps, quant_math.EPS
-
-
-def _ts_quantize_dynamic(x: Tensor, per_token: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """quant_math.quantize_dynamic_tensor."""
+def _ts_quantize_dynamic(x: Tensor, per_token: bool, qmax: int) -> tuple[Tensor, Tensor, Tensor]:
+    """quant_math.quantize_dynamic_tensor (its qparams: quant_math.dynamic_qparams itself)."""
+    scale, zero_point = dynamic_qparams(x, per_token, qmax)
     if per_token:
-        scale = _ts_row_scale(x)
-        q = (x.to(torch.float32) / scale).round_().clamp_(-128, 127).to(torch.int8)
-        return q, scale, torch.zeros_like(scale, dtype=torch.int64)
-    lo, hi = torch.aminmax(x.detach().float())
-    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
-    scale = torch.clamp((hi - lo) / 255, min=1.1920928955078125e-07)  # float32 eps, quant_math.EPS
-    zero_point = torch.clamp(-torch.round(lo / scale), 0, 255).to(torch.int64)
-    return _ts_quantize_uint8(x, scale, zero_point), scale, zero_point
+        q = (x.to(torch.float32) / scale).round_().clamp_(-(qmax + 1) // 2, qmax // 2).to(torch.int8)
+        return q, scale, zero_point
+    q = _ts_quantize_uint8(x, scale, zero_point)
+    return (q.clamp_max_(qmax) if qmax < 255 else q), scale, zero_point
 
 
 def _ts_dequantize_dynamic(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
@@ -723,7 +714,7 @@ def _ts_dequantize_dynamic(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tens
 
 
 def _ts_qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, per_token: bool,
-                        post_op: str, post_op_args: list[float], saturates: bool) -> Tensor:
+                        post_op: str, post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:
     """graphquant::qlinear_dynamic: float32 in and out, int8 GEMM inside, then the post-op."""
     out_features = w.size(1) if w.is_mkldnn else w.size(0)
     in_features = w.size(0) if w.is_mkldnn else w.size(1)
@@ -734,19 +725,20 @@ def _ts_qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | No
         shape.append(out_features)
         return x.new_empty(shape)
     x = x.contiguous()
-    if w.is_mkldnn and per_token:  # kernels.dynamic: int8 shifted into uint8, zero point 128
-        row_scale = _ts_row_scale(x)
-        qu = (x.to(torch.float32) / row_scale).round_().add_(128).clamp_(0, 255).to(torch.uint8)
-        y = x86.qlinear_call(qu, 1.0, 128, w, w_scale, torch.zeros(out_features, dtype=torch.int64), None, 1.0, 0,
-                             torch.float32, "none", [], 255, saturates)  # fmt: skip
+    if w.is_mkldnn and per_token:  # kernels.dynamic: int8 shifted into uint8, zero point 128 (7-bit: 64)
+        shift = 128 if x_qmax > 127 else 64
+        row_scale, _ = dynamic_qparams(x, True, x_qmax)
+        qu = (x.to(torch.float32) / row_scale).round_().add_(shift).clamp_(0, x_qmax).to(torch.uint8)
+        y = x86.qlinear_call(qu, 1.0, shift, w, w_scale, torch.zeros(out_features, dtype=torch.int64), None, 1.0, 0,
+                             torch.float32, "none", [], x_qmax, saturates)  # fmt: skip
         y.mul_(row_scale)
         if bias is not None:
             y.add_(bias)
         return x86.post_op_float(y, post_op, post_op_args)
-    q, scale, zero_point = _ts_quantize_dynamic(x, per_token)
+    q, scale, zero_point = _ts_quantize_dynamic(x, per_token, x_qmax)
     if w.is_mkldnn:
         return x86.qlinear_dynamic_call(q, scale, zero_point, w, w_scale, torch.zeros(out_features, dtype=torch.int64),
-                                        bias, post_op, post_op_args, saturates)  # fmt: skip
+                                        bias, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
     acc = F.linear(q.double() - zero_point.double(), w.double())
     y = (acc * (scale.double() * w_scale.double())).float()
     if bias is not None:

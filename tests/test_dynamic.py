@@ -35,6 +35,7 @@ def _kernels(model: nn.Module) -> list[str]:
 
 @pytest.mark.parametrize("qconfig", [
     gq.default_dynamic_qconfig, gq.per_channel_dynamic_qconfig, gq.per_token_dynamic_qconfig,
+    gq.get_default_dynamic_qconfig(reduce_range=True), gq.get_default_dynamic_qconfig(True, reduce_range=True),
 ])  # fmt: skip
 @pytest.mark.parametrize("backend", ["onednn", "portable"])
 def test_kernel_matches_reference_and_float(qconfig, backend):  # type: ignore[no-untyped-def]
@@ -169,3 +170,35 @@ def test_per_token_kernel_feeds_onednn_uint8_with_the_int8_values():
     packed = onednn.pack_linear(w)
     want = (torch.nn.functional.linear(q.double(), w.double()) * w_scale.double() * scale.double()).float() + bias
     torch.testing.assert_close(qlinear_dynamic(x, packed, w_scale, bias, True), want, rtol=1e-6, atol=1e-6)
+
+
+def test_reduce_range_puts_each_batch_on_the_7bit_grid_at_the_cost_of_one_bit() -> None:
+    """``get_default_dynamic_qconfig(reduce_range=True)``: per tensor 0..127, per token -64..63
+    (both reached), in the reference and kernel graphs alike; about one bit (6 dB) of SQNR."""
+    x = torch.randn(6, 9, 32) * 3
+    for per_token, lo, hi in ((False, 0, 127), (True, -64, 63)):
+        q, scale, zero_point = torch.ops.graphquant.quantize_dynamic(x, per_token, 127)
+        assert int(q.min()) == lo and int(q.max()) == hi
+        q8, scale8, _ = torch.ops.graphquant.quantize_dynamic(x, per_token)
+        assert int(q8.max()) > 127 if not per_token else int(q8.min()) < -64
+        torch.testing.assert_close(scale, scale8 * (255 / 127), rtol=1e-6, atol=0)  # the same range, 7 bits
+    model, x = _model(), torch.randn(4, 10, 32)
+    sqnrs = {}
+    for reduce_range in (False, True):
+        qconfig = gq.get_default_dynamic_qconfig(per_token=True, reduce_range=reduce_range)
+        q = gq.quantize_dynamic(model, {"": qconfig}, example_inputs=(x,))
+        kwargs = [n.kwargs for n in q.graph.nodes if "qlinear_dynamic" in str(n.target)]
+        assert kwargs == [{"x_qmax": 127}] * 4 if reduce_range else kwargs == [{}] * 4  # 8-bit graphs unchanged
+        assert {n.activation_bits for n in q.graphquant_report.quantized} == {7 if reduce_range else 8}
+        sqnrs[reduce_range] = min(sqnr(e, g) for e, g in zip(model(x), q(x), strict=True))
+    assert 3.0 < sqnrs[False] - sqnrs[True] < 9.0, sqnrs
+
+
+def test_dynamic_options_are_checked_by_name() -> None:
+    with pytest.raises(gq.GraphQuantError, match=r"dynamic activations take the option 'reduce_range' only, got \['bits'\]"):
+        gq.ObserverSpec("dynamic", options=(("bits", 7),))
+    with pytest.raises(gq.GraphQuantError, match="qmax must be 255 or 127"):
+        torch.ops.graphquant.quantize_dynamic(torch.randn(2, 4), False, 100)
+    with pytest.raises(gq.GraphQuantError, match="x_qmax must be 255 or 127"):
+        torch.ops.graphquant.qlinear_dynamic(torch.randn(2, 4), torch.ones(3, 4, dtype=torch.int8), torch.ones(3), None,
+                                             False, "none", [], 100)  # fmt: skip

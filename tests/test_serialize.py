@@ -151,6 +151,8 @@ def _models() -> dict[str, tuple[nn.Module, Any]]:
         "dynamic": (gq.quantize_dynamic(make_mlp(), example_inputs=(_tokens(1, 0),)), _tokens),
         "dynamic_per_token": (gq.quantize_dynamic(make_mlp(), {"": gq.per_token_dynamic_qconfig},
                                                   example_inputs=(_tokens(1, 0),)), _tokens),  # fmt: skip
+        "dynamic_per_token_7bit": (gq.quantize_dynamic(make_mlp(), {"": gq.get_default_dynamic_qconfig(True, True)},
+                                                       example_inputs=(_tokens(1, 0),)), _tokens),  # fmt: skip
         "dynamic_fp16": (gq.quantize_dynamic(make_mlp(), {"": gq.float16_dynamic_qconfig},
                                              example_inputs=(_tokens(1, 0),)), _tokens),  # fmt: skip
         "dynamic_lazy": (lazy, _tokens),

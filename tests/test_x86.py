@@ -133,15 +133,15 @@ def _conv_add(dim: int, post_op: str) -> KernelCase:
     return run
 
 
-def _dynamic(per_token: bool, post_op: str) -> KernelCase:
+def _dynamic(per_token: bool, post_op: str, x_qmax: int = 255) -> KernelCase:
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(3)
         x = torch.randn(4, 9, 384, generator=g) * 3
         x[..., ::2] = x[..., ::2].abs() + 6  # full-range uint8 (per tensor) / int8 near +127 (per token)
         w = _worst_int8((32, 384))
         w_scale, bias = torch.rand(32) * 0.01 + 1e-3, torch.randn(32)
-        want = qlinear_dynamic(x, w, w_scale, bias, per_token, post_op)  # portable: exact integer sums
-        return qlinear_dynamic(x, onednn.pack_linear(w), w_scale, bias, per_token, post_op), want
+        want = qlinear_dynamic(x, w, w_scale, bias, per_token, post_op, (), x_qmax)  # portable: exact integer sums
+        return qlinear_dynamic(x, onednn.pack_linear(w), w_scale, bias, per_token, post_op, (), x_qmax), want
 
     return run
 
@@ -173,6 +173,9 @@ CASES: dict[str, KernelCase] = {
     "dynamic_per_tensor_relu": _dynamic(False, "relu"),
     "dynamic_per_token": _dynamic(True, "none"),
     "dynamic_per_token_gelu": _dynamic(True, "gelu"),
+    # reduce_range: the batch onto 0..127 (per tensor) or -64..63 shifted to 0..127 (per token)
+    "dynamic_per_tensor_7bit": _dynamic(False, "relu", 127),
+    "dynamic_per_token_7bit": _dynamic(True, "none", 127),
 }
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_worst_case_operands_match_exact_integer_math(case: str) -> None:
@@ -198,6 +201,8 @@ def test_the_float32_path_over_the_integers_is_exact_on_any_cpu(case: str, monke
     calls = [e.count for e in prof.key_averages() if e.key.startswith("onednn::q") and "prepack" not in e.key]
     if case == "conv2d_large_weight":  # 128 x 256 x 3 x 3 weights for 2 x 2 outputs: two exact 7-bit calls
         assert calls == [2] and x86.TWO_CALLS_WEIGHTS_PER_OUTPUT * 4 < 128 * 256 * 9
+    elif case.endswith("_7bit"):
+        assert calls == [1]  # 7-bit activations: one int8 call, exact by range
     else:
         assert calls == []  # the float32 op over the integers: no int8 oneDNN call, which could saturate
     if want.dtype == torch.uint8:

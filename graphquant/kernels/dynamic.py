@@ -57,13 +57,18 @@ def qlinear_dynamic(
     per_token: bool,
     post_op: str = "none",
     post_op_args: Sequence[float] = (),
+    x_qmax: int = 255,
 ) -> torch.Tensor:
     """float32 in, float32 out; int8 GEMM inside, then ``post_op`` on the float result.
 
     Per tensor, oneDNN applies the post-op inside the GEMM call; per token the row scales
-    come after the GEMM, so the post-op runs after them, in place.
+    come after the GEMM, so the post-op runs after them, in place. ``x_qmax`` 127
+    (``reduce_range``): the activation on the 7-bit grid (quant_math.dynamic_qparams), one
+    exact int8 call on x86 CPUs without VNNI.
     """
     out_features = check_inputs(x, w, w_scale, bias)
+    if x_qmax not in (127, 255):
+        raise GraphQuantError(f"graphquant::qlinear_dynamic: x_qmax must be 255 or 127 (reduce_range), got {x_qmax}")
     check_post_op("qlinear_dynamic", post_op, post_op_args)
     if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], out_features))
@@ -73,18 +78,20 @@ def qlinear_dynamic(
         # with AVX512-VNNI it runs a reference kernel, about 2000x slower than uint8 (0.21 s for a
         # 128x384x384 GEMM). The per-token integers go in shifted by 128 as uint8 with zero point
         # 128: the same integers, the same int32 sums, the same float results.
-        scale, _ = dynamic_qparams(x, True)
-        q = quantize_tensor(x, scale, _INT8_AS_UINT8, 0, 255, torch.uint8)
-        y = x86.qlinear_call(q, 1.0, _INT8_AS_UINT8, w, w_scale, _w_zero_point(out_features), None, 1.0, 0,
-                             torch.float32, "none", [], 255, x86.saturates())  # fmt: skip
+        # 7-bit: -64..63 shifted by 64 onto 0..127
+        shift = _INT8_AS_UINT8 if x_qmax > 127 else 64
+        scale, _ = dynamic_qparams(x, True, x_qmax)
+        q = quantize_tensor(x, scale, shift, 0, x_qmax, torch.uint8)
+        y = x86.qlinear_call(q, 1.0, shift, w, w_scale, _w_zero_point(out_features), None, 1.0, 0,
+                             torch.float32, "none", [], x_qmax, x86.saturates())  # fmt: skip
         y.mul_(scale)  # y is the kernel's own fresh tensor: scaled in place, no second float32 tensor
         if bias is not None:
             y.add_(bias)
         return _post_op_in_place(y, post_op, post_op_args)
-    q, scale, zero_point = quantize_dynamic_tensor(x, per_token)
+    q, scale, zero_point = quantize_dynamic_tensor(x, per_token, x_qmax)
     if w.is_mkldnn:
         return x86.qlinear_dynamic_call(q, scale, zero_point, w, w_scale, _w_zero_point(out_features), bias, post_op,
-                                        list(post_op_args), x86.saturates())  # fmt: skip
+                                        list(post_op_args), x_qmax, x86.saturates())  # fmt: skip
     acc = F.linear(q.double() - zero_point.double(), w.double())
     y = (acc * (scale.double() * w_scale.double())).float()
     if bias is not None:

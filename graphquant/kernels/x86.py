@@ -266,10 +266,10 @@ def qlinear_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scal
 
 def qlinear_dynamic_call(q: Tensor, scale: Tensor, zero_point: Tensor, w: Tensor, w_scale: Tensor,
                          w_zero_point: Tensor, bias: Tensor | None, post_op: str, post_op_args: list[float],
-                         saturates: bool) -> Tensor:  # fmt: skip
+                         x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
     """``onednn::qlinear_pointwise.tensor``: a per-tensor dynamic linear, its uint8 activation's
     ``scale`` and ``zero_point`` 0-d tensors from the batch, float32 out; exact where the CPU saturates."""
-    if not over_ints(255, saturates):
+    if not over_ints(x_qmax, saturates):
         attr, algorithm = onednn_post_op(post_op)
         return torch.ops.onednn.qlinear_pointwise(q, scale, zero_point, w, w_scale, w_zero_point, bias, 1.0, 0,
                                                   torch.float32, attr, scalars(post_op, post_op_args),

@@ -84,7 +84,7 @@ def _fuse_dynamic_activation(gm: fx.GraphModule, node: fx.Node) -> int:
         return 0
     name, scalars = post_op(act)
     with gm.graph.inserting_before(act):
-        new = gm.graph.call_function(ops.qlinear_dynamic.default, (*node.args, name, scalars))
+        new = gm.graph.call_function(ops.qlinear_dynamic.default, (*node.args, name, scalars), dict(node.kwargs))
     copy_meta(node, new)
     act.replace_all_uses_with(new)
     gm.graph.erase_node(act)
@@ -119,7 +119,7 @@ def _shared_gemm_key(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] | Non
             return None
     elif node.target is ops.qlinear_dynamic.default and len(node.args) == 5:
         x, w, w_scale, bias, per_token = node.args
-        key = ("dynamic", x, per_token)
+        key = ("dynamic", x, per_token, node.kwargs.get("x_qmax", 255))
     else:
         return None
     weights = (w, w_scale) + ((bias,) if bias is not None else ())

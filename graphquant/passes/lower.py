@@ -47,7 +47,7 @@ from graphquant.kernels import x86
 from graphquant.observers import Observer, SharedQParams
 from graphquant.passes.fuse import donate_accumulators, fold_activations, share_gemms
 from graphquant.patterns.context import PACKED, KernelContext, QValue, WeightCache
-from graphquant.qconfig import resolve
+from graphquant.qconfig import activation_qmax, resolve
 from graphquant.quant_math import QParams
 from graphquant.report import X86_GEMM_KERNELS, ConversionReport, NodeReport
 
@@ -135,7 +135,8 @@ def _dynamic_reference(ctx: KernelContext, match: Match) -> None:
     _fake_quantize_weight(ctx, match)
     per_token = match.qconfig.activation.observer == "dynamic_per_token"
     with graph.inserting_before(match.anchor):
-        qd = graph.call_function(ops.quantize_dynamic.default, (x, per_token))
+        qmax = activation_qmax(match.qconfig.activation)
+        qd = graph.call_function(ops.quantize_dynamic.default, (x, per_token), {"qmax": qmax} if qmax < 255 else {})
         parts = [graph.call_function(operator.getitem, (qd, i)) for i in range(3)]
         dq = graph.call_function(ops.dequantize_dynamic.default, tuple(parts))
     for node in (qd, *parts, dq):
@@ -358,7 +359,7 @@ def activation_bits(gm: fx.GraphModule, match: Match) -> int | None:
         if isinstance(module, SharedQParams):
             module = gm.get_submodule(module.source)
         return 7 if getattr(module, "reduce_range", False) else 8
-    return 8  # dynamic: the activation is quantized per batch onto 0..255
+    return 7 if activation_qmax(match.qconfig.activation) <= 127 else 8  # dynamic: quantized per batch
 
 
 def float_reason(node: fx.Node, qconfig_dict: Any) -> str:

@@ -15,6 +15,7 @@ from torch import fx, nn
 from graphquant.graph import Match
 from graphquant.patterns import Pattern, aten, register
 from graphquant.patterns.context import KernelContext, QValue
+from graphquant.qconfig import activation_qmax
 from graphquant.quant_math import QParams
 
 
@@ -25,7 +26,9 @@ def _lower_kernel(ctx: KernelContext, match: Match, inputs: Sequence[QValue], ou
         return ctx.call(torch.ops.graphquant.linear_fp16.default, (x, w.packed, w.bias))
     w = ctx.linear_weight(match)
     per_token = match.qconfig.activation.observer == "dynamic_per_token"
-    return ctx.call(torch.ops.graphquant.qlinear_dynamic.default, (x, w.packed, w.scale, w.bias, per_token))
+    qmax = activation_qmax(match.qconfig.activation)
+    return ctx.call(torch.ops.graphquant.qlinear_dynamic.default, (x, w.packed, w.scale, w.bias, per_token),
+                    {"x_qmax": qmax} if qmax < 255 else {})  # fmt: skip
 
 
 class _Linear(nn.Module):
