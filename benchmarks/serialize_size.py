@@ -172,7 +172,7 @@ def measure(image_size: int, calibration_batches: int, batch: int, workdir: Path
     float_weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "sizes": {name: path.stat().st_size for name, path in files.items()},
-        "manifest": Path(gq.serialize.manifest_path(files["int8_pt2"])).stat().st_size,
+        "manifest": Path(gq.program.manifest_path(files["int8_pt2"])).stat().st_size,
         "loads": loads,
         "float_weight_bytes": float_weights,
         "int8_resident_bytes": _resident_weights(gq.load(files["int8_pt2"])),

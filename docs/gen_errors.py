@@ -309,7 +309,7 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("a float64 input to a dynamic model", "inputs.InputCheck",
      lambda: _quantized("dynamic")(torch.randn(2, 4).double())),
     ("a bad input to a model from graphquant.load", "inputs.InputCheck", lambda: _quantized("loaded")(X[0])),
-    ("a bad input to a to_torchscript module (no graphquant needed)", "serialize._ts_check_input",
+    ("a bad input to a to_torchscript module (no graphquant needed)", "kernels.scripted.check_input",
      lambda: _quantized("torchscript")(X.double())),
     # kernels (each checks its arguments before oneDNN or torch sees them)
     ("an unpacked weight given to oneDNN qlinear (was SIGSEGV)", "kernels.onednn.qlinear",

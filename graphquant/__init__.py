@@ -21,6 +21,7 @@ from graphquant.api import (
 from graphquant.errors import GraphQuantError
 from graphquant.kernel_timing import KernelTiming, time_kernels
 from graphquant.kernels import ops as _ops  # noqa: F401  (registers torch.ops.graphquant)
+from graphquant.program import load, save
 from graphquant.qconfig import (
     ObserverSpec,
     QConfig,
@@ -37,7 +38,7 @@ from graphquant.qconfig import (
     per_token_dynamic_qconfig,
     qconfig_dict_by_type,
 )
-from graphquant.serialize import load, save, to_torchscript
+from graphquant.torchscript import to_torchscript
 
 __all__ = [
     "GraphQuantError",

@@ -316,7 +316,7 @@ def _db(value: float) -> str:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from graphquant.serialize import check_writable, save
+    from graphquant.program import check_writable, save
 
     if args.out:  # say so before the work, not after
         check_writable(args.out)

@@ -1,16 +1,18 @@
-"""Meta keys, the Match record, and the small node helpers shared by passes and patterns."""
+"""Meta keys, the Pattern and Match records, and the small node helpers shared by passes and patterns.
+
+Nothing here imports patterns/ or passes/: both import this module, one way."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 if TYPE_CHECKING:
-    from graphquant.patterns import Pattern
     from graphquant.qconfig import QConfig
 
 # node.meta keys graphquant writes
@@ -19,6 +21,74 @@ MODULE_TYPE = "graphquant_module_type"  # str: class name of that module
 MATCH = "graphquant_match"  # Match: set on every node a pattern matched
 QPARAMS = "graphquant_qparams"  # QParams: set on quantize / dequantize nodes at convert
 FLOAT_REASON = "graphquant_float_reason"  # str: why a matched node stays float
+
+
+Kind = Literal["weighted", "shares_qparams", "general", "fixed_qparams", "dynamic", "weight_only"]
+WEIGHT_KINDS = ("weighted", "dynamic", "weight_only")  # kinds that name a weight_arg and quantize it
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One quantizable pattern.
+
+    ``ops[i]`` lists the ATen overloads accepted at position ``i`` of the chain; each
+    node but the last must have the next as its only user. ``kernel`` is the op name
+    the kernel graph shows (what ``check_graph_mode_op`` looks for). ``lower_kernel``
+    builds the int8 node from the uint8 inputs (in the order of ``activation_args``, a
+    list argument such as ``cat``'s contributing each element); ``None`` keeps the
+    reference form. ``output_range`` is the fixed output range of a ``fixed_qparams``
+    pattern. ``examples`` give modules and inputs that exercise the pattern, for the
+    tests and the coverage table.
+
+    ``chain_inputs`` names activation inputs read by later nodes of the chain, as
+    ``(chain position, arg index)`` pairs: ``conv -> add`` has ``((1, 0), (1, 1))``, the
+    residual ``other`` of ``add(conv, other)`` or ``add(other, conv)``. The chain may enter
+    such a node through any of its named args; the others are observed like the anchor's
+    inputs and reach ``lower_kernel`` after them (each node once: in ``conv(x) + x`` the one
+    input ``x`` stands for both). They must have the shape of the value they join, since a
+    fused join accumulates into the output (no broadcasting).
+
+    ``value_outputs`` marks an op returning several tensors, which the graph reads through
+    ``operator.getitem`` nodes: the item indices that carry the input's values (``(0,)`` for
+    ``max.dim``'s values beside its indices), or ``"all"`` (``split``). Such a pattern is one
+    op of kind ``shares_qparams``; its ``lower_kernel`` returns the op on uint8 and lowering
+    reads every item from it. ``None``: the op returns one tensor.
+    """
+
+    name: str
+    ops: tuple[tuple[torch._ops.OpOverload, ...], ...]
+    kind: Kind
+    kernel: str
+    # (ctx: KernelContext, match: Match, inputs: Sequence[QValue], out: QParams) -> fx.Node:
+    # patterns.LowerKernel spells it out
+    lower_kernel: Callable[..., fx.Node] | None
+    examples: Callable[[], Sequence[tuple[nn.Module, tuple[torch.Tensor, ...]]]]
+    activation_args: tuple[int, ...] = (0,)
+    weight_arg: int | None = None
+    bias_arg: int | None = None
+    output_range: tuple[float, float] | None = None
+    chain_inputs: tuple[tuple[int, int], ...] = ()
+    value_outputs: tuple[int, ...] | Literal["all"] | None = None
+    doc: str = ""
+    # lower_kernel takes out=None and then returns float32: used when only float ops read the output
+    float_output: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.ops or any(not alternatives for alternatives in self.ops):
+            raise ValueError(f"graphquant: pattern {self.name} matches nothing")
+        if (self.kind in WEIGHT_KINDS) != (self.weight_arg is not None):
+            raise ValueError(
+                f"graphquant: pattern {self.name}: {'/'.join(WEIGHT_KINDS)} patterns, only they, name a weight_arg"
+            )
+        if (self.kind == "fixed_qparams") != (self.output_range is not None):
+            raise ValueError(f"graphquant: pattern {self.name}: fixed_qparams patterns and only they set output_range")
+        if self.kind in WEIGHT_KINDS and self.lower_kernel is None:
+            raise ValueError(f"graphquant: pattern {self.name} needs a kernel lowering")
+        if any(not 0 < position < len(self.ops) for position, _ in self.chain_inputs):
+            raise ValueError(f"graphquant: pattern {self.name}: chain_inputs name positions after the anchor")
+        if self.value_outputs is not None and (len(self.ops) != 1 or self.kind != "shares_qparams"):
+            # one shared scale for every item: other kinds would need an observer per item
+            raise ValueError(f"graphquant: pattern {self.name}: value_outputs is for one shares_qparams op")
 
 
 @dataclass(eq=False)
@@ -196,3 +266,21 @@ def rebind_matches(gm: fx.GraphModule) -> None:
                         tuple(by_name[n.name] for n in old.outputs))  # fmt: skip
             fresh[id(old)] = new
         node.meta[MATCH] = fresh[id(old)]
+
+
+def named_args(node: fx.Node) -> dict[str, Any]:
+    """A ``graphquant::`` call's arguments by schema name, defaults filled in."""
+    values: dict[str, Any] = {}
+    for i, arg in enumerate(node.target._schema.arguments):  # type: ignore[union-attr]
+        if i < len(node.args):
+            values[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            values[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            values[arg.name] = arg.default_value
+    return values
+
+
+def is_graphquant_op(target: object) -> bool:
+    """Whether ``target`` is one of graphquant's ``torch.ops.graphquant`` kernels."""
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "graphquant"

@@ -19,7 +19,7 @@ machine. The check reads a few attributes per input: about 2.6 µs (models run a
 It is a module of the graph, not a hook, so ``copy.deepcopy`` and ``convert`` keep it;
 ``graphquant.save`` drops it from the exported program and ``graphquant.load`` installs it
 again from the manifest's inputs; ``to_torchscript`` calls a TorchScript twin
-(``serialize._ts_check_input``).
+(``kernels.scripted.check_input``).
 """
 
 from __future__ import annotations

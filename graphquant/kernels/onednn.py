@@ -57,7 +57,7 @@ def onednn_dilation(w: torch.Tensor, dilation: list[int]) -> list[int]:
     """``dilation`` with 1 where the kernel is 1 wide: the same convolution (a 1-wide kernel has no
     gaps to spread), and oneDNN (torch 2.13) writes out of bounds on a 1-wide kernel with dilation
     > 1, padding and stride >= 2: SIGSEGV, found by tests/fuzz_kernels.py. TorchScript-compatible:
-    the scripted twins in serialize call it too."""
+    the scripted twins (kernels/scripted.py) call it too."""
     out: list[int] = []
     for i in range(len(dilation)):
         out.append(1 if w.size(w.dim() - len(dilation) + i) == 1 else dilation[i])

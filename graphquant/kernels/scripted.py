@@ -1,0 +1,473 @@
+"""The TorchScript forms ("twins") of graphquant's ops, and the modules that hold packed weights
+in a TorchScript model: what kernels/ops.py, onednn.py, portable.py and dynamic.py compute, op for
+op, in TorchScript's subset of Python. Same aten / onednn calls in the same order, and the same
+functions where the eager kernels' own are TorchScript-compatible (kernels.x86's oneDNN calls,
+quant_math.dynamic_qparams), so outputs are bit-identical; tests/test_serialize.py holds every
+pattern to that. :func:`graphquant.torchscript.to_torchscript` puts them in place of the
+``graphquant::`` ops (:data:`TORCHSCRIPT_KERNELS`).
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from graphquant.kernels import elementwise, embedding, x86
+from graphquant.kernels.onednn import onednn_dilation
+from graphquant.quant_math import NATIVE_QUANTIZE, dynamic_qparams
+
+
+def _ts_quantize_per_tensor(
+    x: Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
+) -> Tensor:
+    q = x.to(torch.float32) / scale
+    return q.round_().add_(zero_point).clamp_(qmin, qmax).to(dtype)
+
+
+def _ts_quantize_per_tensor_native(
+    x: Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
+) -> Tensor:
+    """kernels.ops.native_quantize: torch's one-pass quantize, its integers copied out as plain ints."""
+    if dtype != torch.uint8 and dtype != torch.int8:
+        return _ts_quantize_per_tensor(x, scale, zero_point, qmin, qmax, dtype)
+    qdtype = torch.quint8 if dtype == torch.uint8 else torch.qint8
+    q = torch.quantize_per_tensor(x.to(torch.float32), scale, zero_point, qdtype).int_repr()
+    full = (qmin, qmax) == (0, 255) if dtype == torch.uint8 else (qmin, qmax) == (-128, 127)
+    return q if full else q.clamp_(qmin, qmax)
+
+
+def _ts_dequantize_per_tensor(q: Tensor, scale: float, zero_point: int) -> Tensor:
+    return ((q.to(torch.float32) - zero_point) * scale).contiguous()
+
+
+def _ts_axis_shape(ndim: int, axis: int) -> list[int]:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return shape
+
+
+def _ts_quantize_per_channel(
+    x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, qmin: int, qmax: int, dtype: torch.dtype
+) -> Tensor:
+    shape = _ts_axis_shape(x.dim(), axis)
+    q = torch.round(x.to(torch.float32) / scale.reshape(shape)) + zero_point.reshape(shape)
+    return torch.clamp(q, qmin, qmax).to(dtype)
+
+
+def _ts_dequantize_per_channel(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
+    shape = _ts_axis_shape(q.dim(), axis)
+    return (q.to(torch.float32) - zero_point.reshape(shape).to(torch.float32)) * scale.reshape(shape)
+
+
+def _ts_check(x: Tensor, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_zero_point: int,
+              out_channels: int) -> None:  # fmt: skip
+    """The checks both backends make before any arithmetic (oneDNN crashes on malformed input)."""
+    if x.dtype != torch.uint8:
+        raise ValueError("graphquant: int8 kernel activation must be uint8")
+    if not w.is_mkldnn and w.dtype != torch.int8:
+        raise ValueError("graphquant: int8 kernel weight must be packed or int8")
+    if x_zero_point < 0 or x_zero_point > 255 or out_zero_point < 0 or out_zero_point > 255:
+        raise ValueError("graphquant: uint8 zero points must lie in [0, 255]")
+    if w_scale.dim() != 1 or w_scale.numel() != out_channels:
+        raise ValueError("graphquant: w_scale must have one entry per output channel")
+    if bias is not None:
+        if bias.numel() != out_channels:
+            raise ValueError("graphquant: bias must have one entry per output channel")
+
+
+def _ts_conv_out_shape(x: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int],
+                       groups: int) -> list[int]:  # fmt: skip
+    spatial = x.dim() - 2
+    fits = x.dim() == w.dim() or (x.dim() == 3 and w.dim() == 4)  # oneDNN packs a conv1d weight as 2-d
+    if x.dim() < 3 or x.dim() > 5 or not fits or groups < 1 or x.size(1) != w.size(1) * groups:
+        raise ValueError("graphquant: conv input does not fit its weight")
+    out = [x.size(0), w.size(0)]
+    for i in range(spatial):
+        k = w.size(w.dim() - spatial + i)
+        size = (x.size(2 + i) + 2 * padding[i] - dilation[i] * (k - 1) - 1) // stride[i] + 1
+        if size < 1:
+            raise ValueError("graphquant: conv input is too small for its kernel")
+        out.append(size)
+    return out
+
+
+def _ts_onednn_conv_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
+                         bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                         scale: float, zero_point: int, dtype: torch.dtype | None, fused: str,
+                         post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
+    w_zero_point = torch.zeros(w.size(0), dtype=torch.int64)
+    return x86.qconv_call(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding,
+                          onednn_dilation(w, dilation), groups, scale, zero_point, dtype, fused,
+                          post_op_args, x_qmax, saturates)  # fmt: skip
+
+
+def _ts_clamp_on_grid(y: Tensor, post_op: str, args: list[float], scale: float, zero_point: int) -> Tensor:
+    if post_op == "relu":
+        return y.clamp_min_(zero_point)
+    lo = x86.quantize_real(torch.tensor(args[0], dtype=torch.float32), scale, zero_point)
+    hi = x86.quantize_real(torch.tensor(args[1], dtype=torch.float32), scale, zero_point)
+    return y.clamp_(int(lo.item()), int(hi.item()))
+
+
+def _ts_onednn_qconv_nd(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
+                        bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                        out_scale: float, out_zero_point: int, post_op: str,
+                        post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
+    """kernels.onednn.qconv on a 2-d or 3-d conv."""
+    if x.dim() == 5:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    fuses = post_op in ["none", "relu", "hardtanh", "hardswish", "silu"]
+    if post_op == "none" or (x.dim() == 4 and fuses):
+        return _ts_onednn_conv_call(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
+                                    out_scale, out_zero_point, None, post_op, post_op_args, x_qmax,
+                                    saturates)  # fmt: skip
+    if post_op == "relu" or post_op == "hardtanh":
+        y = _ts_onednn_conv_call(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
+                                 out_scale, out_zero_point, None, "none", post_op_args, x_qmax, saturates)  # fmt: skip
+        return _ts_clamp_on_grid(y, post_op, post_op_args, out_scale, out_zero_point)
+    v = _ts_onednn_conv_call(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, 1.0, 0,
+                             torch.float32, "none", post_op_args, x_qmax, saturates)  # fmt: skip
+    return x86.quantize_real(x86.post_op_float(v, post_op, post_op_args), out_scale, out_zero_point)
+
+
+def _ts_requantize(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor | None, out_scale: float,
+                   out_zero_point: int, post_op: str, post_op_args: list[float], channel_axis: int,
+                   accum: Tensor | None, float_out: bool = False) -> Tensor:  # fmt: skip
+    """kernels.portable._requantize."""
+    shape = _ts_axis_shape(acc.dim(), channel_axis)
+    acc_scale = (w_scale.double() * x_scale).reshape(shape)
+    if bias is not None:
+        acc = acc + torch.round(bias.double().reshape(shape) / acc_scale)
+    v = acc * acc_scale
+    if accum is not None:
+        v = v + accum
+    if float_out:
+        return x86.post_op_float(v, post_op, post_op_args).to(torch.float32)
+    return x86.quantize_real(x86.post_op_float(v, post_op, post_op_args), out_scale, out_zero_point)
+
+
+def _ts_conv_nd(x: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int],
+                groups: int) -> Tensor:  # fmt: skip
+    if x.dim() == 3:
+        return torch.conv1d(x, w, None, stride, padding, dilation, groups)
+    if x.dim() == 4:
+        return torch.conv2d(x, w, None, stride, padding, dilation, groups)
+    return torch.conv3d(x, w, None, stride, padding, dilation, groups)
+
+
+def _ts_qconv(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+              stride: list[int], padding: list[int], dilation: list[int], groups: int, out_scale: float,
+              out_zero_point: int, post_op: str, post_op_args: list[float], x_qmax: int,
+              saturates: bool) -> Tensor:  # fmt: skip
+    """graphquant::qconv1d / qconv2d / qconv3d (``saturates``: :class:`SaturationProbe`'s answer)."""
+    _ts_check(x, x_zero_point, w, w_scale, bias, out_zero_point, w.size(0))
+    out_shape = _ts_conv_out_shape(x, w, stride, padding, dilation, groups)
+    if not w.is_mkldnn:
+        acc = _ts_conv_nd(x.double() - x_zero_point, w.double(), stride, padding, dilation, groups)
+        return _ts_requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args, 1, None)
+    if x.size(0) == 0:
+        return x.new_empty(out_shape)
+    if x.dim() == 3:  # oneDNN fuses post-ops into 2-d convs only: a conv1d runs as a conv2d of height 1
+        y = _ts_onednn_qconv_nd(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, [1] + stride, [0] + padding,
+                                [1] + dilation, groups, out_scale, out_zero_point, post_op, post_op_args,
+                                x_qmax, saturates)  # fmt: skip
+        return y.squeeze(2)
+    return _ts_onednn_qconv_nd(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
+                               out_scale, out_zero_point, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
+
+
+def _ts_onednn_qconv_add_2d(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
+                            bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
+                            groups: int, accum: Tensor, accum_scale: float, accum_zero_point: int, out_scale: float,
+                            out_zero_point: int, post_op: str, accum_donated: bool,
+                            x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
+    # oneDNN writes the sum into its accum: a private channels-last copy unless the graph donated it
+    if accum_donated and accum.is_contiguous(memory_format=torch.channels_last):
+        private = accum
+    else:
+        private = accum.clone(memory_format=torch.channels_last)
+    w_zero_point = torch.zeros(w.size(0), dtype=torch.int64)
+    return x86.qconv_add_call(x, x_scale, x_zero_point, w, w_scale, w_zero_point, private, bias, stride, padding,
+                              onednn_dilation(w, dilation), groups, out_scale, out_zero_point, accum_scale,
+                              accum_zero_point, post_op, x_qmax, saturates)  # fmt: skip
+
+
+def _ts_qconv_add(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+                  stride: list[int], padding: list[int], dilation: list[int], groups: int, accum: Tensor,
+                  accum_scale: float, accum_zero_point: int, out_scale: float, out_zero_point: int,
+                  post_op: str, accum_donated: bool, x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
+    """graphquant::qconv1d_add / qconv2d_add: ``post_op(conv(x) + accum)``."""
+    _ts_check(x, x_zero_point, w, w_scale, bias, out_zero_point, w.size(0))
+    if post_op != "none" and post_op != "relu":
+        raise ValueError("graphquant::qconv_add: only relu follows the residual sum")
+    out_shape = _ts_conv_out_shape(x, w, stride, padding, dilation, groups)
+    if accum.dtype != torch.uint8 or accum.shape != out_shape:
+        raise ValueError("graphquant::qconv_add: accum must be uint8 of the output's shape")
+    if accum_zero_point < 0 or accum_zero_point > 255:
+        raise ValueError("graphquant::qconv_add: uint8 zero points must lie in [0, 255]")
+    if not w.is_mkldnn:
+        acc = _ts_conv_nd(x.double() - x_zero_point, w.double(), stride, padding, dilation, groups)
+        other = (accum.double() - accum_zero_point) * accum_scale
+        return _ts_requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, [], 1, other)
+    if x.dim() == 3:
+        y = _ts_onednn_qconv_add_2d(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, [1] + stride,
+                                    [0] + padding, [1] + dilation, groups, accum.unsqueeze(2), accum_scale,
+                                    accum_zero_point, out_scale, out_zero_point, post_op,
+                                    accum_donated, x_qmax, saturates)  # fmt: skip
+        return y.squeeze(2)
+    if x.dim() != 4:
+        raise ValueError("graphquant::qconv_add: oneDNN fuses the residual sum into 1-d and 2-d convs only")
+    if x.size(0) == 0:
+        return accum.new_empty(out_shape)
+    return _ts_onednn_qconv_add_2d(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
+                                   accum, accum_scale, accum_zero_point, out_scale, out_zero_point,
+                                   post_op, accum_donated, x_qmax, saturates)  # fmt: skip
+
+
+def _ts_qconv_transpose(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
+                        bias: Tensor | None, stride: list[int], padding: list[int], output_padding: list[int],
+                        groups: int, dilation: list[int], out_scale: float, out_zero_point: int, post_op: str,
+                        post_op_args: list[float]) -> Tensor:  # fmt: skip
+    """graphquant::qconv_transposeNd (portable on both backends)."""
+    if x.dtype != torch.uint8 or w.dtype != torch.int8:
+        raise ValueError("graphquant::qconv_transpose: wants a uint8 activation and an int8 weight")
+    if x.dim() != w.dim() or x.dim() < 3 or x.dim() > 5 or x.size(1) != w.size(0):
+        raise ValueError("graphquant::qconv_transpose: input does not fit its weight")
+    channel_shape = [1, -1] + [1] * (x.dim() - 2)
+    xs = (x.double() - x_zero_point) * (w_scale.double() * x_scale).reshape(channel_shape)
+    wd = w.double()
+    if x.dim() == 3:
+        v = torch.conv_transpose1d(xs, wd, None, stride, padding, output_padding, groups, dilation)
+    elif x.dim() == 4:
+        v = torch.conv_transpose2d(xs, wd, None, stride, padding, output_padding, groups, dilation)
+    else:
+        v = torch.conv_transpose3d(xs, wd, None, stride, padding, output_padding, groups, dilation)
+    if bias is not None:
+        v = v + bias.double().reshape(channel_shape)
+    return x86.quantize_real(x86.post_op_float(v, post_op, post_op_args), out_scale, out_zero_point)
+
+
+def _ts_qlinear(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+                out_scale: float, out_zero_point: int, post_op: str, post_op_args: list[float],
+                float_out: bool, x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
+    """graphquant::qlinear. A packed weight is stored transposed, ``(in, out)``."""
+    if float_out:
+        out_scale, out_zero_point = 1.0, 0
+    if not w.is_mkldnn:
+        _ts_check(x, x_zero_point, w, w_scale, bias, out_zero_point, w.size(0))
+        acc = F.linear(x.double() - x_zero_point, w.double())
+        return _ts_requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args, -1,
+                              None, float_out)  # fmt: skip
+    in_features, out_features = w.size(0), w.size(1)
+    _ts_check(x, x_zero_point, w, w_scale, bias, out_zero_point, out_features)
+    if x.dim() < 1 or x.size(-1) != in_features:
+        raise ValueError("graphquant::qlinear: input does not end in the weight's in_features")
+    if x.numel() == 0:
+        shape = list(x.shape[:-1])
+        shape.append(out_features)
+        return x.new_empty(shape, dtype=torch.float32 if float_out else torch.uint8)
+    w_zero_point = torch.zeros(out_features, dtype=torch.int64)
+    out_dtype: torch.dtype | None = torch.float32 if float_out else None
+    return x86.qlinear_call(x.contiguous(), x_scale, x_zero_point, w, w_scale, w_zero_point, bias, out_scale,
+                            out_zero_point, out_dtype, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
+
+
+def _ts_quantize_uint8_math(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    return torch.clamp(torch.round(x.to(torch.float32) / scale) + zero_point, 0, 255).to(torch.uint8)
+
+
+if NATIVE_QUANTIZE:  # the scripted code calls whichever is bound: quant_math.native_quantize or the math
+
+    def _ts_quantize_uint8(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+        s, zp = float(scale.item()), int(zero_point.item())
+        if not (s > 0.0 and s < float("inf") and zp >= 0 and zp <= 255):  # a NaN or inf batch: the math path
+            return _ts_quantize_uint8_math(x, scale, zero_point)
+        return torch.quantize_per_tensor(x.to(torch.float32), s, zp, torch.quint8).int_repr()
+
+else:
+    _ts_quantize_uint8 = _ts_quantize_uint8_math
+
+
+def _ts_quantize_dynamic(x: Tensor, per_token: bool, qmax: int) -> tuple[Tensor, Tensor, Tensor]:
+    """quant_math.quantize_dynamic_tensor (its qparams: quant_math.dynamic_qparams itself)."""
+    scale, zero_point = dynamic_qparams(x, per_token, qmax)
+    if per_token:
+        q = (x.to(torch.float32) / scale).round_().clamp_(-(qmax + 1) // 2, qmax // 2).to(torch.int8)
+        return q, scale, zero_point
+    q = _ts_quantize_uint8(x, scale, zero_point)
+    return (q.clamp_max_(qmax) if qmax < 255 else q), scale, zero_point
+
+
+def _ts_dequantize_dynamic(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    return (q.to(torch.float32) - zero_point.to(torch.float32)) * scale
+
+
+def _ts_qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, per_token: bool,
+                        post_op: str, post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:
+    """graphquant::qlinear_dynamic: float32 in and out, int8 GEMM inside, then the post-op."""
+    out_features = w.size(1) if w.is_mkldnn else w.size(0)
+    in_features = w.size(0) if w.is_mkldnn else w.size(1)
+    if x.dtype != torch.float32 or x.dim() < 1 or x.size(-1) != in_features:
+        raise ValueError("graphquant::qlinear_dynamic: input must be float32 ending in the weight's in_features")
+    if x.numel() == 0:
+        shape = list(x.shape[:-1])
+        shape.append(out_features)
+        return x.new_empty(shape)
+    x = x.contiguous()
+    if w.is_mkldnn and per_token:  # kernels.dynamic: int8 shifted into uint8, zero point 128 (7-bit: 64)
+        shift = 128 if x_qmax > 127 else 64
+        row_scale, _ = dynamic_qparams(x, True, x_qmax)
+        qu = (x.to(torch.float32) / row_scale).round_().add_(shift).clamp_(0, x_qmax).to(torch.uint8)
+        y = x86.qlinear_call(qu, 1.0, shift, w, w_scale, torch.zeros(out_features, dtype=torch.int64), None, 1.0, 0,
+                             torch.float32, "none", [], x_qmax, saturates)  # fmt: skip
+        y.mul_(row_scale)
+        if bias is not None:
+            y.add_(bias)
+        return x86.post_op_float(y, post_op, post_op_args)
+    q, scale, zero_point = _ts_quantize_dynamic(x, per_token, x_qmax)
+    if w.is_mkldnn:
+        return x86.qlinear_dynamic_call(q, scale, zero_point, w, w_scale, torch.zeros(out_features, dtype=torch.int64),
+                                        bias, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
+    acc = F.linear(q.double() - zero_point.double(), w.double())
+    y = (acc * (scale.double() * w_scale.double())).float()
+    if bias is not None:
+        y.add_(bias)
+    return x86.post_op_float(y, post_op, post_op_args)
+
+
+def check_input(x: Tensor, position: int, name: str, dtype: torch.dtype, device: str, sizes: list[int],
+                    dynamic_batch: bool, batch_of: Tensor, captured: str, cast: str) -> None:  # fmt: skip
+    """inputs.InputCheck, one input: ``batch_of`` is the first input with a dynamic batch."""
+    where = "graphquant: <model> input " + str(position) + " (" + name + ")"
+    captured = "the model was captured with " + captured
+    if x.dtype != dtype:
+        raise ValueError(where + " has the wrong dtype; " + captured + ". Cast it with " + name + cast)
+    if str(x.device) != device:
+        raise ValueError(where + " is on " + str(x.device) + "; " + captured + ". Move it with " + name + ".to('"
+                         + device + "')")  # fmt: skip
+    shape = x.shape
+    if len(shape) != len(sizes):
+        raise ValueError(where + " is " + str(len(shape)) + "-d with shape " + str(shape) + "; " + captured
+                         + ". Pass inputs of that rank, or re-quantize with example inputs of that shape")  # fmt: skip
+    if len(shape) > 0 and shape[0] == 0:
+        raise ValueError(where + " has batch size 0 (shape " + str(shape) + "); " + captured
+                         + ". Skip empty batches: there is nothing to compute")  # fmt: skip
+    for dim in range(len(shape)):
+        if dim == 0 and dynamic_batch:
+            if shape[0] != batch_of.size(0):
+                raise ValueError(where + " has batch size " + str(shape[0]) + ", but an earlier input has "
+                                 + str(batch_of.size(0)) + "; give every input the same batch size")  # fmt: skip
+        elif shape[dim] != sizes[dim]:
+            raise ValueError(where + " has shape " + str(shape) + ": dimension " + str(dim) + " must be "
+                             + str(sizes[dim]) + ", got " + str(shape[dim]) + "; " + captured
+                             + ". Pass inputs of that shape, or re-quantize with example inputs of that shape")
+
+
+fx.node.has_side_effect(check_input)  # no users: kept through dead-code elimination
+
+
+def _ts_linear_fp16(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    if w.dtype != torch.float16:
+        raise ValueError("graphquant::linear_fp16: weight must be float16")
+    return F.linear(x, w.float(), bias)
+
+
+# twins that call oneDNN's GEMM / conv: their last argument is SaturationProbe's answer (kernels.x86)
+ASK_SATURATION = {"qconv1d", "qconv2d", "qconv3d", "qconv1d_add", "qconv2d_add", "qlinear", "qlinear_dynamic"}
+# graphquant op name -> its TorchScript twin
+TORCHSCRIPT_KERNELS: dict[str, Any] = {
+    "quantize_per_tensor": _ts_quantize_per_tensor_native if NATIVE_QUANTIZE else _ts_quantize_per_tensor,
+    "dequantize_per_tensor": _ts_dequantize_per_tensor,
+    "quantize_per_channel": _ts_quantize_per_channel,
+    "dequantize_per_channel": _ts_dequantize_per_channel,
+    "qconv1d": _ts_qconv,
+    "qconv2d": _ts_qconv,
+    "qconv3d": _ts_qconv,
+    "qconv1d_add": _ts_qconv_add,
+    "qconv2d_add": _ts_qconv_add,
+    "qconv_transpose1d": _ts_qconv_transpose,
+    "qconv_transpose2d": _ts_qconv_transpose,
+    "qconv_transpose3d": _ts_qconv_transpose,
+    "qlinear": _ts_qlinear,
+    "quantize_dynamic": _ts_quantize_dynamic,
+    "dequantize_dynamic": _ts_dequantize_dynamic,
+    "qlinear_dynamic": _ts_qlinear_dynamic,
+    "linear_fp16": _ts_linear_fp16,
+    **elementwise.TORCHSCRIPT,
+    **embedding.TORCHSCRIPT,
+}
+
+
+def _ts_pack_conv(w: Tensor, w_scale: Tensor, x_scale: float, x_zero_point: int, stride: list[int],
+                  padding: list[int], dilation: list[int], groups: int, x_shape: list[int]) -> Tensor:  # fmt: skip
+    """kernels.onednn.pack_conv (``x_shape`` empty: no layout hint)."""
+    hint: list[int] | None = None
+    if len(x_shape) > 0:
+        hint = x_shape
+    return torch.ops.onednn.qconv_prepack(w.contiguous(), w_scale.float(), x_scale, x_zero_point, stride, padding,
+                                          onednn_dilation(w, dilation), groups, hint)  # fmt: skip
+
+
+ConvState = tuple[Tensor, Tensor, float, int, list[int], list[int], list[int], int, list[int], bool]
+
+
+class PackedConvWeight(nn.Module):
+    """A oneDNN conv weight in a TorchScript module: saved as int8, packed again on load.
+
+    (No class-level attribute annotations: TorchScript cannot read them as strings.)
+    """
+
+    def __init__(self, w_int8: Tensor, w_scale: Tensor, x_scale: float, x_zero_point: int, stride: list[int],
+                 padding: list[int], dilation: list[int], groups: int, x_shape: list[int],
+                 packed: Tensor) -> None:  # fmt: skip
+        super().__init__()
+        self.w_int8, self.w_scale, self.x_scale, self.x_zero_point = w_int8, w_scale, x_scale, x_zero_point
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.x_shape = x_shape  # pack_conv's layout hint, [] for none
+        self.packed = packed
+
+    def forward(self) -> Tensor:
+        return self.packed
+
+    @torch.jit.export
+    def __getstate__(self) -> ConvState:
+        return (self.w_int8, self.w_scale, self.x_scale, self.x_zero_point, self.stride, self.padding, self.dilation,
+                self.groups, self.x_shape, self.training)  # fmt: skip
+
+    @torch.jit.export
+    def __setstate__(self, state: ConvState) -> None:
+        self.w_int8, self.w_scale, self.x_scale, self.x_zero_point = state[0], state[1], state[2], state[3]
+        self.stride, self.padding, self.dilation, self.groups = state[4], state[5], state[6], state[7]
+        self.x_shape, self.training = state[8], state[9]
+        self.packed = _ts_pack_conv(self.w_int8, self.w_scale, self.x_scale, self.x_zero_point, self.stride,
+                                    self.padding, self.dilation, self.groups, self.x_shape)  # fmt: skip
+
+
+# the one attribute whose value cannot tell TorchScript its type (an empty list: no hint)
+PackedConvWeight.__annotations__ = {"x_shape": typing.List[int]}  # noqa: UP006
+
+
+class PackedLinearWeight(nn.Module):
+    """A oneDNN linear weight in a TorchScript module: saved as int8, packed again on load."""
+
+    def __init__(self, w_int8: Tensor, packed: Tensor) -> None:
+        super().__init__()
+        self.w_int8 = w_int8
+        self.packed = packed
+
+    def forward(self) -> Tensor:
+        return self.packed
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[Tensor, bool]:
+        return self.w_int8, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[Tensor, bool]) -> None:
+        self.w_int8 = state[0]
+        self.training = state[1]
+        self.packed = torch.ops.onednn.qlinear_prepack(self.w_int8.contiguous(), None)

@@ -1,0 +1,202 @@
+"""A quantized model written out as TorchScript, for deployment with libtorch (no Python, no
+graphquant): :func:`to_torchscript`.
+
+Every ``graphquant::`` op becomes its TorchScript twin (:mod:`graphquant.kernels.scripted`, aten
+and onednn ops only, bit-identical to the kernel), every packed weight a small module whose
+``__getstate__`` saves the int8 weight and whose ``__setstate__`` packs it again, so
+``torch.jit.save`` writes int8 weights and ``torch.jit.load`` runs the result without
+graphquant. A :class:`graphquant.kernels.x86.SaturationProbe` asks the loading machine's CPU
+whether oneDNN's int8 kernels saturate there.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, fx, nn
+
+from graphquant.errors import GraphQuantError, where
+from graphquant.graph import get_attr_value, is_graphquant_op, module_path, named_args
+from graphquant.inputs import INPUT_CHECK, InputSpec, input_specs
+from graphquant.kernels import x86
+from graphquant.kernels.scripted import (
+    ASK_SATURATION,
+    TORCHSCRIPT_KERNELS,
+    PackedConvWeight,
+    PackedLinearWeight,
+    check_input,
+)
+from graphquant.patterns.context import PACKED
+from graphquant.program import graph_module, input_records
+
+
+def _input_checks(graph: fx.Graph, specs: tuple[InputSpec | None, ...], inputs: list[Any]) -> None:
+    """One ``check_input`` call per tensor input, where ``_input_check`` was."""
+    first = None
+    for spec, x in zip(specs, inputs, strict=True):
+        if spec is None:
+            continue
+        if spec.dynamic_batch and first is None:
+            first = x
+        cast = ".float()" if spec.dtype == torch.float32 else f".to({spec.dtype})"
+        graph.call_function(check_input, (x, spec.position, spec.name, spec.dtype, str(spec.device),
+                                              list(spec.sizes), spec.dynamic_batch, first if first is not None else x,
+                                              spec.describe(), cast))  # fmt: skip
+
+
+# runtime shape assertions export adds; TorchScript checks shapes in the kernels themselves
+_ASSERTS = {
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten._assert_tensor_metadata.default,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+    torch.ops.aten.sym_constrain_range.default,
+}
+
+
+def _packed_weight_module(gm: fx.GraphModule, packed_name: str, entry: dict[str, Any]) -> nn.Module:
+    w_int8 = getattr(gm, str(entry["int8"]))
+    packed = getattr(gm, packed_name)
+    if entry["pack"] == "pack_linear":
+        return PackedLinearWeight(w_int8, packed)
+    x_shape = entry.get("x_shape")
+    return PackedConvWeight(w_int8, entry["w_scale"].float(), float(entry["x_scale"]), int(entry["x_zero_point"]),
+                            list(entry["stride"]), list(entry["padding"]), list(entry["dilation"]),
+                            int(entry["groups"]), [int(n) for n in x_shape] if x_shape and w_int8.dim() == 4 else [],
+                            packed)  # fmt: skip
+
+
+def _script_target(node: fx.Node) -> Any:
+    """What the TorchScript graph calls for ``node``: the twin of a graphquant op, the overload
+    packet of an ATen op (TorchScript has no ``aten.add.Tensor`` spelling; it picks the
+    overload by argument types), or the function itself."""
+    target = node.target
+    if target is torch.ops.higher_order.cond:
+        raise GraphQuantError(
+            f"graphquant: {where(module_path(node), node.name)}: an `if` on a tensor (torch.cond) has no TorchScript "
+            "form here; save the model with graphquant.save, or trace the float model before quantizing it"
+        )
+    if is_graphquant_op(target):
+        name = target._opname  # type: ignore[union-attr]
+        if name not in TORCHSCRIPT_KERNELS:
+            raise GraphQuantError(
+                f"graphquant: {where(module_path(node), node.name)}: graphquant::{name} has no TorchScript form yet; "
+                f"save the model with graphquant.save, or keep that module float with "
+                f"qconfig_dict={{{module_path(node)!r}: None}}"
+            )
+        return TORCHSCRIPT_KERNELS[name]
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket
+    return target
+
+
+def _flat_inputs(gm: fx.GraphModule) -> None:
+    in_spec = getattr(gm, "_in_spec", None)
+    if in_spec is None:
+        return
+    args_spec = in_spec.children()[0] if in_spec.num_children == 2 else in_spec
+    if in_spec.num_children == 2 and in_spec.children()[1].num_leaves:
+        raise GraphQuantError("graphquant: to_torchscript takes models called with positional tensors, not keywords")
+    if any(not child.is_leaf() for child in args_spec.children()):
+        raise GraphQuantError("graphquant: to_torchscript takes models whose inputs are tensors, not nested structures")
+
+
+def _scriptable_graph(gm: fx.GraphModule) -> tuple[nn.Module, fx.Graph]:
+    """A root module and a graph TorchScript compiles: plain positional inputs, no export guards,
+    twins for graphquant ops, packed weights behind :class:`PackedConvWeight` / :class:`PackedLinearWeight`."""
+    input_records(gm)
+    _flat_inputs(gm)
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            _script_target(node)  # refuses torch.cond and graphquant ops without a twin, naming the node
+    packed: dict[str, dict[str, Any]] = getattr(gm, PACKED, {})
+    root, graph = nn.Module(), fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    names: dict[str, str] = {}
+    probes: dict[bool, fx.Node] = {}  # a SaturationProbe call per kind, made where the first twin needs it
+
+    def saturates(node: fx.Node) -> fx.Node | bool:
+        if not packed:  # portable kernels only: nothing saturates
+            return False
+        named = named_args(node)
+        weight, groups = named.get("w"), named.get("groups", 1)
+        depthwise = isinstance(weight, fx.Node) and weight.op == "get_attr" and isinstance(groups, int) and \
+            x86.is_depthwise(get_attr_value(gm, weight), groups)  # fmt: skip
+        if depthwise not in probes:
+            name = "x86_saturation_depthwise" if depthwise else "x86_saturation"
+            root.add_module(name, x86.SaturationProbe(depthwise))
+            probes[depthwise] = graph.call_module(name, ())
+        return probes[depthwise]
+
+    def attribute(target: str, make: Any) -> str:
+        if target not in names:
+            names[target] = target.replace(".", "_")
+            while hasattr(root, names[target]):
+                names[target] += "_"
+            value = make()
+            if isinstance(value, nn.Module):
+                root.add_module(names[target], value)
+            else:
+                root.register_buffer(names[target], value.detach())
+        return names[target]
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.placeholder(node.name)
+        elif node.op == "get_attr":
+            target = str(node.target)
+            if target in packed:
+                name = attribute(target, lambda t=target: _packed_weight_module(gm, t, packed[t]))
+                env[node] = graph.call_module(name, ())
+                continue
+            value = get_attr_value(gm, node)
+            if not isinstance(value, Tensor):
+                raise GraphQuantError(f"graphquant: {node.name} reads {type(value).__name__} {target}; "
+                                      "to_torchscript handles tensors only")  # fmt: skip
+            env[node] = graph.get_attr(attribute(target, lambda v=value: v))
+        elif node.op == "call_module":
+            specs = input_specs(gm) if node.target == INPUT_CHECK else None
+            if specs is not None:
+                _input_checks(graph, specs, [env[arg] for arg in node.args])
+            elif node.target != "_guards_fn":  # export's input checks: TorchScript checks shapes in the kernels
+                raise GraphQuantError(f"graphquant: {node.name} calls submodule {node.target}; to_torchscript "
+                                      "handles flat graphs only")  # fmt: skip
+        elif node.op == "call_function":
+            if node.target in _ASSERTS:
+                continue
+            args, kwargs = node.args, node.kwargs
+            if is_graphquant_op(node.target):  # the twins take every argument, defaults filled in
+                args, kwargs = tuple(named_args(node).values()), {}
+            args, kwargs = fx.map_arg(args, lambda n: env[n]), fx.map_arg(kwargs, lambda n: env[n])
+            if is_graphquant_op(node.target) and node.target._opname in ASK_SATURATION:  # type: ignore[union-attr]
+                args = (*args, saturates(node))
+            env[node] = graph.call_function(_script_target(node), args, kwargs)
+        elif node.op == "output":
+            flat = fx.map_arg(node.args[0], lambda n: env[n])
+            out_spec = getattr(gm, "_out_spec", None)
+            graph.output(pytree.tree_unflatten(list(flat), out_spec) if out_spec is not None else flat)
+    return root, graph
+
+
+def to_torchscript(qmodel: nn.Module) -> torch.jit.ScriptModule:
+    """``qmodel`` as a ``torch.jit.ScriptModule`` of aten and onednn ops only.
+
+    ``torch.jit.save`` writes it with int8 weights; ``torch.jit.load`` packs them again and
+    runs it in a process that never imports graphquant (a libtorch deployment), with
+    outputs bit-identical to ``qmodel``'s. Both backends are supported: the portable
+    kernels are pure aten, like their originals. An ``if`` on a tensor (``torch.cond``,
+    from a scripted input) is refused.
+    """
+    gm = graph_module(qmodel)
+    root, graph = _scriptable_graph(gm)
+    module = fx.GraphModule(root, graph, class_name="GraphQuantModule")
+    module.graph.eliminate_dead_code()  # what only the dropped assertions read
+    module.recompile()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.jit.script(module)
+    except Exception as error:
+        raise GraphQuantError(f"graphquant: TorchScript could not compile the quantized graph: {error}") from error
