@@ -8,9 +8,12 @@ Drives ``graphquant.kernels.onednn`` / ``portable`` / ``dynamic`` / ``elementwis
 ``torch.ops.graphquant`` schemas of ``kernels/ops.py`` with random shapes, dtypes (right and
 wrong), qparams (zero, negative, NaN and infinite scales; zero points out of range) and
 weights (packed, plain int8, float, packed for another op or shape). A ``GraphQuantError`` is
-an expected refusal; any other exception is a finding. Before each call the case is written
-to LAST_CASE_FILE, so the parent can name the case that killed the child. Prints one JSON
-line: ``{"cases": n, "ok": n, "refused": n, "findings": [...]}``.
+a refusal; any other exception is a finding. Conv and linear cases break one argument at a
+time (or none): a broken case that runs is a finding (a guard is missing), a valid one that is
+refused is a finding, and a valid one's result is held to the portable kernel's exact integer
+math within one output step. Before each call the case is written to LAST_CASE_FILE, so the
+parent can name the case that killed the child. Prints one JSON line:
+``{"cases": n, "ok": n, "refused": n, "checked": n, "findings": [...]}``.
 """
 
 from __future__ import annotations
@@ -98,26 +101,29 @@ def _bias(draw: Any, n: int, valid: bool | None = None) -> torch.Tensor | None:
 
 
 def _conv_weight(fuzz: Fuzz, kind: str, out_c: int, in_c: int, kernel: list[int], groups: int, w_scale: torch.Tensor,
-                 conv_args: tuple[list[int], list[int], list[int]], gen: torch.Generator) -> torch.Tensor:  # fmt: skip
-    """A conv weight of ``kind``: packed for oneDNN, plain int8, float, packed for a linear,
-    packed with another shape, or int8 of the wrong rank."""
+                 conv_args: tuple[list[int], list[int], list[int]], gen: torch.Generator, x_scale: float,
+                 x_zero_point: int, valid: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A conv weight of ``kind`` (packed for oneDNN with the call's activation qparams, plain int8,
+    float, packed for a linear, packed with another shape, or int8 of the wrong rank) and the
+    plain int8 weight behind it."""
     shape = (out_c, max(in_c // max(groups, 1), 1), *kernel)
     w8 = _tensor(shape, torch.int8, gen)
     if kind == "int8":
-        return w8
+        return w8, w8
     if kind == "float32":
-        return w8.float()
+        return w8.float(), w8
     if kind == "int8_wrong_rank":
-        return w8.flatten(1)
+        return w8.flatten(1), w8
     if not HAS_ONEDNN:
-        return w8
+        return w8, w8
     if kind == "packed_linear":
-        return onednn.pack_linear(w8.flatten(1))
+        return onednn.pack_linear(w8.flatten(1)), w8
     if kind == "packed_other_shape":
         w8 = _tensor((out_c + 1, *shape[1:]), torch.int8, gen)
     case = {"w": _describe(w8), "w_scale": _describe(w_scale), "args": conv_args, "groups": groups}
-    packed = fuzz.call("onednn.pack_conv", onednn.pack_conv, case, w8, w_scale, 0.1, 0, *conv_args, groups)
-    return w8 if packed is None else packed  # refused to pack: the kernel gets the plain weight
+    packed = fuzz.call("onednn.pack_conv", onednn.pack_conv, case, w8, w_scale, x_scale, x_zero_point, *conv_args,
+                       groups, expect="ok" if valid else None)  # fmt: skip
+    return (w8 if packed is None else packed), w8  # refused to pack: the kernel gets the plain weight
 
 
 class Fuzz:
@@ -128,23 +134,42 @@ class Fuzz:
         self.outcomes: Counter[str] = Counter()
         self.findings: list[dict[str, str]] = []
 
-    def call(self, op: str, fn: Any, case: dict[str, Any], *args: Any) -> Any:
-        """``fn(*args)``, or ``None`` when it raised; the outcome counted, a finding recorded."""
+    def call(self, op: str, fn: Any, case: dict[str, Any], *args: Any, expect: str | None = None,
+             want: Any = None) -> Any:  # fmt: skip
+        """``fn(*args)``, or ``None`` when it raised; the outcome counted, a finding recorded.
+        ``expect="refused"``: it must raise a ``GraphQuantError``; ``expect="ok"``: it must run,
+        and give ``want()`` (the portable kernel) within one step where ``want`` is set."""
         text = f"{op} {json.dumps(case, default=str)}"
         with open(self.last_case_file, "w") as f:
             f.write(text)
         try:
             result = fn(*args)
-        except GraphQuantError:
+        except GraphQuantError as error:
             self.outcomes["refused"] += 1
+            if expect == "ok":
+                self._finding(op, f"refused a valid case: {str(error)[:300]}", text)
             return None
         except Exception as error:  # noqa: BLE001 - the point: any other type is a finding
             self.outcomes["other"] += 1
-            if len(self.findings) < 50:
-                self.findings.append({"op": op, "error": f"{type(error).__name__}: {str(error)[:300]}", "case": text})
+            self._finding(op, f"{type(error).__name__}: {str(error)[:300]}", text)
             return None
         self.outcomes["ok"] += 1
+        if expect == "refused":
+            self._finding(op, f"accepted a case with a broken {case.get('broken')}", text)
+        elif expect == "ok" and want is not None:
+            self._check(op, result, want(), text)
         return result
+
+    def _check(self, op: str, got: torch.Tensor, want: torch.Tensor, text: str) -> None:
+        self.outcomes["checked"] += 1
+        if got.shape != want.shape or got.dtype != want.dtype:
+            self._finding(op, f"result {got.dtype} {tuple(got.shape)}, portable {want.dtype} {tuple(want.shape)}", text)
+        elif got.numel() and int((got.int() - want.int()).abs().max()) > 1:
+            self._finding(op, f"{int((got.int() - want.int()).abs().max())} steps from the portable kernel", text)
+
+    def _finding(self, op: str, error: str, text: str) -> None:
+        if len(self.findings) < 50:
+            self.findings.append({"op": op, "error": error, "case": text})
 
 
 def _describe(x: torch.Tensor) -> str:
@@ -165,7 +190,7 @@ class _Picker:
 
 _CONV_FIELDS = ["x_dtype", "channels", "n_args", "stride", "padding", "dilation", "groups", "w_kind", "w_scale",
                 "bias", "x_scale", "x_zp", "out", "post_op", "spatial"]  # fmt: skip
-_BAD_SCALES = st.sampled_from([0.0, -0.1, math.nan, math.inf, 1e-30, 1e30])
+_BAD_SCALES = st.sampled_from([0.0, -0.1, math.nan, math.inf, -math.inf])  # (1e-30 and 1e30 are valid)
 _BAD_ZERO_POINTS = st.sampled_from([-1, 256, 1000, -(2**31)])
 _GOOD_POST_OPS = st.sampled_from([("none", []), ("relu", []), ("hardtanh", [0.0, 6.0]), ("hardswish", []),
                                   ("silu", []), ("gelu", []), ("gelu_tanh", []), ("leaky_relu", [0.1])])  # fmt: skip
@@ -179,16 +204,19 @@ def conv_test(fuzz: Fuzz) -> Any:
         dim = data.draw(st.sampled_from([1, 2, 2, 3]), "dim")
         gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), "seed"))
         batch = data.draw(st.integers(0, 2), "batch")
-        groups = pick("groups", st.sampled_from([1, 1, 2]), st.sampled_from([0, -1, 3]))
+        groups = pick("groups", st.sampled_from([1, 1, 2]), st.sampled_from([0, -1]))
         in_c = data.draw(st.integers(1, 4), "in_c") * max(abs(groups), 1)
         out_c = data.draw(st.integers(1, 4), "out_c") * max(abs(groups), 1)
         kernel = [data.draw(st.integers(1, 3)) for _ in range(dim)]
-        spatial = [pick("spatial", st.integers(k, k + 4), st.integers(0, k)) for k in kernel]
         n_args = pick("n_args", st.just(dim), st.sampled_from([dim - 1, dim + 1]))
         stride = [pick("stride", st.sampled_from([1, 2]), st.sampled_from([0, -1])) for _ in range(n_args)]
         padding = [pick("padding", st.sampled_from([0, 1]), st.just(-1)) for _ in range(n_args)]
         dilation = [pick("dilation", st.sampled_from([1, 1, 2]), st.sampled_from([0, -2])) for _ in range(n_args)]
-        x_in_c = pick("channels", st.just(in_c), st.sampled_from([in_c + 1, max(in_c - 1, 1)]))
+        # valid: at least one output position ((k - 1) * dilation + 1 <= size + 2 * padding)
+        reach = [(k - 1) * (dilation[i] if i < n_args and dilation[i] > 0 else 1) + 1
+                 - 2 * (padding[i] if i < n_args and padding[i] > 0 else 0) for i, k in enumerate(kernel)]  # fmt: skip
+        spatial = [pick("spatial", st.integers(max(r, 1), max(r, 1) + 4), st.just(0)) for r in reach]
+        x_in_c = pick("channels", st.just(in_c), st.just(in_c + 1))
         x_dtype = pick("x_dtype", st.just(torch.uint8), st.sampled_from([torch.int8, torch.float32, torch.float64,
                                                                          torch.int32]))  # fmt: skip
         x = _layout(_tensor((batch, x_in_c, *spatial), x_dtype, gen),
@@ -197,24 +225,35 @@ def conv_test(fuzz: Fuzz) -> Any:
         bias = pick("bias", _bias(out_c, valid=True), _bias(out_c, valid=False))
         kind = pick("w_kind", st.sampled_from(["packed", "packed", "int8"]),
                     st.sampled_from(["float32", "packed_linear", "packed_other_shape", "int8_wrong_rank"]))  # fmt: skip
-        w = _conv_weight(fuzz, kind, out_c, in_c, kernel, groups, w_scale, (stride, padding, dilation), gen)
         x_scale, x_zp = pick("x_scale", _GOOD_SCALES, _BAD_SCALES), pick("x_zp", st.integers(0, 255), _BAD_ZERO_POINTS)
+        w, w8 = _conv_weight(fuzz, kind, out_c, in_c, kernel, groups, w_scale, (stride, padding, dilation), gen,
+                             x_scale, x_zp, pick.broken is None)  # fmt: skip
         out_scale, out_zp = pick("out", st.tuples(_GOOD_SCALES, st.integers(0, 255)),
-                                 st.tuples(SCALES, ZERO_POINTS))  # fmt: skip
+                                 st.one_of(st.tuples(_BAD_SCALES, st.integers(0, 255)),
+                                           st.tuples(_GOOD_SCALES, _BAD_ZERO_POINTS)))  # fmt: skip
         post_op, post_op_args = pick("post_op", _GOOD_POST_OPS, _BAD_POST_OPS)
         case = {"x": _describe(x), "w": _describe(w), "w_scale": _describe(w_scale), "bias": None if bias is None
                 else _describe(bias), "stride": stride, "padding": padding, "dilation": dilation, "groups": groups,
                 "x_qparams": (x_scale, x_zp), "out_qparams": (out_scale, out_zp),
-                "post_op": (post_op, post_op_args)}  # fmt: skip
+                "post_op": (post_op, post_op_args), "broken": pick.broken}  # fmt: skip
         args = (x, x_scale, x_zp, w, w_scale, bias, stride, padding, dilation, groups)
         op = data.draw(st.sampled_from(["schema", "onednn", "portable", "add", "transpose"]), "entry")
+        rest = (out_scale, out_zp, post_op, post_op_args)
+
+        def want() -> torch.Tensor:  # exact integer math on the same integers
+            return portable.qconv(x, x_scale, x_zp, w8, w_scale, bias, stride, padding, dilation, groups, *rest)
+
+        # one broken argument must be refused; a valid case must run and match the portable kernel
+        # (the oneDNN entry wants a packed weight, the portable entry a plain one)
+        wrong_weight = (op == "onednn" and not w.is_mkldnn) or (op == "portable" and w.is_mkldnn)
+        expect = "refused" if pick.broken is not None or wrong_weight else "ok"
         if op == "schema":
             schema = getattr(torch.ops.graphquant, f"qconv{dim}d").default
-            fuzz.call(f"graphquant::qconv{dim}d", schema, case, *args, out_scale, out_zp, post_op, post_op_args)
+            fuzz.call(f"graphquant::qconv{dim}d", schema, case, *args, *rest, expect=expect, want=want)
         elif op == "onednn" and HAS_ONEDNN:
-            fuzz.call("onednn.qconv", onednn.qconv, case, *args, out_scale, out_zp, post_op, post_op_args)
+            fuzz.call("onednn.qconv", onednn.qconv, case, *args, *rest, expect=expect, want=want)
         elif op == "portable":
-            fuzz.call("portable.qconv", portable.qconv, case, *args, out_scale, out_zp, post_op, post_op_args)
+            fuzz.call("portable.qconv", portable.qconv, case, *args, *rest, expect=expect, want=want)
         elif op == "add":
             accum_shape = data.draw(st.sampled_from(["fit", "fit", "small", "float"]), "accum")
             accum = _tensor((batch, out_c, *[max(s - k + 1, 1) for s, k in zip(spatial, kernel, strict=True)]),
@@ -239,6 +278,15 @@ def conv_test(fuzz: Fuzz) -> Any:
                       padding, output_padding, groups, dilation, out_scale, out_zp, post_op, post_op_args)  # fmt: skip
 
     return run
+
+
+_VALID_POST_OPS = [("none", []), ("relu", []), ("hardtanh", [0.0, 6.0]), ("hardswish", []), ("silu", []), ("gelu", []),
+                   ("gelu_tanh", []), ("leaky_relu", [0.1])]  # fmt: skip
+
+
+def _valid_scale(w_scale: torch.Tensor, n: int) -> bool:
+    return (w_scale.dtype == torch.float32 and w_scale.shape == (n,)
+            and bool(((w_scale > 0) & (w_scale < math.inf)).all()))  # fmt: skip
 
 
 def linear_test(fuzz: Fuzz) -> Any:
@@ -284,12 +332,26 @@ def linear_test(fuzz: Fuzz) -> Any:
                 else _describe(bias), "x_qparams": (x_scale, x_zp), "out_qparams": (out_scale, out_zp),
                 "post_op": (post_op, post_op_args)}  # fmt: skip
         args = (x, x_scale, x_zp, w, w_scale, bias, out_scale, out_zp, post_op, post_op_args)
+        # every argument valid: it must run and match the portable kernel; any fault: refused
+        weight_ok = {"schema": w_kind in ("packed", "int8"), "onednn": w_kind == "packed" and HAS_ONEDNN,
+                     "portable": w_kind == "int8" or (w_kind == "packed" and not HAS_ONEDNN)}[entry]  # fmt: skip
+        valid = (weight_ok and x.dtype == torch.uint8 and x_in == in_f and _valid_scale(w_scale, out_f)
+                 and (bias is None or (bias.dtype == torch.float32 and bias.shape == (out_f,)))
+                 and all(0.0 < s < math.inf for s in (x_scale, out_scale)) and 0 <= x_zp <= 255
+                 and 0 <= out_zp <= 255 and (post_op, post_op_args) in _VALID_POST_OPS)  # fmt: skip
+        case["broken"] = None if valid else "one or more arguments"
+        expect = "ok" if valid else "refused"
+
+        def want() -> torch.Tensor:
+            return portable.qlinear(x, x_scale, x_zp, w8, w_scale, bias, out_scale, out_zp, post_op, post_op_args)
+
         if entry == "schema":
-            fuzz.call("graphquant::qlinear", torch.ops.graphquant.qlinear.default, case, *args)
-        elif entry == "onednn" and HAS_ONEDNN:
-            fuzz.call("onednn.qlinear", onednn.qlinear, case, *args)
+            fuzz.call("graphquant::qlinear", torch.ops.graphquant.qlinear.default, case, *args, expect=expect,
+                      want=want)  # fmt: skip
+        elif entry == "onednn":
+            fuzz.call("onednn.qlinear", onednn.qlinear, case, *args, expect=expect, want=want)
         else:
-            fuzz.call("portable.qlinear", portable.qlinear, case, *args)
+            fuzz.call("portable.qlinear", portable.qlinear, case, *args, expect=expect, want=want)
 
     return run
 
@@ -361,8 +423,9 @@ def main(seconds: float, last_case_file: str, base_seed: int) -> None:
                               suppress_health_check=list(HealthCheck))(test)  # fmt: skip
         seed(base_seed + round_)(configured)()  # a round is reproducible from SEED and its number
         round_ += 1
-    print(json.dumps({"cases": sum(fuzz.outcomes.values()), "ok": fuzz.outcomes["ok"],
-                      "refused": fuzz.outcomes["refused"], "findings": fuzz.findings}))  # fmt: skip
+    print(json.dumps({"cases": fuzz.outcomes["ok"] + fuzz.outcomes["refused"] + fuzz.outcomes["other"],
+                      "ok": fuzz.outcomes["ok"], "refused": fuzz.outcomes["refused"],
+                      "checked": fuzz.outcomes["checked"], "findings": fuzz.findings}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from torch import nn
 
 import graphquant as gq
 from graphquant.inputs import INPUT_CHECK
-from graphquant.kernels import onednn
+from graphquant.kernels import onednn, portable
 from graphquant.qconfig import ObserverSpec, QConfig
 from graphquant.quant_math import sqnr
 from graphquant.testing import float_output_step
@@ -400,7 +400,9 @@ def test_one_wide_dilated_kernel_does_not_crash_onednn() -> None:
 
 def test_fuzzed_kernels_refuse_bad_arguments_and_never_crash(tmp_path: Path) -> None:
     """hypothesis drives the kernel wrappers in a child (tests/fuzz_kernels.py): a signal would
-    kill the child, not this run; any exception but GraphQuantError is a finding."""
+    kill the child, not this run. Findings: any exception but GraphQuantError, a conv or linear
+    with a broken argument that runs (a missing guard), a valid one that is refused, and a valid
+    one more than one step from the portable kernel's exact integer math."""
     last_case = tmp_path / "last_case.txt"
     seed = int(os.environ.get("GRAPHQUANT_FUZZ_SEED", time.time_ns() % 1_000_000))  # new cases each run
     child = subprocess.run([sys.executable, str(TESTS / "fuzz_kernels.py"), "25", str(last_case), str(seed)],
@@ -412,6 +414,7 @@ def test_fuzzed_kernels_refuse_bad_arguments_and_never_crash(tmp_path: Path) -> 
     report = json.loads(child.stdout.strip().splitlines()[-1])
     assert report["findings"] == [], f"seed {seed}: " + json.dumps(report["findings"][:5], indent=1)
     assert report["cases"] > 300 and report["ok"] > 50 and report["refused"] > 50, report
+    assert report["checked"] > 50, report  # valid convs and linears held to the portable kernels
 
 
 def _parallel_matches_sequential(model: nn.Module, inputs: list[torch.Tensor]) -> None:
@@ -465,3 +468,63 @@ def test_inplace_false_leaves_the_model_alone_dynamic() -> None:
     for name in before:
         assert torch.equal(before[name], after[name]), name
     assert type(model) is Mlp
+
+
+@pytest.mark.skipif(not onednn.available(), reason="this PyTorch has no oneDNN int8 ops")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_column_3d_convs_that_onednn_gets_wrong_match_exact_integer_math(threads: int) -> None:
+    """oneDNN's int8 3-d conv is silently wrong on an output one column wide, strided and unpadded
+    along the width (the fuzz test found x (1, 2, 5, 3, 3), w (4, 2, 3, 1, 3), stride (1, 1, 2),
+    padding (1, 0, 0) 82 steps off at 1 thread; up to 30% of such shapes go wrong). graphquant runs
+    them on the input cropped to the kernel's reach with width stride 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        checked = 0
+        for _ in range(80):
+            kernel = [int(torch.randint(1, 4, (1,), generator=g)) for _ in range(2)] + [3]
+            stride = [int(torch.randint(1, 3, (1,), generator=g)) for _ in range(2)] + [2]
+            padding = [int(torch.randint(0, 2, (1,), generator=g)) for _ in range(2)] + [0]
+            size = [k + int(torch.randint(0, 3, (1,), generator=g)) for k in kernel[:2]] + [3]
+            x = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, generator=g)
+            w = torch.randint(-128, 128, (4, 3, *kernel), dtype=torch.int8, generator=g)
+            w_scale, bias = torch.rand(4, generator=g) * 0.01 + 1e-3, torch.randn(4, generator=g)
+            conv = (stride, padding, [1, 1, 1], 1)
+            want = portable.qconv(x, 0.05, 20, w, w_scale, bias, *conv, 0.3, 100, "none", [])
+            packed = onednn.pack_conv(w, w_scale, 0.05, 20, *conv)
+            got = torch.ops.graphquant.qconv3d(x, 0.05, 20, packed, w_scale, bias, *conv, 0.3, 100, "none", [])
+            assert got.shape == want.shape and got.shape[-1] == 1
+            assert int((got.int() - want.int()).abs().max()) <= 1, (size, kernel, stride, padding)
+            checked += 1
+        assert checked == 80
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not onednn.available(), reason="no oneDNN int8 ops")
+def test_dilated_taps_that_all_fall_in_the_padding_do_not_crash_onednn() -> None:
+    """A crash the fuzz test found: oneDNN (torch 2.13) writes out of bounds (SIGSEGV) when every
+    dilated tap of some output lies in the padding (depth 1, kernel 2, dilation 2, padding 1,
+    float32 out). graphquant pads such inputs itself with the zero point; in a child, so that a
+    regression fails this test, not the run."""
+    script = """if True:
+        import torch, graphquant
+        from graphquant.kernels import onednn, portable
+        torch.manual_seed(0)
+        x = torch.randint(0, 256, (2, 4, 1, 5, 4), dtype=torch.uint8)
+        w, ws, b = torch.randint(-128, 128, (1, 4, 2, 2, 2), dtype=torch.int8), torch.full((1,), 0.01), torch.randn(1)
+        args = ([2, 2, 2], [1, 0, 1], [2, 1, 1], 1)
+        packed = onednn.pack_conv(w, ws, 0.638, 83, *args)
+        worst = 0
+        for post_op in ("hardswish", "none", "gelu"):
+            a = onednn.qconv(x, 0.638, 83, packed, ws, b, *args, 0.5, 100, post_op, [])
+            c = portable.qconv(x, 0.638, 83, w, ws, b, *args, 0.5, 100, post_op, [])
+            worst = max(worst, int((a.int() - c.int()).abs().max()))
+        print(tuple(a.shape), worst)
+    """
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                           env=_child_env())  # fmt: skip
+    assert child.returncode == 0, f"returncode {child.returncode}: {child.stderr[-2000:]}"
+    shape, steps = child.stdout.strip().rsplit(" ", 1)
+    assert shape == "(2, 1, 1, 2, 3)" and int(steps) <= 1

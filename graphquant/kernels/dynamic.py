@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from graphquant.errors import GraphQuantError
 from graphquant.kernels import x86
-from graphquant.kernels.onednn import _w_zero_point
+from graphquant.kernels.onednn import _w_zero_point, check_scale_values
 from graphquant.kernels.portable import apply_post_op, check_post_op
 from graphquant.quant_math import dynamic_qparams, quantize_dynamic_tensor, quantize_tensor
 
@@ -44,6 +44,7 @@ def check_inputs(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: 
         )
     if w_scale.dtype != torch.float32 or w_scale.shape != (out_features,):
         raise GraphQuantError(f"graphquant::qlinear_dynamic: w_scale must be float32 with {out_features} entries")
+    check_scale_values("qlinear_dynamic", w_scale)
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,)):
         raise GraphQuantError(f"graphquant::qlinear_dynamic: bias must be float32 with {out_features} entries")
     return out_features

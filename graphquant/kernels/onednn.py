@@ -20,6 +20,7 @@ backend everywhere.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -111,6 +112,24 @@ def pack_linear(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.onednn.qlinear_prepack(w.contiguous(), None)
 
 
+_CHECKED_SCALES: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+
+
+def check_scale_values(op: str, w_scale: torch.Tensor) -> None:
+    """Weight scales positive and finite (a NaN scale turns outputs into arbitrary uint8). A
+    graph passes the same scale buffer on every call: each tensor is checked once, and again
+    only after an in-place change (its version counter), so the check costs a dict lookup."""
+    seen = _CHECKED_SCALES.get(id(w_scale))
+    if seen is not None and seen[0]() is w_scale and seen[1] == w_scale._version:
+        return
+    if not bool(((w_scale > 0) & (w_scale < math.inf)).all()):
+        raise GraphQuantError(f"graphquant::{op}: weight scales must be positive and finite")
+    if len(_CHECKED_SCALES) > 4096:  # drop entries of freed tensors now and then
+        for key in [k for k, (ref, _) in _CHECKED_SCALES.items() if ref() is None]:
+            del _CHECKED_SCALES[key]
+    _CHECKED_SCALES[id(w_scale)] = (weakref.ref(w_scale), w_scale._version)
+
+
 def _check_common(
     op: str, x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
     bias: torch.Tensor | None, out_scale: float, out_zero_point: int, post_op: str, post_op_args: Sequence[float],
@@ -127,6 +146,7 @@ def _check_common(
     check_qparams(op, x_scale, x_zero_point, out_scale, out_zero_point)
     if w_scale.dtype != torch.float32 or w_scale.dim() != 1 or w_scale.numel() != out_channels:
         raise GraphQuantError(f"graphquant::{op}: w_scale must be float32 with {out_channels} entries")
+    check_scale_values(op, w_scale)
     if bias is not None and (bias.dtype != torch.float32 or bias.numel() != out_channels):
         raise GraphQuantError(f"graphquant::{op}: bias must be float32 with {out_channels} entries")
     check_post_op(op, post_op, post_op_args)

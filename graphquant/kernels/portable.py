@@ -63,10 +63,14 @@ def check_inputs(op: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tenso
     if w.dtype != torch.int8 or w.is_mkldnn:
         raise GraphQuantError(f"graphquant::{op}: weight must be a plain int8 tensor, got {w.dtype} "
                               f"mkldnn={w.is_mkldnn} (a packed weight runs on oneDNN: call torch.ops.graphquant)")
-    if w_scale.dim() != 1 or w_scale.numel() != w.shape[0]:
-        raise GraphQuantError(f"graphquant::{op}: w_scale must have one entry per output channel ({w.shape[0]})")
-    if bias is not None and bias.numel() != w.shape[0]:
-        raise GraphQuantError(f"graphquant::{op}: bias must have one entry per output channel ({w.shape[0]})")
+    if w_scale.dtype != torch.float32 or w_scale.dim() != 1 or w_scale.numel() != w.shape[0]:
+        raise GraphQuantError(f"graphquant::{op}: w_scale must be float32 with one entry per output channel "
+                              f"({w.shape[0]}), got {w_scale.dtype} {tuple(w_scale.shape)}")  # fmt: skip
+    if not bool(((w_scale > 0) & (w_scale < math.inf)).all()):  # oneDNN checks this when it packs
+        raise GraphQuantError(f"graphquant::{op}: weight scales must be positive and finite")
+    if bias is not None and (bias.dtype != torch.float32 or bias.numel() != w.shape[0]):
+        raise GraphQuantError(f"graphquant::{op}: bias must be float32 with one entry per output channel "
+                              f"({w.shape[0]})")  # fmt: skip
 
 
 def check_qparams(op: str, x_scale: float, x_zero_point: int, out_scale: float, out_zero_point: int) -> None:
