@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -287,7 +286,7 @@ def quantize_dynamic_tensor(
     x: torch.Tensor, per_token: bool, qmax: int = 255
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q, scale, zero_point)`` of one batch: uint8 per tensor or int8 per token, on the grid
-    :func:`dynamic_qparams` gives for ``qmax``."""
+    :func:`dynamic_qparams` gives for ``qmax`` (the checks, then :func:`quantize_dynamic_batch`)."""
     if qmax not in (127, 255):
         raise GraphQuantError(f"graphquant::quantize_dynamic: qmax must be 255 or 127 (reduce_range), got {qmax}")
     if not x.is_floating_point():
@@ -296,13 +295,43 @@ def quantize_dynamic_tensor(
         shape = (*x.shape[:-1], 1) if per_token and x.dim() > 0 else ()
         scale, zero_point = torch.full(shape, EPS), torch.zeros(shape, dtype=torch.int64)
         return torch.empty_like(x, dtype=torch.int8 if per_token else torch.uint8), scale, zero_point
+    return quantize_dynamic_batch(x, per_token, qmax)
+
+
+def _quantize_uint8_math(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
+    return torch.clamp(torch.round(x.to(torch.float32) / scale) + zero_point, 0, qmax).to(torch.uint8)
+
+
+@torch.jit.unused
+def _native_uint8(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor:
+    return native_quantize(x.to(torch.float32), scale, zero_point, 0, qmax, torch.uint8)  # no copy of the bytes
+
+
+def _quantize_uint8_native(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
+    s, zp = float(scale.item()), int(zero_point.item())
+    # a NaN or infinite batch has no usable range: the math gives its (meaningless) integers where
+    # torch's quantize would raise
+    if not (s > 0.0 and s < float("inf") and zp >= 0 and zp <= qmax):
+        return _quantize_uint8_math(x, scale, zero_point, qmax)
+    if torch.jit.is_scripting():
+        q = torch.quantize_per_tensor(x.to(torch.float32), s, zp, torch.quint8).int_repr()
+        return q.clamp_max_(qmax) if qmax < 255 else q
+    return _native_uint8(x, s, zp, qmax)
+
+
+# the one quantize of a dynamic batch, eager and TorchScript: torch's native quantize where it agrees
+_quantize_uint8 = _quantize_uint8_native if NATIVE_QUANTIZE else _quantize_uint8_math
+
+
+def quantize_dynamic_batch(
+    x: torch.Tensor, per_token: bool, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_dynamic_tensor` of a checked, non-empty float batch. TorchScript-compatible:
+    the TorchScript module runs this same function."""
     scale, zero_point = dynamic_qparams(x, per_token, qmax)
     if per_token:
-        return quantize_tensor(x, scale, 0, -(qmax + 1) // 2, qmax // 2, torch.int8), scale, zero_point
-    s, zp = float(scale), int(zero_point)
-    # a NaN or infinite batch has no usable range: the math below gives its (meaningless) integers
-    # where torch's quantize would raise
-    if NATIVE_QUANTIZE and x.dtype == torch.float32 and 0.0 < s < math.inf and 0 <= zp <= qmax:
-        q = native_quantize(x, s, zp, 0, 255, torch.uint8)
-        return (q.clamp_max_(qmax) if qmax < 255 else q), scale, zero_point
-    return quantize_tensor(x, scale, zero_point, 0, qmax, torch.uint8), scale, zero_point
+        q = (x.to(torch.float32) / scale).round_().clamp_(-(qmax + 1) // 2, qmax // 2).to(torch.int8)
+        return q, scale, zero_point
+    return _quantize_uint8(x, scale, zero_point, qmax), scale, zero_point
+
+

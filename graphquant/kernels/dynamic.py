@@ -1,12 +1,15 @@
 """Dynamic-quantization linear: activations quantized per batch inside the call.
 
 Both backends quantize the activation the same way
-(:func:`graphquant.quant_math.quantize_dynamic_tensor`), so the integers match the
+(:func:`graphquant.quant_math.quantize_dynamic_batch`), so the integers match the
 reference graph exactly; only the float accumulation order differs.
 
-- oneDNN: ``qlinear_pointwise`` with uint8 input and float32 output (per tensor), or int8
-  input with scale 1 and the per-row scale applied to the output (per token).
+- oneDNN: ``qlinear_pointwise`` with uint8 input and float32 output (per tensor), or the
+  per-token int8 values shifted into uint8 with the per-row scale applied to the output.
 - portable: the int32 accumulator in float64, then the same rescale.
+
+:func:`qlinear_dynamic_math` (and quant_math's quantize) are TorchScript-compatible: the
+TorchScript module runs these same functions, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -18,11 +21,9 @@ import torch.nn.functional as F
 
 from graphquant.errors import GraphQuantError
 from graphquant.kernels import x86
-from graphquant.kernels.onednn import _w_zero_point, check_scale_values
-from graphquant.kernels.portable import apply_post_op, check_post_op
-from graphquant.quant_math import dynamic_qparams, quantize_dynamic_tensor, quantize_tensor
-
-_INT8_AS_UINT8 = 128  # zero point of per-token int8 values shifted into uint8 for oneDNN
+from graphquant.kernels.onednn import check_scale_values
+from graphquant.kernels.portable import check_post_op
+from graphquant.quant_math import dynamic_qparams, quantize_dynamic_batch
 
 
 def check_inputs(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> int:
@@ -73,38 +74,47 @@ def qlinear_dynamic(
     check_post_op("qlinear_dynamic", post_op, post_op_args)
     if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], out_features))
-    x = x.contiguous()
+    return qlinear_dynamic_math(x.contiguous(), w, w_scale, bias, per_token, post_op, list(post_op_args), x_qmax,
+                                x86.saturates())  # fmt: skip
+
+
+def qlinear_dynamic_math(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                         per_token: bool, post_op: str, post_op_args: list[float], x_qmax: int,
+                         saturates: bool) -> torch.Tensor:  # fmt: skip
+    """:func:`qlinear_dynamic` on checked arguments (``x`` contiguous float32, not empty).
+    TorchScript-compatible: the TorchScript module runs this same function (``saturates``: its
+    :class:`graphquant.kernels.x86.SaturationProbe`'s answer)."""
+    out_features = w.size(1) if w.is_mkldnn else w.size(0)  # oneDNN stores the packed weight transposed
     if w.is_mkldnn and per_token:
         # oneDNN's GEMM with an int8 (s8) source has no fast kernel on every x86 CPU: on AMD EPYC
         # with AVX512-VNNI it runs a reference kernel, about 2000x slower than uint8 (0.21 s for a
         # 128x384x384 GEMM). The per-token integers go in shifted by 128 as uint8 with zero point
-        # 128: the same integers, the same int32 sums, the same float results.
-        # 7-bit: -64..63 shifted by 64 onto 0..127
-        shift = _INT8_AS_UINT8 if x_qmax > 127 else 64
+        # 128 (7-bit: -64..63 shifted by 64 onto 0..127): the same integers, int32 sums and results.
+        shift = 128 if x_qmax > 127 else 64
         scale, _ = dynamic_qparams(x, True, x_qmax)
-        q = quantize_tensor(x, scale, shift, 0, x_qmax, torch.uint8)
-        y = x86.qlinear_call(q, 1.0, shift, w, w_scale, _w_zero_point(out_features), None, 1.0, 0,
-                             torch.float32, "none", [], x_qmax, x86.saturates())  # fmt: skip
+        q = (x.to(torch.float32) / scale).round_().add_(shift).clamp_(0, x_qmax).to(torch.uint8)
+        y = x86.qlinear_call(q, 1.0, shift, w, w_scale, torch.zeros(out_features, dtype=torch.int64), None, 1.0, 0,
+                             torch.float32, "none", [], x_qmax, saturates)  # fmt: skip
         y.mul_(scale)  # y is the kernel's own fresh tensor: scaled in place, no second float32 tensor
         if bias is not None:
             y.add_(bias)
-        return _post_op_in_place(y, post_op, post_op_args)
-    q, scale, zero_point = quantize_dynamic_tensor(x, per_token, x_qmax)
+        return post_op_in_place(y, post_op, post_op_args)
+    q, scale, zero_point = quantize_dynamic_batch(x, per_token, x_qmax)
     if w.is_mkldnn:
-        return x86.qlinear_dynamic_call(q, scale, zero_point, w, w_scale, _w_zero_point(out_features), bias, post_op,
-                                        list(post_op_args), x_qmax, x86.saturates())  # fmt: skip
+        return x86.qlinear_dynamic_call(q, scale, zero_point, w, w_scale, torch.zeros(out_features, dtype=torch.int64),
+                                        bias, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
     acc = F.linear(q.double() - zero_point.double(), w.double())
     y = (acc * (scale.double() * w_scale.double())).float()
     if bias is not None:
         y.add_(bias)
-    return _post_op_in_place(y, post_op, post_op_args)
+    return post_op_in_place(y, post_op, post_op_args)
 
 
-def _post_op_in_place(y: torch.Tensor, post_op: str, args: Sequence[float]) -> torch.Tensor:
-    """``kernels.portable.apply_post_op`` written into ``y`` (a fresh float32 result): a new
-    tensor per activation costs more than the activation at batch 50 (page faults)."""
-    if post_op in ("gelu", "gelu_tanh"):
-        return torch.ops.aten.gelu_.default(y, approximate="tanh" if post_op == "gelu_tanh" else "none")
+def post_op_in_place(y: torch.Tensor, post_op: str, args: list[float]) -> torch.Tensor:
+    """:func:`graphquant.kernels.x86.post_op_float` written into ``y`` (a fresh float32 result): a
+    new tensor per activation costs more than the activation at batch 50 (page faults)."""
+    if post_op == "gelu" or post_op == "gelu_tanh":
+        return torch.ops.aten.gelu_(y, approximate="tanh" if post_op == "gelu_tanh" else "none")
     if post_op == "relu":
         return y.clamp_min_(0.0)
     if post_op == "hardtanh":
@@ -115,7 +125,7 @@ def _post_op_in_place(y: torch.Tensor, post_op: str, args: Sequence[float]) -> t
         return F.hardswish(y, inplace=True)
     if post_op == "leaky_relu":
         return F.leaky_relu(y, args[0], inplace=True)
-    return apply_post_op(y, post_op, args)
+    return x86.post_op_float(y, post_op, args)
 
 
 def linear_fp16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

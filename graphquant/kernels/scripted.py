@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from graphquant.kernels import elementwise, embedding, x86
+from graphquant.kernels import dynamic, elementwise, embedding, x86
 from graphquant.kernels.onednn import onednn_dilation
-from graphquant.quant_math import NATIVE_QUANTIZE, dynamic_qparams
+from graphquant.quant_math import NATIVE_QUANTIZE, quantize_dynamic_batch
 
 
 def _ts_quantize_per_tensor(
@@ -276,32 +276,6 @@ def _ts_qlinear(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale
                             out_zero_point, out_dtype, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
 
 
-def _ts_quantize_uint8_math(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
-    return torch.clamp(torch.round(x.to(torch.float32) / scale) + zero_point, 0, 255).to(torch.uint8)
-
-
-if NATIVE_QUANTIZE:  # the scripted code calls whichever is bound: quant_math.native_quantize or the math
-
-    def _ts_quantize_uint8(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
-        s, zp = float(scale.item()), int(zero_point.item())
-        if not (s > 0.0 and s < float("inf") and zp >= 0 and zp <= 255):  # a NaN or inf batch: the math path
-            return _ts_quantize_uint8_math(x, scale, zero_point)
-        return torch.quantize_per_tensor(x.to(torch.float32), s, zp, torch.quint8).int_repr()
-
-else:
-    _ts_quantize_uint8 = _ts_quantize_uint8_math
-
-
-def _ts_quantize_dynamic(x: Tensor, per_token: bool, qmax: int) -> tuple[Tensor, Tensor, Tensor]:
-    """quant_math.quantize_dynamic_tensor (its qparams: quant_math.dynamic_qparams itself)."""
-    scale, zero_point = dynamic_qparams(x, per_token, qmax)
-    if per_token:
-        q = (x.to(torch.float32) / scale).round_().clamp_(-(qmax + 1) // 2, qmax // 2).to(torch.int8)
-        return q, scale, zero_point
-    q = _ts_quantize_uint8(x, scale, zero_point)
-    return (q.clamp_max_(qmax) if qmax < 255 else q), scale, zero_point
-
-
 def _ts_dequantize_dynamic(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     return (q.to(torch.float32) - zero_point.to(torch.float32)) * scale
 
@@ -317,26 +291,8 @@ def _ts_qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | No
         shape = list(x.shape[:-1])
         shape.append(out_features)
         return x.new_empty(shape)
-    x = x.contiguous()
-    if w.is_mkldnn and per_token:  # kernels.dynamic: int8 shifted into uint8, zero point 128 (7-bit: 64)
-        shift = 128 if x_qmax > 127 else 64
-        row_scale, _ = dynamic_qparams(x, True, x_qmax)
-        qu = (x.to(torch.float32) / row_scale).round_().add_(shift).clamp_(0, x_qmax).to(torch.uint8)
-        y = x86.qlinear_call(qu, 1.0, shift, w, w_scale, torch.zeros(out_features, dtype=torch.int64), None, 1.0, 0,
-                             torch.float32, "none", [], x_qmax, saturates)  # fmt: skip
-        y.mul_(row_scale)
-        if bias is not None:
-            y.add_(bias)
-        return x86.post_op_float(y, post_op, post_op_args)
-    q, scale, zero_point = _ts_quantize_dynamic(x, per_token, x_qmax)
-    if w.is_mkldnn:
-        return x86.qlinear_dynamic_call(q, scale, zero_point, w, w_scale, torch.zeros(out_features, dtype=torch.int64),
-                                        bias, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
-    acc = F.linear(q.double() - zero_point.double(), w.double())
-    y = (acc * (scale.double() * w_scale.double())).float()
-    if bias is not None:
-        y.add_(bias)
-    return x86.post_op_float(y, post_op, post_op_args)
+    return dynamic.qlinear_dynamic_math(x.contiguous(), w, w_scale, bias, per_token, post_op, post_op_args, x_qmax,
+                                        saturates)  # fmt: skip
 
 
 def check_input(x: Tensor, position: int, name: str, dtype: torch.dtype, device: str, sizes: list[int],
@@ -393,7 +349,7 @@ TORCHSCRIPT_KERNELS: dict[str, Any] = {
     "qconv_transpose2d": _ts_qconv_transpose,
     "qconv_transpose3d": _ts_qconv_transpose,
     "qlinear": _ts_qlinear,
-    "quantize_dynamic": _ts_quantize_dynamic,
+    "quantize_dynamic": quantize_dynamic_batch,
     "dequantize_dynamic": _ts_dequantize_dynamic,
     "qlinear_dynamic": _ts_qlinear_dynamic,
     "linear_fp16": _ts_linear_fp16,
