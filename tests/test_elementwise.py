@@ -12,7 +12,7 @@ import graphquant
 from graphquant.kernels import elementwise
 from graphquant.qconfig import get_default_qconfig
 from graphquant.quant_math import quantize_tensor
-from graphquant.testing import output_scales, step_diff
+from graphquant.testing import output_scales
 
 ops = torch.ops.graphquant
 

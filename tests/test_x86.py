@@ -99,7 +99,7 @@ def _conv(dim: int, groups: int, post_op: str, args: list[float], stride: int = 
         w = _worst_int8((out_channels, channels // groups, *(3,) * dim))
         w_scale, bias = torch.rand(out_channels) * 0.01 + 1e-3, torch.randn(out_channels)
         conv = ([stride] * dim, [1] * dim, [1] * dim, groups)
-        acc = portable._CONV[x.dim()](x.double() - 127, w.double(), None, *conv)
+        acc = portable.conv_nd(x.double() - 127, w.double(), *conv)
         real = acc * (0.03 * w_scale.double()).reshape(1, -1, *[1] * dim) + bias.double().reshape(1, -1, *[1] * dim)
         scale, zp = _out_qparams(portable.apply_post_op(real, post_op, args))
         want = portable.qconv(x, 0.03, 127, w, w_scale, bias, *conv, scale, zp, post_op, args)
@@ -117,7 +117,7 @@ def _conv_add(dim: int, post_op: str) -> KernelCase:
         w_scale, bias = torch.rand(16) * 0.01 + 1e-3, torch.randn(16)
         conv = ([1] * dim, [1] * dim, [1] * dim, 1)
         accum = torch.randint(0, 256, (2, 16, *(6,) * dim), dtype=torch.uint8)
-        acc = portable._CONV[x.dim()](x.double() - 140, w.double(), None, *conv)
+        acc = portable.conv_nd(x.double() - 140, w.double(), *conv)
         shape = (1, -1, *[1] * dim)
         real = acc * (0.02 * w_scale.double()).reshape(shape) + bias.double().reshape(shape)
         real = real + (accum.double() - 100) * 0.5

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from graphquant.errors import GraphQuantError
 from graphquant.kernels import x86
 
-_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 _CONV_TRANSPOSE = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}
 
 # name -> number of scalars; the ops themselves are kernels.x86.post_op_float, written once in the
@@ -127,7 +126,7 @@ def conv_out_shape(
 quantize_real = x86.quantize_real  # real values to the uint8 output grid: the one rounding of every kernel
 
 
-def _requantize(
+def requantize(
     acc: torch.Tensor,
     x_scale: float,
     w_scale: torch.Tensor,
@@ -135,12 +134,13 @@ def _requantize(
     out_scale: float,
     out_zero_point: int,
     post_op: str,
-    post_op_args: Sequence[float],
+    post_op_args: list[float],
     channel_axis: int,
     accum: torch.Tensor | None = None,
     float_out: bool = False,
 ) -> torch.Tensor:
-    """int32 accumulator -> real value (+ ``accum``, real) -> post-op -> uint8 (float32 with ``float_out``)."""
+    """int32 accumulator -> real value (+ ``accum``, real) -> post-op -> uint8 (float32 with ``float_out``).
+    TorchScript-compatible: the TorchScript module runs this same function."""
     shape = [1] * acc.dim()
     shape[channel_axis] = -1
     acc_scale = (x_scale * w_scale.double()).reshape(shape)
@@ -151,8 +151,18 @@ def _requantize(
     if accum is not None:
         v = v + accum
     if float_out:
-        return apply_post_op(v, post_op, post_op_args).to(torch.float32)
-    return quantize_real(apply_post_op(v, post_op, post_op_args), out_scale, out_zero_point)
+        return x86.post_op_float(v, post_op, post_op_args).to(torch.float32)
+    return x86.quantize_real(x86.post_op_float(v, post_op, post_op_args), out_scale, out_zero_point)
+
+
+def conv_nd(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
+            groups: int) -> torch.Tensor:  # fmt: skip
+    """The float64 conv of a 1-, 2- or 3-d input (exact integer sums). TorchScript-compatible."""
+    if x.dim() == 3:
+        return torch.conv1d(x, w, None, stride, padding, dilation, groups)
+    if x.dim() == 4:
+        return torch.conv2d(x, w, None, stride, padding, dilation, groups)
+    return torch.conv3d(x, w, None, stride, padding, dilation, groups)
 
 
 def qconv(
@@ -178,8 +188,8 @@ def qconv(
     check_post_op("qconv", post_op, post_op_args)
     conv_out_shape("qconv", x, w, stride, padding, dilation, groups)
     xi = x.double() - x_zero_point
-    acc = _CONV[x.dim()](xi, w.double(), None, stride, padding, dilation, groups)
-    return _requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args, 1)
+    acc = conv_nd(xi, w.double(), list(stride), list(padding), list(dilation), groups)
+    return requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, list(post_op_args), 1)
 
 
 def qconv_add(
@@ -211,14 +221,14 @@ def qconv_add(
     check_post_op("qconv_add", post_op, ())
     conv_out_shape("qconv_add", x, w, stride, padding, dilation, groups)
     xi = x.double() - x_zero_point
-    acc = _CONV[x.dim()](xi, w.double(), None, stride, padding, dilation, groups)
+    acc = conv_nd(xi, w.double(), list(stride), list(padding), list(dilation), groups)
     if accum.dtype != torch.uint8 or accum.shape != acc.shape:
         raise GraphQuantError(
             f"graphquant::qconv_add: accum must be uint8 of the output's shape {tuple(acc.shape)}, "
             f"got {accum.dtype} {tuple(accum.shape)}"
         )
     other = (accum.double() - accum_zero_point) * accum_scale
-    return _requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, (), 1, other)
+    return requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, [], 1, other)
 
 
 def qconv_transpose(
@@ -308,5 +318,5 @@ def qlinear(
     if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1]:
         raise GraphQuantError(f"graphquant::qlinear: input {tuple(x.shape)} does not fit weight {tuple(w.shape)}")
     acc = F.linear(x.double() - x_zero_point, w.double())
-    return _requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args, -1,
+    return requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, list(post_op_args), -1,
                        float_out=float_out)  # fmt: skip

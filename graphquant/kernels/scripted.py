@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from graphquant.kernels import dynamic, elementwise, embedding, x86
+from graphquant.kernels import dynamic, elementwise, embedding, portable, x86
 from graphquant.kernels.onednn import onednn_dilation
 from graphquant.quant_math import NATIVE_QUANTIZE, quantize_dynamic_batch
 
@@ -134,31 +134,6 @@ def _ts_onednn_qconv_nd(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor,
     return x86.quantize_real(x86.post_op_float(v, post_op, post_op_args), out_scale, out_zero_point)
 
 
-def _ts_requantize(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor | None, out_scale: float,
-                   out_zero_point: int, post_op: str, post_op_args: list[float], channel_axis: int,
-                   accum: Tensor | None, float_out: bool = False) -> Tensor:  # fmt: skip
-    """kernels.portable._requantize."""
-    shape = _ts_axis_shape(acc.dim(), channel_axis)
-    acc_scale = (w_scale.double() * x_scale).reshape(shape)
-    if bias is not None:
-        acc = acc + torch.round(bias.double().reshape(shape) / acc_scale)
-    v = acc * acc_scale
-    if accum is not None:
-        v = v + accum
-    if float_out:
-        return x86.post_op_float(v, post_op, post_op_args).to(torch.float32)
-    return x86.quantize_real(x86.post_op_float(v, post_op, post_op_args), out_scale, out_zero_point)
-
-
-def _ts_conv_nd(x: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int],
-                groups: int) -> Tensor:  # fmt: skip
-    if x.dim() == 3:
-        return torch.conv1d(x, w, None, stride, padding, dilation, groups)
-    if x.dim() == 4:
-        return torch.conv2d(x, w, None, stride, padding, dilation, groups)
-    return torch.conv3d(x, w, None, stride, padding, dilation, groups)
-
-
 def _ts_qconv(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
               stride: list[int], padding: list[int], dilation: list[int], groups: int, out_scale: float,
               out_zero_point: int, post_op: str, post_op_args: list[float], x_qmax: int,
@@ -167,8 +142,9 @@ def _ts_qconv(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: 
     _ts_check(x, x_zero_point, w, w_scale, bias, out_zero_point, w.size(0))
     out_shape = _ts_conv_out_shape(x, w, stride, padding, dilation, groups)
     if not w.is_mkldnn:
-        acc = _ts_conv_nd(x.double() - x_zero_point, w.double(), stride, padding, dilation, groups)
-        return _ts_requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args, 1, None)
+        acc = portable.conv_nd(x.double() - x_zero_point, w.double(), stride, padding, dilation, groups)
+        return portable.requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args, 1,
+                                   None)  # fmt: skip
     if x.size(0) == 0:
         return x.new_empty(out_shape)
     if x.dim() == 3:  # oneDNN fuses post-ops into 2-d convs only: a conv1d runs as a conv2d of height 1
@@ -210,9 +186,9 @@ def _ts_qconv_add(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_sca
     if accum_zero_point < 0 or accum_zero_point > 255:
         raise ValueError("graphquant::qconv_add: uint8 zero points must lie in [0, 255]")
     if not w.is_mkldnn:
-        acc = _ts_conv_nd(x.double() - x_zero_point, w.double(), stride, padding, dilation, groups)
+        acc = portable.conv_nd(x.double() - x_zero_point, w.double(), stride, padding, dilation, groups)
         other = (accum.double() - accum_zero_point) * accum_scale
-        return _ts_requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, [], 1, other)
+        return portable.requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, [], 1, other)
     if x.dim() == 3:
         y = _ts_onednn_qconv_add_2d(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, [1] + stride,
                                     [0] + padding, [1] + dilation, groups, accum.unsqueeze(2), accum_scale,
@@ -260,7 +236,7 @@ def _ts_qlinear(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale
     if not w.is_mkldnn:
         _ts_check(x, x_zero_point, w, w_scale, bias, out_zero_point, w.size(0))
         acc = F.linear(x.double() - x_zero_point, w.double())
-        return _ts_requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args, -1,
+        return portable.requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args, -1,
                               None, float_out)  # fmt: skip
     in_features, out_features = w.size(0), w.size(1)
     _ts_check(x, x_zero_point, w, w_scale, bias, out_zero_point, out_features)
