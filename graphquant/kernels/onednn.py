@@ -28,16 +28,12 @@ import torch
 from graphquant.errors import GraphQuantError
 from graphquant.kernels import x86
 from graphquant.kernels.portable import (
-    CLAMPS,
-    apply_post_op,
     check_conv_args,
     check_post_op,
     check_qparams,
     conv_out_shape,
-    quantize_real,
 )
 
-_CONV2D_FUSES = {"none", "relu", "hardtanh", "hardswish", "silu"}
 _zero_points: dict[int, torch.Tensor] = {}
 
 
@@ -157,16 +153,6 @@ def _as_2d(stride: list[int], padding: list[int], dilation: list[int]) -> tuple[
     return [1, *stride], [0, *padding], [1, *dilation]
 
 
-def _clamp_on_grid(
-    y: torch.Tensor, post_op: str, post_op_args: Sequence[float], scale: float, zero_point: int
-) -> torch.Tensor:
-    """relu / hardtanh after rounding: exact, since rounding is monotone and ``round(0) = 0``."""
-    if post_op == "relu":
-        return y.clamp_min_(zero_point)
-    lo, hi = (quantize_real(torch.tensor(bound, dtype=torch.float32), scale, zero_point) for bound in post_op_args)
-    return y.clamp_(int(lo), int(hi))
-
-
 def qconv(
     x: torch.Tensor,
     x_scale: float,
@@ -196,26 +182,10 @@ def qconv(
         y = qconv(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, *_as_2d(stride, padding, dilation),
                   groups, out_scale, out_zero_point, post_op, post_op_args, x_qmax)  # fmt: skip
         return y.squeeze(2)
-    if x.dim() == 5:
-        x = x.contiguous(memory_format=torch.channels_last_3d)  # oneDNN's 3d path wants channels-last
-
-    dilation = onednn_dilation(w, dilation)
-
-    saturates = x86.saturates(x86.is_depthwise(w, groups))
-
-    def call(scale: float, zero_point: int, dtype: torch.dtype | None, fused: str) -> torch.Tensor:
-        return x86.qconv_call(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, stride,
-                              padding, dilation, groups, scale, zero_point, dtype, fused,
-                              list(post_op_args), x_qmax, saturates)  # fmt: skip
-
-    if post_op == "none" or (x.dim() == 4 and post_op in _CONV2D_FUSES):
-        return call(out_scale, out_zero_point, None, post_op)
-    if post_op in CLAMPS:
-        return _clamp_on_grid(call(out_scale, out_zero_point, None, "none"), post_op, post_op_args, out_scale,
-                              out_zero_point)  # fmt: skip
-    # no fused form: oneDNN dequantizes in the same call, the post-op runs in float, one rounding
-    v = call(1.0, 0, torch.float32, "none")
-    return quantize_real(apply_post_op(v, post_op, post_op_args), out_scale, out_zero_point)
+    return x86.qconv_with_post_op(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, stride,
+                                  padding, onednn_dilation(w, dilation), groups, out_scale, out_zero_point, post_op,
+                                  list(post_op_args), x_qmax,
+                                  x86.saturates(x86.is_depthwise(w, groups)))  # fmt: skip
 
 
 def qconv_add(

@@ -95,43 +95,14 @@ def _ts_conv_out_shape(x: Tensor, w: Tensor, stride: list[int], padding: list[in
     return out
 
 
-def _ts_onednn_conv_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
-                         bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                         scale: float, zero_point: int, dtype: torch.dtype | None, fused: str,
-                         post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
-    w_zero_point = torch.zeros(w.size(0), dtype=torch.int64)
-    return x86.qconv_call(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding,
-                          onednn_dilation(w, dilation), groups, scale, zero_point, dtype, fused,
-                          post_op_args, x_qmax, saturates)  # fmt: skip
-
-
-def _ts_clamp_on_grid(y: Tensor, post_op: str, args: list[float], scale: float, zero_point: int) -> Tensor:
-    if post_op == "relu":
-        return y.clamp_min_(zero_point)
-    lo = x86.quantize_real(torch.tensor(args[0], dtype=torch.float32), scale, zero_point)
-    hi = x86.quantize_real(torch.tensor(args[1], dtype=torch.float32), scale, zero_point)
-    return y.clamp_(int(lo.item()), int(hi.item()))
-
-
 def _ts_onednn_qconv_nd(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
                         bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
                         out_scale: float, out_zero_point: int, post_op: str,
                         post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
-    """kernels.onednn.qconv on a 2-d or 3-d conv."""
-    if x.dim() == 5:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    fuses = post_op in ["none", "relu", "hardtanh", "hardswish", "silu"]
-    if post_op == "none" or (x.dim() == 4 and fuses):
-        return _ts_onednn_conv_call(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
-                                    out_scale, out_zero_point, None, post_op, post_op_args, x_qmax,
-                                    saturates)  # fmt: skip
-    if post_op == "relu" or post_op == "hardtanh":
-        y = _ts_onednn_conv_call(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
-                                 out_scale, out_zero_point, None, "none", post_op_args, x_qmax, saturates)  # fmt: skip
-        return _ts_clamp_on_grid(y, post_op, post_op_args, out_scale, out_zero_point)
-    v = _ts_onednn_conv_call(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, 1.0, 0,
-                             torch.float32, "none", post_op_args, x_qmax, saturates)  # fmt: skip
-    return x86.quantize_real(x86.post_op_float(v, post_op, post_op_args), out_scale, out_zero_point)
+    """kernels.onednn.qconv on a 2-d or 3-d conv: kernels.x86.qconv_with_post_op, as there."""
+    return x86.qconv_with_post_op(x, x_scale, x_zero_point, w, w_scale, torch.zeros(w.size(0), dtype=torch.int64),
+                                  bias, stride, padding, onednn_dilation(w, dilation), groups, out_scale,
+                                  out_zero_point, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
 
 
 def _ts_qconv(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,

@@ -364,6 +364,36 @@ def qconv_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale:
 TWO_CALLS_WEIGHTS_PER_OUTPUT = 8192
 
 
+def clamp_on_grid(y: Tensor, post_op: str, post_op_args: list[float], scale: float, zero_point: int) -> Tensor:
+    """relu / hardtanh after rounding: exact, since rounding is monotone and ``round(0) = 0``."""
+    if post_op == "relu":
+        return y.clamp_min_(zero_point)
+    lo = quantize_real(torch.tensor(post_op_args[0], dtype=torch.float32), scale, zero_point)
+    hi = quantize_real(torch.tensor(post_op_args[1], dtype=torch.float32), scale, zero_point)
+    return y.clamp_(int(lo.item()), int(hi.item()))
+
+
+def qconv_with_post_op(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
+                       w_zero_point: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
+                       dilation: list[int], groups: int, out_scale: float, out_zero_point: int, post_op: str,
+                       post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
+    """A checked 2-d or 3-d oneDNN conv with any post-op, uint8 out: the post-op fused into the call
+    where oneDNN fuses it (2-d: relu, hardtanh, hardswish, silu); a relu / hardtanh clamped on the
+    output grid after the call (exact); any other post-op on the float32 result, then one rounding."""
+    if x.dim() == 5:
+        x = x.contiguous(memory_format=torch.channels_last_3d)  # oneDNN's 3-d path wants channels-last
+    if post_op == "none" or (x.dim() == 4 and post_op in ["relu", "hardtanh", "hardswish", "silu"]):
+        return qconv_call(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation, groups,
+                          out_scale, out_zero_point, None, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
+    if post_op == "relu" or post_op == "hardtanh":
+        y = qconv_call(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation, groups,
+                       out_scale, out_zero_point, None, "none", post_op_args, x_qmax, saturates)  # fmt: skip
+        return clamp_on_grid(y, post_op, post_op_args, out_scale, out_zero_point)
+    v = qconv_call(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation, groups, 1.0, 0,
+                   torch.float32, "none", post_op_args, x_qmax, saturates)  # fmt: skip
+    return quantize_real(post_op_float(v, post_op, post_op_args), out_scale, out_zero_point)
+
+
 def _conv_exact(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, w_zero_point: Tensor,
                 bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
                 groups: int) -> Tensor:  # fmt: skip
