@@ -142,15 +142,50 @@ def quantize_per_tensor(
     _check_range("quantize_per_tensor", zero_point, qmin, qmax, dtype)
     if not x.is_floating_point():
         raise GraphQuantError(f"graphquant::quantize_per_tensor: input must be floating point, got {x.dtype}")
-    if NATIVE_QUANTIZE and x.dtype == torch.float32 and x.numel() > 0:
-        return native_quantize(x, scale, zero_point, qmin, qmax, dtype)
-    return quantize_tensor(x, scale, zero_point, qmin, qmax, dtype)
+    if x.dtype != torch.float32 or x.numel() == 0:
+        return quantize_tensor(x, scale, zero_point, qmin, qmax, dtype)
+    return quantize_per_tensor_math(x, scale, zero_point, qmin, qmax, dtype)
+
+
+def _quantize_per_tensor_rounded(
+    x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
+) -> torch.Tensor:
+    return (x.to(torch.float32) / scale).round_().add_(zero_point).clamp_(qmin, qmax).to(dtype)
+
+
+@torch.jit.unused
+def _native_no_copy(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
+                    dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    return native_quantize(x, scale, zero_point, qmin, qmax, dtype)  # eager: the integers without a copy
+
+
+def _quantize_per_tensor_native(
+    x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
+) -> torch.Tensor:
+    if dtype != torch.uint8 and dtype != torch.int8:
+        return _quantize_per_tensor_rounded(x, scale, zero_point, qmin, qmax, dtype)
+    if not torch.jit.is_scripting():
+        return _native_no_copy(x, scale, zero_point, qmin, qmax, dtype)
+    qdtype = torch.quint8 if dtype == torch.uint8 else torch.qint8
+    q = torch.quantize_per_tensor(x.to(torch.float32), scale, zero_point, qdtype).int_repr()
+    full = (qmin, qmax) == (0, 255) if dtype == torch.uint8 else (qmin, qmax) == (-128, 127)
+    return q if full else q.clamp_(qmin, qmax)
+
+
+# A checked float32 tensor onto its grid: torch's one-pass quantize where it agrees with the math
+# (quant_math.NATIVE_QUANTIZE). TorchScript-compatible: the TorchScript module runs this same function.
+quantize_per_tensor_math = _quantize_per_tensor_native if NATIVE_QUANTIZE else _quantize_per_tensor_rounded
 
 
 def dequantize_per_tensor(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     _check_scale("dequantize_per_tensor", scale)
     if q.dtype not in _INT_RANGES:
         raise GraphQuantError(f"graphquant::dequantize_per_tensor: input must be uint8 or int8, got {q.dtype}")
+    return dequantize_per_tensor_math(q, scale, zero_point)
+
+
+def dequantize_per_tensor_math(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """Integers back to real values. TorchScript-compatible (the TorchScript module runs it)."""
     # contiguous: int8 convs return channels-last, float code after the border may .view()
     return ((q.to(torch.float32) - zero_point) * scale).contiguous()
 
@@ -175,15 +210,30 @@ def quantize_per_channel(
     if not (x.is_floating_point() and lo <= qmin <= qmax <= hi):
         raise GraphQuantError(f"graphquant::quantize_per_channel: wants a float input and {dtype} in [{lo}, {hi}], "
                               f"got {x.dtype} [{qmin}, {qmax}]")  # fmt: skip
-    shape = _axis_shape(x.dim(), axis)
-    return quantize_tensor(x, scale.reshape(shape), zero_point.reshape(shape), qmin, qmax, dtype)
+    return quantize_per_channel_math(x, scale, zero_point, axis, qmin, qmax, dtype)
+
+
+def quantize_per_channel_math(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, qmin: int,
+                              qmax: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """A checked tensor onto per-channel grids along ``axis``. TorchScript-compatible."""
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    q = torch.round(x.to(torch.float32) / scale.reshape(shape)) + zero_point.reshape(shape)
+    return torch.clamp(q, qmin, qmax).to(dtype)
 
 
 def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
     _check_channels("dequantize_per_channel", q, scale, zero_point, axis)
     if q.dtype not in _INT_RANGES:
         raise GraphQuantError(f"graphquant::dequantize_per_channel: input must be uint8 or int8, got {q.dtype}")
-    shape = _axis_shape(q.dim(), axis)
+    return dequantize_per_channel_math(q, scale, zero_point, axis)
+
+
+def dequantize_per_channel_math(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                                axis: int) -> torch.Tensor:  # fmt: skip
+    """Per-channel integers back to real values. TorchScript-compatible."""
+    shape = [1] * q.dim()
+    shape[axis] = -1
     return (q.to(torch.float32) - zero_point.reshape(shape).to(torch.float32)) * scale.reshape(shape)
 
 

@@ -289,12 +289,31 @@ def qconv_transpose(
                               f"gives an empty output {out}")  # fmt: skip
     if x.shape[0] == 0:
         return x.new_empty((0, out_channels, *out))
-    channel_shape = [1, -1] + [1] * (x.dim() - 2)
+    return qconv_transpose_math(x, x_scale, x_zero_point, w, w_scale, bias, list(stride), list(padding),
+                                list(output_padding), groups, list(dilation), out_scale, out_zero_point, post_op,
+                                list(post_op_args))  # fmt: skip
+
+
+def qconv_transpose_math(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+                         bias: torch.Tensor | None, stride: list[int], padding: list[int], output_padding: list[int],
+                         groups: int, dilation: list[int], out_scale: float, out_zero_point: int, post_op: str,
+                         post_op_args: list[float]) -> torch.Tensor:  # fmt: skip
+    """:func:`qconv_transpose` on checked arguments. TorchScript-compatible: the TorchScript
+    module runs this same function."""
+    channel_shape = [1, -1]
+    for _ in range(x.dim() - 2):
+        channel_shape.append(1)
     xs = (x.double() - x_zero_point) * (x_scale * w_scale.double()).reshape(channel_shape)
-    v = _CONV_TRANSPOSE[x.dim()](xs, w.double(), None, stride, padding, output_padding, groups, dilation)
+    wd = w.double()
+    if x.dim() == 3:
+        v = torch.conv_transpose1d(xs, wd, None, stride, padding, output_padding, groups, dilation)
+    elif x.dim() == 4:
+        v = torch.conv_transpose2d(xs, wd, None, stride, padding, output_padding, groups, dilation)
+    else:
+        v = torch.conv_transpose3d(xs, wd, None, stride, padding, output_padding, groups, dilation)
     if bias is not None:
         v = v + bias.double().reshape(channel_shape)
-    return quantize_real(apply_post_op(v, post_op, post_op_args), out_scale, out_zero_point)
+    return x86.quantize_real(x86.post_op_float(v, post_op, post_op_args), out_scale, out_zero_point)
 
 
 def qlinear(

@@ -16,51 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from graphquant.kernels import dynamic, elementwise, embedding, portable, x86
+from graphquant.kernels import dynamic, elementwise, embedding, ops, portable, x86
 from graphquant.kernels.onednn import onednn_dilation
-from graphquant.quant_math import NATIVE_QUANTIZE, quantize_dynamic_batch
-
-
-def _ts_quantize_per_tensor(
-    x: Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
-) -> Tensor:
-    q = x.to(torch.float32) / scale
-    return q.round_().add_(zero_point).clamp_(qmin, qmax).to(dtype)
-
-
-def _ts_quantize_per_tensor_native(
-    x: Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
-) -> Tensor:
-    """kernels.ops.native_quantize: torch's one-pass quantize, its integers copied out as plain ints."""
-    if dtype != torch.uint8 and dtype != torch.int8:
-        return _ts_quantize_per_tensor(x, scale, zero_point, qmin, qmax, dtype)
-    qdtype = torch.quint8 if dtype == torch.uint8 else torch.qint8
-    q = torch.quantize_per_tensor(x.to(torch.float32), scale, zero_point, qdtype).int_repr()
-    full = (qmin, qmax) == (0, 255) if dtype == torch.uint8 else (qmin, qmax) == (-128, 127)
-    return q if full else q.clamp_(qmin, qmax)
-
-
-def _ts_dequantize_per_tensor(q: Tensor, scale: float, zero_point: int) -> Tensor:
-    return ((q.to(torch.float32) - zero_point) * scale).contiguous()
-
-
-def _ts_axis_shape(ndim: int, axis: int) -> list[int]:
-    shape = [1] * ndim
-    shape[axis] = -1
-    return shape
-
-
-def _ts_quantize_per_channel(
-    x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, qmin: int, qmax: int, dtype: torch.dtype
-) -> Tensor:
-    shape = _ts_axis_shape(x.dim(), axis)
-    q = torch.round(x.to(torch.float32) / scale.reshape(shape)) + zero_point.reshape(shape)
-    return torch.clamp(q, qmin, qmax).to(dtype)
-
-
-def _ts_dequantize_per_channel(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
-    shape = _ts_axis_shape(q.dim(), axis)
-    return (q.to(torch.float32) - zero_point.reshape(shape).to(torch.float32)) * scale.reshape(shape)
+from graphquant.quant_math import quantize_dynamic_batch
 
 
 def _ts_check(x: Tensor, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_zero_point: int,
@@ -184,18 +142,9 @@ def _ts_qconv_transpose(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor,
         raise ValueError("graphquant::qconv_transpose: wants a uint8 activation and an int8 weight")
     if x.dim() != w.dim() or x.dim() < 3 or x.dim() > 5 or x.size(1) != w.size(0):
         raise ValueError("graphquant::qconv_transpose: input does not fit its weight")
-    channel_shape = [1, -1] + [1] * (x.dim() - 2)
-    xs = (x.double() - x_zero_point) * (w_scale.double() * x_scale).reshape(channel_shape)
-    wd = w.double()
-    if x.dim() == 3:
-        v = torch.conv_transpose1d(xs, wd, None, stride, padding, output_padding, groups, dilation)
-    elif x.dim() == 4:
-        v = torch.conv_transpose2d(xs, wd, None, stride, padding, output_padding, groups, dilation)
-    else:
-        v = torch.conv_transpose3d(xs, wd, None, stride, padding, output_padding, groups, dilation)
-    if bias is not None:
-        v = v + bias.double().reshape(channel_shape)
-    return x86.quantize_real(x86.post_op_float(v, post_op, post_op_args), out_scale, out_zero_point)
+    return portable.qconv_transpose_math(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, output_padding,
+                                         groups, dilation, out_scale, out_zero_point, post_op,
+                                         post_op_args)  # fmt: skip
 
 
 def _ts_qlinear(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
@@ -283,10 +232,10 @@ def _ts_linear_fp16(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
 ASK_SATURATION = {"qconv1d", "qconv2d", "qconv3d", "qconv1d_add", "qconv2d_add", "qlinear", "qlinear_dynamic"}
 # graphquant op name -> its TorchScript twin
 TORCHSCRIPT_KERNELS: dict[str, Any] = {
-    "quantize_per_tensor": _ts_quantize_per_tensor_native if NATIVE_QUANTIZE else _ts_quantize_per_tensor,
-    "dequantize_per_tensor": _ts_dequantize_per_tensor,
-    "quantize_per_channel": _ts_quantize_per_channel,
-    "dequantize_per_channel": _ts_dequantize_per_channel,
+    "quantize_per_tensor": ops.quantize_per_tensor_math,
+    "dequantize_per_tensor": ops.dequantize_per_tensor_math,
+    "quantize_per_channel": ops.quantize_per_channel_math,
+    "dequantize_per_channel": ops.dequantize_per_channel_math,
     "qconv1d": _ts_qconv,
     "qconv2d": _ts_qconv,
     "qconv3d": _ts_qconv,
