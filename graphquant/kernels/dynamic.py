@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from graphquant.errors import GraphQuantError
 from graphquant.kernels import x86
-from graphquant.kernels.onednn import check_scale_values
+from graphquant.kernels.onednn import _w_zero_point, check_scale_values
 from graphquant.kernels.portable import check_post_op
 from graphquant.quant_math import dynamic_qparams, quantize_dynamic_batch
 
@@ -74,17 +74,16 @@ def qlinear_dynamic(
     check_post_op("qlinear_dynamic", post_op, post_op_args)
     if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], out_features))
-    return qlinear_dynamic_math(x.contiguous(), w, w_scale, bias, per_token, post_op, list(post_op_args), x_qmax,
-                                x86.saturates())  # fmt: skip
+    return qlinear_dynamic_math(x.contiguous(), w, w_scale, _w_zero_point(out_features), bias, per_token, post_op,
+                                list(post_op_args), x_qmax, x86.saturates())  # fmt: skip
 
 
-def qlinear_dynamic_math(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                         per_token: bool, post_op: str, post_op_args: list[float], x_qmax: int,
-                         saturates: bool) -> torch.Tensor:  # fmt: skip
+def qlinear_dynamic_math(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor,
+                         bias: torch.Tensor | None, per_token: bool, post_op: str, post_op_args: list[float],
+                         x_qmax: int, saturates: bool) -> torch.Tensor:  # fmt: skip
     """:func:`qlinear_dynamic` on checked arguments (``x`` contiguous float32, not empty).
     TorchScript-compatible: the TorchScript module runs this same function (``saturates``: its
     :class:`graphquant.kernels.x86.SaturationProbe`'s answer)."""
-    out_features = w.size(1) if w.is_mkldnn else w.size(0)  # oneDNN stores the packed weight transposed
     if w.is_mkldnn and per_token:
         # oneDNN's GEMM with an int8 (s8) source has no fast kernel on every x86 CPU: on AMD EPYC
         # with AVX512-VNNI it runs a reference kernel, about 2000x slower than uint8 (0.21 s for a
@@ -93,16 +92,16 @@ def qlinear_dynamic_math(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
         shift = 128 if x_qmax > 127 else 64
         scale, _ = dynamic_qparams(x, True, x_qmax)
         q = (x.to(torch.float32) / scale).round_().add_(shift).clamp_(0, x_qmax).to(torch.uint8)
-        y = x86.qlinear_call(q, 1.0, shift, w, w_scale, torch.zeros(out_features, dtype=torch.int64), None, 1.0, 0,
-                             torch.float32, "none", [], x_qmax, saturates)  # fmt: skip
+        y = x86.qlinear_call(q, 1.0, shift, w, w_scale, w_zero_point, None, 1.0, 0, torch.float32, "none", [], x_qmax,
+                             saturates)  # fmt: skip
         y.mul_(scale)  # y is the kernel's own fresh tensor: scaled in place, no second float32 tensor
         if bias is not None:
             y.add_(bias)
         return post_op_in_place(y, post_op, post_op_args)
     q, scale, zero_point = quantize_dynamic_batch(x, per_token, x_qmax)
     if w.is_mkldnn:
-        return x86.qlinear_dynamic_call(q, scale, zero_point, w, w_scale, torch.zeros(out_features, dtype=torch.int64),
-                                        bias, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
+        return x86.qlinear_dynamic_call(q, scale, zero_point, w, w_scale, w_zero_point, bias, post_op, post_op_args,
+                                        x_qmax, saturates)  # fmt: skip
     acc = F.linear(q.double() - zero_point.double(), w.double())
     y = (acc * (scale.double() * w_scale.double())).float()
     if bias is not None:
