@@ -50,6 +50,7 @@ from graphquant.qconfig import (
     embedding_4bit_qconfig,
     embedding_qconfig,
     float16_dynamic_qconfig,
+    get_default_dynamic_qconfig,
     get_default_qconfig,
     per_channel_dynamic_qconfig,
     per_token_dynamic_qconfig,
@@ -75,6 +76,10 @@ PRESETS: dict[str, QConfig] = {
     "per_channel_dynamic": per_channel_dynamic_qconfig,
     "per_token_dynamic": per_token_dynamic_qconfig,
     "float16_dynamic": float16_dynamic_qconfig,
+    # 7-bit activations: one int8 call per layer on x86 CPUs without VNNI (docs/x86.md)
+    "x86_reduce_range": get_default_qconfig("x86", reduce_range=True),
+    "dynamic_reduce_range": get_default_dynamic_qconfig(reduce_range=True),
+    "per_token_dynamic_reduce_range": get_default_dynamic_qconfig(per_token=True, reduce_range=True),
     "embedding": embedding_qconfig,  # weight-only: either --mode
     "embedding_4bit": embedding_4bit_qconfig,
 }
@@ -529,7 +534,8 @@ directory is importable), a TorchScript file (torch.jit.save), or a .pt2 file.
 data: 'package.module:function' returning an iterable of batches, or a .pt file holding a
 tensor or a list of tensors (or of tuples of tensors); a batch is the model's inputs.
 --qconfig FILE.json maps module paths to a QConfig dict (QConfig.to_dict()), a preset
-name (x86, portable, dynamic, per_channel_dynamic, per_token_dynamic, float16_dynamic)
+name (x86, portable, dynamic, per_channel_dynamic, per_token_dynamic, float16_dynamic; for
+x86 CPUs without VNNI x86_reduce_range, dynamic_reduce_range, per_token_dynamic_reduce_range)
 or null (keep float); "" is the whole model, the most specific key wins.
 
 exit codes: 0 ok; 1 check failed (kernel missing, or kernel vs reference > 1 step);

@@ -168,3 +168,20 @@ def test_out_into_a_missing_directory_is_refused_before_the_work(capsys: pytest.
     assert code != cli.EXIT_OK and not target.exists()
     assert f"directory {target.parent} does not exist" in out.err and "os.makedirs" in out.err
     assert "int8" not in out.out  # refused before quantizing
+
+
+def test_reduce_range_presets_give_7bit_layers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The 7-bit presets for x86 CPUs without VNNI: every GEMM / conv reads a 7-bit activation
+    (the manifest's x86 record counts them), static and dynamic."""
+    from graphquant.program import manifest
+
+    for mode, preset, layers in (("static", "x86_reduce_range", 3), ("dynamic", "per_token_dynamic_reduce_range", 1),
+                                 ("dynamic", "dynamic_reduce_range", 1)):  # fmt: skip
+        qconfig = tmp_path / f"{preset}.json"
+        qconfig.write_text(json.dumps({"": preset}))
+        out = tmp_path / f"{preset}.pt2"
+        assert cli.main(["quantize", MODEL, "--data", DATA, "--mode", mode, "--qconfig", str(qconfig), "--out",
+                         str(out), "-q"]) == cli.EXIT_OK  # fmt: skip
+        record = manifest(graphquant.load(out))["x86"]
+        assert record["layers_7bit"] == layers and record["layers_8bit"] == 0, (preset, record)
+    capsys.readouterr()
