@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from graphquant.kernels import onednn  # noqa: E402
 
 
-def _time(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def median_ms(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median milliseconds of each call, timed interleaved after one warm-up call each."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
@@ -158,7 +159,7 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | ---: |")
     for case in args.cases.split(","):
         fns, exact, exacts = CASES[case]()
-        times = _time(fns, args.rounds)
+        times = median_ms(fns, args.rounds)
         for name, fn in fns.items():
             if name == "fp32":
                 err = "—"

@@ -19,9 +19,7 @@ Results are printed as a markdown table; the totals weight each shape by how oft
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,20 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import workloads  # noqa: E402
+from isa_kernels import median_ms  # noqa: E402
 
 from graphquant.kernels import onednn, x86  # noqa: E402
-
-
-def _median_ms(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def _layer_shapes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[tuple, int]:
@@ -138,7 +125,7 @@ def main() -> None:
         totals = {"fp32": 0.0, "over ints": 0.0, "two calls": 0.0, "one call": 0.0, "rule": 0.0}
         for key, count in _layer_shapes(workload.model.eval(), workload.timed).items():
             fns, rule = _cases(key)
-            ms = _median_ms(fns, args.rounds)
+            ms = median_ms(fns, args.rounds)
             for k, v in ms.items():
                 totals[k] += v * count
             totals["rule"] += ms[rule] * count

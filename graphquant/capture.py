@@ -67,8 +67,9 @@ def check_capturable(model: object) -> Model:
     return model
 
 
-def load_program(path: str | os.PathLike[str]) -> ExportedProgram:
-    """A float ``ExportedProgram`` from a ``.pt2`` file (``torch.export.save``)."""
+def read_program(path: str | os.PathLike[str]) -> tuple[ExportedProgram, str]:
+    """A ``.pt2`` file's ``ExportedProgram`` and the graphquant manifest inside it ("" if none),
+    with clear errors for a missing or unreadable file."""
     extra = {MANIFEST_FILE: ""}
     try:
         ep = torch.export.load(path, extra_files=extra)
@@ -78,7 +79,13 @@ def load_program(path: str | os.PathLike[str]) -> ExportedProgram:
         raise GraphQuantError(
             f"graphquant: {os.fspath(path)} is not a program torch.export.load can read: {error}"
         ) from error
-    if extra[MANIFEST_FILE]:
+    return ep, extra[MANIFEST_FILE]
+
+
+def load_program(path: str | os.PathLike[str]) -> ExportedProgram:
+    """A float ``ExportedProgram`` from a ``.pt2`` file (``torch.export.save``)."""
+    ep, manifest = read_program(path)
+    if manifest:
         raise GraphQuantError(
             f"graphquant: {os.fspath(path)} is a quantized program written by graphquant.save; "
             "load it with graphquant.load instead of quantizing it again"

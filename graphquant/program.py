@@ -30,7 +30,7 @@ from torch import Tensor, fx, nn
 from torch.export import Dim, ExportedProgram
 
 from graphquant.api import LazyQuantized
-from graphquant.capture import BATCH, MANIFEST_FILE
+from graphquant.capture import BATCH, MANIFEST_FILE, read_program
 from graphquant.errors import GraphQuantError, where
 from graphquant.graph import add_attr, example_shape, get_attr_value, is_graphquant_op, module_path, named_args
 from graphquant.inputs import INPUT_CHECK, InputSpec, install_input_check
@@ -345,14 +345,8 @@ def load(path: str | os.PathLike[str]) -> fx.GraphModule:
     ``graphquant.report(model)`` works on the result as on the saved model.
     """
     text = os.fspath(path)
-    extra = {MANIFEST_FILE: ""}
-    try:
-        program = torch.export.load(text, extra_files=extra)
-    except FileNotFoundError as error:
-        raise GraphQuantError(f"graphquant: no such .pt2 file: {text}") from error
-    except Exception as error:
-        raise GraphQuantError(f"graphquant: {text} is not a program torch.export.load can read: {error}") from error
-    data = _read_manifest(extra[MANIFEST_FILE], text)
+    program, manifest_text = read_program(text)
+    data = _read_manifest(manifest_text, text)
     gm = program.module()
     del program
     backend = data["backend"]

@@ -58,27 +58,20 @@ def _probe_linear() -> bool:
     return bool((y - 2072640.0).abs().max() > 0.5)
 
 
-def _probe_conv() -> bool:
-    x = torch.full([1, 64, 4, 4], 255, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+def _probe_conv(channels: int, groups: int, kernel: int) -> bool:
+    """A conv of all-255 uint8 activations and all-127 int8 weights, float32 out, against its exact
+    sum ``channels / groups * kernel**2 * 255 * 127`` (exact in float32 for the sizes used)."""
+    x = torch.full([1, channels, kernel + 3, kernel + 3], 255, dtype=torch.uint8)
+    x = x.contiguous(memory_format=torch.channels_last)
     w_scale = torch.ones(8)
-    w = torch.ops.onednn.qconv_prepack(torch.full([8, 64, 1, 1], 127, dtype=torch.int8), w_scale, 1.0, 0,
-                                       [1, 1], [0, 0], [1, 1], 1, None)  # fmt: skip
+    w = torch.ops.onednn.qconv_prepack(torch.full([8, channels // groups, kernel, kernel], 127, dtype=torch.int8),
+                                       w_scale, 1.0, 0, [1, 1], [0, 0], [1, 1], groups, None)  # fmt: skip
     empty: Scalars = []
     y = torch.ops.onednn.qconv_pointwise(x, 1.0, 0, w, w_scale, torch.zeros(8, dtype=torch.int64), None, [1, 1],
-                                         [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", empty, "")  # fmt: skip
-    return bool((y - 2072640.0).abs().max() > 0.5)
-
-
-def _probe_depthwise() -> bool:
-    # a 3x3 depthwise conv over 8 channels, 9 products of 255 * 127 per output: 291465
-    x = torch.full([1, 8, 3, 3], 255, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
-    w_scale = torch.ones(8)
-    w = torch.ops.onednn.qconv_prepack(torch.full([8, 1, 3, 3], 127, dtype=torch.int8), w_scale, 1.0, 0,
-                                       [1, 1], [0, 0], [1, 1], 8, None)  # fmt: skip
-    empty: Scalars = []
-    y = torch.ops.onednn.qconv_pointwise(x, 1.0, 0, w, w_scale, torch.zeros(8, dtype=torch.int64), None, [1, 1],
-                                         [0, 0], [1, 1], 8, 1.0, 0, torch.float32, "none", empty, "")  # fmt: skip
-    return bool((y - 291465.0).abs().max() > 0.5)
+                                         [0, 0], [1, 1], groups, 1.0, 0, torch.float32, "none", empty,
+                                         "")  # fmt: skip
+    exact = float(channels // groups * kernel * kernel * 255 * 127)
+    return bool((y - exact).abs().max() > 0.5)
 
 
 def probe_saturates(depthwise: bool = False) -> bool:
@@ -87,9 +80,9 @@ def probe_saturates(depthwise: bool = False) -> bool:
     ``ONEDNN_MAX_CPU_ISA``, which ``torch.cpu._is_vnni_supported()`` does not. About 1 ms.
     ``depthwise``: the same question for oneDNN's depthwise conv, a kernel of its own (on AVX2
     it multiplies in int32 and does not saturate: measured, so asked, not assumed)."""
-    if depthwise:
-        return _probe_depthwise()
-    return _probe_linear() or _probe_conv()
+    if depthwise:  # a 3x3 depthwise conv over 8 channels
+        return _probe_conv(8, 8, 3)
+    return _probe_linear() or _probe_conv(64, 1, 1)  # a 1x1 conv over 64 channels
 
 
 _SATURATES: dict[bool, bool] = {}
