@@ -148,11 +148,6 @@ def _check_common(
     check_post_op(op, post_op, post_op_args)
 
 
-def _as_2d(stride: list[int], padding: list[int], dilation: list[int]) -> tuple[list[int], list[int], list[int]]:
-    """conv1d arguments for the same conv run on ``(N, C, 1, L)``."""
-    return [1, *stride], [0, *padding], [1, *dilation]
-
-
 def qconv(
     x: torch.Tensor,
     x_scale: float,
@@ -176,16 +171,28 @@ def qconv(
     _check_common("qconv", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args,
                   out_channels)  # fmt: skip
     out_shape = conv_out_shape("qconv", x, w, stride, padding, dilation, groups)
-    if x.shape[0] == 0:
+    return qconv_run(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, stride, padding,
+                     dilation, groups, out_scale, out_zero_point, post_op, list(post_op_args), x_qmax,
+                     x86.saturates(x86.is_depthwise(w, groups)), list(out_shape))  # fmt: skip
+
+
+def qconv_run(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+              w_zero_point: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
+              dilation: list[int], groups: int, out_scale: float, out_zero_point: int, post_op: str,
+              post_op_args: list[float], x_qmax: int, saturates: bool,
+              out_shape: list[int]) -> torch.Tensor:  # fmt: skip
+    """:func:`qconv` after its checks, in TorchScript's subset: the one body the eager kernel and its
+    scripted twin (kernels/scripted.py) both run. An empty batch gives an empty output; a conv1d runs
+    as a conv2d of height 1 (oneDNN fuses post-ops into 2-d convs only)."""
+    if x.size(0) == 0:
         return x.new_empty(out_shape)
-    if x.dim() == 3:  # oneDNN fuses post-ops into 2-d convs only
-        y = qconv(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, *_as_2d(stride, padding, dilation),
-                  groups, out_scale, out_zero_point, post_op, post_op_args, x_qmax)  # fmt: skip
-        return y.squeeze(2)
-    return x86.qconv_with_post_op(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, stride,
-                                  padding, onednn_dilation(w, dilation), groups, out_scale, out_zero_point, post_op,
-                                  list(post_op_args), x_qmax,
-                                  x86.saturates(x86.is_depthwise(w, groups)))  # fmt: skip
+    one_d = x.dim() == 3
+    if one_d:
+        x, stride, padding, dilation = x.unsqueeze(2), [1] + stride, [0] + padding, [1] + dilation
+    y = x86.qconv_with_post_op(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding,
+                               onednn_dilation(w, dilation), groups, out_scale, out_zero_point, post_op, post_op_args,
+                               x_qmax, saturates)  # fmt: skip
+    return y.squeeze(2) if one_d else y
 
 
 def qconv_add(
@@ -229,24 +236,37 @@ def qconv_add(
             f"got {accum.dtype} {tuple(accum.shape)}"
         )
     check_qparams("qconv_add", accum_scale, accum_zero_point, out_scale, out_zero_point)
-    if x.dim() == 3:  # oneDNN's sum post-op is 2-d only
-        y = qconv_add(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, *_as_2d(stride, padding, dilation),
-                      groups, accum.unsqueeze(2), accum_scale, accum_zero_point, out_scale, out_zero_point,
-                      post_op, accum_donated, x_qmax)  # fmt: skip
-        return y.squeeze(2)
-    if x.dim() != 4:
+    if x.dim() not in (3, 4):
         raise GraphQuantError(
             f"graphquant::qconv_add: oneDNN fuses the residual sum into 1-d and 2-d convs, input is {x.dim()}-d"
         )
-    if x.shape[0] == 0:
+    return qconv_add_run(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, stride, padding,
+                         dilation, groups, accum, accum_scale, accum_zero_point, out_scale, out_zero_point, post_op,
+                         accum_donated, x_qmax, x86.saturates(x86.is_depthwise(w, groups)),
+                         list(out_shape))  # fmt: skip
+
+
+def qconv_add_run(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+                  w_zero_point: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
+                  dilation: list[int], groups: int, accum: torch.Tensor, accum_scale: float, accum_zero_point: int,
+                  out_scale: float, out_zero_point: int, post_op: str, accum_donated: bool, x_qmax: int,
+                  saturates: bool, out_shape: list[int]) -> torch.Tensor:  # fmt: skip
+    """:func:`qconv_add` after its checks (a 1-d or 2-d conv), in TorchScript's subset: the one body
+    the eager kernel and its scripted twin both run. oneDNN writes the sum into its accum: a private
+    channels-last copy, unless the graph donated a channels-last one."""
+    if x.size(0) == 0:
         return accum.new_empty(out_shape)
-    private = accum.contiguous(memory_format=torch.channels_last)
-    if not accum_donated and private.data_ptr() == accum.data_ptr():
-        private = private.clone(memory_format=torch.channels_last)
-    return x86.qconv_add_call(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), private, bias,
-                              stride, padding, onednn_dilation(w, dilation), groups, out_scale, out_zero_point,
-                              accum_scale, accum_zero_point, post_op, x_qmax,
-                              x86.saturates(x86.is_depthwise(w, groups)))  # fmt: skip
+    one_d = x.dim() == 3  # oneDNN's sum post-op is 2-d only: a conv1d runs as a conv2d of height 1
+    if one_d:
+        x, accum = x.unsqueeze(2), accum.unsqueeze(2)
+        stride, padding, dilation = [1] + stride, [0] + padding, [1] + dilation
+    private = accum
+    if not (accum_donated and accum.is_contiguous(memory_format=torch.channels_last)):
+        private = accum.clone(memory_format=torch.channels_last)
+    y = x86.qconv_add_call(x, x_scale, x_zero_point, w, w_scale, w_zero_point, private, bias, stride, padding,
+                           onednn_dilation(w, dilation), groups, out_scale, out_zero_point, accum_scale,
+                           accum_zero_point, post_op, x_qmax, saturates)  # fmt: skip
+    return y.squeeze(2) if one_d else y
 
 
 def qlinear(
@@ -274,10 +294,22 @@ def qlinear(
                   post_op_args, out_features)  # fmt: skip
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise GraphQuantError(f"graphquant::qlinear: input {tuple(x.shape)} does not end in {in_features} features")
+    return qlinear_run(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_features), bias, out_scale,
+                       out_zero_point, post_op, list(post_op_args), float_out, x_qmax, x86.saturates())  # fmt: skip
+
+
+def qlinear_run(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+                w_zero_point: torch.Tensor, bias: torch.Tensor | None, out_scale: float, out_zero_point: int,
+                post_op: str, post_op_args: list[float], float_out: bool, x_qmax: int,
+                saturates: bool) -> torch.Tensor:  # fmt: skip
+    """:func:`qlinear` after its checks, in TorchScript's subset: the one body the eager kernel and
+    its scripted twin both run."""
     if x.numel() == 0:
-        return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32 if float_out else torch.uint8)
+        shape = list(x.shape[:-1])
+        shape.append(w.size(1))
+        return x.new_empty(shape, dtype=torch.float32 if float_out else torch.uint8)
+    out_dtype: torch.dtype | None = None
     if float_out:
-        out_scale, out_zero_point = 1.0, 0
-    return x86.qlinear_call(x.contiguous(), x_scale, x_zero_point, w, w_scale, _w_zero_point(out_features), bias,
-                            out_scale, out_zero_point, torch.float32 if float_out else None, post_op,
-                            list(post_op_args), x_qmax, x86.saturates())  # fmt: skip
+        out_scale, out_zero_point, out_dtype = 1.0, 0, torch.float32
+    return x86.qlinear_call(x.contiguous(), x_scale, x_zero_point, w, w_scale, w_zero_point, bias, out_scale,
+                            out_zero_point, out_dtype, post_op, post_op_args, x_qmax, saturates)  # fmt: skip

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from graphquant.kernels import dynamic, elementwise, embedding, ops, portable, x86
+from graphquant.kernels import dynamic, elementwise, embedding, onednn, ops, portable
 from graphquant.kernels.onednn import onednn_dilation
 from graphquant.quant_math import quantize_dynamic_batch
 
@@ -53,16 +53,6 @@ def _ts_conv_out_shape(x: Tensor, w: Tensor, stride: list[int], padding: list[in
     return out
 
 
-def _ts_onednn_qconv_nd(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
-                        bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                        out_scale: float, out_zero_point: int, post_op: str,
-                        post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
-    """kernels.onednn.qconv on a 2-d or 3-d conv: kernels.x86.qconv_with_post_op, as there."""
-    return x86.qconv_with_post_op(x, x_scale, x_zero_point, w, w_scale, torch.zeros(w.size(0), dtype=torch.int64),
-                                  bias, stride, padding, onednn_dilation(w, dilation), groups, out_scale,
-                                  out_zero_point, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
-
-
 def _ts_qconv(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
               stride: list[int], padding: list[int], dilation: list[int], groups: int, out_scale: float,
               out_zero_point: int, post_op: str, post_op_args: list[float], x_qmax: int,
@@ -74,31 +64,9 @@ def _ts_qconv(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: 
         acc = portable.conv_nd(x.double() - x_zero_point, w.double(), stride, padding, dilation, groups)
         return portable.requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args, 1,
                                    None)  # fmt: skip
-    if x.size(0) == 0:
-        return x.new_empty(out_shape)
-    if x.dim() == 3:  # oneDNN fuses post-ops into 2-d convs only: a conv1d runs as a conv2d of height 1
-        y = _ts_onednn_qconv_nd(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, [1] + stride, [0] + padding,
-                                [1] + dilation, groups, out_scale, out_zero_point, post_op, post_op_args,
-                                x_qmax, saturates)  # fmt: skip
-        return y.squeeze(2)
-    return _ts_onednn_qconv_nd(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
-                               out_scale, out_zero_point, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
-
-
-def _ts_onednn_qconv_add_2d(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
-                            bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
-                            groups: int, accum: Tensor, accum_scale: float, accum_zero_point: int, out_scale: float,
-                            out_zero_point: int, post_op: str, accum_donated: bool,
-                            x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
-    # oneDNN writes the sum into its accum: a private channels-last copy unless the graph donated it
-    if accum_donated and accum.is_contiguous(memory_format=torch.channels_last):
-        private = accum
-    else:
-        private = accum.clone(memory_format=torch.channels_last)
-    w_zero_point = torch.zeros(w.size(0), dtype=torch.int64)
-    return x86.qconv_add_call(x, x_scale, x_zero_point, w, w_scale, w_zero_point, private, bias, stride, padding,
-                              onednn_dilation(w, dilation), groups, out_scale, out_zero_point, accum_scale,
-                              accum_zero_point, post_op, x_qmax, saturates)  # fmt: skip
+    return onednn.qconv_run(x, x_scale, x_zero_point, w, w_scale, torch.zeros(w.size(0), dtype=torch.int64), bias,
+                            stride, padding, dilation, groups, out_scale, out_zero_point, post_op, post_op_args, x_qmax,
+                            saturates, out_shape)  # fmt: skip
 
 
 def _ts_qconv_add(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
@@ -118,19 +86,11 @@ def _ts_qconv_add(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_sca
         acc = portable.conv_nd(x.double() - x_zero_point, w.double(), stride, padding, dilation, groups)
         other = (accum.double() - accum_zero_point) * accum_scale
         return portable.requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, [], 1, other)
-    if x.dim() == 3:
-        y = _ts_onednn_qconv_add_2d(x.unsqueeze(2), x_scale, x_zero_point, w, w_scale, bias, [1] + stride,
-                                    [0] + padding, [1] + dilation, groups, accum.unsqueeze(2), accum_scale,
-                                    accum_zero_point, out_scale, out_zero_point, post_op,
-                                    accum_donated, x_qmax, saturates)  # fmt: skip
-        return y.squeeze(2)
-    if x.dim() != 4:
+    if x.dim() != 3 and x.dim() != 4:
         raise ValueError("graphquant::qconv_add: oneDNN fuses the residual sum into 1-d and 2-d convs only")
-    if x.size(0) == 0:
-        return accum.new_empty(out_shape)
-    return _ts_onednn_qconv_add_2d(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
-                                   accum, accum_scale, accum_zero_point, out_scale, out_zero_point,
-                                   post_op, accum_donated, x_qmax, saturates)  # fmt: skip
+    return onednn.qconv_add_run(x, x_scale, x_zero_point, w, w_scale, torch.zeros(w.size(0), dtype=torch.int64), bias,
+                                stride, padding, dilation, groups, accum, accum_scale, accum_zero_point, out_scale,
+                                out_zero_point, post_op, accum_donated, x_qmax, saturates, out_shape)  # fmt: skip
 
 
 def _ts_qconv_transpose(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
@@ -162,14 +122,9 @@ def _ts_qlinear(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale
     _ts_check(x, x_zero_point, w, w_scale, bias, out_zero_point, out_features)
     if x.dim() < 1 or x.size(-1) != in_features:
         raise ValueError("graphquant::qlinear: input does not end in the weight's in_features")
-    if x.numel() == 0:
-        shape = list(x.shape[:-1])
-        shape.append(out_features)
-        return x.new_empty(shape, dtype=torch.float32 if float_out else torch.uint8)
     w_zero_point = torch.zeros(out_features, dtype=torch.int64)
-    out_dtype: torch.dtype | None = torch.float32 if float_out else None
-    return x86.qlinear_call(x.contiguous(), x_scale, x_zero_point, w, w_scale, w_zero_point, bias, out_scale,
-                            out_zero_point, out_dtype, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
+    return onednn.qlinear_run(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, out_scale, out_zero_point,
+                              post_op, post_op_args, float_out, x_qmax, saturates)  # fmt: skip
 
 
 def _ts_dequantize_dynamic(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
