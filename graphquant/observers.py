@@ -232,95 +232,131 @@ class HistogramObserver(Observer):
     squared clipping error of the values outside it plus ``d**2 / 12`` (uniform rounding
     error) for each value inside. Prefix sums make every candidate pair O(1), so the
     search tries all pairs of bin edges on a grid of ``search_points``.
+
+    The bins lie on a fixed grid: ``bins`` bins of width ``w = 2R / bins`` over ``[-R, R)``,
+    ``R`` the smallest power of two above every ``|x|`` seen. A value's bin is
+    ``floor(x / w)``, exact in float arithmetic (``w`` is a power of two), and when the range
+    grows to ``2R`` each pair of bins becomes one bin of the new grid, exactly. So the
+    histogram (counts in float64, exact to 2**53) is a function of the values seen, not of
+    their order, their batching or how calibration was split: merging the histograms of any
+    shards gives the same histogram, and the same qparams bit for bit, as one observer that
+    saw everything (what sharded calibration, :mod:`graphquant.distributed`, relies on). A
+    one-sided range (after a relu) occupies a quarter to a half of the bins: 512 to 1024 of the
+    default 2048, each candidate range of the search a step of 2 to 4 bins. (8192 bins, each
+    step 8 to 16, measured no better: MobileNetV2 W2 13.0-13.8 dB as bins and search points vary,
+    13.8 at these defaults; all-MiniLM-L6-v2 static cosine 0.9933-0.9936.)
     """
 
     histogram: torch.Tensor
     min_val: torch.Tensor
     max_val: torch.Tensor
+    range_exponent: torch.Tensor
+
+    # the grid's half-range R = 2**range_exponent never goes below 2**MIN_EXPONENT (a tensor of
+    # zeros, or of values that small): its bin width stays a normal float32
+    MIN_EXPONENT = -100
 
     def __init__(
         self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, bins: int = 2048, search_points: int = 256,
         reduce_range: bool = False,
     ) -> None:
         super().__init__(dtype, symmetric, reduce_range)
+        if bins < 4 or bins & (bins - 1):
+            raise ValueError(f"graphquant: HistogramObserver bins must be a power of two >= 4, got {bins}")
         self.bins = bins
         self.search_points = search_points
         self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.register_buffer("range_exponent", torch.tensor(self.MIN_EXPONENT, dtype=torch.int64))
 
-    def _rebin(self, lo: float, hi: float) -> torch.Tensor:
-        """This histogram's counts moved onto ``bins`` bins over ``[lo, hi]``."""
-        if not self.has_data:
-            return torch.zeros(self.bins, dtype=torch.float64)
-        edges = torch.linspace(float(self.min_val), float(self.max_val), self.bins + 1, dtype=torch.float64)
-        centers = (edges[:-1] + edges[1:]) / 2
-        return torch.histogram(centers, bins=self.bins, range=(lo, hi), weight=self.histogram)[0]
+    def _coarsened(self, exponent: int) -> torch.Tensor:
+        """This histogram on the grid of half-range ``2**exponent`` (>= this one's): each step
+        sums pairs of bins, exactly, into the middle half of the next grid."""
+        counts = self.histogram
+        for _ in range(exponent - int(self.range_exponent)):
+            if not bool(counts.any()):
+                break  # nothing to move
+            wider = torch.zeros_like(counts)
+            wider[self.bins // 4 : 3 * self.bins // 4] = counts.view(-1, 2).sum(1)
+            counts = wider
+        return counts
+
+    def bin_edges(self) -> torch.Tensor:
+        """The ``bins + 1`` edges of the grid, float64 (exact: multiples of a power of two)."""
+        half = math.ldexp(1.0, int(self.range_exponent))
+        return torch.linspace(-half, half, self.bins + 1, dtype=torch.float64)
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach().flatten()
+        if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+            x = x[torch.isfinite(x)]  # NaN or inf: count the rest
         if x.numel() == 0:
             return
         lo_x, hi_x = torch.aminmax(x)
-        if not (math.isfinite(float(lo_x)) and math.isfinite(float(hi_x))):  # NaN or inf: count the rest
-            x = x[torch.isfinite(x)]
-            if x.numel() == 0:
-                return
-            lo_x, hi_x = torch.aminmax(x)
-        lo = min(float(lo_x), float(self.min_val))
-        hi = max(float(hi_x), float(self.max_val))
-        if hi == lo:
-            hi = lo + 1e-8  # a constant tensor still needs a non-empty histogram range
-        counts = self._counts(x, lo, hi)
-        if self.has_data and (lo, hi) != (float(self.min_val), float(self.max_val)):
-            counts += self._rebin(lo, hi)
-        elif self.has_data:
-            counts += self.histogram
-        self.histogram = counts
-        self.min_val, self.max_val = torch.tensor(lo), torch.tensor(hi)
+        lo, hi = float(lo_x), float(hi_x)
+        exponent = max(self.MIN_EXPONENT, math.frexp(max(-lo, hi))[1])  # |x| < 2**exponent
+        if bool(self.histogram.any()):
+            exponent = max(exponent, int(self.range_exponent))
+            self.histogram = self._coarsened(exponent)
+        self.range_exponent = torch.tensor(exponent, dtype=torch.int64)
+        self.histogram = self.histogram + self._counts(x, exponent)
+        self.min_val = torch.minimum(self.min_val, torch.tensor(lo))
+        self.max_val = torch.maximum(self.max_val, torch.tensor(hi))
 
-    # histc counts in float32, exact up to 2**24 per bin: larger tensors are counted in parts
+    # counted in parts: a part's bin indexes take 4 bytes per value
     _CHUNK = 1 << 24
 
-    def _counts(self, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-        """float64 counts of ``x`` (finite, within ``[lo, hi]``) on ``bins`` equal bins.
+    def _counts(self, x: torch.Tensor, exponent: int) -> torch.Tensor:
+        """float64 counts of ``x`` (finite, ``|x| < 2**exponent``) on the grid of that half-range.
 
-        ``torch.histc`` on float32 runs in one pass without copying ``x``; ``torch.histogram``
-        wants float64 and was 2x the calibration time of quantize_jit on MiniLM at batch 50.
-        Values of float64 inputs, or ranges float32 cannot hold, take ``torch.histogram``.
+        ``x / w`` multiplies by a power of two: exact in float32 when it scales up (``w <= 1``);
+        a scale-down could round a subnormal to zero, so it runs in float64, as float64 inputs do.
+        ``bincount`` of int32 indexes was 2x faster than ``histc`` here (2.4M values: 5.8 vs 11 ms).
         """
-        if x.dtype != torch.float32 or not (abs(lo) < 3e38 and abs(hi) < 3e38 and (hi - lo) < 3e38):
-            return torch.histogram(x.double(), bins=self.bins, range=(lo, hi))[0]
+        inverse_width = math.ldexp(1.0, int(math.log2(self.bins)) - 1 - exponent)
+        narrow = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        exact_dtype = torch.float32 if narrow and inverse_width >= 1 else torch.float64
         counts = torch.zeros(self.bins, dtype=torch.float64)
         for part in x.split(self._CHUNK):
-            counts += torch.histc(part, bins=self.bins, min=lo, max=hi).double()
+            index = (part.to(exact_dtype) * inverse_width).floor_().to(torch.int32).add_(self.bins // 2)
+            counts += torch.bincount(index.clamp_(0, self.bins - 1), minlength=self.bins).double()
         return counts
 
     def merge(self, other: Observer) -> None:
         self._check_same_kind(other)
         assert isinstance(other, HistogramObserver)  # checked above: the same kind
-        if not other.has_data:
-            return
-        if not self.has_data:
-            self.histogram = other.histogram.clone()
-            self.min_val, self.max_val = other.min_val.clone(), other.max_val.clone()
-        else:
-            lo = min(float(self.min_val), float(other.min_val))
-            hi = max(float(self.max_val), float(other.max_val))
-            self.histogram = self._rebin(lo, hi) + other._rebin(lo, hi)
-            self.min_val, self.max_val = torch.tensor(lo), torch.tensor(hi)
+        if other.bins != self.bins:
+            raise ValueError(f"graphquant: cannot merge a {other.bins}-bin histogram into a {self.bins}-bin one")
+        if bool(other.histogram.any()):
+            if not bool(self.histogram.any()):
+                self.histogram = other.histogram.clone()
+                self.range_exponent = other.range_exponent.clone()
+            else:
+                exponent = max(int(self.range_exponent), int(other.range_exponent))
+                self.histogram = self._coarsened(exponent) + other._coarsened(exponent)
+                self.range_exponent = torch.tensor(exponent, dtype=torch.int64)
+            self.min_val = torch.minimum(self.min_val, other.min_val)
+            self.max_val = torch.maximum(self.max_val, other.max_val)
         self.num_batches += other.num_batches
 
     def search_range(self) -> tuple[float, float]:
-        """The clipping range ``(a, b)`` with the least expected quantization error."""
-        lo, hi = float(self.min_val), float(self.max_val)
+        """The clipping range ``(a, b)`` with the least expected quantization error: candidates
+        on ``search_points`` steps of the bins the data occupies, the outermost two the data's
+        own minimum and maximum."""
         n = self.histogram
-        edges = torch.linspace(lo, hi, self.bins + 1, dtype=torch.float64)
+        occupied = torch.nonzero(n).flatten()
+        lo, hi = float(self.min_val), float(self.max_val)
+        if occupied.numel() == 0:
+            return lo, hi
+        first, last = int(occupied[0]), int(occupied[-1]) + 1
+        edges = self.bin_edges()
         c = (edges[:-1] + edges[1:]) / 2
         zero = torch.zeros(1, dtype=torch.float64)
         cum_n, cum_s, cum_q = (torch.cat([zero, torch.cumsum(v, 0)]) for v in (n, n * c, n * c * c))
-        idx = torch.unique(torch.linspace(0, self.bins, self.search_points + 1).round().long())
-        a, b = edges[idx][:, None], edges[idx][None, :]
+        idx = torch.unique(torch.linspace(first, last, self.search_points + 1, dtype=torch.float64).round().long())
+        candidates = edges[idx].clamp(lo, hi)
+        a, b = candidates[:, None], candidates[None, :]
         ia, ib = idx[:, None], idx[None, :]
         # values below a clip to a: sum n (a - c)^2 over bins left of a
         left = a * a * cum_n[ia] - 2 * a * cum_s[ia] + cum_q[ia]
@@ -336,7 +372,7 @@ class HistogramObserver(Observer):
         err = torch.where(ib > ia, err, torch.full_like(err, float("inf")))
         best = int(torch.argmin(err))
         i, j = divmod(best, err.shape[1])
-        return float(edges[idx[i]]), float(edges[idx[j]])
+        return float(candidates[i]), float(candidates[j])
 
     def qparams(self) -> QParams:
         if not self.has_data:
