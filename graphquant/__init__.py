@@ -1,7 +1,10 @@
 """graphquant: graph-mode post-training int8 quantization for PyTorch, on torch.export."""
 
+from graphquant import (
+    distributed,  # noqa: F401  (graphquant.distributed: sharded calibration)
+    quant_math,  # noqa: F401  (graphquant.quant_math: qparams and SQNR helpers)
+)
 from graphquant import kernels as _kernels  # noqa: F401
-from graphquant import quant_math  # noqa: F401  (graphquant.quant_math: qparams and SQNR helpers)
 from graphquant.api import (
     PreparedModel,
     calibrate,

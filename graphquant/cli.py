@@ -39,7 +39,7 @@ from torch.export import ExportedProgram
 from torch.utils._pytree import tree_flatten
 
 import graphquant
-from graphquant import api
+from graphquant import api, distributed
 from graphquant import capture as capture_module
 from graphquant.errors import GraphQuantError
 from graphquant.graph import FLOAT_REASON, MATCH, module_path
@@ -290,11 +290,17 @@ def _captured(run: Callable[[], Any], model: Model, spec: str) -> Any:
                        f"{str(error).splitlines()[0] if str(error) else ''}", EXIT_LOAD) from error  # fmt: skip
 
 
-def _quantize(args: argparse.Namespace, model: Model, batches: list[Batch]) -> fx.GraphModule:
+def _quantize(args: argparse.Namespace, model: Model, batches: list[Batch], sharded: bool = False) -> fx.GraphModule:
+    """prepare, calibrate, convert; ``sharded``: this process is one rank of a torch.distributed
+    group, which calibrates on its round-robin share of ``batches`` and merges the observers."""
     qconfig_dict = build_qconfig_dict(args, model)
     bar = progress_bar(not args.quiet)
     if args.mode == "dynamic":
         prepared = _captured(lambda: api.prepare_dynamic(model, qconfig_dict, batches[0]), model, args.model)
+    elif sharded:
+        prepared = _captured(lambda: api.prepare(model, qconfig_dict, batches[0]), model, args.model)
+        share = distributed.local_shard(batches)
+        _captured(lambda: distributed.calibrate(prepared, bar(share, "calibrating")), model, args.model)
     else:
         prepared = _captured(lambda: api.prepare(model, qconfig_dict, batches[0]), model, args.model)
         _captured(lambda: api.calibrate(prepared, bar(batches, "calibrating")), model, args.model)
@@ -325,18 +331,31 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     if args.out:  # say so before the work, not after
         check_writable(args.out)
-    model = load_model(args.model)
-    batches = load_batches(args.data)
-    quantized = _quantize(args, model, batches)
-    print(graphquant.report(quantized))
-    print(f"int8 vs float SQNR on the first batch: {_db(_output_sqnr(model, quantized, batches[0]))} dB")
-    if args.out:
-        try:
-            save(quantized, args.out)
-        except Exception as error:  # noqa: BLE001
-            raise CliError(f"graphquant: cannot save to {args.out}: {error}", EXIT_FAILED) from error
-        print(f"wrote {args.out}")
-    return EXIT_OK
+    # under torchrun: one rank of a group that shards the calibration batches; rank 0 reports and saves
+    sharded = distributed.init_from_env(timeout_s=args.dist_timeout)
+    try:
+        rank = torch.distributed.get_rank() if sharded else 0
+        model = load_model(args.model)
+        batches = load_batches(args.data)
+        quantized = _quantize(args, model, batches, sharded)
+        if rank != 0:
+            return EXIT_OK
+        if sharded and args.mode != "dynamic":
+            world = torch.distributed.get_world_size()
+            print(f"calibrated on {world} processes (torch.distributed): {len(batches)} batches, about "
+                  f"{-(-len(batches) // world)} per process, observers merged")  # fmt: skip
+        print(graphquant.report(quantized))
+        print(f"int8 vs float SQNR on the first batch: {_db(_output_sqnr(model, quantized, batches[0]))} dB")
+        if args.out:
+            try:
+                save(quantized, args.out)
+            except Exception as error:  # noqa: BLE001
+                raise CliError(f"graphquant: cannot save to {args.out}: {error}", EXIT_FAILED) from error
+            print(f"wrote {args.out}")
+        return EXIT_OK
+    finally:
+        if sharded:
+            torch.distributed.destroy_process_group()
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -584,6 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
              "graphquant quantize mypkg.models:net --data mypkg.data:calibration --skip head --out net_int8.pt2",
              _common(calib), _qconfig_options())  # fmt: skip
     p.add_argument("--out", metavar="FILE", help="save the quantized model here (graphquant.save)")
+    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="S",
+                   help="under torchrun: seconds a rank waits for the others before failing (default 600)")
     p.set_defaults(run=cmd_quantize)
 
     p = verb("check", "run the check_graph_mode_op harness on your module: int8 kernel vs reference within one step",
