@@ -21,6 +21,10 @@ from graphquant.quant_math import UINT4, QParams, choose_float_qparams, choose_q
 class Observer(nn.Module):
     """Base class: records statistics of the tensors it is called on.
 
+    The statistics live in the observer's buffers, and ``merge`` combines another observer's
+    buffers into its own: :mod:`graphquant.distributed` moves buffers between ranks and merges
+    them, so a new observer shards as soon as both hold.
+
     (The class-level annotations type the buffers for mypy: ``nn.Module.__getattr__`` returns
     ``Tensor | Module``.)
 
