@@ -21,10 +21,10 @@ from graphquant.api import (
     quantize_jit,
     report,
 )
+from graphquant.archive import load, save
 from graphquant.errors import GraphQuantError
 from graphquant.kernel_timing import KernelTiming, time_kernels
 from graphquant.kernels import ops as _ops  # noqa: F401  (registers torch.ops.graphquant)
-from graphquant.program import load, save
 from graphquant.qconfig import (
     ObserverSpec,
     QConfig,

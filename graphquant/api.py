@@ -3,32 +3,39 @@
 ``prepare`` captures the model (now, or on the first call when no example inputs are
 given), folds batch-norm, annotates patterns and inserts observers. ``calibrate`` runs
 data through it. ``convert`` lowers it to a reference graph (``debug=True``) or to an
-int8 kernel graph, returned as a ``torch.fx.GraphModule``.
+int8 kernel graph, returned as a ``torch.fx.GraphModule``. A model that ``torch.export`` cannot
+capture whole is quantized region by region (``partial="auto"``, :mod:`graphquant.partial`): the
+result is then a copy of the user's model with its captured submodules quantized.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
 from torch import fx, nn
 
 from graphquant.capture import capture, check_capturable, check_control_flow, load_program, module_tree
-from graphquant.errors import GraphQuantError
+from graphquant.errors import CaptureError, GraphQuantError
 from graphquant.graph import rebind_matches
 from graphquant.inputs import install_input_check
 from graphquant.kernels import onednn
+from graphquant.partial import EagerPart, Region, RegionReport, find_regions, record_calls, region_qconfig_dict
 from graphquant.passes.annotate import annotate
 from graphquant.passes.fold_bn import fold_bn
 from graphquant.passes.insert_observers import insert_observers
 from graphquant.passes.lower import lower
 from graphquant.qconfig import QConfig, check_qconfig_dict, default_dynamic_qconfig
+from graphquant.quant_math import sqnr
 from graphquant.report import ConversionReport
 
 BACKENDS = ("onednn", "portable")
+PARTIAL = (True, False, "auto")
 # what the verbs accept: an nn.Module, a torch.jit.script / torch.jit.trace module, an ExportedProgram or a .pt2 path
 ModelInput = nn.Module | torch.export.ExportedProgram | str | os.PathLike[str]
 
@@ -38,22 +45,41 @@ class PreparedModel(nn.Module):
 
     Without example inputs the model is captured on the first call, with the inputs of
     that call (the seed API ``quantize_jit(model, qconfig_dict, run_fn, run_args)`` has
-    none). ``graph_module`` is the observed graph once captured.
+    none). ``graph_module`` is the observed graph once captured; for a model captured region
+    by region (``partial``), ``partial_model`` is the user's model with a prepared region in
+    place of each captured submodule and ``eager_parts`` what stayed eager and why.
     """
 
     def __init__(
         self, model: nn.Module | torch.export.ExportedProgram, qconfig_dict: dict[str, QConfig | None],
-        dynamic: bool = False,
+        dynamic: bool = False, partial: bool | str = "auto",
     ) -> None:  # fmt: skip
         super().__init__()
+        if partial not in PARTIAL or not isinstance(partial, (bool, str)):
+            raise GraphQuantError(f"graphquant: partial must be True, False or 'auto', got {partial!r}")
         self.qconfig_dict = qconfig_dict
         self.dynamic = dynamic
+        self.partial = partial
         self.graph_module: fx.GraphModule | None = None
+        self.partial_model: nn.Module | None = None
+        self.eager_parts: list[EagerPart] = []
         self._float_model = [model]  # a list, so nn.Module does not register it as a child
 
     def capture(self, example_inputs: Sequence[Any]) -> None:
-        """Capture, fold batch-norm, annotate and insert observers."""
-        gm = capture(self._float_model[0], example_inputs)
+        """Capture, fold batch-norm, annotate and insert observers; region by region where the
+        whole model does not export (``partial``)."""
+        model = self._float_model[0]
+        by_regions = isinstance(model, nn.Module) and not isinstance(model, torch.jit.ScriptModule)
+        if self.partial is True and by_regions:
+            self._capture_regions(tuple(example_inputs), None)
+            return
+        try:
+            gm = capture(model, example_inputs)
+        except CaptureError as error:
+            if self.partial is False or not by_regions:
+                raise
+            self._capture_regions(tuple(example_inputs), error)
+            return
         check_control_flow(gm, self.qconfig_dict)
         gm = fold_bn(gm)
         matches = annotate(gm, self.qconfig_dict, dynamic=self.dynamic)
@@ -61,12 +87,47 @@ class PreparedModel(nn.Module):
         install_input_check(self.graph_module)  # first again: observers must not see a bad batch
         self._float_model.clear()
 
+    def _capture_regions(self, example_inputs: tuple[Any, ...], whole_error: CaptureError | None) -> None:
+        """Partial graph mode: each largest submodule that exports becomes a prepared region inside
+        the user's model (graphquant.partial); the rest stays eager."""
+        model = self._float_model[0]
+        assert isinstance(model, nn.Module)
+        calls = record_calls(model, example_inputs)
+
+        def make_region(path: str, module: nn.Module, inputs: tuple[Any, ...]) -> nn.Module:
+            qconfig_dict = check_qconfig_dict(region_qconfig_dict(self.qconfig_dict, path), module)
+            region = PreparedModel(module, qconfig_dict, self.dynamic, partial=False)
+            region.capture(inputs)
+            assert region.graph_module is not None
+            if region.graph_module.graphquant_batch is not None:
+                raise CaptureError("export fixed its batch size (a region must take any batch)")
+            return region
+
+        if whole_error is None:
+            whole_error = CaptureError("partial=True: the model's own forward runs eager")
+        regions, eager = find_regions(model, calls, self.qconfig_dict, whole_error, make_region)
+        for path, region in regions.items():
+            model.set_submodule(path, region)
+        self.partial_model = model
+        self.eager_parts = eager
+        self._float_model.clear()
+        if self.partial == "auto":
+            warnings.warn(
+                f"graphquant: {type(model).__name__} does not export whole ({eager[0].reason}); quantized "
+                f"{len(regions)} parts that do ({', '.join(regions) or 'none'}), the rest runs eager in float: "
+                f"{', '.join(p.path or '<model>' for p in eager)}. graphquant.report(q) says why for each; "
+                "partial=False refuses instead",
+                stacklevel=4,
+            )
+
     def forward(self, *args: Any) -> Any:
         # Calibration never needs gradients. Without no_grad a run_fn that keeps its outputs
         # (``[model(b) for b in batches]``) keeps every batch's autograd graph alive: 7 GB on BERT-base.
         with torch.no_grad():
-            if self.graph_module is None:
+            if self.graph_module is None and self.partial_model is None:
                 self.capture(args)
+            if self.partial_model is not None:
+                return self.partial_model(*args)
             assert self.graph_module is not None
             return self.graph_module(*args)
 
@@ -85,14 +146,17 @@ def _check_example_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
 
 def prepare(
     model: ModelInput, qconfig_dict: Mapping[str, QConfig | None], example_inputs: Sequence[Any] | None = None,
-    inplace: bool = False,
+    inplace: bool = False, partial: bool | str = "auto",
 ) -> PreparedModel:  # fmt: skip
     """Capture ``model`` and insert observers as ``qconfig_dict`` asks.
 
     ``inplace=False`` (the default) works on a copy: the user's model is never changed.
     With ``example_inputs=None`` capture waits for the first calibration call.
+    ``partial``: ``"auto"`` captures the whole model when it exports and region by region when
+    it does not (with one warning naming what stays eager); ``False`` refuses a model that does
+    not export whole; ``True`` always quantizes region by region (:mod:`graphquant.partial`).
     """
-    return _prepare(model, qconfig_dict, example_inputs, inplace, dynamic=False)
+    return _prepare(model, qconfig_dict, example_inputs, inplace, dynamic=False, partial=partial)
 
 
 def _model(model: ModelInput, inplace: bool) -> nn.Module | torch.export.ExportedProgram:
@@ -113,7 +177,7 @@ def _model(model: ModelInput, inplace: bool) -> nn.Module | torch.export.Exporte
 
 def _prepare(
     model: ModelInput, qconfig_dict: Mapping[str, QConfig | None], example_inputs: Sequence[Any] | None,
-    inplace: bool, dynamic: bool,
+    inplace: bool, dynamic: bool, partial: bool | str = "auto",
 ) -> PreparedModel:  # fmt: skip
     model = _model(model, inplace)
     checked = check_qconfig_dict(qconfig_dict, module_tree(model))
@@ -124,7 +188,7 @@ def _prepare(
                 f"graphquant: qconfig_dict[{key!r}] is a {'dynamic' if qconfig.is_dynamic else 'static'} qconfig; "
                 f"use it with {want}"
             )
-    prepared = PreparedModel(model, checked, dynamic=dynamic)
+    prepared = PreparedModel(model, checked, dynamic=dynamic, partial=partial)
     inputs = _check_example_inputs(example_inputs)
     if inputs is not None:
         prepared.capture(inputs)
@@ -133,14 +197,14 @@ def _prepare(
 
 def prepare_dynamic(
     model: ModelInput, qconfig_dict: Mapping[str, QConfig | None] | None = None,
-    example_inputs: Sequence[Any] | None = None, inplace: bool = False,
+    example_inputs: Sequence[Any] | None = None, inplace: bool = False, partial: bool | str = "auto",
 ) -> PreparedModel:  # fmt: skip
     """Capture ``model`` for dynamic quantization: no observers, no calibration needed.
 
-    ``qconfig_dict`` defaults to ``{"": default_dynamic_qconfig}``.
+    ``qconfig_dict`` defaults to ``{"": default_dynamic_qconfig}``; ``partial`` as in :func:`prepare`.
     """
     qconfig_dict = {"": default_dynamic_qconfig} if qconfig_dict is None else qconfig_dict
-    return _prepare(model, qconfig_dict, example_inputs, inplace, dynamic=True)
+    return _prepare(model, qconfig_dict, example_inputs, inplace, dynamic=True, partial=partial)
 
 
 def calibrate(prepared: PreparedModel, data: Iterable[Any]) -> PreparedModel:
@@ -178,6 +242,8 @@ def _convert(
         raise GraphQuantError(
             f"graphquant: convert takes the model returned by graphquant.prepare, got {type(prepared).__name__}"
         )
+    if prepared.partial_model is not None:
+        return _convert_regions(prepared, debug, inplace, backend)  # type: ignore[return-value]
     if prepared.graph_module is None and prepared.dynamic:
         return LazyQuantized(prepared, debug, backend)  # type: ignore[return-value]
     if prepared.graph_module is None:
@@ -214,6 +280,46 @@ def _convert(
     return gm
 
 
+def _floats(value: Any) -> torch.Tensor | None:
+    """Every floating tensor in a (nested) output, flattened into one."""
+    from torch.utils._pytree import tree_flatten
+
+    parts = [t.detach().flatten().float() for t in tree_flatten(value)[0]
+             if isinstance(t, torch.Tensor) and t.is_floating_point()]  # fmt: skip
+    return torch.cat(parts) if parts else None
+
+
+def _convert_regions(prepared: PreparedModel, debug: bool, inplace: bool, backend: str | None) -> nn.Module:
+    """``convert`` of a model captured region by region: each region converted as a whole graph
+    and measured against the float output recorded for it; the report lists every region and
+    every part left eager."""
+    assert prepared.partial_model is not None
+    model = prepared.partial_model if inplace else copy.deepcopy(prepared.partial_model)
+    nodes, regions = [], []
+    mode, used_backend = ("reference" if debug else "kernel"), backend or default_backend()
+    for _, region in list(model.named_modules()):
+        if not isinstance(region, Region) or not isinstance(region.inner, PreparedModel):
+            continue
+        quantized = _convert(region.inner, debug, True, backend)
+        region.inner = quantized
+        rep = cast(ConversionReport, quantized.graphquant_report)
+        mode, used_backend = rep.mode, rep.backend
+        nodes += [replace(n, module_path=f"{region.path}.{n.module_path}" if n.module_path else region.path)
+                  for n in rep.nodes]  # fmt: skip
+        region_sqnr = None
+        if region.example is not None:
+            with torch.no_grad():
+                want, got = _floats(region.float_output), _floats(quantized(*region.example))
+            if want is not None and got is not None and want.shape == got.shape:
+                region_sqnr = sqnr(want, got)
+        region.example, region.float_output = None, None
+        regions.append(RegionReport(region.path, len(rep.quantized), len(rep.float_nodes), region_sqnr))
+    report = ConversionReport(mode, used_backend, nodes, regions=regions, eager=list(prepared.eager_parts))
+    setattr(model, "graphquant_report", report)  # noqa: B010
+    setattr(model, "graphquant_qconfig_dict", dict(prepared.qconfig_dict))  # noqa: B010
+    return model
+
+
 def _check_run_fn(run_fn: Any, run_args: Any) -> None:
     if run_fn is None or not callable(run_fn):
         raise GraphQuantError(
@@ -243,14 +349,16 @@ def quantize(
     inplace: bool = False,
     debug: bool = False,
     backend: str | None = None,
+    partial: bool | str = "auto",
 ) -> fx.GraphModule:
     """Static post-training quantization: prepare, ``run_fn(prepared, *run_args)``, convert.
 
     ``inplace=True`` turns ``model`` itself into the quantized graph (no copy is made);
-    ``inplace=False`` leaves it untouched.
+    ``inplace=False`` leaves it untouched. ``partial`` as in :func:`prepare`: a model that does
+    not export whole comes back as a copy of itself with its captured parts quantized.
     """
     _check_run_fn(run_fn, run_args)
-    prepared = prepare(model, qconfig_dict, example_inputs, inplace=inplace)
+    prepared = prepare(model, qconfig_dict, example_inputs, inplace=inplace, partial=partial)
     run_fn(prepared, *run_args)
     quantized = convert(prepared, debug=debug, inplace=True, backend=backend)
     return _become(model, quantized) if inplace else quantized  # type: ignore[arg-type,return-value]
@@ -284,13 +392,14 @@ def quantize_dynamic(
     inplace: bool = False,
     debug: bool = False,
     backend: str | None = None,
+    partial: bool | str = "auto",
 ) -> nn.Module:
     """Dynamic quantization: int8 weights now, activation qparams from each batch at run time.
 
     With ``example_inputs`` the result is a ``GraphModule``; without, a module that captures
-    and converts on its first call.
+    and converts on its first call. ``partial`` as in :func:`prepare`.
     """
-    prepared = prepare_dynamic(model, qconfig_dict, example_inputs, inplace=inplace)
+    prepared = prepare_dynamic(model, qconfig_dict, example_inputs, inplace=inplace, partial=partial)
     quantized = convert(prepared, debug=debug, inplace=True, backend=backend)
     return _become(model, quantized) if inplace else quantized  # type: ignore[arg-type]
 

@@ -29,7 +29,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 
-from graphquant.errors import GraphQuantError
+from graphquant.errors import CaptureError, GraphQuantError
 from graphquant.graph import MODULE_PATH, MODULE_TYPE, add_attr, get_attr_value
 from graphquant.inputs import install_input_check, specs_from_examples
 
@@ -159,10 +159,10 @@ def _export(model: nn.Module, example_inputs: tuple[Any, ...], name: str | None 
             try:
                 ep = torch.export.export(model, tuple(example_inputs))
             except Exception as error:
-                raise GraphQuantError(
+                raise CaptureError(
                     f"graphquant: torch.export could not capture {name}: {error}. "
-                    "Data-dependent control flow cannot be captured; move it out of forward or "
-                    "keep that submodule float and call it outside the quantized model"
+                    "Data-dependent control flow cannot be captured: with partial='auto' (the default) graphquant "
+                    "quantizes the parts that export and runs the rest eager; or move it out of forward"
                 ) from error
             reason = str(dyn_error).splitlines()[0][:200]
     # outside the block above, which silences export's own warnings (it used to silence this one too)

@@ -327,7 +327,8 @@ def _db(value: float) -> str:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from graphquant.program import check_writable, save
+    from graphquant.archive import save
+    from graphquant.program import check_writable
 
     if args.out:  # say so before the work, not after
         check_writable(args.out)

@@ -15,6 +15,12 @@ class GraphQuantError(RuntimeError, ValueError):
     """
 
 
+class CaptureError(GraphQuantError):
+    """``torch.export`` could not capture a model or submodule (data-dependent control flow, a
+    ``.item()``, an untraceable call): what partial graph mode (:mod:`graphquant.partial`) works
+    around by capturing smaller parts."""
+
+
 def where(module_path: str, node_name: str | None = None) -> str:
     """Format a location: ``encoder.layer.0 (node linear_3)``; the root is ``<model>``."""
     place = module_path or "<model>"

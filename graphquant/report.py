@@ -10,6 +10,7 @@ from graphquant.kernels import x86
 
 if TYPE_CHECKING:
     from graphquant.kernel_timing import KernelTiming
+    from graphquant.partial import EagerPart, RegionReport
 
 # kernels that run oneDNN's uint8 x int8 GEMM or conv: their path depends on the CPU (kernels/x86.py)
 X86_GEMM_KERNELS = ("qconv1d", "qconv2d", "qconv3d", "qconv1d_add", "qconv2d_add", "qlinear", "qlinear_dynamic")
@@ -57,6 +58,9 @@ class ConversionReport:
     nodes: list[NodeReport] = field(default_factory=list)
     # filled by graphquant.time_kernels: each int8 GEMM / conv against its float32 op, on this CPU
     timings: list[KernelTiming] = field(default_factory=list)
+    # partial graph mode (graphquant.partial): the quantized regions and the parts left eager
+    regions: list[RegionReport] = field(default_factory=list)
+    eager: list[EagerPart] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[NodeReport]:
@@ -70,6 +74,9 @@ class ConversionReport:
         out = {"mode": self.mode, "backend": self.backend, "nodes": [asdict(n) for n in self.nodes]}
         if self.timings:
             out["timings"] = [asdict(t) for t in self.timings]
+        if self.regions or self.eager:
+            out["regions"] = [asdict(r) for r in self.regions]
+            out["eager"] = [asdict(p) for p in self.eager]
         return out
 
     def to_json(self) -> str:
@@ -78,6 +85,10 @@ class ConversionReport:
     def __str__(self) -> str:
         lines = [f"graphquant conversion ({self.mode}, {self.backend}): "
                  f"{len(self.quantized)} quantized, {len(self.float_nodes)} float"]  # fmt: skip
+        if self.regions or self.eager:
+            lines.append(f"  partial graph mode: {len(self.regions)} regions quantized, {len(self.eager)} parts eager")
+            lines.extend(f"  region {r}" for r in self.regions)
+            lines.extend(f"  eager  {p}" for p in self.eager)
         kernels = self.mode == "kernel" and self.backend == "onednn"
         paths = sorted({n.cpu_path for n in self.nodes if n.cpu_path}) if kernels else []
         if paths:

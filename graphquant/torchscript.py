@@ -18,6 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, fx, nn
 
+from graphquant.archive import regions_of
 from graphquant.errors import GraphQuantError, where
 from graphquant.graph import get_attr_value, is_graphquant_op, module_path, named_args
 from graphquant.inputs import INPUT_CHECK, InputSpec, input_specs
@@ -189,6 +190,12 @@ def to_torchscript(qmodel: nn.Module) -> torch.jit.ScriptModule:
     kernels are pure aten, like their originals. An ``if`` on a tensor (``torch.cond``,
     from a scripted input) is refused.
     """
+    if not isinstance(qmodel, fx.GraphModule) and regions_of(qmodel):
+        raise GraphQuantError(
+            f"graphquant: {type(qmodel).__name__} was quantized region by region (it does not export whole): its "
+            "eager parts are the user's Python, which TorchScript cannot take as they are. Save it with "
+            "graphquant.save (one .pt2 program per region), or make the model export and quantize it whole"
+        )
     gm = graph_module(qmodel)
     root, graph = _scriptable_graph(gm)
     module = fx.GraphModule(root, graph, class_name="GraphQuantModule")

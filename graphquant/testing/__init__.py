@@ -17,6 +17,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from graphquant.api import quantize, quantize_dynamic
+from graphquant.archive import regions_of
 from graphquant.graph import QPARAMS
 from graphquant.qconfig import QConfig, default_dynamic_qconfig, get_default_qconfig
 from graphquant.quant_math import sqnr
@@ -31,8 +32,8 @@ class CheckResult:
     sqnr: float  # kernel output against float, dB
     reference_sqnr: float  # reference output against float, dB
     max_step_diff: float  # largest |kernel - reference| in steps of the output scale
-    reference: fx.GraphModule
-    quantized: fx.GraphModule
+    reference: fx.GraphModule | nn.Module  # a partially quantized model: the user's model with regions
+    quantized: fx.GraphModule | nn.Module
 
     def __float__(self) -> float:
         return self.sqnr
@@ -52,6 +53,14 @@ def output_scales(gm: fx.GraphModule) -> list[float | None]:
 def _largest_scale(gm: fx.GraphModule) -> float:
     scales = [float(n.meta[QPARAMS].scale) for n in gm.graph.nodes if n.target in _DEQUANTIZE and QPARAMS in n.meta]
     return max(scales, default=0.0)
+
+
+def _graphs(model: nn.Module) -> list[fx.GraphModule]:
+    """The quantized graphs of a converted model: itself, or its regions' if it was quantized
+    region by region."""
+    if isinstance(model, fx.GraphModule):
+        return [model]
+    return [cast(fx.GraphModule, r.inner) for r in regions_of(model)]
 
 
 def _as_batches(inputs: Any) -> list[tuple[Any, ...]]:
@@ -122,6 +131,8 @@ def check_graph_mode_op(
     dynamic quantization. Where an output is float (dynamic, or a linear's float output at the
     border) nothing rounds it: one step is :data:`FLOAT_OUTPUT_TOLERANCE` of its largest magnitude.
     ``debug=True`` prints both graphs. With ``check=False`` nothing is asserted, only measured.
+    A module that does not export whole is quantized region by region (graphquant.partial): the
+    op must be in one of its regions, and one step is the largest output scale among them.
     """
     module = copy.deepcopy(module)
     if eval_mode:
@@ -145,28 +156,37 @@ def check_graph_mode_op(
             d: quantize(module, qconfig_dict, run_fn, [batches], example_inputs=example, debug=d, backend=backend)
             for d in (True, False)
         }
-    graphs = {d: cast(fx.GraphModule, m) for d, m in models.items()}  # quantize / quantize_dynamic give GraphModules
+    # a GraphModule, or for a model that does not export whole its regions' (graphquant.partial)
+    graphs = {d: _graphs(m) for d, m in models.items()}
     if debug:
-        print(graphs[True].code)
-        print(graphs[False].code)
+        print("\n".join(g.code for g in graphs[True]))
+        print("\n".join(g.code for g in graphs[False]))
     sample = batches[0]
     with torch.no_grad():
         expected = module(*sample)
-        outputs = {d: graphs[d](*sample) for d in (True, False)}
+        outputs = {d: models[d](*sample) for d in (True, False)}
     # A float output (dynamic quantization, a linear writing float at the border, an embedding with
     # nothing quantized after it) has no output scale and no rounding: float32 arithmetic is all
     # that may differ (FLOAT_OUTPUT_TOLERANCE).
     float_steps = [float_output_step(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else None
                    for t in tree_flatten(outputs[True])[0]]  # fmt: skip
-    scales = float_steps if dynamic else output_scales(graphs[False])
-    scales = [s if s is not None else (float_steps[i] if i < len(float_steps) else None) for i, s in enumerate(scales)]
-    diff = step_diff(outputs[True], outputs[False], scales, _largest_scale(graphs[False]))
+    whole = isinstance(models[False], fx.GraphModule)
+    largest = max(_largest_scale(g) for g in graphs[False]) if graphs[False] else 0.0
+    if dynamic:
+        scales = float_steps
+    elif whole:
+        scales = output_scales(graphs[False][0])
+        scales = [s if s is not None else (float_steps[i] if i < len(float_steps) else None)
+                  for i, s in enumerate(scales)]  # fmt: skip
+    else:  # regions dequantize their outputs, eager float code may follow: one step of the largest scale
+        scales = []
+    diff = step_diff(outputs[True], outputs[False], scales, largest)
     result = CheckResult(
-        _sqnr_all(expected, outputs[False]), _sqnr_all(expected, outputs[True]), diff, graphs[True], graphs[False]
+        _sqnr_all(expected, outputs[False]), _sqnr_all(expected, outputs[True]), diff, models[True], models[False]
     )
     if check:
         wanted = quantized_op.replace("::", ".")
-        code = graphs[False].code
+        code = "\n".join(g.code for g in graphs[False])
         assert wanted in code, f"graphquant: expected {quantized_op} in the kernel graph:\n{code}"
         assert diff <= 1.0 + 1e-4, (
             f"graphquant: kernel and reference outputs differ by {diff:.3f} quantization steps (more than one)"

@@ -1,0 +1,147 @@
+"""``graphquant.save`` / ``graphquant.load``: one ``.pt2`` program for a model quantized whole
+(:mod:`graphquant.program`), an archive of programs for one quantized region by region
+(:mod:`graphquant.partial`).
+
+The archive of a partial model is a zip file holding each region's ``.pt2`` program (saved and
+loaded by :mod:`graphquant.program`, int8 weights repacked on load), the float state of
+everything else (``torch.save`` of the model's ``state_dict`` without the regions), and
+``graphquant/partial.json``: the model's class, each region's path and program, and the report
+(regions, eager parts and their reasons, every node). The manifest is also written beside it
+(``model.pt2`` -> ``model.manifest.json``). Loading builds the float model from its class (or
+takes the one passed as ``float_model``), loads the float state and swaps each region in: the
+user rebuilds nothing but the class.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import io
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphquant import program
+from graphquant.errors import GraphQuantError
+from graphquant.partial import Binding, EagerPart, Region, RegionReport
+from graphquant.report import ConversionReport, NodeReport
+
+PARTIAL_MANIFEST = "graphquant/partial.json"
+PARTIAL_FORMAT, PARTIAL_VERSION = "graphquant-partial", 1
+
+
+def regions_of(model: nn.Module) -> list[Region]:
+    """The quantized regions inside a partially quantized model (none for a whole graph)."""
+    return [m for m in model.modules() if isinstance(m, Region)]
+
+
+def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Write a quantized model: a ``.pt2`` program and its manifest, or for a model quantized
+    region by region an archive of one program per region plus the float rest."""
+    if isinstance(qmodel, torch.fx.GraphModule) or not regions_of(qmodel):
+        program.save(qmodel, path)
+        return
+    report = getattr(qmodel, "graphquant_report", None)
+    if not isinstance(report, ConversionReport):
+        raise GraphQuantError("graphquant: save takes a model returned by graphquant.convert / quantize / load")
+    program.check_writable(path)
+    program.check_writable(program.manifest_path(path), "the manifest")
+    regions = regions_of(qmodel)
+    cls = type(qmodel)
+    region_paths = [r.path for r in regions]
+    state = {k: v for k, v in qmodel.state_dict().items() if not any(k.startswith(p + ".") for p in region_paths)}
+    data: dict[str, Any] = {
+        "format": PARTIAL_FORMAT,
+        "version": PARTIAL_VERSION,
+        "model_class": f"{cls.__module__}:{cls.__qualname__}",
+        "regions": [{"path": r.path, "file": f"regions/{i}.pt2"} for i, r in enumerate(regions)],
+        "report": report.to_dict(),
+    }
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(path, "w") as archive:
+        for i, region in enumerate(regions):
+            file = Path(tmp) / f"{i}.pt2"
+            program.save(region.inner, file)
+            archive.write(file, f"regions/{i}.pt2")
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        archive.writestr("float_state.pt", buffer.getvalue())
+        archive.writestr(PARTIAL_MANIFEST, text)
+    with open(program.manifest_path(path), "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _is_partial(path: str) -> bool:
+    return zipfile.is_zipfile(path) and PARTIAL_MANIFEST in zipfile.ZipFile(path).namelist()
+
+
+def _float_model(model_class: str, path: str) -> nn.Module:
+    module_name, _, qualname = model_class.partition(":")
+    way_out = f"pass the float model: graphquant.load({path!r}, float_model=YourModel(...))"
+    try:
+        owner: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            owner = getattr(owner, part)
+        return owner()
+    except Exception as error:  # noqa: BLE001 - any failure to import or build the class: say how to pass it
+        raise GraphQuantError(
+            f"graphquant: {path} holds a partially quantized {model_class}, and building it here failed "
+            f"({type(error).__name__}: {error}); {way_out}"
+        ) from error
+
+
+def load(path: str | os.PathLike[str], float_model: nn.Module | None = None) -> nn.Module:
+    """A model saved by :func:`save`. For a partially quantized model (an archive), the float
+    model is built from its recorded class with no arguments unless ``float_model`` is given (an
+    instance of that class; it is modified: its regions are replaced by the quantized ones)."""
+    text = os.fspath(path)
+    if not _is_partial(text):
+        if float_model is not None:
+            raise GraphQuantError(f"graphquant: {text} is a whole quantized program: load it without float_model")
+        return program.load(text)
+    with zipfile.ZipFile(text) as archive:
+        data = json.loads(archive.read(PARTIAL_MANIFEST))
+        if data.get("format") != PARTIAL_FORMAT or data.get("version") != PARTIAL_VERSION:
+            raise GraphQuantError(f"graphquant: {text} is a partial archive of another format or version: {data}")
+        model = (float_model if float_model is not None else _float_model(data["model_class"], text)).eval()
+        recorded = data["model_class"]
+        actual = f"{type(model).__module__}:{type(model).__qualname__}"
+        if actual != recorded:
+            raise GraphQuantError(f"graphquant: {text} was saved from a {recorded}, float_model is a {actual}")
+        state = torch.load(io.BytesIO(archive.read("float_state.pt")), weights_only=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            for entry in data["regions"]:
+                file = Path(tmp) / Path(entry["file"]).name
+                file.write_bytes(archive.read(entry["file"]))
+                inner = program.load(file)
+                try:
+                    module = model.get_submodule(entry["path"])
+                except AttributeError as error:
+                    raise GraphQuantError(f"graphquant: {text}: the float model has no submodule {entry['path']!r} "
+                                          "for the saved region") from error  # fmt: skip
+                signature = inspect.signature(module.forward)
+                tensors = len(getattr(inner, "graphquant_input_spec"))  # noqa: B009 - a plain attribute
+                binding = Binding(list(signature.parameters)[:tensors], tensors, signature)
+                model.set_submodule(entry["path"], Region(entry["path"], inner, binding, None, None))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    region_paths = [entry["path"] for entry in data["regions"]]
+    missing = [k for k in missing if not any(k.startswith(p + ".") for p in region_paths)]
+    if missing or unexpected:
+        raise GraphQuantError(f"graphquant: {text}: the float model's state does not match the saved one "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]}); build it with the same "
+                              "arguments")  # fmt: skip
+    rep = data["report"]
+    report = ConversionReport(rep["mode"], rep["backend"], [NodeReport(**n) for n in rep["nodes"]],
+                              regions=[RegionReport(**r) for r in rep.get("regions", [])],
+                              eager=[EagerPart(**p) for p in rep.get("eager", [])])  # fmt: skip
+    setattr(model, "graphquant_report", report)  # noqa: B010
+    return model
+
+
+__all__ = ["load", "regions_of", "save"]
