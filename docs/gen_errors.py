@@ -229,8 +229,10 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     # capture
     ("a function instead of a module", "capture.check_capturable", lambda: gq.prepare(lambda x: x, QD)),
     ("batch-norm left in training mode", "capture.check_capturable", lambda: gq.prepare(Net(), QD, (X,))),
-    ("data-dependent control flow", "capture.capture",
-     lambda: gq.prepare(Branchy().eval(), {"": gq.default_qconfig}, (torch.randn(2, 4),))),
+    ("data-dependent control flow, with partial=False", "capture.capture",
+     lambda: gq.prepare(Branchy().eval(), {"": gq.default_qconfig}, (torch.randn(2, 4),), partial=False)),
+    ("partial=\"yes\"", "api.PreparedModel",
+     lambda: gq.prepare(Branchy().eval(), {"": gq.default_qconfig}, (torch.randn(2, 4),), partial="yes")),
     ("a scripted `if` on a tensor in a quantized module", "capture.check_control_flow",
      lambda: gq.prepare(torch.jit.script(Branchy().eval()), QD, (torch.randn(2, 4),))),
     ("a .pt2 path that does not exist", "capture.load_program", lambda: gq.prepare(str(TMP / "missing.pt2"), QD)),
