@@ -181,6 +181,28 @@ def _scriptable_graph(gm: fx.GraphModule) -> tuple[nn.Module, fx.Graph]:
     return root, graph
 
 
+def _script_partial(qmodel: nn.Module) -> torch.jit.ScriptModule:
+    """A partially quantized model scripted whole: each region swapped for its scripted graph for
+    the time of ``torch.jit.script`` (which copies the module tree), then put back."""
+    regions = regions_of(qmodel)
+    for region in regions:
+        qmodel.set_submodule(region.path, to_torchscript(region.inner))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.jit.script(qmodel)
+    except Exception as error:
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise GraphQuantError(
+            f"graphquant: {type(qmodel).__name__} was quantized region by region (it does not export whole), and "
+            f"TorchScript cannot compile its eager parts ({first}). Save it with graphquant.save (one .pt2 "
+            "program per region), or make those parts scriptable"
+        ) from error
+    finally:
+        for region in regions:
+            qmodel.set_submodule(region.path, region)
+
+
 def to_torchscript(qmodel: nn.Module) -> torch.jit.ScriptModule:
     """``qmodel`` as a ``torch.jit.ScriptModule`` of aten and onednn ops only.
 
@@ -189,13 +211,14 @@ def to_torchscript(qmodel: nn.Module) -> torch.jit.ScriptModule:
     outputs bit-identical to ``qmodel``'s. Both backends are supported: the portable
     kernels are pure aten, like their originals. An ``if`` on a tensor (``torch.cond``,
     from a scripted input) is refused.
+
+    A model quantized region by region (:mod:`graphquant.partial`) is scripted whole, each region
+    as its scripted graph, when its eager parts are themselves TorchScript-compatible (an ``if``
+    on a tensor is; ``list(self.blocks)[:n]`` is not); otherwise it is refused, naming what
+    TorchScript could not compile.
     """
     if not isinstance(qmodel, fx.GraphModule) and regions_of(qmodel):
-        raise GraphQuantError(
-            f"graphquant: {type(qmodel).__name__} was quantized region by region (it does not export whole): its "
-            "eager parts are the user's Python, which TorchScript cannot take as they are. Save it with "
-            "graphquant.save (one .pt2 program per region), or make the model export and quantize it whole"
-        )
+        return _script_partial(qmodel)
     gm = graph_module(qmodel)
     root, graph = _scriptable_graph(gm)
     module = fx.GraphModule(root, graph, class_name="GraphQuantModule")

@@ -241,12 +241,48 @@ def test_save_and_load_round_trip_bit_identical_in_a_fresh_process(tmp_path):  #
         gq.load(path, float_model=Block())
 
 
-def test_to_torchscript_refuses_a_partial_model_and_says_what_to_do():
+def test_to_torchscript_refuses_a_partial_model_it_cannot_compile_and_says_what_to_do():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = _quantize(Net().eval())
-    with pytest.raises(gq.GraphQuantError, match=r"Net was quantized region by region.*graphquant.save"):
+    with pytest.raises(gq.GraphQuantError, match=r"Net was quantized region by region.*TorchScript cannot compile "
+                                                 r"its eager parts.*graphquant.save"):  # fmt: skip
         gq.to_torchscript(q)
+    x = batches(1, seed=3)[0]
+    with torch.no_grad():
+        assert torch.isfinite(q(x)).all()  # the regions are back in place
+
+
+class Gated(nn.Module):
+    """Exportable parts around an `if` TorchScript compiles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.gate = Gate()
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+        with torch.no_grad():
+            bright, dark = self.stem(batches(1)[0]).mean(), self.stem(batches(1)[0] / 2).mean()
+        self.gate.threshold = float(bright + dark) / 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gate(self.stem(x)))
+
+
+def test_to_torchscript_scripts_a_partial_model_whose_eager_parts_compile(tmp_path):  # type: ignore[no-untyped-def]
+    mixed = batches() + [b / 2 for b in batches(seed=2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = gq.quantize(Gated().eval(), {"": gq.default_qconfig}, _run, [mixed], example_inputs=(batches()[0],))
+    assert {r.path for r in gq.report(q).regions} == {"stem", "gate.a", "head"}
+    scripted = gq.to_torchscript(q)
+    torch.jit.save(scripted, tmp_path / "gated.ts")
+    loaded = torch.jit.load(tmp_path / "gated.ts")
+    bright, dark = batches(1, seed=8)[0], batches(1, seed=8)[0] / 2  # both branches
+    with torch.no_grad():
+        for x in (bright, dark):
+            assert torch.equal(loaded(x), q(x)) and torch.equal(scripted(x), q(x))
 
 
 def test_check_graph_mode_op_on_a_model_that_does_not_export_whole():
