@@ -385,6 +385,92 @@ class HistogramObserver(Observer):
         return self.choose(torch.tensor(a), torch.tensor(b))
 
 
+class PercentileObserver(HistogramObserver):
+    """Clips each tail at a percentile of the values seen (ONNX Runtime's "Percentile" method):
+    ``percentile=99.99`` keeps all but the 0.01% smallest and the 0.01% largest values; with
+    ``symmetric=True`` the range is ``[-t, t]``, ``t`` that percentile of ``|x|``. Read off the
+    fixed-grid histogram at bin edges (the outer edge of the bin the percentile falls in, within
+    the data's own min and max), so it merges across shards exactly as :class:`HistogramObserver`.
+    """
+
+    def __init__(
+        self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, percentile: float = 99.99,
+        bins: int = 2048, reduce_range: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__(dtype, symmetric, bins, reduce_range=reduce_range)
+        if not 50.0 < percentile <= 100.0:
+            raise ValueError(f"graphquant: percentile must be in (50, 100], got {percentile}")
+        self.percentile = percentile
+
+    def search_range(self) -> tuple[float, float]:
+        lo, hi = float(self.min_val), float(self.max_val)
+        n = self.histogram
+        total = float(n.sum())
+        if total == 0:
+            return lo, hi
+        edges = self.bin_edges()
+        keep = self.percentile / 100.0 * total
+        if self.symmetric:
+            half = self.bins // 2
+            magnitude = n[half:] + n[:half].flip(0)  # |x| on [0, R): folding the grid is exact
+            i = int(torch.searchsorted(torch.cumsum(magnitude, 0), keep))
+            t = float(edges[half + min(i, half - 1) + 1])
+            return max(lo, -t), min(hi, t)
+        cum = torch.cumsum(n, 0)
+        upper = int(torch.searchsorted(cum, keep))  # the bin where the upper tail starts
+        lower = int(torch.searchsorted(cum, total - keep, right=True))  # the bin where the lower tail ends
+        a, b = float(edges[min(lower, self.bins - 1)]), float(edges[min(upper, self.bins - 1) + 1])
+        return max(lo, min(a, hi)), min(hi, max(b, lo))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, percentile={self.percentile}"
+
+
+class EntropyObserver(HistogramObserver):
+    """TensorRT's entropy calibration: the threshold ``t`` whose quantized distribution loses the
+    least information, by the KL divergence between the histogram of ``|x|`` up to ``t`` (the
+    values beyond it folded into its last bin) and that histogram rounded to the grid's levels
+    (256 on one-sided data, 128 a side on two-sided). Candidates are ``search_points`` thresholds
+    between the levels' width and the data's largest ``|x|``; the range is ``[-t, t]`` within the
+    data's min and max. Merges across shards exactly (the same fixed-grid histogram).
+    """
+
+    def search_range(self) -> tuple[float, float]:
+        lo, hi = float(self.min_val), float(self.max_val)
+        half = self.bins // 2
+        magnitude = self.histogram[half:] + self.histogram[:half].flip(0)
+        occupied = torch.nonzero(magnitude).flatten()
+        levels = self.qmax - self.qmin + 1
+        if lo < 0:
+            levels //= 2
+        if occupied.numel() == 0 or int(occupied[-1]) + 1 <= levels:
+            return lo, hi  # fewer occupied bins than levels: nothing to gain by clipping
+        last = int(occupied[-1]) + 1
+        candidates = torch.unique(torch.linspace(levels, last, self.search_points).round().long()).tolist()
+        best, best_kl = last, math.inf
+        for i in candidates:
+            kl = _kl_of_threshold(magnitude, i, levels)
+            if kl < best_kl:
+                best, best_kl = i, kl
+        t = best * math.ldexp(1.0, int(self.range_exponent)) / half
+        return max(lo, -t), min(hi, t)
+
+
+def _kl_of_threshold(magnitude: torch.Tensor, bins: int, levels: int) -> float:
+    """KL(P || Q): P the first ``bins`` bins of ``magnitude`` with the rest added to the last, Q
+    their quantization to ``levels`` levels (each level's mass spread over its non-empty bins)."""
+    p = magnitude[:bins].clone()
+    p[-1] += magnitude[bins:].sum()
+    kept = magnitude[:bins]
+    group = torch.div(torch.arange(bins) * levels, bins, rounding_mode="floor")  # each bin's level
+    mass = torch.zeros(levels, dtype=kept.dtype).index_add_(0, group, kept)
+    nonzero = torch.zeros(levels, dtype=kept.dtype).index_add_(0, group, (kept > 0).to(kept.dtype))
+    q = torch.where(kept > 0, mass[group] / nonzero[group].clamp(min=1), torch.zeros_like(kept))
+    p, q = p / p.sum(), q / q.sum().clamp(min=1e-30)
+    mask = p > 0
+    return float((p[mask] * torch.log(p[mask] / q[mask].clamp(min=1e-12))).sum())
+
+
 class FixedQParamsObserver(Observer):
     """qparams from an op's known output range (sigmoid: [0, 1], tanh: [-1, 1]); data
     is not needed, so it never reports "saw no data"."""
@@ -428,5 +514,8 @@ OBSERVERS: dict[str, type[Observer]] = {
     "moving_average_minmax": MovingAverageMinMaxObserver,
     "per_channel_minmax": PerChannelMinMaxObserver,
     "per_channel_float_qparams": PerChannelFloatQParamsObserver,
-    "histogram": HistogramObserver,
+    "histogram": HistogramObserver,  # the range of least expected squared error: the "MSE" method
+    "mse": HistogramObserver,
+    "percentile": PercentileObserver,
+    "entropy": EntropyObserver,
 }

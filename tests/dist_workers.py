@@ -25,7 +25,10 @@ MINMAX = gq.QConfig(activation=gq.ObserverSpec("minmax"))  # per-channel min/max
 PER_TENSOR = gq.QConfig(activation=gq.ObserverSpec("minmax"),
                         weight=gq.ObserverSpec("minmax", torch.int8, symmetric=True))  # fmt: skip
 MOVING = gq.QConfig(activation=gq.ObserverSpec("moving_average_minmax", options=(("averaging_constant", 0.1),)))
-QCONFIGS = {"histogram": gq.default_qconfig, "minmax": MINMAX, "per_tensor": PER_TENSOR, "moving_average": MOVING}
+PERCENTILE = gq.QConfig(activation=gq.ObserverSpec("percentile", options=(("percentile", 99.9),)))
+ENTROPY = gq.QConfig(activation=gq.ObserverSpec("entropy"))
+QCONFIGS = {"histogram": gq.default_qconfig, "minmax": MINMAX, "per_tensor": PER_TENSOR, "moving_average": MOVING,
+            "percentile": PERCENTILE, "entropy": ENTROPY}  # fmt: skip
 
 
 class TinyBert(nn.Module):

@@ -48,16 +48,18 @@ def _same(a: dict, b: dict) -> bool:  # type: ignore[type-arg]
 
 
 @pytest.mark.parametrize("workload", ["conv", "bert"])
-@pytest.mark.parametrize("qconfig", ["histogram", "minmax", "per_tensor"])
+@pytest.mark.parametrize("qconfig", ["histogram", "minmax", "per_tensor", "percentile", "entropy"])
 def test_merged_qparams_equal_one_pass_bit_for_bit(two_ranks, one_process, workload, qconfig):  # type: ignore[no-untyped-def]
-    """Min/max and histogram activation observers, per-channel and per-tensor weights: every rank
-    holds the same qparams, those of one pass over all the data, and converts to the same model."""
+    """Min/max, histogram (MSE), percentile and entropy activation observers, per-channel and
+    per-tensor weights: every rank holds the same qparams, those of one pass over all the data,
+    and converts to the same model."""
     key = f"{workload}/{qconfig}"
     assert len(one_process[key]) >= (5 if workload == "conv" else 15)
     assert _same(two_ranks[0][key], two_ranks[1][key])
     assert _same(two_ranks[0][key], one_process[key])
     histograms = [(two_ranks[0][f"{key}/histograms"], one_process[f"{key}/histograms"])]
-    assert all(len(a) == len(b) == (len(one_process[key]) if qconfig == "histogram" else 0) for a, b in histograms)
+    on_histograms = qconfig in ("histogram", "percentile", "entropy")
+    assert all(len(a) == len(b) == (len(one_process[key]) if on_histograms else 0) for a, b in histograms)
     assert all(torch.equal(x, y) for a, b in histograms for x, y in zip(a, b, strict=True))  # the counts too
     output = f"{key}/int8_output"
     assert torch.equal(two_ranks[0][output], two_ranks[1][output])

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from graphquant.observers import (
+    EntropyObserver,
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
+    PercentileObserver,
     PerChannelMinMaxObserver,
 )
 from graphquant.quant_math import fake_quantize
@@ -21,7 +23,7 @@ def _shards(seed: int = 0, n: int = 4) -> list[torch.Tensor]:
     return [torch.randn(64, generator=g) * (i + 1) + i for i in range(n)]
 
 
-@pytest.mark.parametrize("cls", [MinMaxObserver, HistogramObserver])
+@pytest.mark.parametrize("cls", [MinMaxObserver, HistogramObserver, PercentileObserver, EntropyObserver])
 def test_merge_of_shards_equals_one_observer(cls):  # type: ignore[no-untyped-def]
     shards = _shards()
     whole = cls()
@@ -33,7 +35,7 @@ def test_merge_of_shards_equals_one_observer(cls):  # type: ignore[no-untyped-de
     for obs in parts[1:]:
         merged.merge(obs)
     assert merged.qparams().scalar() == whole.qparams().scalar()
-    if cls is HistogramObserver:  # the histogram itself, not only its qparams
+    if issubclass(cls, HistogramObserver):  # the histogram itself, not only its qparams
         assert torch.equal(merged.histogram, whole.histogram)
         assert int(merged.range_exponent) == int(whole.range_exponent)
 
@@ -183,3 +185,70 @@ def test_histogram_counts_in_parts_and_skips_non_finite(monkeypatch):  # type: i
     dirty = HistogramObserver()
     dirty.observe(torch.tensor([float("nan"), float("inf"), -1.0, 2.0, 0.5]))
     assert float(dirty.histogram.sum()) == 3 and (float(dirty.min_val), float(dirty.max_val)) == (-1.0, 2.0)
+
+
+def _outlier_data() -> torch.Tensor:
+    x = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0))
+    x[:5] = torch.tensor([40.0, 35.0, -30.0, 38.0, 33.0])
+    return x
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_percentile_clips_each_tail_at_its_percentile(symmetric):  # type: ignore[no-untyped-def]
+    x = _outlier_data()
+    obs = PercentileObserver(dtype=torch.int8 if symmetric else torch.uint8, symmetric=symmetric, percentile=99.9)
+    obs(x)
+    a, b = obs.search_range()
+    width = float(obs.bin_edges()[1] - obs.bin_edges()[0])
+    if symmetric:
+        t = float(torch.quantile(x.abs()[:100_000], 0.999))  # 3.29 for N(0, 1)
+        assert abs(b - 3.29) <= 0.1 + width and a == -b, (a, b, t)
+    else:
+        assert abs(b - 3.09) <= 0.05 + width and abs(a + 3.09) <= 0.05 + width, (a, b)
+    full = PercentileObserver(percentile=100.0)
+    full(x)
+    assert full.search_range() == (float(x.min()), float(x.max()))  # 100: min and max
+    with pytest.raises(ValueError, match=r"percentile must be in \(50, 100\]"):
+        PercentileObserver(percentile=30)
+
+
+def test_entropy_clips_outliers_and_beats_minmax_but_keeps_a_compact_range():
+    x = _outlier_data().abs()  # one-sided, like a relu output: 256 levels on [0, t]
+    entropy, minmax = EntropyObserver(), MinMaxObserver()
+    entropy(x)
+    minmax(x)
+    a, b = entropy.search_range()
+    assert a == float(x.min()) and 3.0 < b < 20.0, (a, b)
+    bulk = x[5:]  # the five outliers are clipped: everything else gets a 2.5x finer step
+    err_entropy = (fake_quantize(bulk, entropy.qparams()) - bulk).pow(2).mean()
+    err_minmax = (fake_quantize(bulk, minmax.qparams()) - bulk).pow(2).mean()
+    assert float(err_entropy) < float(err_minmax) / 4, (float(err_entropy), float(err_minmax))
+    uniform = EntropyObserver()
+    uniform(torch.rand(100_000, generator=torch.Generator().manual_seed(1)) * 2)
+    assert uniform.search_range()[1] >= 1.9  # nothing to clip: the threshold stays near the max
+    gaussian = EntropyObserver(dtype=torch.int8, symmetric=True)  # 128 levels a side
+    gaussian(torch.randn(100_000, generator=torch.Generator().manual_seed(2)))
+    a, b = gaussian.search_range()
+    assert a == -b and 3.0 < b < 5.0, (a, b)  # about 4 sigma, as TensorRT's calibrator finds
+
+
+def test_calibration_methods_are_selectable_per_module_path():
+    import graphquant as gq
+    from graphquant.passes.lower import observer_qparams
+
+    from conftest import calibration_batches, make_net
+
+    spec = {"percentile": gq.ObserverSpec("percentile", options=(("percentile", 99.0),)),
+            "entropy": gq.ObserverSpec("entropy"), "mse": gq.ObserverSpec("mse")}  # fmt: skip
+    qconfig_dict = {"": gq.default_qconfig, "conv1": gq.QConfig(activation=spec["percentile"]),
+                    "fc2": gq.QConfig(activation=spec["entropy"])}  # fmt: skip
+    prepared = gq.prepare(make_net(), qconfig_dict, (calibration_batches()[0],))
+    gq.calibrate(prepared, calibration_batches())
+    assert prepared.graph_module is not None
+    kinds = {type(m).__name__ for m in prepared.graph_module.modules()}
+    assert {"PercentileObserver", "EntropyObserver", "HistogramObserver"} <= kinds, kinds
+    assert observer_qparams(prepared.graph_module)
+    q = gq.convert(prepared)
+    with torch.no_grad():
+        x = calibration_batches(1, seed=9)[0]
+        assert gq.quant_math.sqnr(make_net()(x), q(x)) > 20
