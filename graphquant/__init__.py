@@ -5,6 +5,7 @@ from graphquant import (
     quant_math,  # noqa: F401  (graphquant.quant_math: qparams and SQNR helpers)
 )
 from graphquant import kernels as _kernels  # noqa: F401
+from graphquant.accuracy import AccuracyControlReport, quantize_with_accuracy_control
 from graphquant.api import (
     PreparedModel,
     calibrate,
@@ -44,6 +45,8 @@ from graphquant.qconfig import (
 from graphquant.torchscript import to_torchscript
 
 __all__ = [
+    "AccuracyControlReport",
+    "quantize_with_accuracy_control",
     "GraphQuantError",
     "KernelTiming",
     "ObserverSpec",

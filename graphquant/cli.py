@@ -1,6 +1,6 @@
 """The ``graphquant`` command line (also ``python -m graphquant``).
 
-Verbs: ``quantize``, ``check``, ``compare``, ``explain``, ``bench``. A model is named by a
+Verbs: ``quantize``, ``tune``, ``check``, ``compare``, ``explain``, ``bench``. A model is named by a
 spec ``package.module:factory`` (an ``nn.Module`` or a function returning one), a
 TorchScript file, or a ``.pt2`` file. Data is a spec ``package.module:function`` (an
 iterable of batches, or a function returning one) or a ``.pt`` file holding a tensor or
@@ -359,6 +359,37 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from graphquant.accuracy import quantize_with_accuracy_control
+    from graphquant.archive import save
+    from graphquant.program import check_writable
+
+    if args.mode == "dynamic":
+        raise CliError("graphquant: tune quantizes statically (it calibrates); drop --mode dynamic", EXIT_USAGE)
+    if args.out:
+        check_writable(args.out)
+    model = load_model(args.model)
+    if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        raise CliError(f"graphquant: tune takes an nn.Module spec, not {args.model}", EXIT_USAGE)
+    batches = load_batches(args.data)
+    eval_fn = _import_attr(args.eval, "--eval function")
+    if not callable(eval_fn):
+        raise CliError(f"graphquant: --eval {args.eval!r} is not a function", EXIT_USAGE)
+    qconfig_dict = build_qconfig_dict(args, model)
+    quantized, report = _captured(
+        lambda: quantize_with_accuracy_control(model, qconfig_dict, lambda m, bs: [m(*b) for b in bs], [batches],
+                                               eval_fn, args.max_drop, example_inputs=batches[0],
+                                               time_budget_s=args.budget, backend=args.backend,
+                                               progress=not args.quiet),
+        model, args.model,
+    )  # fmt: skip
+    print(report)
+    if args.out:
+        save(quantized, args.out)
+        print(f"wrote {args.out}")
+    return EXIT_OK if report.met else EXIT_CHECK_FAILED
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from graphquant.testing import check_graph_mode_op
 
@@ -607,6 +638,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist-timeout", type=float, default=600.0, metavar="S",
                    help="under torchrun: seconds a rank waits for the others before failing (default 600)")
     p.set_defaults(run=cmd_quantize)
+
+    p = verb("tune", "quantize under an accuracy budget: layers back to float, most harmful first, until the "
+             "--eval metric drops by at most --max-drop (exit 1 if it cannot)",
+             "graphquant tune mypkg.models:net --data calib.pt --eval mypkg.evaluate:accuracy --max-drop 0.01 "
+             "--out net_int8.pt2", _common(calib), _qconfig_options())  # fmt: skip
+    p.add_argument("--eval", required=True, metavar="MODULE:FUNCTION", help="eval_fn(model) -> float, higher is better")
+    p.add_argument("--max-drop", type=float, required=True, metavar="X", help="the largest drop of --eval allowed")
+    p.add_argument("--budget", type=float, default=None, metavar="S", help="stop after this many seconds")
+    p.add_argument("--out", metavar="FILE", help="save the chosen model here (graphquant.save)")
+    p.set_defaults(run=cmd_tune)
 
     p = verb("check", "run the check_graph_mode_op harness on your module: int8 kernel vs reference within one step",
              "graphquant check mypkg.models:block --data calib.pt --op qconv2d", _common(calib))  # fmt: skip

@@ -53,3 +53,10 @@ def agreement(model: nn.Module) -> float:
 
 def not_a_model() -> int:
     return 3
+
+
+def worst_for_int8(model: nn.Module) -> float:
+    """Minus the largest output difference from the float model: 0 only for the float model."""
+    reference = make_model()
+    with torch.no_grad():
+        return -max(float((model(x) - reference(x)).abs().max()) for x in held_out())

@@ -185,3 +185,20 @@ def test_reduce_range_presets_give_7bit_layers(tmp_path: Path, capsys: pytest.Ca
         record = manifest(graphquant.load(out))["x86"]
         assert record["layers_7bit"] == layers and record["layers_8bit"] == 0, (preset, record)
     capsys.readouterr()
+
+
+def test_tune(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A drop already met costs one quantization; max-drop 0 needs every layer float; a spent time
+    budget exits 1 and says so."""
+    out = tmp_path / "tuned.pt2"
+    assert cli.main(["tune", MODEL, "--data", DATA, "--eval", "cli_models:agreement", "--max-drop", "0.5",
+                     "--out", str(out), "-q"]) == cli.EXIT_OK  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "max drop 0.5: met with 0 layers float, 1 quantizations" in printed and out.exists(), printed
+    # every layer float meets max-drop 0; a budget spent after the first quantization does not
+    assert cli.main(["tune", MODEL, "--data", DATA, "--eval", "cli_models:worst_for_int8", "--max-drop", "0",
+                     "-q"]) == cli.EXIT_OK  # fmt: skip
+    assert "met with 3 layers float" in capsys.readouterr().out
+    assert cli.main(["tune", MODEL, "--data", DATA, "--eval", "cli_models:worst_for_int8", "--max-drop", "0",
+                     "--budget", "0", "-q"]) == cli.EXIT_CHECK_FAILED  # fmt: skip
+    assert "NOT met (time budget spent) with 0 layers float, 1 quantizations" in capsys.readouterr().out
