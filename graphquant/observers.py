@@ -428,32 +428,44 @@ class PercentileObserver(HistogramObserver):
 
 class EntropyObserver(HistogramObserver):
     """TensorRT's entropy calibration: the threshold ``t`` whose quantized distribution loses the
-    least information, by the KL divergence between the histogram of ``|x|`` up to ``t`` (the
-    values beyond it folded into its last bin) and that histogram rounded to the grid's levels
-    (256 on one-sided data, 128 a side on two-sided). Candidates are ``search_points`` thresholds
-    between the levels' width and the data's largest ``|x|``; the range is ``[-t, t]`` within the
-    data's min and max. Merges across shards exactly (the same fixed-grid histogram).
+    least information, by the KL divergence between the histogram up to ``t`` (the values beyond
+    it folded into its last bin) and that histogram rounded to the levels ``[0, t]`` gets. With
+    ``symmetric=True`` it is the histogram of ``|x|`` and half the grid's levels (TensorRT's
+    int8); otherwise the side that reaches further from zero is thresholded and the other kept
+    whole, and ``[0, t]`` gets its share of the grid. ``search_points`` candidates between the
+    levels' width and the data's extent. Merges across shards exactly (the fixed-grid histogram).
     """
 
     def search_range(self) -> tuple[float, float]:
         lo, hi = float(self.min_val), float(self.max_val)
         half = self.bins // 2
-        magnitude = self.histogram[half:] + self.histogram[:half].flip(0)
-        occupied = torch.nonzero(magnitude).flatten()
-        levels = self.qmax - self.qmin + 1
-        if lo < 0:
-            levels //= 2
-        if occupied.numel() == 0 or int(occupied[-1]) + 1 <= levels:
-            return lo, hi  # fewer occupied bins than levels: nothing to gain by clipping
+        n = self.histogram
+        if self.symmetric:
+            side, other = n[half:] + n[:half].flip(0), 0.0
+        elif hi >= -lo:
+            side, other = n[half:], max(0.0, -lo)
+        else:
+            side, other = n[:half].flip(0), max(0.0, hi)
+        occupied = torch.nonzero(side).flatten()
+        steps = self.qmax - self.qmin
+        smallest = (steps + 1) // 2 if self.symmetric else 2
+        if occupied.numel() == 0 or int(occupied[-1]) + 1 <= smallest:
+            return lo, hi
         last = int(occupied[-1]) + 1
-        candidates = torch.unique(torch.linspace(levels, last, self.search_points).round().long()).tolist()
+        width = math.ldexp(1.0, int(self.range_exponent)) / half
         best, best_kl = last, math.inf
-        for i in candidates:
-            kl = _kl_of_threshold(magnitude, i, levels)
+        for i in torch.unique(torch.linspace(smallest, last, self.search_points).round().long()).tolist():
+            t = i * width
+            levels = (steps + 1) // 2 if self.symmetric else max(2, round(steps * t / (t + other)))
+            if i < levels:
+                continue  # fewer bins than levels: nothing is rounded away yet
+            kl = _kl_of_threshold(side, i, levels)
             if kl < best_kl:
                 best, best_kl = i, kl
-        t = best * math.ldexp(1.0, int(self.range_exponent)) / half
-        return max(lo, -t), min(hi, t)
+        t = best * width
+        if self.symmetric:
+            return max(lo, -t), min(hi, t)
+        return (lo, min(hi, t)) if hi >= -lo else (max(lo, -t), hi)
 
 
 def _kl_of_threshold(magnitude: torch.Tensor, bins: int, levels: int) -> float:

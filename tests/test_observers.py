@@ -233,10 +233,10 @@ def test_entropy_clips_outliers_and_beats_minmax_but_keeps_a_compact_range():
 
 
 def test_calibration_methods_are_selectable_per_module_path():
+    from conftest import calibration_batches, make_net
+
     import graphquant as gq
     from graphquant.passes.lower import observer_qparams
-
-    from conftest import calibration_batches, make_net
 
     spec = {"percentile": gq.ObserverSpec("percentile", options=(("percentile", 99.0),)),
             "entropy": gq.ObserverSpec("entropy"), "mse": gq.ObserverSpec("mse")}  # fmt: skip
