@@ -78,7 +78,10 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
 
 
 def _is_partial(path: str) -> bool:
-    return zipfile.is_zipfile(path) and PARTIAL_MANIFEST in zipfile.ZipFile(path).namelist()
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return PARTIAL_MANIFEST in archive.namelist()
 
 
 def _float_model(model_class: str, path: str) -> nn.Module:

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import fx
+from torch import fx, nn
 
 from graphquant.api import PreparedModel
 from graphquant.api import calibrate as calibrate_here
@@ -128,7 +128,7 @@ def calibrate(
                 )
             data = local_shard(data, group)
         calibrate_here(prepared, data)
-        if prepared.graph_module is None:
+        if prepared.graph_module is None and prepared.partial_model is None:
             raise GraphQuantError(
                 f"graphquant.distributed.calibrate: rank {rank} had no batch, and the model was prepared without "
                 "example inputs, so it was never captured; pass example_inputs to graphquant.prepare"
@@ -150,7 +150,11 @@ def calibrate(
 
 
 def _observers(prepared: PreparedModel | fx.GraphModule) -> list[tuple[str, Observer]]:
-    gm = prepared.graph_module if isinstance(prepared, PreparedModel) else prepared
+    """Every observer, by module path: in the graph, or in the regions of a model captured region
+    by region (graphquant.partial), the same paths on every rank that captured the same model."""
+    gm: nn.Module | None = prepared
+    if isinstance(prepared, PreparedModel):
+        gm = prepared.graph_module if prepared.graph_module is not None else prepared.partial_model
     if gm is None:
         raise GraphQuantError(
             "graphquant.distributed.merge_observers: the prepared model was not captured yet; run it on a batch "

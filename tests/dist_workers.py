@@ -6,6 +6,7 @@ import datetime
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from conftest import make_net  # noqa: E402
 
 import graphquant as gq  # noqa: E402
 from graphquant.observers import HistogramObserver  # noqa: E402
+from graphquant.partial import Region  # noqa: E402
 from graphquant.passes.lower import observer_qparams  # noqa: E402
 
 MINMAX = gq.QConfig(activation=gq.ObserverSpec("minmax"))  # per-channel min/max weights
@@ -62,10 +64,22 @@ def workloads() -> dict[str, tuple[nn.Module, list[torch.Tensor]]]:
     return {"conv": (make_net(), conv_data()), "bert": (TinyBert().eval(), bert_data())}
 
 
+def partial_model() -> tuple[nn.Module, list[torch.Tensor]]:
+    """A model that does not export whole (tests/test_partial.py's): quantized region by region."""
+    import test_partial
+
+    return test_partial.Net().eval(), test_partial.batches(6) + [b / 2 for b in test_partial.batches(2, seed=2)]
+
+
 def qparams(prepared: gq.PreparedModel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    assert prepared.graph_module is not None
-    observed = observer_qparams(prepared.graph_module)
-    return {name: (qp.scale.clone(), qp.zero_point.clone()) for name, qp in observed.items()}
+    """Every observer's qparams; of each region's graph for a model captured region by region."""
+    if prepared.graph_module is not None:
+        graphs = {"": prepared.graph_module}
+    else:
+        assert prepared.partial_model is not None
+        graphs = {m.path: m.inner.graph_module for m in prepared.partial_model.modules() if isinstance(m, Region)}
+    return {f"{where}/{name}": (qp.scale.clone(), qp.zero_point.clone())
+            for where, gm in graphs.items() for name, qp in observer_qparams(gm).items()}  # fmt: skip
 
 
 def calibrate_all(distributed: bool) -> dict[str, Any]:
@@ -86,6 +100,17 @@ def calibrate_all(distributed: bool) -> dict[str, Any]:
                                                   if isinstance(m, HistogramObserver)]  # fmt: skip
             with torch.no_grad():
                 out[f"{wname}/{qname}/int8_output"] = gq.convert(prepared)(data[0])
+    model, data = partial_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "does not export whole"
+        prepared = gq.prepare(model, {"": gq.default_qconfig}, (data[0],))
+    if distributed:
+        gq.distributed.calibrate(prepared, data, shard=True)
+    else:
+        gq.calibrate(prepared, data)
+    out["partial/histogram"] = qparams(prepared)
+    with torch.no_grad():
+        out["partial/histogram/int8_output"] = gq.convert(prepared)(data[-1])
     return out
 
 

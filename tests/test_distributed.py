@@ -66,6 +66,14 @@ def test_merged_qparams_equal_one_pass_bit_for_bit(two_ranks, one_process, workl
     assert torch.equal(two_ranks[0][output], one_process[output])
 
 
+def test_a_model_captured_region_by_region_calibrates_sharded(two_ranks, one_process):  # type: ignore[no-untyped-def]
+    """graphquant.partial: the regions' observers merge like a whole graph's, bit for bit."""
+    key = "partial/histogram"
+    assert len(one_process[key]) >= 10 and {k.split("/")[0] for k in one_process[key]} >= {"stem", "head"}
+    assert _same(two_ranks[0][key], two_ranks[1][key]) and _same(two_ranks[0][key], one_process[key])
+    assert torch.equal(two_ranks[0][f"{key}/int8_output"], one_process[f"{key}/int8_output"])
+
+
 def test_moving_average_merge_is_the_documented_mean(two_ranks, one_process):  # type: ignore[no-untyped-def]
     """Each rank averages its own batches and the merge takes their batch-weighted mean: the ranks
     agree, but not with one pass, whose average depends on the order of all the batches."""
