@@ -107,7 +107,9 @@ def quantize_with_accuracy_control(
     """Quantize ``model``; if ``eval_fn`` (higher is better) drops by more than ``max_drop`` from
     the float model's, return layers to float, most harmful first, until it does not.
 
-    The layers are ranked once by their own SQNR (:func:`graphquant.numerics.compare`, on the first
+    A model quantized region by region (:mod:`graphquant.partial`) returns whole regions to float,
+    lowest region SQNR first. Otherwise the layers are ranked once by their own SQNR
+    (:func:`graphquant.numerics.compare`, on the first
     ``ranking_batches`` batches ``run_fn`` calibrates with; a layer whose output rounding is the
     cause is followed by the layers reading that output, which would round it the same way), then
     the number kept float is bisected.
@@ -150,10 +152,14 @@ def quantize_with_accuracy_control(
     if not met:
         if not batches:
             raise GraphQuantError("graphquant: run_fn fed the model no batch; accuracy control needs calibration")
-        # numerics' suggestion with no SQNR bar and no limit: every layer, worst first, each followed
-        # by the layers that read its output when that output's rounding is the cause
-        ranked = compare(model, checked, batches, backend=backend, min_sqnr_db=math.inf, max_layers=1 << 30)
-        report.ranking = ranked.suggestion.keep_float
+        regions = getattr(getattr(best, "graphquant_report", None), "regions", [])
+        if regions:  # quantized region by region (graphquant.partial): whole regions, lowest SQNR first
+            report.ranking = tuple(r.path for r in sorted(regions, key=lambda r: (r.sqnr_db is None, r.sqnr_db or 0)))
+        else:
+            # numerics' suggestion with no SQNR bar and no limit: every layer, worst first, each followed
+            # by the layers that read its output when that output's rounding is the cause
+            ranked = compare(model, checked, batches, backend=backend, min_sqnr_db=math.inf, max_layers=1 << 30)
+            report.ranking = ranked.suggestion.keep_float
         say(f"{len(report.ranking)} layers ranked, worst first: {', '.join(report.ranking[:5])}...")
         lo, hi = 0, len(report.ranking)
         if hi and not out_of_time():

@@ -42,8 +42,9 @@ from torch.utils._pytree import tree_flatten
 
 from graphquant.api import _convert, calibrate, convert, default_backend, prepare, prepare_dynamic
 from graphquant.capture import capture
-from graphquant.errors import GraphQuantError
+from graphquant.errors import CaptureError, GraphQuantError
 from graphquant.graph import MATCH, QPARAMS, Match, matches_of
+from graphquant.partial import export_reason
 from graphquant.passes.fold_bn import fold_bn
 from graphquant.qconfig import QConfig, default_dynamic_qconfig, get_default_qconfig
 from graphquant.quant_math import QParams, dequantize
@@ -356,10 +357,11 @@ def _quantize_both(
     dynamic: bool, backend: str | None, progress: Progress,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:  # fmt: skip
     """Reference and kernel graphs of one prepared (and, if static, calibrated) model."""
+    # node by node needs one graph: a model that does not export whole is refused, not split
     if dynamic:
-        prepared = prepare_dynamic(model, qconfig_dict, batches[0])
+        prepared = prepare_dynamic(model, qconfig_dict, batches[0], partial=False)
     else:
-        prepared = prepare(model, qconfig_dict, batches[0])
+        prepared = prepare(model, qconfig_dict, batches[0], partial=False)
         calibrate(prepared, progress(batches, "calibrating"))
     # activations stay unfolded in the kernel graph: each linear's own output is compared (folded,
     # the kernel computes the same single rounding of linear -> activation); no residual accum is
@@ -797,7 +799,15 @@ def compare(
         )
     backend = backend or default_backend()
     examples = calibration or compared
-    reference, kernel = _quantize_both(model, qconfig_dict, examples, dynamic, backend, progress)
+    try:
+        reference, kernel = _quantize_both(model, qconfig_dict, examples, dynamic, backend, progress)
+    except CaptureError as error:
+        name = type(model).__name__
+        raise CaptureError(
+            f"graphquant: compare lines up one graph of the whole model, and {name} does not export whole "
+            f"({export_reason(error)}); graphquant.quantize takes it region by region (graphquant.partial): "
+            f"compare one of its submodules that exports, e.g. compare(model.<submodule>, ...)"
+        ) from error
     float_gm = fold_bn(capture(model, examples[0]))
     graphs = _line_up(float_gm, reference, kernel)
     nodes, out_ref, out_kernel = _measure(graphs, compared, progress)

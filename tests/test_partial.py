@@ -295,3 +295,26 @@ def test_check_graph_mode_op_on_a_model_that_does_not_export_whole():
     with warnings.catch_warnings(), pytest.raises(AssertionError, match="expected graphquant::qlinear_dynamic"):
         warnings.simplefilter("ignore")
         check_graph_mode_op(Net().eval(), [(b,) for b in batches()], "graphquant::qlinear_dynamic", tracing=True)
+
+
+def test_accuracy_control_and_compare_on_a_model_that_does_not_export_whole():
+    """Accuracy control returns whole regions to float, lowest region SQNR first; the layer-by-layer
+    comparison, which needs one graph, says so and names the way out."""
+    model = Net().eval()
+
+    def neg_mse(m: nn.Module) -> float:
+        with torch.no_grad():
+            return -float(sum((m(x) - model(x)).pow(2).mean() for x in batches(2, seed=6)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q, report = gq.quantize_with_accuracy_control(model, {"": gq.default_qconfig}, _run, [batches()], neg_mse,
+                                                      max_drop=0.0, example_inputs=(batches()[0],))  # fmt: skip
+        first = _quantize(Net().eval())
+    lowest_first = [r.path for r in sorted(gq.report(first).regions, key=lambda r: r.sqnr_db)]
+    assert report.ranking == tuple(lowest_first) and len(lowest_first) == 7, report
+    assert report.met and report.keep_float == report.ranking  # max_drop 0: every region float
+    assert not gq.report(q).regions  # nothing left to quantize: the float model, as eager code
+    with pytest.raises(gq.GraphQuantError, match=r"compare lines up one graph of the whole model, and Net does not "
+                                                 r"export whole .*compare one of its submodules"):  # fmt: skip
+        gq.numerics.compare(model, None, batches())
