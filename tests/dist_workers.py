@@ -132,7 +132,7 @@ def sharded(rank: int, world: int, port: int, out_dir: str) -> None:
 def failing(rank: int, world: int, port: int, out_dir: str, how: str) -> None:
     """Rank 1 fails (``how``: "raises" in its calibration data, or "exits" before the merge);
     each rank writes the error it got."""
-    _join(rank, world, port, 8)
+    _join(rank, world, port, 30)  # a dead peer is seen at once; 30 s only bounds a slow start
     model, data = make_net(), conv_data()
     prepared = gq.prepare(model, {"": gq.default_qconfig}, (data[0],))
     if rank == 1:

@@ -98,7 +98,7 @@ def test_a_failing_rank_fails_every_rank_with_a_graphquant_error(tmp_path, how):
         assert (tmp_path / "rank1.txt").read_text().startswith("GraphQuantError: graphquant.distributed.calibrate")
     else:
         assert "failed on rank 0 of 2" in rank0 and "timeout" in rank0
-    assert elapsed < 60, elapsed  # the group's timeout is 8 s; spawning two processes takes a few
+    assert elapsed < 60, elapsed  # no hang: a dead peer is seen at once, the group timeout is 30 s
 
 
 def test_without_a_process_group_it_says_how_to_start_one():
