@@ -25,7 +25,15 @@ from graphquant.errors import CaptureError, GraphQuantError
 from graphquant.graph import rebind_matches
 from graphquant.inputs import install_input_check
 from graphquant.kernels import onednn
-from graphquant.partial import EagerPart, Region, RegionReport, find_regions, record_calls, region_qconfig_dict
+from graphquant.partial import (
+    EagerPart,
+    Region,
+    RegionReport,
+    find_regions,
+    record_calls,
+    record_outputs,
+    region_qconfig_dict,
+)
 from graphquant.passes.annotate import annotate
 from graphquant.passes.fold_bn import fold_bn
 from graphquant.passes.insert_observers import insert_observers
@@ -106,7 +114,9 @@ class PreparedModel(nn.Module):
         if whole_error is None:
             whole_error = CaptureError("partial=True: the model's own forward runs eager")
         regions, eager = find_regions(model, calls, self.qconfig_dict, whole_error, make_region)
+        outputs = record_outputs(model, example_inputs, list(regions))  # before the float parts are swapped out
         for path, region in regions.items():
+            region.float_output = outputs.get(path)
             model.set_submodule(path, region)
         self.partial_model = model
         self.eager_parts = eager

@@ -3,7 +3,8 @@ eager.
 
 When the whole model does not export (data-dependent control flow, ``.item()``, a loop over a
 Python list of variable length, a third-party layer), graphquant runs the float model once on the
-example inputs with a hook on every submodule, recording the inputs of each call, and walks the
+example inputs with a hook on every submodule, recording the inputs of each call (and once the
+regions are known, a second run records their float outputs, for their SQNR), and walks the
 module tree top-down: a submodule that captures becomes a *region*, quantized as a whole graph
 with the part of ``qconfig_dict`` under its path; one that does not is split into its children.
 The regions are swapped into a copy of the user's model, so whatever did not capture (the
@@ -26,7 +27,7 @@ import inspect
 import os
 import re
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +92,6 @@ class _Calls:
     kwargs: dict[str, Any]
     count: int = 1
     refusal: str | None = None  # why its calls cannot be one captured signature
-    output: Any = None  # the first call's float output (a region's SQNR is measured against it)
 
 
 def _signature(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -127,18 +127,31 @@ def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str,
 
         return hook
 
-    def output_hook_for(path: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            seen = calls[path]
-            if seen.count == 1 and seen.output is None:
-                seen.output = output
-
-        return hook
-
     for path, module in model.named_modules():
         if path:
             handles.append(module.register_forward_pre_hook(hook_for(path), with_kwargs=True))
-            handles.append(module.register_forward_hook(output_hook_for(path)))
+    _run_hooked(model, example_inputs, handles)
+    return calls
+
+
+def record_outputs(model: nn.Module, example_inputs: tuple[Any, ...], paths: Collection[str]) -> dict[str, Any]:
+    """Run ``model`` on ``example_inputs`` once more, keeping the first output of each of ``paths``
+    (the regions: a region's SQNR is measured against it). A second run, so that the recording
+    pass never holds every submodule's output at once."""
+    outputs: dict[str, Any] = {}
+
+    def hook_for(path: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            outputs.setdefault(path, output)
+
+        return hook
+
+    handles = [model.get_submodule(path).register_forward_hook(hook_for(path)) for path in paths]
+    _run_hooked(model, example_inputs, handles)
+    return outputs
+
+
+def _run_hooked(model: nn.Module, example_inputs: tuple[Any, ...], handles: list[Any]) -> None:
     try:
         with torch.no_grad():
             model(*example_inputs)
@@ -150,7 +163,6 @@ def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str,
     finally:
         for handle in handles:
             handle.remove()
-    return calls
 
 
 @dataclass
@@ -306,7 +318,7 @@ def find_regions(
             try:
                 binding = Binding.of(module, seen.args, seen.kwargs)
                 inputs = binding.inputs(path, seen.args, seen.kwargs)
-                regions[path] = Region(path, make_region(path, module, inputs), binding, inputs, seen.output)
+                regions[path] = Region(path, make_region(path, module, inputs), binding, inputs, None)
                 return
             except CaptureError as error:
                 reason = export_reason(error) if error.__cause__ is not None else str(error)
