@@ -348,6 +348,30 @@ def test_int32_bias_overflow(backend: str) -> None:
     _assert_close(model, quantized, reference, x[0])
 
 
+def test_bias_is_added_as_a_real_number_when_the_output_grid_is_finer_than_the_accumulators() -> None:
+    """A finding of the fuzz test (seed 791922): with an output scale (1e-4) finer than x_scale *
+    w_scale (about 1e-3), a bias rounded onto the accumulator grid put the portable kernel 4 steps
+    from the real value. Both kernels now round ``acc * x_scale * w_scale + bias`` once: the
+    portable one to the nearest step of the float64 value, oneDNN within one step of it."""
+    from graphquant.kernels import onednn, portable
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = torch.randint(0, 256, (1, 2, 1, 5, 3), dtype=torch.uint8, generator=g)
+        w = torch.randint(-127, 128, (4, 2, 1, 1, 2), dtype=torch.int8, generator=g)
+        w_scale, bias = torch.rand(4, generator=g) * 0.01 + 0.001, torch.randn(4, generator=g)
+        args = ([1, 1, 1], [0, 1, 1], [1, 1, 2], 1)
+        acc = torch.nn.functional.conv3d(x.double() - 50, w.double(), None, 1, (0, 1, 1), (1, 1, 2))
+        real = acc * 0.2111 * w_scale.double().view(1, -1, 1, 1, 1) + bias.double().view(1, -1, 1, 1, 1)
+        want = (real.clamp(min=0) / 1e-4).round().add(104).clamp(0, 255)  # relu, then one rounding
+        got = portable.qconv(x, 0.2111, 50, w, w_scale, bias, *args, 1e-4, 104, "relu")
+        assert torch.equal(got.double(), want)
+        if onednn.available():
+            packed = onednn.pack_conv(w, w_scale, 0.2111, 50, *args)
+            fast = onednn.qconv(x, 0.2111, 50, packed, w_scale, bias, *args, 1e-4, 104, "relu")
+            assert int((fast.int() - got.int()).abs().max()) <= 1
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_and_channels_last_inputs(backend: str) -> None:
     static = gq.quantize(make_net(), {"": gq.default_qconfig}, run_batches, [calibration_batches(2)], backend=backend)
