@@ -39,7 +39,7 @@ from graphquant.passes.fold_bn import fold_bn
 from graphquant.passes.insert_observers import insert_observers
 from graphquant.passes.lower import lower
 from graphquant.qconfig import QConfig, check_qconfig_dict, default_dynamic_qconfig
-from graphquant.quant_math import sqnr
+from graphquant.quant_math import output_sqnr
 from graphquant.report import ConversionReport
 
 BACKENDS = ("onednn", "portable")
@@ -290,15 +290,6 @@ def _convert(
     return gm
 
 
-def _floats(value: Any) -> torch.Tensor | None:
-    """Every floating tensor in a (nested) output, flattened into one."""
-    from torch.utils._pytree import tree_flatten
-
-    parts = [t.detach().flatten().float() for t in tree_flatten(value)[0]
-             if isinstance(t, torch.Tensor) and t.is_floating_point()]  # fmt: skip
-    return torch.cat(parts) if parts else None
-
-
 def _convert_regions(prepared: PreparedModel, debug: bool, inplace: bool, backend: str | None) -> nn.Module:
     """``convert`` of a model captured region by region: each region converted as a whole graph
     and measured against the float output recorded for it; the report lists every region and
@@ -317,11 +308,9 @@ def _convert_regions(prepared: PreparedModel, debug: bool, inplace: bool, backen
         nodes += [replace(n, module_path=f"{region.path}.{n.module_path}" if n.module_path else region.path)
                   for n in rep.nodes]  # fmt: skip
         region_sqnr = None
-        if region.example is not None:
+        if region.example is not None and region.float_output is not None:
             with torch.no_grad():
-                want, got = _floats(region.float_output), _floats(quantized(*region.example))
-            if want is not None and got is not None and want.shape == got.shape:
-                region_sqnr = sqnr(want, got)
+                region_sqnr = output_sqnr(region.float_output, quantized(*region.example))
         region.example, region.float_output = None, None
         regions.append(RegionReport(region.path, len(rep.quantized), len(rep.float_nodes), region_sqnr))
     report = ConversionReport(mode, used_backend, nodes, regions=regions, eager=list(prepared.eager_parts))

@@ -36,7 +36,6 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.export import ExportedProgram
-from torch.utils._pytree import tree_flatten
 
 import graphquant
 from graphquant import api, distributed
@@ -56,7 +55,7 @@ from graphquant.qconfig import (
     per_token_dynamic_qconfig,
     resolve,
 )
-from graphquant.quant_math import sqnr
+from graphquant.quant_math import output_sqnr
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -311,12 +310,7 @@ def _quantize(args: argparse.Namespace, model: Model, batches: list[Batch], shar
 def _output_sqnr(model: Model, quantized: nn.Module, batch: Batch) -> float:
     """SQNR of all floating outputs of ``quantized`` against ``model`` on one batch."""
     with torch.no_grad():
-        expected, got = tree_flatten(runnable(model)(*batch))[0], tree_flatten(quantized(*batch))[0]
-    pairs = [(e.flatten(), g.flatten()) for e, g in zip(expected, got, strict=False)
-             if isinstance(e, torch.Tensor) and e.is_floating_point()]  # fmt: skip
-    if not pairs:
-        return float("inf")
-    return sqnr(torch.cat([e for e, _ in pairs]), torch.cat([g for _, g in pairs]))
+        return output_sqnr(runnable(model)(*batch), quantized(*batch))
 
 
 def _db(value: float) -> str:

@@ -249,6 +249,18 @@ def fake_quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
     return dequantize(quantize(x, qparams), qparams)
 
 
+def output_sqnr(reference: object, other: object) -> float:
+    """:func:`sqnr` over every floating tensor of two model outputs (nested tuples, dicts, tensors),
+    flattened and joined in order; ``inf`` when there is none."""
+    from torch.utils._pytree import tree_flatten
+
+    flat = zip(tree_flatten(reference)[0], tree_flatten(other)[0], strict=False)
+    pairs = [(r.flatten(), o.flatten()) for r, o in flat if isinstance(r, torch.Tensor) and r.is_floating_point()]
+    if not pairs:
+        return float("inf")
+    return sqnr(torch.cat([r for r, _ in pairs]), torch.cat([o for _, o in pairs]))
+
+
 def sqnr(reference: torch.Tensor, other: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio of ``other`` against ``reference`` in dB.
 

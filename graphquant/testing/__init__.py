@@ -20,7 +20,7 @@ from graphquant.api import quantize, quantize_dynamic
 from graphquant.archive import regions_of
 from graphquant.graph import QPARAMS
 from graphquant.qconfig import QConfig, default_dynamic_qconfig, get_default_qconfig
-from graphquant.quant_math import sqnr
+from graphquant.quant_math import output_sqnr
 
 _DEQUANTIZE = (torch.ops.graphquant.dequantize_per_tensor.default,)
 
@@ -102,13 +102,6 @@ def step_diff(reference: Any, quantized: Any, scales: Sequence[float | None], fa
     return worst
 
 
-def _sqnr_all(reference: Any, other: Any) -> float:
-    r = [t.flatten().float() for t in tree_flatten(reference)[0]
-         if isinstance(t, torch.Tensor) and t.is_floating_point()]  # fmt: skip
-    o = [t.flatten().float() for t in tree_flatten(other)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return sqnr(torch.cat(r), torch.cat(o)) if r else float("inf")
-
-
 def check_graph_mode_op(
     module: nn.Module,
     inputs: Any,
@@ -182,7 +175,7 @@ def check_graph_mode_op(
         scales = []
     diff = step_diff(outputs[True], outputs[False], scales, largest)
     result = CheckResult(
-        _sqnr_all(expected, outputs[False]), _sqnr_all(expected, outputs[True]), diff, models[True], models[False]
+        output_sqnr(expected, outputs[False]), output_sqnr(expected, outputs[True]), diff, models[True], models[False]
     )
     if check:
         wanted = quantized_op.replace("::", ".")
