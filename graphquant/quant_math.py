@@ -314,21 +314,30 @@ def _quantize_uint8_math(x: torch.Tensor, scale: torch.Tensor, zero_point: torch
     return torch.clamp(torch.round(x.to(torch.float32) / scale) + zero_point, 0, qmax).to(torch.uint8)
 
 
+def _usable(scale: float, zero_point: int, qmax: int) -> bool:
+    # a NaN or infinite batch has no usable range: the math gives its (meaningless) integers where
+    # torch's quantize would raise
+    return scale > 0.0 and scale < float("inf") and zero_point >= 0 and zero_point <= qmax
+
+
 @torch.jit.unused
-def _native_uint8(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor:
-    return native_quantize(x.to(torch.float32), scale, zero_point, 0, qmax, torch.uint8)  # no copy of the bytes
+def _quantize_uint8_eager(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # torch.export (graphquant.compiled): the arithmetic, which traces
+        return _quantize_uint8_math(x, scale, zero_point, qmax)
+    s, zp = float(scale.item()), int(zero_point.item())
+    if not _usable(s, zp, qmax):
+        return _quantize_uint8_math(x, scale, zero_point, qmax)
+    return native_quantize(x.to(torch.float32), s, zp, 0, qmax, torch.uint8)  # no copy of the bytes
 
 
 def _quantize_uint8_native(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
+    if not torch.jit.is_scripting():
+        return _quantize_uint8_eager(x, scale, zero_point, qmax)
     s, zp = float(scale.item()), int(zero_point.item())
-    # a NaN or infinite batch has no usable range: the math gives its (meaningless) integers where
-    # torch's quantize would raise
-    if not (s > 0.0 and s < float("inf") and zp >= 0 and zp <= qmax):
+    if not _usable(s, zp, qmax):
         return _quantize_uint8_math(x, scale, zero_point, qmax)
-    if torch.jit.is_scripting():
-        q = torch.quantize_per_tensor(x.to(torch.float32), s, zp, torch.quint8).int_repr()
-        return q.clamp_max_(qmax) if qmax < 255 else q
-    return _native_uint8(x, s, zp, qmax)
+    q = torch.quantize_per_tensor(x.to(torch.float32), s, zp, torch.quint8).int_repr()
+    return q.clamp_max_(qmax) if qmax < 255 else q
 
 
 # the one quantize of a dynamic batch, eager and TorchScript: torch's native quantize where it agrees

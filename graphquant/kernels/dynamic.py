@@ -74,17 +74,19 @@ def qlinear_dynamic(
     check_post_op("qlinear_dynamic", post_op, post_op_args)
     if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], out_features))
-    return qlinear_dynamic_math(x.contiguous(), w, w_scale, _w_zero_point(out_features), bias, per_token, post_op,
-                                list(post_op_args), x_qmax, x86.saturates())  # fmt: skip
+    return qlinear_dynamic_math(x.contiguous(), w, w.is_mkldnn, w_scale, _w_zero_point(out_features), bias, per_token,
+                                post_op, list(post_op_args), x_qmax, x86.saturates())  # fmt: skip
 
 
-def qlinear_dynamic_math(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor,
+def qlinear_dynamic_math(x: torch.Tensor, w: torch.Tensor, packed: bool, w_scale: torch.Tensor,
+                         w_zero_point: torch.Tensor,
                          bias: torch.Tensor | None, per_token: bool, post_op: str, post_op_args: list[float],
                          x_qmax: int, saturates: bool) -> torch.Tensor:  # fmt: skip
     """:func:`qlinear_dynamic` on checked arguments (``x`` contiguous float32, not empty).
     TorchScript-compatible: the TorchScript module runs this same function (``saturates``: its
-    :class:`graphquant.kernels.x86.SaturationProbe`'s answer)."""
-    if w.is_mkldnn and per_token:
+    :class:`graphquant.kernels.x86.SaturationProbe`'s answer). ``packed``: ``w`` is a oneDNN weight
+    (``w.is_mkldnn``, passed apart so that graphquant.compiled can trace this body with a stand-in)."""
+    if packed and per_token:
         # oneDNN's GEMM with an int8 (s8) source has no fast kernel on every x86 CPU: on AMD EPYC
         # with AVX512-VNNI it runs a reference kernel, about 2000x slower than uint8 (0.21 s for a
         # 128x384x384 GEMM). The per-token integers go in shifted by 128 as uint8 with zero point
@@ -99,7 +101,7 @@ def qlinear_dynamic_math(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
             y.add_(bias)
         return post_op_in_place(y, post_op, post_op_args)
     q, scale, zero_point = quantize_dynamic_batch(x, per_token, x_qmax)
-    if w.is_mkldnn:
+    if packed:
         return x86.qlinear_dynamic_call(q, scale, zero_point, w, w_scale, w_zero_point, bias, post_op, post_op_args,
                                         x_qmax, saturates)  # fmt: skip
     acc = F.linear(q.double() - zero_point.double(), w.double())

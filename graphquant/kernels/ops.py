@@ -147,9 +147,10 @@ def quantize_per_tensor(
     return quantize_per_tensor_math(x, scale, zero_point, qmin, qmax, dtype)
 
 
-def _quantize_per_tensor_rounded(
+def quantize_per_tensor_rounded(
     x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
 ) -> torch.Tensor:
+    """A checked tensor onto its grid by the arithmetic, traceable (graphquant.compiled runs it)."""
     return (x.to(torch.float32) / scale).round_().add_(zero_point).clamp_(qmin, qmax).to(dtype)
 
 
@@ -163,7 +164,7 @@ def _quantize_per_tensor_native(
     x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
 ) -> torch.Tensor:
     if dtype != torch.uint8 and dtype != torch.int8:
-        return _quantize_per_tensor_rounded(x, scale, zero_point, qmin, qmax, dtype)
+        return quantize_per_tensor_rounded(x, scale, zero_point, qmin, qmax, dtype)
     if not torch.jit.is_scripting():
         return _native_no_copy(x, scale, zero_point, qmin, qmax, dtype)
     qdtype = torch.quint8 if dtype == torch.uint8 else torch.qint8
@@ -174,7 +175,7 @@ def _quantize_per_tensor_native(
 
 # A checked float32 tensor onto its grid: torch's one-pass quantize where it agrees with the math
 # (quant_math.NATIVE_QUANTIZE). TorchScript-compatible: the TorchScript module runs this same function.
-quantize_per_tensor_math = _quantize_per_tensor_native if NATIVE_QUANTIZE else _quantize_per_tensor_rounded
+quantize_per_tensor_math = _quantize_per_tensor_native if NATIVE_QUANTIZE else quantize_per_tensor_rounded
 
 
 def dequantize_per_tensor(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:

@@ -142,8 +142,9 @@ def _ts_qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | No
         shape = list(x.shape[:-1])
         shape.append(out_features)
         return x.new_empty(shape)
-    return dynamic.qlinear_dynamic_math(x.contiguous(), w, w_scale, torch.zeros(out_features, dtype=torch.int64),
-                                        bias, per_token, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
+    return dynamic.qlinear_dynamic_math(x.contiguous(), w, w.is_mkldnn, w_scale,
+                                        torch.zeros(out_features, dtype=torch.int64), bias, per_token, post_op,
+                                        post_op_args, x_qmax, saturates)  # fmt: skip
 
 
 def check_input(x: Tensor, position: int, name: str, dtype: torch.dtype, device: str, sizes: list[int],

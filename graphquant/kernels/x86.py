@@ -247,8 +247,11 @@ def qlinear_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scal
     ``x_qmax``, ``w`` packed), exact where the CPU saturates (module docstring)."""
     if not over_ints(x_qmax, saturates):
         attr, algorithm = onednn_post_op(post_op)
+        # the output dtype spelled out (None means uint8 here): the op's meta, which torch.export and
+        # Inductor trace through (graphquant.compiled), refuses None
+        dtype = torch.uint8 if out_dtype is None else out_dtype
         return torch.ops.onednn.qlinear_pointwise(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, out_scale,
-                                                  out_zero_point, out_dtype, attr, scalars(post_op, post_op_args),
+                                                  out_zero_point, dtype, attr, scalars(post_op, post_op_args),
                                                   algorithm)  # fmt: skip
     w_int = int_weight(w, x.dim())  # (in, out), as oneDNN stores a packed linear weight
     v = torch.matmul(x.to(torch.float32).sub_(float(x_zero_point)), w_int).mul_(x_scale * w_scale)
@@ -380,8 +383,9 @@ def qconv_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale:
     x, stride, padding = one_output_dims(x, w, x_zero_point, stride, padding, dilation)
     if not over_ints(x_qmax, saturates):
         attr, algorithm = onednn_post_op(post_op)
+        dtype = torch.uint8 if out_dtype is None else out_dtype  # spelled out for Inductor (qlinear_call)
         return torch.ops.onednn.qconv_pointwise(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride,
-                                                padding, dilation, groups, out_scale, out_zero_point, out_dtype,
+                                                padding, dilation, groups, out_scale, out_zero_point, dtype,
                                                 attr, scalars(post_op, post_op_args), algorithm)  # fmt: skip
     v = _conv_exact(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation, groups)
     return _finish(v, out_scale, out_zero_point, out_dtype, post_op, post_op_args)
@@ -482,9 +486,9 @@ def qconv_add_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_sc
     if not over_ints(x_qmax, saturates):
         empty: Scalars = []
         return torch.ops.onednn.qconv2d_pointwise(x, x_scale, x_zero_point, w, w_scale, w_zero_point, accum, bias,
-                                                  stride, padding, dilation, groups, out_scale, out_zero_point, None,
-                                                  accum_scale, accum_zero_point, "sum", 1.0, post_op, empty,
-                                                  "")  # fmt: skip
+                                                  stride, padding, dilation, groups, out_scale, out_zero_point,
+                                                  torch.uint8, accum_scale, accum_zero_point, "sum", 1.0, post_op,
+                                                  empty, "")  # fmt: skip
     v = _conv_exact(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation, groups)
     v.add_((accum.to(torch.float32) - accum_zero_point) * accum_scale)
     return accum.copy_(_finish(v, out_scale, out_zero_point, None, post_op, []))
