@@ -120,7 +120,8 @@ def _qconfig_dict(w: Workload, recipe: str) -> dict[str, object]:
     return {"": getattr(gq, recipe)}
 
 
-def _graphquant(w: Workload, mode: str, recipe: str, label: str, torchscript: bool = False) -> Variant:
+def _graphquant(w: Workload, mode: str, recipe: str, label: str, torchscript: bool = False,
+                compiled: bool = False) -> Variant:
     import graphquant as gq
 
     key = (mode, recipe)
@@ -133,6 +134,16 @@ def _graphquant(w: Workload, mode: str, recipe: str, label: str, torchscript: bo
             q = gq.quantize_dynamic(w.model, qconfig_dict, example_inputs=w.calibration[0])
         _QUANTIZED[key] = (q, time.perf_counter() - start)
     q, quantize_s = _QUANTIZED[key]
+    if compiled:  # the AOTInductor package; its compile time counts as first call, as PT2E's torch.compile does
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.pt2"
+            gq.save(q, path, package="aoti")
+            size = path.stat().st_size
+            package = gq.load(path)
+        compile_s = time.perf_counter() - start
+        first = compile_s + _first_call(lambda x: package(*x), w.timed)
+        return Variant(f"{label} (AOTI)", lambda x: package(*x), size, quantize_s, first, peer=False)
     if torchscript:
         start = time.perf_counter()
         scripted = gq.to_torchscript(q)
@@ -149,11 +160,12 @@ def _graphquant(w: Workload, mode: str, recipe: str, label: str, torchscript: bo
     return Variant(label, lambda x: q(*x), size, quantize_s, first, peer=False)
 
 
-def _graphquant_builder(recipe: str, label: str, torchscript: bool = False, encoders_only: bool = False):  # type: ignore[no-untyped-def]
+def _graphquant_builder(recipe: str, label: str, torchscript: bool = False, encoders_only: bool = False,  # type: ignore[no-untyped-def]
+                        compiled: bool = False):
     def build(w: Workload, mode: str, threads: int) -> Variant:
         if encoders_only and w.kind != "encoder":
             raise Unsupported("a transformer recipe")
-        return _graphquant(w, mode, recipe, label, torchscript)
+        return _graphquant(w, mode, recipe, label, torchscript, compiled)
 
     return build
 
@@ -319,8 +331,11 @@ BUILDERS: dict[str, list[tuple[str, Callable[[Workload, str, int], Variant]]]] =
         ("fp32", fp32),
         ("graphquant", _graphquant_builder("default_qconfig", "graphquant")),
         ("graphquant_ts", _graphquant_builder("default_qconfig", "graphquant", torchscript=True)),
+        ("graphquant_aoti", _graphquant_builder("default_qconfig", "graphquant", compiled=True)),
         ("graphquant_linears", _graphquant_builder("linears", "graphquant linears", encoders_only=True)),
         ("graphquant_linears_ts", _graphquant_builder("linears", "graphquant linears", True, encoders_only=True)),
+        ("graphquant_linears_aoti", _graphquant_builder("linears", "graphquant linears", encoders_only=True,
+                                                        compiled=True)),
         ("graphquant_linears_ffn_float", _graphquant_builder("linears_ffn_float", "graphquant linears, FFN-out fp32",
                                                              True, encoders_only=True)),
         ("graphquant_7bit", _graphquant_builder("reduce_range", "graphquant 7-bit")),
@@ -336,6 +351,9 @@ BUILDERS: dict[str, list[tuple[str, Callable[[Workload, str, int], Variant]]]] =
         ("graphquant_ts", _graphquant_builder("default_dynamic_qconfig", "graphquant", torchscript=True)),
         ("graphquant_per_token", _graphquant_builder("per_token_dynamic_qconfig", "graphquant per-token")),
         ("graphquant_per_token_ts", _graphquant_builder("per_token_dynamic_qconfig", "graphquant per-token", True)),
+        ("graphquant_aoti", _graphquant_builder("default_dynamic_qconfig", "graphquant", compiled=True)),
+        ("graphquant_per_token_aoti", _graphquant_builder("per_token_dynamic_qconfig", "graphquant per-token",
+                                                          compiled=True)),
         ("graphquant_7bit_ts", _graphquant_builder("dynamic_reduce_range", "graphquant 7-bit", True)),
         ("graphquant_per_token_7bit_ts", _graphquant_builder("per_token_reduce_range", "graphquant per-token 7-bit",
                                                              True)),

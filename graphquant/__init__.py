@@ -23,6 +23,7 @@ from graphquant.api import (
     report,
 )
 from graphquant.archive import load, save
+from graphquant.compiled import CompiledModel, compile  # noqa: A004  (graphquant.compile, beside torch.compile)
 from graphquant.errors import GraphQuantError
 from graphquant.kernel_timing import KernelTiming, time_kernels
 from graphquant.kernels import ops as _ops  # noqa: F401  (registers torch.ops.graphquant)
@@ -53,6 +54,8 @@ __all__ = [
     "PreparedModel",
     "QConfig",
     "calibrate",
+    "compile",
+    "CompiledModel",
     "convert",
     "convert_dynamic_jit",
     "convert_jit",

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphquant import program
+from graphquant import compiled, program
 from graphquant.errors import GraphQuantError
 from graphquant.partial import Binding, EagerPart, Region, RegionReport
 from graphquant.report import ConversionReport, NodeReport
@@ -41,9 +41,26 @@ def regions_of(model: nn.Module) -> list[Region]:
     return [m for m in model.modules() if isinstance(m, Region)]
 
 
-def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
+def save(qmodel: nn.Module, path: str | os.PathLike[str], package: str = "program") -> None:
     """Write a quantized model: a ``.pt2`` program and its manifest, or for a model quantized
-    region by region an archive of one program per region plus the float rest."""
+    region by region an archive of one program per region plus the float rest.
+
+    ``package="aoti"``: an AOTInductor package instead (:func:`graphquant.compiled.save_package`),
+    the graph compiled by Inductor into a shared library that runs without Python or graphquant
+    (``torch._inductor.aoti_load_package``, or ``AOTIModelPackageLoader`` in C++). Models quantized
+    whole only."""
+    if package not in ("program", "aoti"):
+        raise GraphQuantError(f"graphquant: save(package={package!r}): choose 'program' (a .pt2 program, the "
+                              "default) or 'aoti' (an AOTInductor package)")  # fmt: skip
+    if package == "aoti":
+        if not isinstance(qmodel, torch.fx.GraphModule) and regions_of(qmodel):
+            raise GraphQuantError(
+                "graphquant: save(package='aoti') compiles a model quantized whole; this one was quantized region "
+                "by region (it does not export whole): save it with graphquant.save(qmodel, path), or compile its "
+                "regions with graphquant.compile"
+            )
+        compiled.save_package(qmodel, path)
+        return
     if isinstance(qmodel, torch.fx.GraphModule) or not regions_of(qmodel):
         program.save(qmodel, path)
         return
@@ -104,6 +121,10 @@ def load(path: str | os.PathLike[str], float_model: nn.Module | None = None) -> 
     model is built from its recorded class with no arguments unless ``float_model`` is given (an
     instance of that class; it is modified: its regions are replaced by the quantized ones)."""
     text = os.fspath(path)
+    if compiled.is_package(text):
+        if float_model is not None:
+            raise GraphQuantError(f"graphquant: {text} is an AOTInductor package: load it without float_model")
+        return compiled.load_package(text)
     if not _is_partial(text):
         if float_model is not None:
             raise GraphQuantError(f"graphquant: {text} is a whole quantized program: load it without float_model")

@@ -228,8 +228,22 @@ def portablegraph_module(qmodel: nn.Module) -> fx.GraphModule:
     return portable
 
 
-def _export_portable(gm: fx.GraphModule, inputs: list[dict[str, Any]]) -> ExportedProgram:
-    """``torch.export`` of the portable graph, batch dimension dynamic as it was at capture."""
+def exportable_graph_module(qmodel: nn.Module) -> fx.GraphModule:
+    """:func:`portablegraph_module` with every ``torch.return_types`` output a plain tuple: the
+    graph :func:`save` exports and :mod:`graphquant.compiled` expands."""
+    portable = portablegraph_module(qmodel)
+    codegen = portable.graph._codegen
+    if isinstance(codegen, fx.graph._PyTreeCodeGen) and codegen.pytree_info.out_spec is not None:
+        out_spec = _plain_tuples(codegen.pytree_info.out_spec)
+        codegen.pytree_info = codegen.pytree_info._replace(out_spec=out_spec)
+        portable._out_spec = out_spec
+        portable.recompile()
+    return portable
+
+
+def export_graph(gm: fx.GraphModule, inputs: list[dict[str, Any]]) -> ExportedProgram:
+    """``torch.export`` of a graph derived from the quantized one (``inputs``: the manifest's),
+    batch dimension dynamic as it was at capture."""
     examples, shapes = [], []
     for entry in inputs:
         batch = entry["shape"][0]
@@ -273,14 +287,7 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
     check_writable(manifest_path(path), "the manifest")
     data = manifest(gm)
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    portable = portablegraph_module(gm)
-    codegen = portable.graph._codegen
-    if isinstance(codegen, fx.graph._PyTreeCodeGen) and codegen.pytree_info.out_spec is not None:
-        out_spec = _plain_tuples(codegen.pytree_info.out_spec)
-        codegen.pytree_info = codegen.pytree_info._replace(out_spec=out_spec)
-        portable._out_spec = out_spec
-        portable.recompile()
-    program = _export_portable(portable, data["inputs"])
+    program = export_graph(exportable_graph_module(gm), data["inputs"])
     torch.export.save(program, path, extra_files={MANIFEST_FILE: text})
     with open(manifest_path(path), "w", encoding="utf-8") as f:
         f.write(text)
@@ -374,13 +381,13 @@ def load(path: str | os.PathLike[str]) -> fx.GraphModule:
     }
     for name, value in attributes.items():
         setattr(gm, name, value)
-    install_input_check(gm, _manifest_specs(gm, data["inputs"]))
+    install_input_check(gm, manifest_specs(data["inputs"], [n.name for n in gm.graph.find_nodes(op="placeholder")]))
     return gm
 
 
-def _manifest_specs(gm: fx.GraphModule, inputs: list[dict[str, Any]]) -> tuple[InputSpec, ...]:
-    """The input check of a loaded model, from the manifest's inputs (CPU: the kernels' device)."""
-    names = [node.name for node in gm.graph.find_nodes(op="placeholder")]
+def manifest_specs(inputs: list[dict[str, Any]], names: list[str]) -> tuple[InputSpec, ...]:
+    """The input check of a loaded model, from the manifest's inputs (CPU: the kernels' device)
+    and the inputs' names (``arg<i>`` past the end of ``names``)."""
     specs = []
     for position, entry in enumerate(inputs):
         batch = entry["shape"][0] if entry["shape"] else None

@@ -1,0 +1,354 @@
+"""The compiled runtime: a quantized graph as an Inductor-compiled AOTInductor package, run from
+generated C++ with no Python per op (:func:`compile`, :func:`save_package`, :func:`load_package`).
+
+Inductor cannot look inside a ``graphquant::`` op (a Python kernel), so the graph is first
+*expanded*: every op becomes the aten and ``onednn::`` calls its kernel makes, from the same
+source — the oneDNN kernels' shared bodies (``kernels.onednn.qconv_run``, ``qconv_add_run``,
+``qlinear_run``, ``kernels.dynamic.qlinear_dynamic_math``) and, for ops on portable weights,
+their TorchScript twins (pure aten). A packed weight becomes ``onednn::qconv_prepack`` /
+``qlinear_prepack`` of its int8 buffer, which Inductor's freezing folds into a constant at
+compile time, as it does for PT2E's graphs::
+
+    qconv2d(x, ..., w_packed, ...)   becomes   qconv_pointwise(x, ..., qconv_prepack(w_int8, ...), ...)
+
+Inductor then sees ``onednn::qconv_pointwise`` / ``qconv2d_pointwise.binary`` /
+``qlinear_pointwise`` (extern kernels it calls from C++) and plain aten ops, which it fuses:
+the quantize and dequantize at the borders, the uint8 elementwise and join kernels, the float
+ops between GEMMs. Outputs are bit-identical to the GraphModule's (tests/test_compiled.py):
+the same kernels on the same integers, and the same float arithmetic around them.
+
+**Saturating CPUs.** Where oneDNN's int8 kernels saturate (x86 without VNNI,
+``kernels/x86.py``), each 8-bit layer takes the exact float32 path; which path a layer takes is
+fixed when the package is compiled. A package compiled where nothing saturates carries a guard
+in its graph — the probe of ``kernels.x86`` (a 1x64 GEMM of 255 x 127 products) run on every
+call and checked with ``aten._assert_async`` — so that on a saturating CPU it refuses to run,
+with a message naming the way out, whether it is loaded by :func:`load_package`, by
+``torch._inductor.aoti_load_package`` or from C++. A package compiled on a saturating CPU is
+exact everywhere (its 8-bit layers run over the integers in float32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+import zipfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch._C import DispatchKey
+from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
+from torch.library import register_fake
+
+from graphquant import program
+from graphquant.errors import GraphQuantError, where
+from graphquant.graph import example_shape, get_attr_value, is_graphquant_op, module_path, named_args
+from graphquant.inputs import InputCheck
+from graphquant.kernels import dynamic, ops, x86
+from graphquant.kernels.onednn import onednn_dilation, qconv_add_run, qconv_run, qlinear_run
+from graphquant.kernels.scripted import TORCHSCRIPT_KERNELS
+
+PACKAGE_MANIFEST = "graphquant/manifest.json"  # inside the package zip, beside AOTInductor's files
+PACKAGE_FORMAT, PACKAGE_VERSION = "graphquant.aoti", 1
+SATURATION_MESSAGE = (
+    "graphquant: this package was compiled on a CPU whose int8 kernels do not saturate, and this CPU's do "
+    "(x86 without VNNI, or ONEDNN_MAX_CPU_ISA set): its 8-bit layers would give wrong answers here. "
+    "Compile the package on this kind of CPU (graphquant.save(qmodel, path, package='aoti') here), or save "
+    "the model as a .pt2 program (graphquant.save), which chooses the exact path when it loads"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes of oneDNN's weight packing, for tracing: the packed weight's logical shape, which is
+# what onednn::qconv_pointwise's and qlinear_pointwise's meta functions read (torch registers
+# none: Inductor inserts and folds these ops after tracing, graphquant traces them)
+
+
+@register_fake("onednn::qconv_prepack")
+def _qconv_prepack_fake(w, w_scale, x_scale, x_zero_point, stride, padding, dilation, groups, x_shape=None):  # type: ignore[no-untyped-def]  # noqa: E501
+    return w.new_empty((*w.shape[:2], 1, w.shape[2])) if w.dim() == 3 else torch.empty_like(w)  # conv1d packs as 2-d
+
+
+@register_fake("onednn::qlinear_prepack")
+def _qlinear_prepack_fake(w, x_shape=None):  # type: ignore[no-untyped-def]
+    return w.new_empty((w.shape[1], w.shape[0]))  # stored transposed, (in, out)
+
+
+# qconv2d_pointwise.binary writes into its accum, so export wraps it in auto_functionalized_v2, which
+# torch lets fall through autograd for CPU and CUDA tensors only; Inductor's freezing propagates
+# fake tensors through it with the packed (mkldnn) weight, whose autograd key is AutogradOther
+auto_functionalized_v2.fallthrough(DispatchKey.AutogradOther)
+
+
+# ---------------------------------------------------------------------------------------------
+# the expansion: graphquant op -> the aten / onednn calls of its kernel
+
+
+def _qconv(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+           stride: list[int], padding: list[int], dilation: list[int], groups: int, out_scale: float,
+           out_zero_point: int, post_op: str, post_op_args: list[float], x_qmax: int,
+           saturates: bool) -> Tensor:  # fmt: skip
+    return qconv_run(x, x_scale, x_zero_point, w, w_scale, torch.zeros(w.size(0), dtype=torch.int64), bias, stride,
+                     padding, dilation, groups, out_scale, out_zero_point, post_op, post_op_args, x_qmax, saturates,
+                     [])  # fmt: skip  (the empty-batch shape: export's batch starts at 1)
+
+
+def _qconv_add(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+               stride: list[int], padding: list[int], dilation: list[int], groups: int, accum: Tensor,
+               accum_scale: float, accum_zero_point: int, out_scale: float, out_zero_point: int, post_op: str,
+               accum_donated: bool, x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
+    return qconv_add_run(x, x_scale, x_zero_point, w, w_scale, torch.zeros(w.size(0), dtype=torch.int64), bias,
+                         stride, padding, dilation, groups, accum, accum_scale, accum_zero_point, out_scale,
+                         out_zero_point, post_op, accum_donated, x_qmax, saturates, [])  # fmt: skip
+
+
+def _qlinear(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+             out_scale: float, out_zero_point: int, post_op: str, post_op_args: list[float], float_out: bool,
+             x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
+    return qlinear_run(x, x_scale, x_zero_point, w, w_scale, torch.zeros(w.size(1), dtype=torch.int64), bias,
+                       out_scale, out_zero_point, post_op, post_op_args, float_out, x_qmax, saturates)  # fmt: skip
+
+
+def _qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, per_token: bool, post_op: str,
+                     post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
+    return dynamic.qlinear_dynamic_math(x.contiguous(), w, True, w_scale, torch.zeros(w.size(1), dtype=torch.int64),
+                                        bias, per_token, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
+
+
+# graphquant op -> its expansion where its weight is packed for oneDNN (last argument: saturates)
+PACKED_EXPANSIONS: dict[str, Callable[..., Tensor]] = {
+    "qconv1d": _qconv, "qconv2d": _qconv, "qconv3d": _qconv, "qconv1d_add": _qconv_add, "qconv2d_add": _qconv_add,
+    "qlinear": _qlinear, "qlinear_dynamic": _qlinear_dynamic,
+}  # fmt: skip
+# every other op: its TorchScript twin (aten only on portable weights), except the quantize, whose
+# twin takes torch's one-pass quantize through a storage trick that cannot be traced: the same
+# integers by the arithmetic (quant_math.NATIVE_QUANTIZE holds the two equal)
+EXPANSIONS: dict[str, Callable[..., Any]] = {
+    **TORCHSCRIPT_KERNELS, "quantize_per_tensor": ops.quantize_per_tensor_rounded,
+}  # fmt: skip
+_WITH_SATURATES = {"qconv1d", "qconv2d", "qconv3d", "qconv1d_add", "qconv2d_add", "qlinear", "qlinear_dynamic"}
+
+
+def _saturation_guard(probe_w: Tensor) -> None:
+    """Refuse to run where oneDNN's int8 conv saturates (:data:`SATURATION_MESSAGE`): the 1x1 conv
+    probe of ``kernels.x86.probe_saturates`` (64 channels of 255 x 127 products) in the graph. Its
+    activation is built on each call (``torch.full``: Inductor folds no constructors), its weight
+    is a folded packed constant. A conv, not the GEMM probe: a linear weight packed on a VNNI CPU
+    runs on an AVX2 CPU in oneDNN's reference kernel, which does not saturate, while a packed conv
+    weight is reordered for the AVX2 kernel, which does (seen with ONEDNN_VERBOSE)."""
+    x = torch.full([1, 64, 4, 4], 255, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    y = torch.ops.onednn.qconv_pointwise(x, 1.0, 0, probe_w, torch.ones(8), torch.zeros(8, dtype=torch.int64), None,
+                                         [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "")  # fmt: skip
+    torch._assert_async((y - 2072640.0).abs().max() <= 0.5, SATURATION_MESSAGE)  # 64 * 255 * 127
+
+
+def _prepack_node(gm: fx.GraphModule, node: fx.Node, w: fx.Node, pack: str) -> fx.Node:
+    """``onednn::qconv_prepack`` / ``qlinear_prepack`` of the int8 buffer ``w``, with the
+    arguments the kernel node carries (as :func:`graphquant.program.load` packs it)."""
+    graph = gm.graph
+    if pack == "pack_linear":
+        return graph.call_function(torch.ops.onednn.qlinear_prepack.default, (w, None))
+    named = named_args(node)
+    weight = get_attr_value(gm, w)
+    hint = example_shape(named["x"]) if weight.dim() == 4 else None  # pack_conv's layout hint, 2-d convs
+    dilation = onednn_dilation(weight, list(named["dilation"]))
+    return graph.call_function(torch.ops.onednn.qconv_prepack.default, (
+        w, named["w_scale"], float(named["x_scale"]), int(named["x_zero_point"]), list(named["stride"]),
+        list(named["padding"]), dilation, int(named["groups"]), None if hint is None else [int(s) for s in hint],
+    ))  # fmt: skip
+
+
+def expanded_graph_module(qmodel: nn.Module) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """The quantized graph with every ``graphquant::`` op expanded into aten and ``onednn::`` ops
+    (module docstring), and its manifest. Shares the model's tensors."""
+    gm = program.graph_module(qmodel)
+    data = program.manifest(gm)
+    packed_weights: dict[str, str] = data["packed_weights"]
+    expanded = program.exportable_graph_module(gm)
+    graph = expanded.graph
+    guard = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not is_graphquant_op(node.target):
+            continue
+        name = node.target._opname  # type: ignore[union-attr]
+        named = named_args(node)
+        w = named.get("w")
+        weight = w if isinstance(w, fx.Node) and w.op == "get_attr" and str(w.target) in packed_weights else None
+        target = EXPANSIONS.get(name) if weight is None else PACKED_EXPANSIONS.get(name)
+        if target is None:
+            raise GraphQuantError(
+                f"graphquant: {where(module_path(node), node.name)}: graphquant::{name} has no compiled form yet; "
+                f"run the model uncompiled, save it with graphquant.save, or keep that module float with "
+                f"qconfig_dict={{{module_path(node)!r}: None}}"
+            )
+        args = list(named.values())
+        if name in _WITH_SATURATES:  # portable weights: nothing saturates
+            saturates = weight is not None and x86.saturates(
+                x86.is_depthwise(get_attr_value(expanded, weight), int(named.get("groups", 1))))  # fmt: skip
+            guard = guard or (weight is not None and not saturates)
+            args.append(saturates)
+        with graph.inserting_before(node):
+            if weight is not None:
+                args[list(named).index("w")] = _prepack_node(expanded, node, weight,
+                                                             packed_weights[str(weight.target)])  # fmt: skip
+            expansion = graph.call_function(target, tuple(args))
+        expansion.meta.update(node.meta)
+        node.replace_all_uses_with(expansion)
+        graph.erase_node(node)
+    if guard:
+        expanded.register_buffer("graphquant_saturation_probe", torch.full([8, 64, 1, 1], 127, dtype=torch.int8))
+        expanded.register_buffer("graphquant_saturation_probe_scale", torch.ones(8))
+        placeholders = list(graph.find_nodes(op="placeholder"))
+        with graph.inserting_after(placeholders[-1] if placeholders else next(iter(graph.nodes))):
+            probe_w = graph.get_attr("graphquant_saturation_probe")
+            with graph.inserting_after(probe_w):
+                probe_scale = graph.get_attr("graphquant_saturation_probe_scale")
+            with graph.inserting_after(probe_scale):
+                packed_probe = graph.call_function(torch.ops.onednn.qconv_prepack.default, (
+                    probe_w, probe_scale, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, [1, 64, 4, 4]))  # fmt: skip
+                with graph.inserting_after(packed_probe):
+                    graph.call_function(_saturation_guard, (packed_probe,))
+    graph.lint()
+    expanded.recompile()
+    data["compiled"] = {"guarded": guard, **compiled_for()}
+    return expanded, data
+
+
+def compiled_for() -> dict[str, Any]:
+    """What the package's kernel choices depend on: whether this process's oneDNN saturates
+    (GEMM and depthwise conv), the CPU, torch's version."""
+    return {"saturates": x86.saturates(), "saturates_depthwise": x86.saturates(True),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "processor": _cpu_name(),
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""), "torch": torch.__version__}  # fmt: skip
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+# ---------------------------------------------------------------------------------------------
+# the package
+
+
+def save_package(qmodel: nn.Module, path: str | os.PathLike[str], *, cpp_wrapper: bool = True) -> dict[str, Any]:
+    """Write ``qmodel`` as an AOTInductor package (``torch._inductor.aoti_compile_and_package``):
+    a shared library of the expanded, frozen graph with its weights, and the manifest inside it
+    (``graphquant/manifest.json``) and beside it (``model.pt2`` -> ``model.manifest.json``).
+
+    It loads with :func:`load_package`, with ``torch._inductor.aoti_load_package`` in a process
+    that never imports graphquant, and from C++ with ``torch::inductor::AOTIModelPackageLoader``
+    (docs/compiled.md). Returns the manifest, with the seconds compiling took
+    (``data["compiled"]["seconds"]``).
+    """
+    program.check_writable(path)
+    program.check_writable(program.manifest_path(path), "the manifest")
+    expanded, data = expanded_graph_module(qmodel)
+    start = time.perf_counter()
+    exported = program.export_graph(expanded, data["inputs"])
+    try:
+        with torch.no_grad(), warnings.catch_warnings():  # Inductor freezes (folds the packing) without autograd
+            warnings.simplefilter("ignore")
+            torch._inductor.aoti_compile_and_package(
+                exported, package_path=os.fspath(path), inductor_configs={"freezing": True}
+            )
+    except Exception as error:
+        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise GraphQuantError(f"graphquant: AOTInductor could not compile the quantized graph: {first}") from error
+    data["format"], data["version"] = PACKAGE_FORMAT, PACKAGE_VERSION
+    data["compiled"]["seconds"] = round(time.perf_counter() - start, 2)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr(_inside(archive) + PACKAGE_MANIFEST, text)
+    with open(program.manifest_path(path), "w", encoding="utf-8") as f:
+        f.write(text)
+    return data
+
+
+def _inside(archive: zipfile.ZipFile) -> str:
+    """The folder every entry of a torch zip archive sits in (``model/``)."""
+    names = archive.namelist()
+    return names[0].split("/", 1)[0] + "/" if names and "/" in names[0] else ""
+
+
+def is_package(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a package written by :func:`save_package`."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return _inside(archive) + PACKAGE_MANIFEST in archive.namelist()
+
+
+def read_package_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest inside a package written by :func:`save_package`."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            text = archive.read(_inside(archive) + PACKAGE_MANIFEST).decode("utf-8")
+    except (OSError, KeyError, zipfile.BadZipFile) as error:
+        raise GraphQuantError(
+            f"graphquant: {os.fspath(path)} is not an AOTInductor package written by graphquant.save(..., "
+            f"package='aoti') ({error})"
+        ) from error
+    data = json.loads(text)
+    if data.get("format") != PACKAGE_FORMAT or data.get("version") != PACKAGE_VERSION:
+        raise GraphQuantError(f"graphquant: {os.fspath(path)} has package format {data.get('format')} version "
+                              f"{data.get('version')}; this graphquant reads {PACKAGE_FORMAT} "
+                              f"{PACKAGE_VERSION}")  # fmt: skip
+    return data
+
+
+def check_runs_here(data: dict[str, Any], path: str) -> None:
+    """Refuse a package whose kernel choices would saturate on this CPU (:data:`SATURATION_MESSAGE`)."""
+    made = data.get("compiled", {})
+    if made.get("guarded") and x86.saturates():
+        raise GraphQuantError(f"{SATURATION_MESSAGE} (package {path}, compiled on {made.get('processor')})")
+
+
+class CompiledModel(nn.Module):
+    """A quantized model run by its AOTInductor package: the input check graphquant's graphs make
+    (names the input, what was captured and what came), then one call into generated C++."""
+
+    def __init__(self, runner: Callable[..., Any], data: dict[str, Any], path: str) -> None:
+        super().__init__()
+        self.runner, self.graphquant_manifest, self.path = runner, data, path
+        self.check = InputCheck(program.manifest_specs(data["inputs"], []))
+
+    def forward(self, *inputs: Any) -> Any:
+        self.check(*inputs)
+        return self.runner(*inputs)
+
+    def extra_repr(self) -> str:
+        made = self.graphquant_manifest["compiled"]
+        return f"package={self.path!r}, compiled in {made.get('seconds')} s on {made.get('processor')}"
+
+
+def load_package(path: str | os.PathLike[str]) -> CompiledModel:
+    """A package written by :func:`save_package`, refused where its kernels would saturate."""
+    data = read_package_manifest(path)
+    check_runs_here(data, os.fspath(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runner = torch._inductor.aoti_load_package(os.fspath(path))
+    return CompiledModel(runner, data, os.fspath(path))
+
+
+def compile(qmodel: nn.Module) -> CompiledModel:  # noqa: A001  (graphquant.compile, as torch.compile)
+    """``qmodel`` compiled by Inductor into an AOTInductor package and loaded: no Python per op,
+    any batch size where the model was captured with a dynamic batch, outputs bit-identical to
+    ``qmodel``'s. Compiling takes seconds to minutes (a C++ compiler runs); the package is a
+    temporary file — write one to keep with ``graphquant.save(qmodel, path, package="aoti")``."""
+    folder = tempfile.mkdtemp(prefix="graphquant-aoti-")
+    path = os.path.join(folder, "model.pt2")
+    save_package(qmodel, path)
+    return load_package(path)
