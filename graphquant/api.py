@@ -24,7 +24,7 @@ from graphquant.capture import capture, check_capturable, check_control_flow, lo
 from graphquant.errors import CaptureError, GraphQuantError
 from graphquant.graph import rebind_matches
 from graphquant.inputs import install_input_check
-from graphquant.kernels import onednn
+from graphquant.kernels import direct, onednn
 from graphquant.partial import (
     EagerPart,
     Region,
@@ -282,6 +282,7 @@ def _convert(
     for parameter in gm.parameters():
         parameter.requires_grad_(False)
     install_input_check(gm)  # first again: lowering put quantize nodes right after the inputs
+    direct.install(gm)  # its forward calls the Python kernels without PyTorch's dispatcher
     # plain attributes on the GraphModule, set with setattr: nn.Module types its attributes as tensors or modules
     setattr(gm, "graphquant_report", report)  # noqa: B010
     setattr(gm, "graphquant_qconfig_dict", dict(prepared.qconfig_dict))  # noqa: B010

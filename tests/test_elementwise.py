@@ -106,7 +106,7 @@ def test_add_of_two_model_inputs_stays_float() -> None:
     quantized = _quantize(model, x, y)
     add = next(n for n in quantized.graphquant_report.nodes if n.op == "aten.add.Tensor")
     assert not add.quantized and add.reason == "input is not quantized"
-    assert "qadd" not in quantized.code
+    assert "qadd" not in str(quantized.graph)
     # the add runs in float and its exact sum is what the linear's input quantizer sees; the
     # linear writes float32 (nothing quantized reads it): the graphs differ only by the kernel's bias,
     # rounded onto the int32 accumulator grid (x_scale * w_scale, here ~1e-4)
@@ -128,7 +128,7 @@ def test_one_input_used_twice() -> None:
     torch.manual_seed(51)  # a seed where the conv's kernel and reference outputs differ by one step
     x, model = torch.randn(2, 3, 10, 10), _SameInputTwice()
     quantized, reference = _quantize(model, x), _quantize(model, x, debug=True)
-    assert "graphquant.qadd.default" in quantized.code and "graphquant.qcat" in quantized.code
+    assert "graphquant.qadd.default" in str(quantized.graph) and "graphquant.qcat" in str(quantized.graph)
     # Each kernel is within one step of its reference on the same input (tests/test_patterns.py), but
     # here the add and the cat read the conv's output, whose kernel may already be one step (of the
     # conv's scale) off: y + y doubles that. Bound: two conv steps upstream plus one output step.

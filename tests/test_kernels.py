@@ -302,7 +302,7 @@ def test_add_with_alpha_keeps_the_reference_form():
             return torch.add(self.conv(x), x, alpha=2)
 
     result = check_graph_mode_op(ScaledResidual(), (torch.randn(1, 4, 8, 8),), "quantize_per_tensor")
-    assert "qconv2d_add" not in result.quantized.code
+    assert "qconv2d_add" not in str(result.quantized.graph)
     assert result.max_step_diff <= 1.0 and result.sqnr >= 30.0
 
 
@@ -314,4 +314,40 @@ def test_shortcut_join_reads_the_shortcut_conv_directly():
 
     module, inputs = next(p for p in PATTERNS if p.name == "conv2d_add_relu").examples()[1]
     result = check_graph_mode_op(module, inputs, "qconv2d_add")
-    assert result.quantized.code.count("graphquant.quantize_per_tensor.default(") == 1  # the model input only
+    assert str(result.quantized.graph).count("graphquant.quantize_per_tensor.default]") == 1  # the model input only
+
+
+def test_forward_calls_kernels_directly_and_traces_as_ops():
+    """A quantized GraphModule's generated forward calls each kernel without PyTorch's dispatcher
+    (kernels/direct.py): the same outputs bit for bit as the op calls, and anything that traces the
+    module (torch.export, a dispatch mode) still sees graphquant ops."""
+    import copy
+
+    from torch import fx
+    from torch.overrides import TorchFunctionMode
+
+    from conftest import calibration_batches, make_net, run_batches
+
+    q = graphquant.quantize_jit(make_net(), {"": graphquant.get_default_qconfig("x86")}, run_batches,
+                                [calibration_batches()])  # fmt: skip
+    assert "torch.ops.graphquant" not in q.code and "_gq_qconv2d(" in q.code
+    plain = fx.GraphModule(q, copy.deepcopy(q.graph))
+    plain.graph._codegen.__class__ = fx.graph._PyTreeCodeGen  # the dispatcher's calls, as before direct calls
+    plain.recompile()
+    assert "torch.ops.graphquant.qconv2d.default(" in plain.code
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(q(x), plain(x))
+
+    seen: list[str] = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record(), torch.no_grad():
+        q(x)
+    assert any("graphquant.qconv2d" in name for name in seen), seen[:5]
+    program = torch.export.export(q, (x,))
+    assert any(getattr(n.target, "namespace", "") == "graphquant" for n in program.graph.nodes)

@@ -21,6 +21,14 @@ from graphquant.quant_math import NATIVE_QUANTIZE, native_quantize, quantize_dyn
 
 LIB = Library("graphquant", "DEF")
 _KEY = "CompositeExplicitAutograd"
+# op name -> its Python kernel, which quantized GraphModules call directly (kernels/direct.py)
+PYTHON_KERNELS: dict[str, Callable[..., Any]] = {}
+
+
+def _impl(name: str, kernel: Any) -> None:
+    LIB.impl(name, kernel, _KEY)
+    PYTHON_KERNELS[name] = kernel
+
 
 LIB.define("quantize_per_tensor(Tensor x, float scale, int zero_point, int qmin, int qmax, ScalarType dtype) -> Tensor")
 LIB.define("dequantize_per_tensor(Tensor q, float scale, int zero_point) -> Tensor")
@@ -84,10 +92,10 @@ def _dequantize_dynamic(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.
     return (q.to(torch.float32) - zero_point.to(torch.float32)) * scale
 
 
-LIB.impl("quantize_dynamic", quantize_dynamic_tensor, _KEY)
-LIB.impl("dequantize_dynamic", _dequantize_dynamic, _KEY)
-LIB.impl("qlinear_dynamic", dynamic.qlinear_dynamic, _KEY)
-LIB.impl("linear_fp16", dynamic.linear_fp16, _KEY)
+_impl("quantize_dynamic", quantize_dynamic_tensor)
+_impl("dequantize_dynamic", _dequantize_dynamic)
+_impl("qlinear_dynamic", dynamic.qlinear_dynamic)
+_impl("linear_fp16", dynamic.linear_fp16)
 
 
 @register_fake("graphquant::quantize_dynamic")
@@ -273,7 +281,7 @@ for _name, _fn in {
     "qconv_transpose3d": qconv_transpose,
     "qlinear": qlinear,
 }.items():
-    LIB.impl(_name, _fn, _KEY)
+    _impl(_name, _fn)
 
 
 # Shapes only, for torch.export and FakeTensor tracing.
@@ -344,7 +352,7 @@ LIB.define(f"qmul_scalar({_QX}, float other, {_QOUT}")
 LIB.define(f"qcat{_QJOIN}")
 LIB.define(f"qstack{_QJOIN}")
 for _name, _fn in elementwise.TORCHSCRIPT.items():
-    LIB.impl(_name, _fn, _KEY)
+    _impl(_name, _fn)
 
 
 @register_fake("graphquant::qadd")
@@ -389,7 +397,7 @@ LIB.define(
     "bool include_last_offset, int padding_idx, int bits) -> Tensor"
 )
 for _name, _fn in embedding.TORCHSCRIPT.items():
-    LIB.impl(_name, _fn, _KEY)
+    _impl(_name, _fn)
 
 
 @register_fake("graphquant::quantize_float_qparams")

@@ -100,27 +100,26 @@ def conv_out_shape(
     op: str, x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
     dilation: Sequence[int], groups: int,
 ) -> tuple[int, ...]:  # fmt: skip
-    """The output shape of a convolution, or a ``GraphQuantError`` for arguments that do not fit."""
-    spatial = x.dim() - 2
+    """The output shape of a convolution, or a ``GraphQuantError`` for arguments that do not fit.
+    On every eager conv call: each shape is read once (a packed weight's ``.shape`` costs 0.2 µs)."""
+    xs, ws = tuple(x.shape), tuple(w.shape)
+    rank = len(xs)
+    spatial = rank - 2
     # oneDNN packs a conv1d weight as 2-d (out, in, 1, k)
-    fits = x.dim() == w.dim() or (x.dim() == 3 and w.dim() == 4 and w.is_mkldnn)
-    if x.dim() not in (3, 4, 5) or not fits or groups < 1 or x.shape[1] != w.shape[1] * groups or (
-        w.shape[0] % groups
-    ):  # fmt: skip
-        raise GraphQuantError(
-            f"graphquant::{op}: input {tuple(x.shape)} does not fit weight {tuple(w.shape)} with groups={groups}"
-        )
+    fits = rank == len(ws) or (rank == 3 and len(ws) == 4 and w.is_mkldnn)
+    if rank not in (3, 4, 5) or not fits or groups < 1 or xs[1] != ws[1] * groups or ws[0] % groups:
+        raise GraphQuantError(f"graphquant::{op}: input {xs} does not fit weight {ws} with groups={groups}")
     check_conv_args(op, spatial, stride, padding, dilation, groups)
-    if min(x.shape[2:]) < 1:
-        raise GraphQuantError(f"graphquant::{op}: input {tuple(x.shape)} has an empty spatial dimension")
-    kernel = w.shape[-spatial:]
-    out = [
-        (size + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
-        for i, size in enumerate(x.shape[2:])
-    ]
-    if min(out) < 1:
-        raise GraphQuantError(f"graphquant::{op}: input {tuple(x.shape)} is too small for kernel {tuple(kernel)}")
-    return (x.shape[0], w.shape[0], *out)
+    if min(xs[2:]) < 1:
+        raise GraphQuantError(f"graphquant::{op}: input {xs} has an empty spatial dimension")
+    kernel = ws[-spatial:]
+    out = [xs[0], ws[0]]
+    for i in range(spatial):
+        size = (xs[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+        if size < 1:
+            raise GraphQuantError(f"graphquant::{op}: input {xs} is too small for kernel {kernel}")
+        out.append(size)
+    return tuple(out)
 
 
 quantize_real = x86.quantize_real  # real values to the uint8 output grid: the one rounding of every kernel
