@@ -115,9 +115,10 @@ def _qlinear(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: T
 
 
 def _qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, per_token: bool, post_op: str,
-                     post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
+                     post_op_args: list[float], x_qmax: int, asymmetric: bool, saturates: bool) -> Tensor:  # fmt: skip
     return dynamic.qlinear_dynamic_math(x.contiguous(), w, True, w_scale, torch.zeros(w.size(1), dtype=torch.int64),
-                                        bias, per_token, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
+                                        bias, per_token, post_op, post_op_args, x_qmax, saturates,
+                                        asymmetric)  # fmt: skip
 
 
 # graphquant op -> its expansion where its weight is packed for oneDNN (last argument: saturates)
@@ -190,7 +191,8 @@ def expanded_graph_module(qmodel: nn.Module) -> tuple[fx.GraphModule, dict[str, 
         if name in _WITH_SATURATES:  # portable weights: nothing saturates
             saturates = weight is not None and x86.saturates(
                 x86.is_depthwise(get_attr_value(expanded, weight), int(named.get("groups", 1))))  # fmt: skip
-            guard = guard or (weight is not None and not saturates)
+            # a 7-bit activation (reduce_range) never saturates: only 8-bit layers need the guard
+            guard = guard or (weight is not None and not saturates and int(named.get("x_qmax", 255)) > 127)
             args.append(saturates)
         with graph.inserting_before(node):
             if weight is not None:
@@ -203,16 +205,12 @@ def expanded_graph_module(qmodel: nn.Module) -> tuple[fx.GraphModule, dict[str, 
     if guard:
         expanded.register_buffer("graphquant_saturation_probe", torch.full([8, 64, 1, 1], 127, dtype=torch.int8))
         expanded.register_buffer("graphquant_saturation_probe_scale", torch.ones(8))
-        placeholders = list(graph.find_nodes(op="placeholder"))
-        with graph.inserting_after(placeholders[-1] if placeholders else next(iter(graph.nodes))):
+        with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
             probe_w = graph.get_attr("graphquant_saturation_probe")
-            with graph.inserting_after(probe_w):
-                probe_scale = graph.get_attr("graphquant_saturation_probe_scale")
-            with graph.inserting_after(probe_scale):
-                packed_probe = graph.call_function(torch.ops.onednn.qconv_prepack.default, (
-                    probe_w, probe_scale, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, [1, 64, 4, 4]))  # fmt: skip
-                with graph.inserting_after(packed_probe):
-                    graph.call_function(_saturation_guard, (packed_probe,))
+            probe_scale = graph.get_attr("graphquant_saturation_probe_scale")
+            packed_probe = graph.call_function(torch.ops.onednn.qconv_prepack.default, (
+                probe_w, probe_scale, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, [1, 64, 4, 4]))  # fmt: skip
+            graph.call_function(_saturation_guard, (packed_probe,))
     graph.lint()
     expanded.recompile()
     data["compiled"] = {"guarded": guard, **compiled_for()}

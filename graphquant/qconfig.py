@@ -64,10 +64,14 @@ class ObserverSpec:
             raise GraphQuantError(
                 "graphquant: float qparams are asymmetric, with dtype torch.uint8 (8-bit) or torch.uint4 (4-bit)"
             )
-        unknown = set(dict(self.options)) - {"reduce_range"}
+        allowed = {"reduce_range", "one_sided_rows"} if self.observer == "dynamic_per_token" else {"reduce_range"}
+        unknown = set(dict(self.options)) - allowed
         if self.observer in DYNAMIC_ACTIVATIONS and unknown:
-            raise GraphQuantError(f"graphquant: dynamic activations take the option 'reduce_range' only, got "
+            raise GraphQuantError(f"graphquant: {self.observer!r} activations take the options {sorted(allowed)}, got "
                                   f"{sorted(unknown)}")  # fmt: skip
+        if dict(self.options).get("one_sided_rows", "asymmetric") not in ("asymmetric", "symmetric"):
+            raise GraphQuantError("graphquant: one_sided_rows is 'asymmetric' (the default) or 'symmetric', got "
+                                  f"{dict(self.options)['one_sided_rows']!r}")  # fmt: skip
         per_channel = self.observer.startswith("per_channel")
         if per_channel != (self.axis is not None):
             raise GraphQuantError(
@@ -214,7 +218,8 @@ def get_default_qconfig(backend: str = "x86", reduce_range: bool = False) -> QCo
 default_qconfig = get_default_qconfig("x86")
 
 
-def get_default_dynamic_qconfig(per_token: bool = False, reduce_range: bool = False) -> QConfig:
+def get_default_dynamic_qconfig(per_token: bool = False, reduce_range: bool = False,
+                                one_sided_rows: str = "asymmetric") -> QConfig:  # fmt: skip
     """A dynamic-quantization qconfig: :data:`default_dynamic_qconfig` (per-tensor uint8
     activations, per-tensor int8 weights) or, ``per_token=True``, :data:`per_token_dynamic_qconfig`
     (a symmetric int8 scale per activation row, per-channel weights).
@@ -223,13 +228,26 @@ def get_default_dynamic_qconfig(per_token: bool = False, reduce_range: bool = Fa
     token): for models that will run on x86 CPUs without VNNI, where 7-bit activations run one
     int8 call and 8-bit ones run at about fp32 speed (kernels/x86.py). It costs one bit of
     activation resolution everywhere (docs/x86.md).
+
+    Per token, a linear whose input is one-sided (the output of a ReLU, GELU, SiLU, hardswish,
+    sigmoid or ReLU6: BERT's FFN output projection) gets asymmetric uint8 rows, each on its own
+    ``[min, max]`` with a zero point, instead of symmetric int8 rows that leave half the grid unused;
+    ``one_sided_rows="symmetric"`` keeps symmetric rows everywhere.
     """
     options: tuple[tuple[str, Any], ...] = (("reduce_range", True),) if reduce_range else ()
+    if per_token and one_sided_rows != "asymmetric":
+        options = (*options, ("one_sided_rows", one_sided_rows))
     if per_token:
         return QConfig(activation=ObserverSpec("dynamic_per_token", torch.int8, symmetric=True, options=options),
                        weight=ObserverSpec("per_channel_minmax", torch.int8, symmetric=True, axis=0))  # fmt: skip
     return QConfig(activation=ObserverSpec("dynamic", options=options),
                    weight=ObserverSpec("minmax", torch.int8, symmetric=True))  # fmt: skip
+
+
+def asymmetric_one_sided(spec: ObserverSpec) -> bool:
+    """Whether per-token rows of a one-sided input are asymmetric (the default)."""
+    rows = dict(spec.options).get("one_sided_rows", "asymmetric")
+    return spec.observer == "dynamic_per_token" and rows == "asymmetric"
 
 
 def activation_qmax(spec: ObserverSpec) -> int:

@@ -274,14 +274,23 @@ def sqnr(reference: torch.Tensor, other: torch.Tensor) -> float:
     return float(10 * torch.log10(signal / noise))
 
 
-def dynamic_qparams(x: torch.Tensor, per_token: bool, qmax: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+def dynamic_qparams(x: torch.Tensor, per_token: bool, qmax: int = 255,
+                    asymmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Scale and zero point of one batch, computed at run time (dynamic quantization).
 
     Per tensor: uint8 affine over the batch's range widened to include 0, onto ``0..qmax``. Per
     token: int8 symmetric, one scale per row (last dimension reduced), zero point 0, onto
-    ``-128..127`` (``qmax`` 255) or ``-64..63`` (``qmax`` 127, ``reduce_range``).
-    TorchScript-compatible: the TorchScript module runs this same function.
+    ``-128..127`` (``qmax`` 255) or ``-64..63`` (``qmax`` 127, ``reduce_range``); with
+    ``asymmetric``, uint8 affine per row (each row's range widened to include 0, onto ``0..qmax``,
+    its own zero point): for one-sided inputs (after a GELU or ReLU), where symmetric rows leave
+    half the grid unused. TorchScript-compatible: the TorchScript module runs this same function.
     """
+    if per_token and asymmetric:
+        x = x.detach()
+        lo = x.amin(dim=-1, keepdim=True).float().clamp_(max=0.0)
+        hi = x.amax(dim=-1, keepdim=True).float().clamp_(min=0.0)
+        scale = torch.clamp((hi - lo) / qmax, min=1.1920928955078125e-07)  # EPS
+        return scale, torch.clamp(-torch.round(lo / scale), 0, qmax).to(torch.int64)
     if per_token:  # the largest |x| of each row, without a tensor of |x|
         x = x.detach()
         amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_()).float()
@@ -295,7 +304,7 @@ def dynamic_qparams(x: torch.Tensor, per_token: bool, qmax: int = 255) -> tuple[
 
 
 def quantize_dynamic_tensor(
-    x: torch.Tensor, per_token: bool, qmax: int = 255
+    x: torch.Tensor, per_token: bool, qmax: int = 255, asymmetric: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q, scale, zero_point)`` of one batch: uint8 per tensor or int8 per token, on the grid
     :func:`dynamic_qparams` gives for ``qmax`` (the checks, then :func:`quantize_dynamic_batch`)."""
@@ -306,8 +315,9 @@ def quantize_dynamic_tensor(
     if x.numel() == 0:  # nothing to take a range of: any positive scale represents it
         shape = (*x.shape[:-1], 1) if per_token and x.dim() > 0 else ()
         scale, zero_point = torch.full(shape, EPS), torch.zeros(shape, dtype=torch.int64)
-        return torch.empty_like(x, dtype=torch.int8 if per_token else torch.uint8), scale, zero_point
-    return quantize_dynamic_batch(x, per_token, qmax)
+        dtype = torch.int8 if per_token and not asymmetric else torch.uint8
+        return torch.empty_like(x, dtype=dtype), scale, zero_point
+    return quantize_dynamic_batch(x, per_token, qmax, asymmetric)
 
 
 def _quantize_uint8_math(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -345,11 +355,13 @@ _quantize_uint8 = _quantize_uint8_native if NATIVE_QUANTIZE else _quantize_uint8
 
 
 def quantize_dynamic_batch(
-    x: torch.Tensor, per_token: bool, qmax: int
+    x: torch.Tensor, per_token: bool, qmax: int, asymmetric: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`quantize_dynamic_tensor` of a checked, non-empty float batch. TorchScript-compatible:
     the TorchScript module runs this same function."""
-    scale, zero_point = dynamic_qparams(x, per_token, qmax)
+    scale, zero_point = dynamic_qparams(x, per_token, qmax, asymmetric)
+    if per_token and asymmetric:  # uint8 rows, each on its own grid
+        return _quantize_uint8_math(x, scale, zero_point, qmax), scale, zero_point
     if per_token:
         q = (x.to(torch.float32) / scale).round_().clamp_(-(qmax + 1) // 2, qmax // 2).to(torch.int8)
         return q, scale, zero_point

@@ -20,6 +20,7 @@ from torch import nn
 import graphquant as gq
 from graphquant import compiled
 from graphquant.kernels import x86
+from graphquant.quant_math import sqnr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,11 +210,19 @@ def test_compiled_encoder_matches_the_graph_to_float_rounding(mode):  # type: ig
     with torch.no_grad():
         for batch in (1, 3):
             ids, mask = _tokens(batch, 10 + batch)
-            want, got = q(ids, mask), cm(ids, mask)
-            # the int8 kernels are the same calls; LayerNorm, softmax and GELU are fused by Inductor, whose
-            # vectorised float math rounds differently from eager's (~1e-7): held to what float allows, so a
-            # rounding step moved anywhere in the graph (~1e-2 here) fails
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{mode} batch {batch}")
+            want, got, expected = q(ids, mask), cm(ids, mask), model(ids, mask)
+            # The int8 kernels are the same calls; LayerNorm, softmax and GELU are fused by Inductor, whose
+            # vectorised float math rounds differently from eager's (~5e-7). Static graphs quantize with fixed
+            # scales: held to what float allows. A dynamic quantizer computes its scales from those floats, so
+            # a value on a rounding boundary may go one step the other way (seen: 18 of 3072 outputs off by
+            # <= 2e-4 at batch 3, per token): held to float rounding almost everywhere, and the compiled
+            # model's difference to the graph far below the graph's quantization error.
+            close = torch.isclose(got, want, rtol=1e-4, atol=1e-5)
+            if mode == "static":
+                assert bool(close.all()), (batch, float((got - want).abs().max()))
+            else:
+                assert float(close.float().mean()) >= 0.99, (mode, batch, float(close.float().mean()))
+                assert sqnr(want, got) >= sqnr(expected, want) + 20.0, (sqnr(want, got), sqnr(expected, want))
 
 
 def test_package_refusals_name_the_way_out(tmp_path):  # type: ignore[no-untyped-def]

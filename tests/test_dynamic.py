@@ -188,17 +188,69 @@ def test_reduce_range_puts_each_batch_on_the_7bit_grid_at_the_cost_of_one_bit() 
         qconfig = gq.get_default_dynamic_qconfig(per_token=True, reduce_range=reduce_range)
         q = gq.quantize_dynamic(model, {"": qconfig}, example_inputs=(x,))
         kwargs = [n.kwargs for n in q.graph.nodes if "qlinear_dynamic" in str(n.target)]
-        assert kwargs == [{"x_qmax": 127}] * 4 if reduce_range else kwargs == [{}] * 4  # 8-bit graphs unchanged
+        bits = {"x_qmax": 127} if reduce_range else {}  # 8-bit graphs unchanged; fc2 reads a relu: asymmetric rows
+        assert kwargs == [bits, {**bits, "asymmetric": True}] * 2, kwargs
         assert {n.activation_bits for n in q.graphquant_report.quantized} == {7 if reduce_range else 8}
         sqnrs[reduce_range] = min(sqnr(e, g) for e, g in zip(model(x), q(x), strict=True))
     assert 3.0 < sqnrs[False] - sqnrs[True] < 9.0, sqnrs
 
 
 def test_dynamic_options_are_checked_by_name() -> None:
-    with pytest.raises(gq.GraphQuantError, match=r"dynamic activations take the option 'reduce_range' only, got \['bits'\]"):
+    with pytest.raises(gq.GraphQuantError, match=r"'dynamic' activations take the options \['reduce_range'\], got \['bits'\]"):
         gq.ObserverSpec("dynamic", options=(("bits", 7),))
+    with pytest.raises(gq.GraphQuantError, match="one_sided_rows is 'asymmetric' .* or 'symmetric', got 'sometimes'"):
+        gq.get_default_dynamic_qconfig(per_token=True, one_sided_rows="sometimes")
     with pytest.raises(gq.GraphQuantError, match="qmax must be 255 or 127"):
         torch.ops.graphquant.quantize_dynamic(torch.randn(2, 4), False, 100)
     with pytest.raises(gq.GraphQuantError, match="x_qmax must be 255 or 127"):
         torch.ops.graphquant.qlinear_dynamic(torch.randn(2, 4), torch.ones(3, 4, dtype=torch.int8), torch.ones(3), None,
                                              False, "none", [], 100)  # fmt: skip
+
+
+class FFN(nn.Module):
+    """BERT's feed-forward block: the output projection reads a GELU, one-sided (>= -0.17)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense_in = nn.Linear(32, 128)
+        self.dense_out = nn.Linear(128, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_out(torch.nn.functional.gelu(self.dense_in(x)))
+
+
+@pytest.mark.parametrize("backend", ["onednn", "portable"])
+def test_per_token_rows_of_a_one_sided_input_are_asymmetric(backend):  # type: ignore[no-untyped-def]
+    """Per token, a linear reading a GELU gets uint8 rows on their own [min, max] (zero point per
+    row): its input's grid doubles against symmetric int8 rows, and the kernels (oneDNN: the zero
+    points taken off after the GEMM with the column sums of the same call) match the reference
+    graph to what float allows."""
+    torch.manual_seed(0)
+    model, x = FFN().eval(), torch.randn(4, 12, 32)
+    qconfig = gq.per_token_dynamic_qconfig
+    q = gq.quantize_dynamic(model, {"": qconfig}, example_inputs=(x,), backend=backend)
+    ref = gq.quantize_dynamic(model, {"": qconfig}, example_inputs=(x,), debug=True, backend=backend)
+    assert [n.kwargs.get("asymmetric", False) for n in q.graph.nodes if "qlinear_dynamic" in str(n.target)] == \
+        [False, True]  # fmt: skip
+    rows = [n for n in ref.graph.nodes if "quantize_dynamic" in str(n.target) and "dequantize" not in str(n.target)]
+    assert [n.kwargs.get("asymmetric", False) for n in rows] == [False, True]
+    got, want, expected = q(x), ref(x), model(x)
+    assert float((got - want).abs().max()) <= float_output_step(want), float((got - want).abs().max())
+    torch.testing.assert_close(gq.to_torchscript(q)(x), got)
+    symmetric = gq.quantize_dynamic(model, {"": gq.get_default_dynamic_qconfig(True, one_sided_rows="symmetric")},
+                                    example_inputs=(x,), backend=backend)  # fmt: skip
+    assert not any(n.kwargs.get("asymmetric") for n in symmetric.graph.nodes)
+    gain = sqnr(expected, got) - sqnr(expected, symmetric(x))
+    assert gain >= 1.5, gain  # measured 2.1 dB here (40.5 vs 38.4 dB): dense_out's input grid doubles
+
+
+def test_asymmetric_rows_hold_their_range_and_zero_point():
+    """quantize_dynamic(asymmetric=True): each row's min and max reach 0 and 255 (or its range widened
+    to 0), the zero point puts 0.0 on the grid, and dequantizing is within half a step."""
+    x = torch.nn.functional.gelu(torch.randn(5, 7, 64) * 3)
+    q, scale, zero_point = torch.ops.graphquant.quantize_dynamic(x, True, 255, True)
+    assert q.dtype == torch.uint8 and scale.shape == zero_point.shape == (5, 7, 1)
+    assert bool((q.amax(-1) == 255).all()) and bool((q.amin(-1) == 0).all())
+    assert bool(((zero_point > 0) & (zero_point < 64)).all())  # GELU's small negative tail: a low zero point
+    err = ((q.double() - zero_point) * scale - x).abs()
+    assert bool((err <= scale / 2 + 1e-6).all())

@@ -60,13 +60,15 @@ def qlinear_dynamic(
     post_op: str = "none",
     post_op_args: Sequence[float] = (),
     x_qmax: int = 255,
+    asymmetric: bool = False,
 ) -> torch.Tensor:
     """float32 in, float32 out; int8 GEMM inside, then ``post_op`` on the float result.
 
     Per tensor, oneDNN applies the post-op inside the GEMM call; per token the row scales
     come after the GEMM, so the post-op runs after them, in place. ``x_qmax`` 127
     (``reduce_range``): the activation on the 7-bit grid (quant_math.dynamic_qparams), one
-    exact int8 call on x86 CPUs without VNNI.
+    exact int8 call on x86 CPUs without VNNI. ``asymmetric`` (per token): uint8 rows, each with
+    its own zero point (quant_math.dynamic_qparams), for one-sided inputs.
     """
     out_features = check_inputs(x, w, w_scale, bias)
     if x_qmax not in (127, 255):
@@ -75,17 +77,19 @@ def qlinear_dynamic(
     if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], out_features))
     return qlinear_dynamic_math(x.contiguous(), w, w.is_mkldnn, w_scale, _w_zero_point(out_features), bias, per_token,
-                                post_op, list(post_op_args), x_qmax, x86.saturates())  # fmt: skip
+                                post_op, list(post_op_args), x_qmax, x86.saturates(), asymmetric)  # fmt: skip
 
 
 def qlinear_dynamic_math(x: torch.Tensor, w: torch.Tensor, packed: bool, w_scale: torch.Tensor,
                          w_zero_point: torch.Tensor,
                          bias: torch.Tensor | None, per_token: bool, post_op: str, post_op_args: list[float],
-                         x_qmax: int, saturates: bool) -> torch.Tensor:  # fmt: skip
+                         x_qmax: int, saturates: bool, asymmetric: bool = False) -> torch.Tensor:  # fmt: skip
     """:func:`qlinear_dynamic` on checked arguments (``x`` contiguous float32, not empty).
     TorchScript-compatible: the TorchScript module runs this same function (``saturates``: its
     :class:`graphquant.kernels.x86.SaturationProbe`'s answer). ``packed``: ``w`` is a oneDNN weight
     (``w.is_mkldnn``, passed apart so that graphquant.compiled can trace this body with a stand-in)."""
+    if packed and per_token and asymmetric:
+        return _asymmetric_rows(x, w, w_scale, w_zero_point, bias, post_op, post_op_args, x_qmax, saturates)
     if packed and per_token:
         # oneDNN's GEMM with an int8 (s8) source has no fast kernel on every x86 CPU: on AMD EPYC
         # with AVX512-VNNI it runs a reference kernel, about 2000x slower than uint8 (0.21 s for a
@@ -100,7 +104,7 @@ def qlinear_dynamic_math(x: torch.Tensor, w: torch.Tensor, packed: bool, w_scale
         if bias is not None:
             y.add_(bias)
         return post_op_in_place(y, post_op, post_op_args)
-    q, scale, zero_point = quantize_dynamic_batch(x, per_token, x_qmax)
+    q, scale, zero_point = quantize_dynamic_batch(x, per_token, x_qmax, asymmetric)
     if packed:
         return x86.qlinear_dynamic_call(q, scale, zero_point, w, w_scale, w_zero_point, bias, post_op, post_op_args,
                                         x_qmax, saturates)  # fmt: skip
@@ -109,6 +113,26 @@ def qlinear_dynamic_math(x: torch.Tensor, w: torch.Tensor, packed: bool, w_scale
     if bias is not None:
         y.add_(bias)
     return post_op_in_place(y, post_op, post_op_args)
+
+
+def _asymmetric_rows(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor,
+                     bias: torch.Tensor | None, post_op: str, post_op_args: list[float], x_qmax: int,
+                     saturates: bool) -> torch.Tensor:  # fmt: skip
+    """Per-token uint8 rows with their own zero points on a packed weight. oneDNN takes one zero
+    point per call, so the GEMM runs with 0 and each row's comes off after it:
+    ``sum_k (q_k - zp) w_kj = sum_k q_k w_kj - zp * sum_k w_kj``, the column sums from the same call
+    on one more row of ones (so they carry the kernel's own weight scales)."""
+    q, scale, zero_point = quantize_dynamic_batch(x, True, x_qmax, True)
+    rows = q.reshape(-1, q.size(-1))
+    ones = torch.ones([1, q.size(-1)], dtype=torch.uint8)
+    y = x86.qlinear_call(torch.cat([rows, ones]), 1.0, 0, w, w_scale, w_zero_point, None, 1.0, 0, torch.float32, "none",
+                         [], x_qmax, saturates)  # fmt: skip
+    out = y[:-1].sub_(zero_point.reshape(-1, 1).to(torch.float32) * y[-1]).mul_(scale.reshape(-1, 1))
+    if bias is not None:
+        out.add_(bias)
+    shape = list(x.shape[:-1])
+    shape.append(out.size(-1))
+    return post_op_in_place(out.reshape(shape), post_op, post_op_args)
 
 
 def post_op_in_place(y: torch.Tensor, post_op: str, args: list[float]) -> torch.Tensor:

@@ -78,12 +78,15 @@ for _dim in (1, 2, 3):
 # Dynamic quantization: activation qparams from each batch.
 # qmax: 255 (uint8 0..255 per tensor, int8 -128..127 per token) or 127 for reduce_range's 7-bit grid
 # (0..127, -64..63): one exact int8 call on x86 CPUs without VNNI (kernels/x86.py)
-LIB.define("quantize_dynamic(Tensor x, bool per_token, int qmax=255) -> (Tensor, Tensor, Tensor)")
+# asymmetric (per token only): uint8 rows, each with its own scale and zero point (one-sided inputs)
+LIB.define(
+    "quantize_dynamic(Tensor x, bool per_token, int qmax=255, bool asymmetric=False) -> (Tensor, Tensor, Tensor)"
+)
 LIB.define("dequantize_dynamic(Tensor q, Tensor scale, Tensor zero_point) -> Tensor")
 # post_op: an activation on the float32 result (the kernel graph folds a following relu / gelu in)
 LIB.define(
     "qlinear_dynamic(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, bool per_token, str post_op=\"none\", "
-    "float[] post_op_args=[], int x_qmax=255) -> Tensor"
+    "float[] post_op_args=[], int x_qmax=255, bool asymmetric=False) -> Tensor"
 )
 LIB.define("linear_fp16(Tensor x, Tensor w, Tensor? bias) -> Tensor")
 
@@ -99,9 +102,9 @@ _impl("linear_fp16", dynamic.linear_fp16)
 
 
 @register_fake("graphquant::quantize_dynamic")
-def _quantize_dynamic_fake(x, per_token, qmax=255):  # type: ignore[no-untyped-def]
+def _quantize_dynamic_fake(x, per_token, qmax=255, asymmetric=False):  # type: ignore[no-untyped-def]
     if per_token:
-        return (torch.empty_like(x, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1)),
+        return (torch.empty_like(x, dtype=torch.uint8 if asymmetric else torch.int8), x.new_empty((*x.shape[:-1], 1)),
                 x.new_empty((*x.shape[:-1], 1), dtype=torch.int64))  # fmt: skip
     return torch.empty_like(x, dtype=torch.uint8), x.new_empty(()), x.new_empty((), dtype=torch.int64)
 
@@ -112,7 +115,8 @@ def _dequantize_dynamic_fake(q, scale, zero_point):  # type: ignore[no-untyped-d
 
 
 @register_fake("graphquant::qlinear_dynamic")
-def _qlinear_dynamic_fake(x, w, w_scale, bias, per_token, post_op="none", post_op_args=(), x_qmax=255):  # type: ignore[no-untyped-def]
+def _qlinear_dynamic_fake(x, w, w_scale, bias, per_token, post_op="none", post_op_args=(), x_qmax=255,  # type: ignore[no-untyped-def]  # noqa: E501
+                          asymmetric=False):
     return x.new_empty((*x.shape[:-1], w_scale.shape[0]))
 
 

@@ -132,7 +132,8 @@ def _ts_dequantize_dynamic(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tens
 
 
 def _ts_qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, per_token: bool,
-                        post_op: str, post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:
+                        post_op: str, post_op_args: list[float], x_qmax: int, asymmetric: bool,
+                        saturates: bool) -> Tensor:  # fmt: skip
     """graphquant::qlinear_dynamic: float32 in and out, int8 GEMM inside, then the post-op."""
     out_features = w.size(1) if w.is_mkldnn else w.size(0)
     in_features = w.size(0) if w.is_mkldnn else w.size(1)
@@ -144,7 +145,7 @@ def _ts_qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | No
         return x.new_empty(shape)
     return dynamic.qlinear_dynamic_math(x.contiguous(), w, w.is_mkldnn, w_scale,
                                         torch.zeros(out_features, dtype=torch.int64), bias, per_token, post_op,
-                                        post_op_args, x_qmax, saturates)  # fmt: skip
+                                        post_op_args, x_qmax, saturates, asymmetric)  # fmt: skip
 
 
 def check_input(x: Tensor, position: int, name: str, dtype: torch.dtype, device: str, sizes: list[int],

@@ -47,6 +47,7 @@ from graphquant.kernels import x86
 from graphquant.observers import Observer, SharedQParams
 from graphquant.passes.fuse import donate_accumulators, fold_activations, share_gemms
 from graphquant.patterns.context import PACKED, KernelContext, QValue, WeightCache
+from graphquant.patterns.dynamic_linear import asymmetric_rows
 from graphquant.qconfig import activation_qmax, resolve
 from graphquant.quant_math import QParams
 from graphquant.report import X86_GEMM_KERNELS, ConversionReport, NodeReport
@@ -136,7 +137,10 @@ def _dynamic_reference(ctx: KernelContext, match: Match) -> None:
     per_token = match.qconfig.activation.observer == "dynamic_per_token"
     with graph.inserting_before(match.anchor):
         qmax = activation_qmax(match.qconfig.activation)
-        qd = graph.call_function(ops.quantize_dynamic.default, (x, per_token), {"qmax": qmax} if qmax < 255 else {})
+        kwargs: dict[str, Any] = {"qmax": qmax} if qmax < 255 else {}
+        if per_token and asymmetric_rows(match, x):
+            kwargs["asymmetric"] = True
+        qd = graph.call_function(ops.quantize_dynamic.default, (x, per_token), kwargs)
         parts = [graph.call_function(operator.getitem, (qd, i)) for i in range(3)]
         dq = graph.call_function(ops.dequantize_dynamic.default, tuple(parts))
     for node in (qd, *parts, dq):

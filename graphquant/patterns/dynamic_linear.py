@@ -15,8 +15,23 @@ from torch import fx, nn
 from graphquant.graph import Match
 from graphquant.patterns import Pattern, aten, register
 from graphquant.patterns.context import KernelContext, QValue
-from graphquant.qconfig import activation_qmax
+from graphquant.qconfig import activation_qmax, asymmetric_one_sided
 from graphquant.quant_math import QParams
+
+# float ops whose outputs are one-sided (or nearly: GELU >= -0.17, SiLU >= -0.28, hardswish >= -0.38)
+_ONE_SIDED = {aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.hardswish.default,
+              aten.sigmoid.default, aten.relu6.default}  # fmt: skip
+
+
+def asymmetric_rows(match: Match, x: object) -> bool:
+    """Whether a per-token dynamic linear quantizes its input ``x`` as asymmetric uint8 rows: ``x``
+    is one-sided (:data:`_ONE_SIDED`, or a hardtanh from 0) and the qconfig keeps the default
+    (qconfig.get_default_dynamic_qconfig's ``one_sided_rows``)."""
+    if not asymmetric_one_sided(match.qconfig.activation) or not isinstance(x, fx.Node) or x.op != "call_function":
+        return False
+    if x.target is aten.hardtanh.default:
+        return len(x.args) > 1 and isinstance(x.args[1], (int, float)) and x.args[1] >= 0
+    return x.target in _ONE_SIDED
 
 
 def _lower_kernel(ctx: KernelContext, match: Match, inputs: Sequence[QValue], out: QParams) -> fx.Node:
@@ -27,8 +42,10 @@ def _lower_kernel(ctx: KernelContext, match: Match, inputs: Sequence[QValue], ou
     w = ctx.linear_weight(match)
     per_token = match.qconfig.activation.observer == "dynamic_per_token"
     qmax = activation_qmax(match.qconfig.activation)
-    return ctx.call(torch.ops.graphquant.qlinear_dynamic.default, (x, w.packed, w.scale, w.bias, per_token),
-                    {"x_qmax": qmax} if qmax < 255 else {})  # fmt: skip
+    kwargs: dict[str, object] = {"x_qmax": qmax} if qmax < 255 else {}
+    if per_token and asymmetric_rows(match, x):
+        kwargs["asymmetric"] = True
+    return ctx.call(torch.ops.graphquant.qlinear_dynamic.default, (x, w.packed, w.scale, w.bias, per_token), kwargs)
 
 
 class _Linear(nn.Module):
