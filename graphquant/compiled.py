@@ -18,13 +18,15 @@ ops between GEMMs. Outputs are bit-identical to the GraphModule's (tests/test_co
 the same kernels on the same integers, and the same float arithmetic around them.
 
 **Saturating CPUs.** Where oneDNN's int8 kernels saturate (x86 without VNNI,
-``kernels/x86.py``), each 8-bit layer takes the exact float32 path; which path a layer takes is
-fixed when the package is compiled. A package compiled where nothing saturates carries a guard
+``kernels/x86.py``), each 8-bit layer takes the exact float32 path, which cannot be compiled yet
+(it reads the packed weight's values): there compiling refuses 8-bit layers, naming
+``reduce_range=True`` (7-bit activations, one int8 call, compiled) as the way out. Which path a
+layer takes is fixed when the package is compiled. A package compiled where nothing saturates carries a guard
 in its graph — the probe of ``kernels.x86`` (a 1x64 GEMM of 255 x 127 products) run on every
 call and checked with ``aten._assert_async`` — so that on a saturating CPU it refuses to run,
 with a message naming the way out, whether it is loaded by :func:`load_package`, by
-``torch._inductor.aoti_load_package`` or from C++. A package compiled on a saturating CPU is
-exact everywhere (its 8-bit layers run over the integers in float32).
+``torch._inductor.aoti_load_package`` or from C++. A package compiled on a saturating CPU holds
+7-bit layers only, which are exact everywhere.
 """
 
 from __future__ import annotations
@@ -191,6 +193,14 @@ def expanded_graph_module(qmodel: nn.Module) -> tuple[fx.GraphModule, dict[str, 
         if name in _WITH_SATURATES:  # portable weights: nothing saturates
             saturates = weight is not None and x86.saturates(
                 x86.is_depthwise(get_attr_value(expanded, weight), int(named.get("groups", 1))))  # fmt: skip
+            if saturates and int(named.get("x_qmax", 255)) > 127:
+                raise GraphQuantError(
+                    f"graphquant: {where(module_path(node), node.name)}: this CPU's int8 kernels saturate (x86 "
+                    "without VNNI, or ONEDNN_MAX_CPU_ISA set), so this layer's 8-bit activations run here as the "
+                    "exact float32 op over the integers, a path graphquant.compile cannot compile yet. Quantize with "
+                    "graphquant.get_default_qconfig('x86', reduce_range=True) (7-bit activations: one int8 call, "
+                    "compiled), compile on a CPU with VNNI, or run the GraphModule or graphquant.to_torchscript here"
+                )
             # a 7-bit activation (reduce_range) never saturates: only 8-bit layers need the guard
             guard = guard or (weight is not None and not saturates and int(named.get("x_qmax", 255)) > 127)
             args.append(saturates)
