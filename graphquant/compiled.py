@@ -51,7 +51,7 @@ from graphquant import program
 from graphquant.errors import GraphQuantError, where
 from graphquant.graph import example_shape, get_attr_value, is_graphquant_op, module_path, named_args
 from graphquant.inputs import InputCheck
-from graphquant.kernels import dynamic, ops, x86
+from graphquant.kernels import dynamic, x86
 from graphquant.kernels.onednn import onednn_dilation, qconv_add_run, qconv_run, qlinear_run
 from graphquant.kernels.scripted import TORCHSCRIPT_KERNELS
 
@@ -128,12 +128,9 @@ PACKED_EXPANSIONS: dict[str, Callable[..., Tensor]] = {
     "qconv1d": _qconv, "qconv2d": _qconv, "qconv3d": _qconv, "qconv1d_add": _qconv_add, "qconv2d_add": _qconv_add,
     "qlinear": _qlinear, "qlinear_dynamic": _qlinear_dynamic,
 }  # fmt: skip
-# every other op: its TorchScript twin (aten only on portable weights), except the quantize, whose
-# twin takes torch's one-pass quantize through a storage trick that cannot be traced: the same
-# integers by the arithmetic (quant_math.NATIVE_QUANTIZE holds the two equal)
-EXPANSIONS: dict[str, Callable[..., Any]] = {
-    **TORCHSCRIPT_KERNELS, "quantize_per_tensor": ops.quantize_per_tensor_rounded,
-}  # fmt: skip
+# every other op: its TorchScript twin (aten only on portable weights; its quantizes take the
+# arithmetic while traced, quant_math.NATIVE_QUANTIZE holding it equal to torch's one-pass quantize)
+EXPANSIONS: dict[str, Callable[..., Any]] = TORCHSCRIPT_KERNELS
 _WITH_SATURATES = {"qconv1d", "qconv2d", "qconv3d", "qconv1d_add", "qconv2d_add", "qlinear", "qlinear_dynamic"}
 
 

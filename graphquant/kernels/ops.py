@@ -159,16 +159,17 @@ def quantize_per_tensor(
     return quantize_per_tensor_math(x, scale, zero_point, qmin, qmax, dtype)
 
 
-def quantize_per_tensor_rounded(
+def _quantize_per_tensor_rounded(
     x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """A checked tensor onto its grid by the arithmetic, traceable (graphquant.compiled runs it)."""
     return (x.to(torch.float32) / scale).round_().add_(zero_point).clamp_(qmin, qmax).to(dtype)
 
 
 @torch.jit.unused
 def _native_no_copy(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
                     dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    if torch.compiler.is_compiling():  # traced (graphquant.compiled): the arithmetic, the same integers
+        return _quantize_per_tensor_rounded(x, scale, zero_point, qmin, qmax, dtype)
     return native_quantize(x, scale, zero_point, qmin, qmax, dtype)  # eager: the integers without a copy
 
 
@@ -176,7 +177,7 @@ def _quantize_per_tensor_native(
     x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
 ) -> torch.Tensor:
     if dtype != torch.uint8 and dtype != torch.int8:
-        return quantize_per_tensor_rounded(x, scale, zero_point, qmin, qmax, dtype)
+        return _quantize_per_tensor_rounded(x, scale, zero_point, qmin, qmax, dtype)
     if not torch.jit.is_scripting():
         return _native_no_copy(x, scale, zero_point, qmin, qmax, dtype)
     qdtype = torch.quint8 if dtype == torch.uint8 else torch.qint8
@@ -187,7 +188,7 @@ def _quantize_per_tensor_native(
 
 # A checked float32 tensor onto its grid: torch's one-pass quantize where it agrees with the math
 # (quant_math.NATIVE_QUANTIZE). TorchScript-compatible: the TorchScript module runs this same function.
-quantize_per_tensor_math = _quantize_per_tensor_native if NATIVE_QUANTIZE else quantize_per_tensor_rounded
+quantize_per_tensor_math = _quantize_per_tensor_native if NATIVE_QUANTIZE else _quantize_per_tensor_rounded
 
 
 def dequantize_per_tensor(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
