@@ -30,6 +30,7 @@ from graphquant.kernels import ops as _ops  # noqa: F401  (registers torch.ops.g
 from graphquant.qconfig import (
     ObserverSpec,
     QConfig,
+    SmoothQuant,
     default_dynamic_qconfig,
     default_qconfig,
     embedding_4bit_qconfig,
@@ -53,6 +54,7 @@ __all__ = [
     "ObserverSpec",
     "PreparedModel",
     "QConfig",
+    "SmoothQuant",
     "calibrate",
     "compile",
     "CompiledModel",

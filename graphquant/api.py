@@ -297,7 +297,7 @@ def _convert_regions(prepared: PreparedModel, debug: bool, inplace: bool, backen
     every part left eager."""
     assert prepared.partial_model is not None
     model = prepared.partial_model if inplace else copy.deepcopy(prepared.partial_model)
-    nodes, regions = [], []
+    nodes, regions, smoothing = [], [], []
     mode, used_backend = ("reference" if debug else "kernel"), backend or default_backend()
     for _, region in list(model.named_modules()):
         if not isinstance(region, Region) or not isinstance(region.inner, PreparedModel):
@@ -308,13 +308,16 @@ def _convert_regions(prepared: PreparedModel, debug: bool, inplace: bool, backen
         mode, used_backend = rep.mode, rep.backend
         nodes += [replace(n, module_path=f"{region.path}.{n.module_path}" if n.module_path else region.path)
                   for n in rep.nodes]  # fmt: skip
+        smoothing += [replace(s, linears=tuple(f"{region.path}.{p}" if p else region.path for p in s.linears))
+                      for s in rep.smoothing]  # fmt: skip
         region_sqnr = None
         if region.example is not None and region.float_output is not None:
             with torch.no_grad():
                 region_sqnr = output_sqnr(region.float_output, quantized(*region.example))
         region.example, region.float_output = None, None
         regions.append(RegionReport(region.path, len(rep.quantized), len(rep.float_nodes), region_sqnr))
-    report = ConversionReport(mode, used_backend, nodes, regions=regions, eager=list(prepared.eager_parts))
+    report = ConversionReport(mode, used_backend, nodes, regions=regions, eager=list(prepared.eager_parts),
+                              smoothing=smoothing)
     setattr(model, "graphquant_report", report)  # noqa: B010
     setattr(model, "graphquant_qconfig_dict", dict(prepared.qconfig_dict))  # noqa: B010
     return model

@@ -483,6 +483,84 @@ def _kl_of_threshold(magnitude: torch.Tensor, bins: int, levels: int) -> float:
     return float((p[mask] * torch.log(p[mask] / q[mask].clamp(min=1e-12))).sum())
 
 
+class SmoothingObserver(Observer):
+    """The input of linears smoothed by SmoothQuant (:class:`graphquant.qconfig.SmoothQuant`): the
+    minimum and maximum of each channel of the last axis (the one a linear sums over) and, for the
+    alpha search, up to ``rows`` sample rows (evenly spaced, at most a quarter of them from one
+    batch, in the order seen).
+
+    ``qparams()`` spans the exact range of ``x / smoothing`` once convert has set ``smoothing``
+    (one factor per channel; see graphquant.passes.smooth), and of ``x`` before. Merging takes the
+    channels' minima and maxima and appends the other's rows after this one's, up to ``rows``: shards
+    merged in calibration order hold what one observer would have.
+    """
+
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+    samples: torch.Tensor
+    smoothing: torch.Tensor
+
+    def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, reduce_range: bool = False,
+                 rows: int = 0) -> None:  # fmt: skip
+        super().__init__(dtype, symmetric, reduce_range)
+        self.rows = rows
+        for name in ("min_val", "max_val", "samples", "smoothing"):
+            self.register_buffer(name, torch.empty(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0 or not x.is_floating_point() or x.dim() == 0:
+            return x
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        finite = torch.isfinite(rows).all(1)
+        if not bool(finite.all()):
+            warnings.warn(f"graphquant: calibration data has {int((~finite).sum())} rows with NaN/Inf values at "
+                          f"{self.where or 'an observer'}; they are ignored. Clean the calibration data",
+                          stacklevel=2)  # fmt: skip
+            rows = rows[finite]
+        if rows.shape[0]:
+            self.observe(rows)
+            self.num_batches += 1
+        return x
+
+    def observe(self, x: torch.Tensor) -> None:
+        if self.min_val.numel() and x.shape[1] != self.min_val.numel():
+            raise GraphQuantError(f"graphquant: {self.where or 'a smoothed input'} had {self.min_val.numel()} channels "
+                                  f"and now has {x.shape[1]}")  # fmt: skip
+        lo, hi = torch.aminmax(x, dim=0)
+        if self.min_val.numel() == 0:
+            self.min_val, self.max_val, self.samples = lo, hi, x[:0]
+        else:
+            self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+        if self.samples.shape[0] < self.rows:  # each batch's sample does not depend on what came before
+            index = torch.linspace(0, x.shape[0] - 1, min(max(1, self.rows // 4), x.shape[0])).round().long()
+            self.samples = torch.cat([self.samples, x[index]])[: self.rows]
+
+    def smoothed_range(self, smoothing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range of ``x / smoothing`` (exact: every factor is positive)."""
+        return (self.min_val / smoothing).min(), (self.max_val / smoothing).max()
+
+    def qparams(self) -> QParams:
+        smoothing = self.smoothing if self.smoothing.numel() else torch.ones_like(self.min_val)
+        return self.choose(*self.smoothed_range(smoothing))
+
+    def merge(self, other: Observer) -> None:
+        self._check_same_kind(other)
+        assert isinstance(other, SmoothingObserver)  # checked above: the same kind
+        if other.min_val.numel() == 0:
+            return
+        if self.min_val.numel() == 0:
+            self.min_val, self.max_val = other.min_val.clone(), other.max_val.clone()
+            self.samples = other.samples[: self.rows].clone()
+        else:
+            self.min_val = torch.minimum(self.min_val, other.min_val)
+            self.max_val = torch.maximum(self.max_val, other.max_val)
+            self.samples = torch.cat([self.samples, other.samples])[: self.rows]
+        self.num_batches += other.num_batches
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rows={self.rows}"
+
+
 class FixedQParamsObserver(Observer):
     """qparams from an op's known output range (sigmoid: [0, 1], tanh: [-1, 1]); data
     is not needed, so it never reports "saw no data"."""

@@ -37,7 +37,7 @@ from graphquant.inputs import INPUT_CHECK, InputSpec, install_input_check
 from graphquant.kernels import direct, onednn, x86
 from graphquant.patterns.context import PACKED
 from graphquant.qconfig import QConfig
-from graphquant.report import ConversionReport, NodeReport
+from graphquant.report import ConversionReport, NodeReport, smoothing_lines
 
 MANIFEST_FORMAT = "graphquant.manifest"
 MANIFEST_VERSION = 1
@@ -100,6 +100,7 @@ def manifest(qmodel: nn.Module) -> dict[str, Any]:
         "qconfig_dict": {key: None if qconfig is None else qconfig.to_dict() for key, qconfig in qconfig_dict.items()},
         "summary": {"quantized": len(report.quantized), "float": len(report.float_nodes)},
         "nodes": [asdict(node) for node in report.nodes],
+        "smoothing": [asdict(line) for line in report.smoothing],
         "packed_weights": packed,
         "x86": _x86_record(report),
     }
@@ -367,7 +368,8 @@ def load(path: str | os.PathLike[str]) -> fx.GraphModule:
             backend = "portable"
     first = data["inputs"][0]["shape"][0] if data["inputs"] else BATCH
     attributes = {
-        "graphquant_report": ConversionReport(data["mode"], backend, [NodeReport(**node) for node in data["nodes"]]),
+        "graphquant_report": ConversionReport(data["mode"], backend, [NodeReport(**node) for node in data["nodes"]],
+                                              smoothing=smoothing_lines(data.get("smoothing", []))),
         "graphquant_backend": backend,
         "graphquant_debug": data["mode"] == "reference",
         "graphquant_qconfig_dict": {

@@ -49,6 +49,31 @@ class NodeReport:
         return x86.cpu_path(127 if self.activation_bits <= 7 else 255, self.depthwise)
 
 
+@dataclass(frozen=True)
+class Smoothing:
+    """SmoothQuant on one value read by static linears (graphquant.passes.smooth): applied with
+    ``alpha`` (factors from ``smallest`` to ``largest``), or not (``alpha`` None) and why."""
+
+    value: str
+    linears: tuple[str, ...]
+    alpha: float | None
+    reason: str = ""
+    smallest: float | None = None
+    largest: float | None = None
+
+    def __str__(self) -> str:
+        linears = ", ".join(p or "<model>" for p in self.linears)
+        if self.alpha is None:
+            return f"{self.value} -> {linears}: not smoothed: {self.reason}"
+        return (f"{self.value} -> {linears}: alpha {self.alpha:g}, factors "
+                f"{self.smallest:.3g}..{self.largest:.3g}")  # fmt: skip
+
+
+def smoothing_lines(saved: list[dict[str, Any]]) -> list[Smoothing]:
+    """:class:`Smoothing` lines from their saved dicts (JSON turns the linears into a list)."""
+    return [Smoothing(**{**line, "linears": tuple(line["linears"])}) for line in saved]
+
+
 @dataclass
 class ConversionReport:
     """Every compute node of the converted graph, quantized or float."""
@@ -61,6 +86,8 @@ class ConversionReport:
     # partial graph mode (graphquant.partial): the quantized regions and the parts left eager
     regions: list[RegionReport] = field(default_factory=list)
     eager: list[EagerPart] = field(default_factory=list)
+    # SmoothQuant: one line per value read by smoothed linears (graphquant.passes.smooth)
+    smoothing: list[Smoothing] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[NodeReport]:
@@ -74,6 +101,8 @@ class ConversionReport:
         out = {"mode": self.mode, "backend": self.backend, "nodes": [asdict(n) for n in self.nodes]}
         if self.timings:
             out["timings"] = [asdict(t) for t in self.timings]
+        if self.smoothing:
+            out["smoothing"] = [asdict(s) for s in self.smoothing]
         if self.regions or self.eager:
             out["regions"] = [asdict(r) for r in self.regions]
             out["eager"] = [asdict(p) for p in self.eager]
@@ -89,6 +118,10 @@ class ConversionReport:
             lines.append(f"  partial graph mode: {len(self.regions)} regions quantized, {len(self.eager)} parts eager")
             lines.extend(f"  region {r}" for r in self.regions)
             lines.extend(f"  eager  {p}" for p in self.eager)
+        if self.smoothing:
+            lines.append(f"  SmoothQuant: {sum(s.alpha is not None for s in self.smoothing)} of "
+                         f"{len(self.smoothing)} inputs smoothed")  # fmt: skip
+            lines.extend(f"    {s}" for s in self.smoothing)
         kernels = self.mode == "kernel" and self.backend == "onednn"
         paths = sorted({n.cpu_path for n in self.nodes if n.cpu_path}) if kernels else []
         if paths:

@@ -105,6 +105,26 @@ def test_minilm_static_linears(minilm, keep_ffn_out_float, mean_bound):  # type:
     assert float(cosine.mean()) >= mean_bound, float(cosine.mean())
 
 
+@pytest.mark.parametrize("fused_activations, mean_bound", [(False, 0.995), (True, 0.997)])
+def test_minilm_static_smoothquant(minilm, fused_activations, mean_bound):  # type: ignore[no-untyped-def]
+    """Every linear int8 with SmoothQuant (alpha searched per group) passes issue #17's bar of 0.995 on
+    the 24 sentences not calibrated on. Measured: held-out mean 0.9961 (0.9928 without SmoothQuant),
+    0.9973 with the FFN GELUs smoothed too; minimum over all 72: 0.9916, 0.9950 (0.9884 without)."""
+    encoder, ids, mask = minilm
+    smoothquant = gq.SmoothQuant("auto", fused_activations=fused_activations)
+    qconfig_dict = gq.qconfig_dict_by_type(encoder, {nn.Linear: gq.QConfig(smoothquant=smoothquant)})
+    calibration = [(ids[i:i + 12], mask[i:i + 12]) for i in range(0, 48, 12)]
+    q = gq.quantize(encoder, qconfig_dict, lambda m, bs: [m(*b) for b in bs], [calibration],
+                    example_inputs=calibration[0])  # fmt: skip
+    smoothed = [s for s in gq.report(q).smoothing if s.alpha is not None]
+    assert len(smoothed) >= 12 and all(len(s.linears) == 3 for s in smoothed if "query" in s.linears[0])
+    assert len([n for n in gq.report(q).quantized if "linear" in n.op]) == 36
+    with torch.no_grad():
+        cosine = (encoder(ids[48:], mask[48:]) * q(ids[48:], mask[48:])).sum(-1)
+    assert float(cosine.mean()) >= mean_bound, float(cosine.mean())
+    assert float(cosine.min()) >= 0.99, float(cosine.min())
+
+
 class _FFN(nn.Module):
     """``dense -> activation -> dense``, the activation outside any ``nn.Linear``."""
 

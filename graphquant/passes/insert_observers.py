@@ -20,7 +20,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from graphquant.graph import FLOAT_REASON, MATCH, Match, activation_inputs, copy_meta, module_path
-from graphquant.observers import FixedQParamsObserver, Observer, SharedQParams
+from graphquant.observers import FixedQParamsObserver, Observer, SharedQParams, SmoothingObserver
 
 OBSERVER_PREFIX = "observer_"
 
@@ -65,15 +65,34 @@ def _observe_output(gm: fx.GraphModule, out: fx.Node, module: nn.Module, name: s
     return obs
 
 
-def _observe_input(gm: fx.GraphModule, match: Match, arg: fx.Node, seen: dict[fx.Node, fx.Node], name: _Namer) -> str:
-    """Observer name for activation input ``arg`` of the match; only its edges into the match are rewired."""
+def _smoothed(match: Match) -> bool:
+    """Whether the match is a linear its qconfig smooths (SmoothQuant)."""
+    return match.qconfig.smoothquant is not None and match.pattern.kernel == "qlinear"
+
+
+def _input_observer(match: Match) -> nn.Module:
+    if not _smoothed(match):
+        return match.qconfig.activation.create()
+    spec, smoothquant = match.qconfig.activation, match.qconfig.smoothquant
+    assert smoothquant is not None
+    reduce_range = bool(dict(spec.options).get("reduce_range", False))
+    return SmoothingObserver(spec.dtype, spec.symmetric, reduce_range, smoothquant.rows if smoothquant.search else 0)
+
+
+def _observe_input(gm: fx.GraphModule, match: Match, arg: fx.Node, seen: dict[tuple[fx.Node, bool], fx.Node],
+                   name: _Namer) -> str:  # fmt: skip
+    """Observer name for activation input ``arg`` of the match; only its edges into the match are rewired.
+
+    A float value feeding two quantized ops gets one observer; linears smoothed by SmoothQuant share
+    one of their own (a :class:`SmoothingObserver`), which other readers of the value do not share."""
     if is_observer(gm, arg):
         return _source_observer(gm, arg)
-    if arg not in seen:  # a float value feeding two quantized ops gets one observer
-        seen[arg] = _add_observer(gm, arg, match.qconfig.activation.create(), name())
+    key = (arg, _smoothed(match))
+    if key not in seen:
+        seen[key] = _add_observer(gm, arg, _input_observer(match), name())
     for node in match.nodes:  # the anchor, and a join reading arg later in the chain (conv(x) + x)
-        node.replace_input_with(arg, seen[arg])
-    return str(seen[arg].target)
+        node.replace_input_with(arg, seen[key])
+    return str(seen[key].target)
 
 
 def _keep_float(match: Match, reason: str) -> None:
@@ -84,7 +103,7 @@ def _keep_float(match: Match, reason: str) -> None:
 
 def insert_observers(gm: fx.GraphModule, matches: list[Match]) -> fx.GraphModule:
     """Insert observers for ``matches`` (from ``annotate``, in graph order)."""
-    seen: dict[fx.Node, fx.Node] = {}
+    seen: dict[tuple[fx.Node, bool], fx.Node] = {}
     name = _Namer(gm)
     for match in matches:
         inputs = activation_inputs(match)

@@ -38,14 +38,16 @@ from graphquant.graph import (
     QPARAMS,
     Match,
     activation_inputs,
+    constant_node,
     copy_meta,
     get_attr_value,
     matches_of,
     module_path,
 )
 from graphquant.kernels import x86
-from graphquant.observers import Observer, SharedQParams
+from graphquant.observers import Observer, SharedQParams, SmoothingObserver
 from graphquant.passes.fuse import donate_accumulators, fold_activations, share_gemms
+from graphquant.passes.smooth import smooth
 from graphquant.patterns.context import PACKED, KernelContext, QValue, WeightCache
 from graphquant.patterns.dynamic_linear import asymmetric_rows
 from graphquant.qconfig import activation_qmax, resolve
@@ -74,12 +76,22 @@ def observer_qparams(gm: fx.GraphModule) -> dict[str, QParams]:
 
 
 def _q_dq(gm: fx.GraphModule, obs: fx.Node, qp: QParams) -> tuple[fx.Node, fx.Node]:
-    """Replace an observer node by ``quantize -> dequantize`` with its qparams."""
+    """Replace an observer node by ``quantize -> dequantize`` with its qparams. A smoothed input
+    (SmoothQuant, graphquant.passes.smooth) is quantized along its last axis at ``scale * s``
+    and dequantized per tensor: its readers' weights carry ``s``."""
     scale, zero_point = qp.scalar()
+    module = gm.get_submodule(str(obs.target))
     with gm.graph.inserting_after(obs):
-        q = gm.graph.call_function(
-            ops.quantize_per_tensor.default, (obs.args[0], scale, zero_point, qp.qmin, qp.qmax, qp.dtype)
-        )
+        if isinstance(module, SmoothingObserver) and module.smoothing.numel():
+            prefix = str(obs.target) + "_smoothed"
+            scales = constant_node(gm, prefix + "_scale", (scale * module.smoothing).float())
+            zero_points = constant_node(gm, prefix + "_zero_point", torch.full_like(module.smoothing, zero_point,
+                                                                                  dtype=torch.int64))  # fmt: skip
+            q = gm.graph.call_function(ops.quantize_per_channel.default,
+                                       (obs.args[0], scales, zero_points, -1, qp.qmin, qp.qmax, qp.dtype))  # fmt: skip
+        else:
+            q = gm.graph.call_function(ops.quantize_per_tensor.default,
+                                       (obs.args[0], scale, zero_point, qp.qmin, qp.qmax, qp.dtype))  # fmt: skip
     with gm.graph.inserting_after(q):
         dq = gm.graph.call_function(ops.dequantize_per_tensor.default, (q, scale, zero_point))
     for node in (q, dq):
@@ -382,11 +394,13 @@ def lower(gm: fx.GraphModule, debug: bool, backend: str, qconfig_dict: Any, fuse
     ``fuse=False`` leaves out the rewrites of :mod:`graphquant.passes.fuse` (numerics compares
     each node's own output). Returns the conversion report.
     """
+    smoothing = smooth(gm, matches_of(gm))  # before qparams: it sets the smoothed inputs' ranges
     qparams = observer_qparams(gm)
     float_out = ("dynamic", "weight_only")  # kinds without an output observer
     matches = [m for m in matches_of(gm) if m.output_observer is not None or m.pattern.kind in float_out]
     float_outputs = float_output_observers(gm, matches)
     report = _report(gm, qparams, qconfig_dict, "reference" if debug else "kernel", backend, float_outputs)
+    report.smoothing = smoothing
     ctx = KernelContext(gm, backend, WeightCache())
     quantized_at = reference(gm, matches, ctx, qparams, float_outputs)
     if not debug:
