@@ -297,7 +297,7 @@ def _convert_regions(prepared: PreparedModel, debug: bool, inplace: bool, backen
     every part left eager."""
     assert prepared.partial_model is not None
     model = prepared.partial_model if inplace else copy.deepcopy(prepared.partial_model)
-    nodes, regions, smoothing = [], [], []
+    nodes, regions, smoothing, corrected = [], [], [], []
     mode, used_backend = ("reference" if debug else "kernel"), backend or default_backend()
     for _, region in list(model.named_modules()):
         if not isinstance(region, Region) or not isinstance(region.inner, PreparedModel):
@@ -310,6 +310,8 @@ def _convert_regions(prepared: PreparedModel, debug: bool, inplace: bool, backen
                   for n in rep.nodes]  # fmt: skip
         smoothing += [replace(s, linears=tuple(f"{region.path}.{p}" if p else region.path for p in s.linears))
                       for s in rep.smoothing]  # fmt: skip
+        corrected += [replace(b, layer=f"{region.path}.{b.layer}" if b.layer else region.path)
+                      for b in rep.bias_correction]  # fmt: skip
         region_sqnr = None
         if region.example is not None and region.float_output is not None:
             with torch.no_grad():
@@ -317,7 +319,7 @@ def _convert_regions(prepared: PreparedModel, debug: bool, inplace: bool, backen
         region.example, region.float_output = None, None
         regions.append(RegionReport(region.path, len(rep.quantized), len(rep.float_nodes), region_sqnr))
     report = ConversionReport(mode, used_backend, nodes, regions=regions, eager=list(prepared.eager_parts),
-                              smoothing=smoothing)
+                              smoothing=smoothing, bias_correction=corrected)
     setattr(model, "graphquant_report", report)  # noqa: B010
     setattr(model, "graphquant_qconfig_dict", dict(prepared.qconfig_dict))  # noqa: B010
     return model

@@ -30,7 +30,7 @@ from torch import nn
 from graphquant import compiled, program
 from graphquant.errors import GraphQuantError
 from graphquant.partial import Binding, EagerPart, Region, RegionReport
-from graphquant.report import ConversionReport, NodeReport, smoothing_lines
+from graphquant.report import ConversionReport, NodeReport, bias_lines, smoothing_lines
 
 PARTIAL_MANIFEST = "graphquant/partial.json"
 PARTIAL_FORMAT, PARTIAL_VERSION = "graphquant-partial", 1
@@ -164,7 +164,8 @@ def load(path: str | os.PathLike[str], float_model: nn.Module | None = None) -> 
     report = ConversionReport(rep["mode"], rep["backend"], [NodeReport(**n) for n in rep["nodes"]],
                               regions=[RegionReport(**r) for r in rep.get("regions", [])],
                               eager=[EagerPart(**p) for p in rep.get("eager", [])],
-                              smoothing=smoothing_lines(rep.get("smoothing", [])))  # fmt: skip
+                              smoothing=smoothing_lines(rep.get("smoothing", [])),
+                              bias_correction=bias_lines(rep.get("bias_correction", [])))  # fmt: skip
     setattr(model, "graphquant_report", report)  # noqa: B010
     return model
 

@@ -44,7 +44,7 @@ from torch import fx, nn
 from graphquant.api import PreparedModel
 from graphquant.api import calibrate as calibrate_here
 from graphquant.errors import GraphQuantError
-from graphquant.observers import Observer
+from graphquant.observers import Observer, SharedQParams
 
 T = TypeVar("T")
 ProcessGroup = Any  # torch.distributed.ProcessGroup, or None for the default group
@@ -149,9 +149,10 @@ def calibrate(
     return prepared
 
 
-def _observers(prepared: PreparedModel | fx.GraphModule) -> list[tuple[str, Observer]]:
-    """Every observer, by module path: in the graph, or in the regions of a model captured region
-    by region (graphquant.partial), the same paths on every rank that captured the same model."""
+def _observers(prepared: PreparedModel | fx.GraphModule) -> list[tuple[str, Observer | SharedQParams]]:
+    """Every observer, and every shared-qparams marker (their channel means, for bias correction), by
+    module path: in the graph, or in the regions of a model captured region by region
+    (graphquant.partial), the same paths on every rank that captured the same model."""
     gm: nn.Module | None = prepared
     if isinstance(prepared, PreparedModel):
         gm = prepared.graph_module if prepared.graph_module is not None else prepared.partial_model
@@ -160,10 +161,10 @@ def _observers(prepared: PreparedModel | fx.GraphModule) -> list[tuple[str, Obse
             "graphquant.distributed.merge_observers: the prepared model was not captured yet; run it on a batch "
             "(or pass example_inputs to graphquant.prepare) first"
         )
-    return [(name, module) for name, module in gm.named_modules() if isinstance(module, Observer)]
+    return [(name, module) for name, module in gm.named_modules() if isinstance(module, (Observer, SharedQParams))]
 
 
-def _with_state(observer: Observer, state: dict[str, torch.Tensor]) -> Observer:
+def _with_state(observer: Observer | SharedQParams, state: dict[str, torch.Tensor]) -> Any:
     """A CPU copy of ``observer`` holding another rank's statistics."""
     other = copy.deepcopy(observer).cpu()
     for key, value in state.items():
@@ -195,7 +196,7 @@ def merge_observers(prepared: PreparedModel | fx.GraphModule, group: ProcessGrou
     for i, (_, obs) in enumerate(observers):
         merged = _with_state(obs, gathered[0][i][2])
         for states in gathered[1:]:
-            merged.merge(_with_state(obs, states[i][2]))
+            merged.merge(_with_state(obs, states[i][2]))  # the same class as merged
         device = next((buf.device for buf in obs.buffers(recurse=False)), torch.device("cpu"))
         for key, value in merged.named_buffers(recurse=False):
             setattr(obs, key, value.to(device))

@@ -18,7 +18,49 @@ from graphquant.errors import GraphQuantError
 from graphquant.quant_math import UINT4, QParams, choose_float_qparams, choose_qparams, dtype_range
 
 
-class Observer(nn.Module):
+class ChannelMeans(nn.Module):
+    """The mean of each channel of what passes, along ``mean_axis``, once asked for (bias correction,
+    graphquant.passes.bias_correction): for observers, and for the shared-qparams markers of values
+    that have no observer of their own (a linear after a flatten). Sums and counts merge exactly."""
+
+    channel_sum: torch.Tensor
+    channel_count: torch.Tensor
+
+    def _init_channel_means(self) -> None:
+        self.mean_axis: int | None = None
+        self.register_buffer("channel_sum", torch.empty(0, dtype=torch.float64))
+        self.register_buffer("channel_count", torch.tensor(0, dtype=torch.int64))
+
+    def track_channel_means(self, axis: int) -> bool:
+        """Also record the mean of each channel along ``axis`` (1: a conv's input, -1: a linear's), for
+        bias correction. False where this observer already records them along another axis."""
+        if self.mean_axis is not None and self.mean_axis != axis:
+            return False
+        self.mean_axis = axis
+        return True
+
+    def channel_means(self) -> torch.Tensor | None:
+        """Each channel's mean over what was seen (float32), or None when not recorded."""
+        if self.mean_axis is None or int(self.channel_count) == 0:
+            return None
+        return (self.channel_sum / int(self.channel_count)).float()
+
+    def _add_channel_sums(self, x: torch.Tensor) -> None:
+        if self.mean_axis is None or x.dim() < 2 or not bool(torch.isfinite(x).all()):
+            return  # NaN/Inf are warned about where the values are observed
+        rows = x.detach().movedim(self.mean_axis, -1).reshape(-1, x.shape[self.mean_axis])
+        sums = rows.sum(0, dtype=torch.float64)
+        self.channel_sum = sums if self.channel_sum.numel() == 0 else self.channel_sum + sums
+        self.channel_count += rows.shape[0]
+
+    def _merge_channel_sums(self, other: ChannelMeans) -> None:
+        if other.channel_sum.numel():
+            self.channel_sum = other.channel_sum.clone() if self.channel_sum.numel() == 0 else (
+                self.channel_sum + other.channel_sum)  # fmt: skip
+            self.channel_count += other.channel_count
+
+
+class Observer(ChannelMeans):
     """Base class: records statistics of the tensors it is called on.
 
     The statistics live in the observer's buffers, and ``merge`` combines another observer's
@@ -51,6 +93,7 @@ class Observer(nn.Module):
         if reduce_range:
             self.qmax = (self.qmax - self.qmin) // 2 + self.qmin  # 127: the grid the calibrated range spans
         self.register_buffer("num_batches", torch.tensor(0, dtype=torch.int64))
+        self._init_channel_means()
 
     def choose(self, min_val: torch.Tensor, max_val: torch.Tensor) -> QParams:
         """qparams spanning ``[min_val, max_val]`` on this observer's grid (0..127 with ``reduce_range``)."""
@@ -77,6 +120,7 @@ class Observer(nn.Module):
             if values.numel() == 0:
                 return x
         self.observe(values)
+        self._add_channel_sums(x)
         self.num_batches += 1
         return x
 
@@ -95,6 +139,7 @@ class Observer(nn.Module):
     def merge(self, other: Observer) -> None:
         """Fold in ``other``'s statistics, as if this observer had seen its tensors too."""
         self._check_same_kind(other)
+        self._merge_channel_sums(other)
         self.num_batches += other.num_batches
 
     def _check_same_kind(self, other: Observer) -> None:
@@ -158,6 +203,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
     def merge(self, other: Observer) -> None:
         self._check_same_kind(other)
+        self._merge_channel_sums(other)
         assert isinstance(other, MinMaxObserver)  # checked above: the same kind
         n, m = int(self.num_batches), int(other.num_batches)
         if m == 0:
@@ -196,6 +242,7 @@ class PerChannelMinMaxObserver(Observer):
 
     def merge(self, other: Observer) -> None:
         self._check_same_kind(other)
+        self._merge_channel_sums(other)
         assert isinstance(other, PerChannelMinMaxObserver)  # checked above: the same kind
         if other.min_val.numel() == 0:
             return
@@ -329,6 +376,7 @@ class HistogramObserver(Observer):
 
     def merge(self, other: Observer) -> None:
         self._check_same_kind(other)
+        self._merge_channel_sums(other)
         assert isinstance(other, HistogramObserver)  # checked above: the same kind
         if other.bins != self.bins:
             raise ValueError(f"graphquant: cannot merge a {other.bins}-bin histogram into a {self.bins}-bin one")
@@ -519,6 +567,7 @@ class SmoothingObserver(Observer):
             rows = rows[finite]
         if rows.shape[0]:
             self.observe(rows)
+            self._add_channel_sums(x)
             self.num_batches += 1
         return x
 
@@ -545,6 +594,7 @@ class SmoothingObserver(Observer):
 
     def merge(self, other: Observer) -> None:
         self._check_same_kind(other)
+        self._merge_channel_sums(other)
         assert isinstance(other, SmoothingObserver)  # checked above: the same kind
         if other.min_val.numel() == 0:
             return
@@ -578,22 +628,30 @@ class FixedQParamsObserver(Observer):
 
     def merge(self, other: Observer) -> None:
         self._check_same_kind(other)
+        self._merge_channel_sums(other)
 
     def extra_repr(self) -> str:
         return f"range=[{self.lo}, {self.hi}]"
 
 
-class SharedQParams(nn.Module):
+class SharedQParams(ChannelMeans):
     """Marks a value that reuses another observer's qparams (e.g. the output of
-    ``flatten`` reuses its input's). It records nothing; ``source`` is the name of the
-    observer whose qparams apply."""
+    ``flatten`` reuses its input's). ``source`` is the name of the observer whose qparams
+    apply; it records only channel means, where bias correction asks for them."""
 
     def __init__(self, source: str) -> None:
         super().__init__()
         self.source = source
+        self._init_channel_means()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point() and x.numel():
+            self._add_channel_sums(x)
         return x
+
+    def merge(self, other: SharedQParams) -> None:
+        """Fold in ``other``'s channel sums (sharded calibration)."""
+        self._merge_channel_sums(other)
 
     def extra_repr(self) -> str:
         return f"source={self.source}"

@@ -37,7 +37,7 @@ from graphquant.inputs import INPUT_CHECK, InputSpec, install_input_check
 from graphquant.kernels import direct, onednn, x86
 from graphquant.patterns.context import PACKED
 from graphquant.qconfig import QConfig
-from graphquant.report import ConversionReport, NodeReport, smoothing_lines
+from graphquant.report import ConversionReport, NodeReport, bias_lines, smoothing_lines
 
 MANIFEST_FORMAT = "graphquant.manifest"
 MANIFEST_VERSION = 1
@@ -101,6 +101,7 @@ def manifest(qmodel: nn.Module) -> dict[str, Any]:
         "summary": {"quantized": len(report.quantized), "float": len(report.float_nodes)},
         "nodes": [asdict(node) for node in report.nodes],
         "smoothing": [asdict(line) for line in report.smoothing],
+        "bias_correction": [asdict(line) for line in report.bias_correction],
         "packed_weights": packed,
         "x86": _x86_record(report),
     }
@@ -369,7 +370,8 @@ def load(path: str | os.PathLike[str]) -> fx.GraphModule:
     first = data["inputs"][0]["shape"][0] if data["inputs"] else BATCH
     attributes = {
         "graphquant_report": ConversionReport(data["mode"], backend, [NodeReport(**node) for node in data["nodes"]],
-                                              smoothing=smoothing_lines(data.get("smoothing", []))),
+                                              smoothing=smoothing_lines(data.get("smoothing", [])),
+                                              bias_correction=bias_lines(data.get("bias_correction", []))),
         "graphquant_backend": backend,
         "graphquant_debug": data["mode"] == "reference",
         "graphquant_qconfig_dict": {

@@ -166,13 +166,17 @@ class SmoothQuant:
 @dataclass(frozen=True)
 class QConfig:
     """How one part of the model is quantized: an activation and a weight observer spec, and
-    optionally :class:`SmoothQuant` for its static linears."""
+    optionally :class:`SmoothQuant` for its static linears and bias correction for its static
+    convs and linears."""
 
     activation: ObserverSpec = field(default_factory=lambda: ObserverSpec("histogram"))
     weight: ObserverSpec = field(
         default_factory=lambda: ObserverSpec("per_channel_minmax", torch.int8, symmetric=True, axis=0)
     )
     smoothquant: SmoothQuant | None = None
+    # bias correction for static convs and linears (graphquant.passes.bias_correction): each bias takes
+    # off the mean output shift its weight's rounding causes on the calibration data
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.activation, ObserverSpec) or not isinstance(self.weight, ObserverSpec):
@@ -199,6 +203,8 @@ class QConfig:
                 "graphquant: SmoothQuant is for static linears (one activation scale per tensor); dynamic "
                 "quantization picks scales per batch: use per_token_dynamic_qconfig for outlier rows"
             )
+        if self.bias_correction and (self.is_dynamic or self.is_weight_only):
+            raise GraphQuantError("graphquant: bias correction is for static quantization: it needs calibration data")
         if self.smoothquant is not None and not isinstance(self.smoothquant, SmoothQuant):
             raise GraphQuantError(f"graphquant: QConfig smoothquant is a graphquant.SmoothQuant or None, got "
                                   f"{type(self.smoothquant).__name__}")  # fmt: skip
@@ -218,6 +224,8 @@ class QConfig:
         d = {"version": CONFIG_VERSION, "activation": self.activation.to_dict(), "weight": self.weight.to_dict()}
         if self.smoothquant is not None:
             d["smoothquant"] = self.smoothquant.to_dict()
+        if self.bias_correction:
+            d["bias_correction"] = True
         return d
 
     @classmethod
@@ -225,7 +233,8 @@ class QConfig:
         if d.get("version") != CONFIG_VERSION:
             raise GraphQuantError(f"graphquant: QConfig dict version {d.get('version')} is not {CONFIG_VERSION}")
         smoothquant = SmoothQuant.from_dict(d["smoothquant"]) if d.get("smoothquant") else None
-        return cls(ObserverSpec.from_dict(d["activation"]), ObserverSpec.from_dict(d["weight"]), smoothquant)
+        return cls(ObserverSpec.from_dict(d["activation"]), ObserverSpec.from_dict(d["weight"]), smoothquant,
+                   bool(d.get("bias_correction", False)))  # fmt: skip
 
 
 def qconfig_dict_by_type(

@@ -69,9 +69,29 @@ class Smoothing:
                 f"{self.smallest:.3g}..{self.largest:.3g}")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class BiasCorrection:
+    """Bias correction of one conv or linear (graphquant.passes.bias_correction): the largest shift
+    taken off its bias, or not corrected (``shift`` None) and why."""
+
+    layer: str
+    shift: float | None
+    reason: str = ""
+
+    def __str__(self) -> str:
+        if self.shift is None:
+            return f"{self.layer or '<model>'}: not corrected: {self.reason}"
+        return f"{self.layer or '<model>'}: bias shifted by up to {self.shift:.3g}"
+
+
 def smoothing_lines(saved: list[dict[str, Any]]) -> list[Smoothing]:
     """:class:`Smoothing` lines from their saved dicts (JSON turns the linears into a list)."""
     return [Smoothing(**{**line, "linears": tuple(line["linears"])}) for line in saved]
+
+
+def bias_lines(saved: list[dict[str, Any]]) -> list[BiasCorrection]:
+    """:class:`BiasCorrection` lines from their saved dicts."""
+    return [BiasCorrection(**line) for line in saved]
 
 
 @dataclass
@@ -88,6 +108,8 @@ class ConversionReport:
     eager: list[EagerPart] = field(default_factory=list)
     # SmoothQuant: one line per value read by smoothed linears (graphquant.passes.smooth)
     smoothing: list[Smoothing] = field(default_factory=list)
+    # bias correction: one line per conv or linear whose qconfig asks for it
+    bias_correction: list[BiasCorrection] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[NodeReport]:
@@ -103,6 +125,8 @@ class ConversionReport:
             out["timings"] = [asdict(t) for t in self.timings]
         if self.smoothing:
             out["smoothing"] = [asdict(s) for s in self.smoothing]
+        if self.bias_correction:
+            out["bias_correction"] = [asdict(b) for b in self.bias_correction]
         if self.regions or self.eager:
             out["regions"] = [asdict(r) for r in self.regions]
             out["eager"] = [asdict(p) for p in self.eager]
@@ -122,6 +146,10 @@ class ConversionReport:
             lines.append(f"  SmoothQuant: {sum(s.alpha is not None for s in self.smoothing)} of "
                          f"{len(self.smoothing)} inputs smoothed")  # fmt: skip
             lines.extend(f"    {s}" for s in self.smoothing)
+        if self.bias_correction:
+            lines.append(f"  bias correction: {sum(b.shift is not None for b in self.bias_correction)} of "
+                         f"{len(self.bias_correction)} layers corrected")  # fmt: skip
+            lines.extend(f"    {b}" for b in self.bias_correction)
         kernels = self.mode == "kernel" and self.backend == "onednn"
         paths = sorted({n.cpu_path for n in self.nodes if n.cpu_path}) if kernels else []
         if paths:

@@ -21,7 +21,27 @@ def digits() -> demo.DigitsResult:
 def test_digits_int8_keeps_accuracy(digits: demo.DigitsResult) -> None:
     assert digits.fp32_accuracy >= 0.9
     assert digits.int8_accuracy >= 0.9
-    assert digits.drop_points <= 0.5, f"fp32 {digits.fp32_accuracy:.4f} -> int8 {digits.int8_accuracy:.4f}"
+    # issue #17's bar: within 0.3 points (measured: 98.22% both)
+    assert digits.drop_points <= 0.3, f"fp32 {digits.fp32_accuracy:.4f} -> int8 {digits.int8_accuracy:.4f}"
+
+
+def test_bias_correction_brings_the_trained_digits_net_closer(digits: demo.DigitsResult) -> None:
+    """On trained weights the rounding of each weight shifts its layer's mean output; taking that off
+    the bias brings the logits closer to float (measured: 44.7 -> 46.9 dB)."""
+    import torch
+
+    from graphquant.quant_math import sqnr
+
+    batches = demo.digits_calibration(digits.data)
+    corrected = gq.quantize(digits.model, {"": gq.QConfig(bias_correction=True)}, demo._calibrate, [batches],
+                            example_inputs=batches[0])  # fmt: skip
+    x = digits.data.x_test
+    with torch.no_grad():
+        want = digits.model(x)
+        gain = sqnr(want, corrected(x)) - sqnr(want, digits.quantized(x))
+    assert gain >= 1.0, gain
+    assert demo.accuracy(corrected, x, digits.data.y_test) >= digits.fp32_accuracy - 0.003
+    assert all(b.shift is not None for b in gq.report(corrected).bias_correction)
 
 
 def test_digits_model_runs_int8_kernels(digits: demo.DigitsResult) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from graphquant.graph import FLOAT_REASON, MATCH, Match, activation_inputs, copy_meta, module_path
-from graphquant.observers import FixedQParamsObserver, Observer, SharedQParams, SmoothingObserver
+from graphquant.observers import ChannelMeans, FixedQParamsObserver, Observer, SharedQParams, SmoothingObserver
 
 OBSERVER_PREFIX = "observer_"
 
@@ -95,6 +95,18 @@ def _observe_input(gm: fx.GraphModule, match: Match, arg: fx.Node, seen: dict[tu
     return str(seen[key].target)
 
 
+# kernels whose bias takes the bias correction: a conv's input channels on axis 1, a linear's last
+CORRECTED_KERNELS = ("qconv1d", "qconv2d", "qconv3d", "qconv1d_add", "qconv2d_add", "qconv3d_add", "qlinear")
+
+
+def _track_means(gm: fx.GraphModule, match: Match) -> None:
+    """The observer (or shared-qparams marker) of the match's input also records its channel means
+    (bias correction)."""
+    observer = gm.get_submodule(str(activation_inputs(match)[0].target))  # the marker itself, not its source
+    if isinstance(observer, ChannelMeans):
+        observer.track_channel_means(-1 if match.pattern.kernel == "qlinear" else 1)
+
+
 def _keep_float(match: Match, reason: str) -> None:
     for node in match.nodes:
         node.meta.pop(MATCH, None)
@@ -124,6 +136,8 @@ def insert_observers(gm: fx.GraphModule, matches: list[Match]) -> fx.GraphModule
             continue
         for arg in inputs:
             match.input_observers[arg.name] = _observe_input(gm, match, arg, seen, name)
+        if match.qconfig.bias_correction and match.pattern.kernel in CORRECTED_KERNELS:
+            _track_means(gm, match)
         if kind == "fixed_qparams":
             assert match.pattern.output_range is not None
             observer: nn.Module = FixedQParamsObserver(*match.pattern.output_range)

@@ -46,6 +46,7 @@ from graphquant.graph import (
 )
 from graphquant.kernels import x86
 from graphquant.observers import Observer, SharedQParams, SmoothingObserver
+from graphquant.passes.bias_correction import correct_bias
 from graphquant.passes.fuse import donate_accumulators, fold_activations, share_gemms
 from graphquant.passes.smooth import smooth
 from graphquant.patterns.context import PACKED, KernelContext, QValue, WeightCache
@@ -395,12 +396,13 @@ def lower(gm: fx.GraphModule, debug: bool, backend: str, qconfig_dict: Any, fuse
     each node's own output). Returns the conversion report.
     """
     smoothing = smooth(gm, matches_of(gm))  # before qparams: it sets the smoothed inputs' ranges
+    corrected = correct_bias(gm, matches_of(gm))  # after smoothing: it corrects the smoothed weights
     qparams = observer_qparams(gm)
     float_out = ("dynamic", "weight_only")  # kinds without an output observer
     matches = [m for m in matches_of(gm) if m.output_observer is not None or m.pattern.kind in float_out]
     float_outputs = float_output_observers(gm, matches)
     report = _report(gm, qparams, qconfig_dict, "reference" if debug else "kernel", backend, float_outputs)
-    report.smoothing = smoothing
+    report.smoothing, report.bias_correction = smoothing, corrected
     ctx = KernelContext(gm, backend, WeightCache())
     quantized_at = reference(gm, matches, ctx, qparams, float_outputs)
     if not debug:

@@ -1,0 +1,69 @@
+"""Bias correction at convert: each corrected conv or linear's bias takes off the mean shift of its
+output that rounding its weight causes on the calibration data.
+
+With ``E[x]`` the mean of each input channel over the calibration data (recorded by the input's
+observer), the int8 weight ``wq`` shifts the output's mean by ``(wq - w) . E[x]``, per output
+channel (for a conv, the weight's kernel positions summed: the shift away from the zero padding at
+the borders). The bias becomes ``b - (wq - w) . E[x]`` — a new constant; the float model is not
+touched — in the reference and the kernel graph alike. Smoothed linears (SmoothQuant) are
+corrected with their smoothed weight and input. Activation rounding is not corrected: its mean
+depends on qparams that calibration has not chosen yet.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from graphquant.graph import Match, activation_inputs, add_attr, get_attr_value, is_constant
+from graphquant.observers import ChannelMeans, SmoothingObserver
+from graphquant.passes.insert_observers import CORRECTED_KERNELS
+from graphquant.quant_math import fake_quantize
+from graphquant.report import BiasCorrection
+
+
+def _shift(delta: torch.Tensor, mean: torch.Tensor, groups: int) -> torch.Tensor:
+    """``delta . mean`` per output channel: a linear's ``[out, in]`` or a conv's ``[out, in/groups, *k]``."""
+    if delta.dim() == 2:
+        return delta @ mean
+    per_group = delta.flatten(2).sum(2).reshape(groups, delta.shape[0] // groups, -1)
+    return (per_group * mean.reshape(groups, 1, -1)).sum(2).flatten()
+
+
+def _correct(gm: fx.GraphModule, match: Match) -> BiasCorrection:
+    layer = match.module_path or match.anchor.name
+    observer = gm.get_submodule(str(activation_inputs(match)[0].target))
+    axis = -1 if match.pattern.kernel == "qlinear" else 1
+    mean = observer.channel_means() if isinstance(observer, ChannelMeans) else None
+    if mean is None or observer.mean_axis != axis:
+        return BiasCorrection(layer, None, "its input's channel means were not recorded (the input also feeds "
+                                           "a layer with channels on another axis)")  # fmt: skip
+    if isinstance(observer, SmoothingObserver) and observer.smoothing.numel():
+        mean = mean / observer.smoothing
+    assert match.pattern.weight_arg is not None and match.pattern.bias_arg is not None
+    w_node = match.anchor.args[match.pattern.weight_arg]
+    if not is_constant(w_node):
+        return BiasCorrection(layer, None, "its weight is not a constant")
+    w = get_attr_value(gm, w_node).detach().float()  # type: ignore[arg-type]
+    groups = int(match.anchor.args[6]) if axis == 1 and len(match.anchor.args) > 6 else 1  # type: ignore[arg-type]
+    if w.shape[1] * groups != mean.numel():
+        return BiasCorrection(layer, None, f"its weight reads {w.shape[1] * groups} channels, its input has "
+                                           f"{mean.numel()}")  # fmt: skip
+    observer_w = match.qconfig.weight.create()
+    observer_w(w)
+    shift = _shift(fake_quantize(w, observer_w.qparams()) - w, mean, groups)
+    args = list(match.anchor.args) + [None] * (match.pattern.bias_arg + 1 - len(match.anchor.args))
+    b_node = args[match.pattern.bias_arg]
+    bias = get_attr_value(gm, b_node).detach().float() if is_constant(b_node) else torch.zeros_like(shift)  # type: ignore[arg-type]
+    name = add_attr(gm, (match.module_path or match.anchor.name) + "_corrected_bias", bias - shift)
+    with gm.graph.inserting_before(match.anchor):
+        args[match.pattern.bias_arg] = gm.graph.get_attr(name)
+    match.anchor.args = tuple(args)
+    return BiasCorrection(layer, float(shift.abs().max()))
+
+
+def correct_bias(gm: fx.GraphModule, matches: list[Match]) -> list[BiasCorrection]:
+    """Correct the bias of every calibrated conv and linear whose qconfig asks for it (in place);
+    one report line each."""
+    return [_correct(gm, m) for m in matches if m.qconfig.bias_correction and m.pattern.kernel in CORRECTED_KERNELS
+            and m.output_observer is not None]  # fmt: skip
