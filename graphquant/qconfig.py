@@ -121,10 +121,9 @@ class SmoothQuant:
     activation by ``s_c = max|x_c| ** alpha / max|w_c| ** (1 - alpha)`` and multiply the weight's
     column by it, so a few outlier channels no longer stretch the activation's one scale.
 
-    The division costs nothing at run time: it goes into the activation's quantize, which already
-    divides by a scale (``quantize_per_channel`` along the last axis, scale ``scale * s``), and the
-    kernel reads the same uint8 tensor with the per-tensor scale. Linears reading one value share
-    one ``s`` (the largest weight column of the group). ``alpha="auto"`` searches ``alphas`` per
+    At run time it costs one elementwise multiply by ``1 / s`` before the input's quantize (fused
+    into it by Inductor); the kernels are unchanged. Linears reading one value share one ``s``
+    (the largest weight column of the group). ``alpha="auto"`` searches ``alphas`` per
     group for the least output error of the quantized linears on up to ``rows`` calibration rows
     (and keeps a group unsmoothed when no alpha beats that). The smoothed input's range is its
     exact min/max, from per-channel statistics (the activation observer's method is not used).

@@ -5,11 +5,10 @@ observed per channel (:class:`~graphquant.observers.SmoothingObserver`). Here ea
 of linears gets one factor per input channel, ``s = max|x| ** alpha / max|w| ** (1 - alpha)``
 (``max|w|`` over every weight of the group), its weights become ``w * s`` (new constants; the
 float model's are not touched) and the observer's range becomes that of ``x / s``. The reference
-pass then quantizes ``x`` with ``quantize_per_channel`` along the last axis at ``scale * s`` and
-dequantizes it per tensor at ``scale``: the kernel reads those uint8 values with the per-tensor
-scale, so smoothing adds nothing to the run-time graph::
+pass then multiplies ``x`` by ``1 / s`` before its per-tensor quantize: one elementwise pass (which
+Inductor fuses into the quantize), the kernels unchanged::
 
-    x -> obs(smoothing) -> linear(w)        x -> quantize_per_channel(scale * s) -> qlinear(w * s)
+    x -> obs(smoothing) -> linear(w)        x -> mul(1 / s) -> quantize_per_tensor -> qlinear(w * s)
 
 ``alpha="auto"`` picks, per group, the alpha of least output error of the quantized group on the
 observer's sample rows (each linear's squared error relative to its output's energy, summed), or
