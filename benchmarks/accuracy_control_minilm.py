@@ -50,8 +50,9 @@ def main() -> None:
                           ("SmoothQuant auto", gq.QConfig(smoothquant=gq.SmoothQuant("auto")))):  # fmt: skip
         qconfig_dict = gq.qconfig_dict_by_type(encoder, {nn.Linear: qconfig})
         start = time.perf_counter()
-        _, report = gq.quantize_with_accuracy_control(encoder, qconfig_dict, lambda m, bs: [m(*b) for b in bs],
-                                                      [calibration], cosine, 0.002, example_inputs=calibration[0])  # fmt: skip
+        run_fn = lambda m, bs: [m(*b) for b in bs]  # noqa: E731
+        _, report = gq.quantize_with_accuracy_control(encoder, qconfig_dict, run_fn, [calibration], cosine, 0.002,
+                                                      example_inputs=calibration[0])  # fmt: skip
         print(f"{name}: {time.perf_counter() - start:.1f} s\n{report}\n")
 
 
