@@ -216,6 +216,16 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
         self.num_batches += other.num_batches
 
 
+def _merge_extremes(observer: PerChannelMinMaxObserver | SmoothingObserver,
+                    other: PerChannelMinMaxObserver | SmoothingObserver) -> None:  # fmt: skip
+    """Per-channel minima and maxima of ``other`` (not empty) folded into ``observer``'s."""
+    if observer.min_val.numel() == 0:
+        observer.min_val, observer.max_val = other.min_val.clone(), other.max_val.clone()
+    else:
+        observer.min_val = torch.minimum(observer.min_val, other.min_val)
+        observer.max_val = torch.maximum(observer.max_val, other.max_val)
+
+
 class PerChannelMinMaxObserver(Observer):
     """Minimum and maximum of each slice along ``axis`` (output channels of a weight)."""
 
@@ -246,11 +256,7 @@ class PerChannelMinMaxObserver(Observer):
         assert isinstance(other, PerChannelMinMaxObserver)  # checked above: the same kind
         if other.min_val.numel() == 0:
             return
-        if self.min_val.numel() == 0:
-            self.min_val, self.max_val = other.min_val.clone(), other.max_val.clone()
-        else:
-            self.min_val = torch.minimum(self.min_val, other.min_val)
-            self.max_val = torch.maximum(self.max_val, other.max_val)
+        _merge_extremes(self, other)
         self.num_batches += other.num_batches
 
     def extra_repr(self) -> str:
@@ -598,13 +604,9 @@ class SmoothingObserver(Observer):
         assert isinstance(other, SmoothingObserver)  # checked above: the same kind
         if other.min_val.numel() == 0:
             return
-        if self.min_val.numel() == 0:
-            self.min_val, self.max_val = other.min_val.clone(), other.max_val.clone()
-            self.samples = other.samples[: self.rows].clone()
-        else:
-            self.min_val = torch.minimum(self.min_val, other.min_val)
-            self.max_val = torch.maximum(self.max_val, other.max_val)
-            self.samples = torch.cat([self.samples, other.samples])[: self.rows]
+        self.samples = torch.cat([self.samples, other.samples])[: self.rows] if self.min_val.numel() else (
+            other.samples[: self.rows].clone())  # fmt: skip
+        _merge_extremes(self, other)
         self.num_batches += other.num_batches
 
     def extra_repr(self) -> str:

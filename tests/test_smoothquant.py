@@ -1,4 +1,4 @@
-"""SmoothQuant: per-channel factors move activation outliers into the weights, at no run-time cost."""
+"""SmoothQuant: per-channel factors move activation outliers into the weights, for one multiply at run time."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _ops(model: nn.Module) -> list[str]:
     return [str(n.target) for n in model.graph.nodes if n.op == "call_function"]  # type: ignore[union-attr]
 
 
-def test_smoothing_raises_fidelity_and_adds_no_op():
+def test_smoothing_raises_fidelity_and_adds_one_multiply():
     model = Block().eval()
     x = torch.randn(8, 10, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
