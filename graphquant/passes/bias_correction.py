@@ -18,7 +18,7 @@ from torch import fx
 from graphquant.graph import Match, activation_inputs, add_attr, get_attr_value, is_constant
 from graphquant.observers import ChannelMeans, SmoothingObserver
 from graphquant.passes.insert_observers import CORRECTED_KERNELS
-from graphquant.quant_math import fake_quantize
+from graphquant.passes.smooth import fake_quantized_weight
 from graphquant.report import BiasCorrection
 
 
@@ -49,9 +49,7 @@ def _correct(gm: fx.GraphModule, match: Match) -> BiasCorrection:
     if w.shape[1] * groups != mean.numel():
         return BiasCorrection(layer, None, f"its weight reads {w.shape[1] * groups} channels, its input has "
                                            f"{mean.numel()}")  # fmt: skip
-    observer_w = match.qconfig.weight.create()
-    observer_w(w)
-    shift = _shift(fake_quantize(w, observer_w.qparams()) - w, mean, groups)
+    shift = _shift(fake_quantized_weight(w, match.qconfig.weight) - w, mean, groups)
     args = list(match.anchor.args) + [None] * (match.pattern.bias_arg + 1 - len(match.anchor.args))
     b_node = args[match.pattern.bias_arg]
     bias = get_attr_value(gm, b_node).detach().float() if is_constant(b_node) else torch.zeros_like(shift)  # type: ignore[arg-type]

@@ -24,7 +24,8 @@ from graphquant.graph import MATCH, Match, add_attr, get_attr_value, is_constant
 from graphquant.observers import SmoothingObserver
 from graphquant.passes.insert_observers import is_observer
 from graphquant.patterns.post_ops import POST_OP_TARGETS
-from graphquant.quant_math import dequantize, quantize
+from graphquant.qconfig import ObserverSpec
+from graphquant.quant_math import dequantize, fake_quantize, quantize
 from graphquant.report import Smoothing
 
 _TINY = 1e-5  # no factor below this, none from an all-zero channel or weight column
@@ -36,10 +37,11 @@ def smoothing_factors(amax: torch.Tensor, wmax: torch.Tensor, alpha: float) -> t
     return torch.where((amax > 0) & (wmax > 0), s.clamp(min=_TINY), torch.ones_like(s)).float()
 
 
-def _fake_quantize(x: torch.Tensor, observer: torch.nn.Module) -> torch.Tensor:
-    observer(x)
-    qparams = observer.qparams()  # type: ignore[operator]
-    return dequantize(quantize(x, qparams), qparams)
+def fake_quantized_weight(w: torch.Tensor, spec: ObserverSpec) -> torch.Tensor:
+    """``w`` as the int8 kernel sees it under the weight spec ``spec`` (what convert will quantize)."""
+    observer = spec.create()
+    observer(w)
+    return fake_quantize(w, observer.qparams())
 
 
 def _group_error(observer: SmoothingObserver, group: list[Match], weights: list[torch.Tensor],
@@ -57,7 +59,7 @@ def _group_error(observer: SmoothingObserver, group: list[Match], weights: list[
     error = 0.0
     for match, w in zip(group, weights, strict=True):
         want = held @ w.T
-        got = xq @ _fake_quantize(w * s, match.qconfig.weight.create()).T
+        got = xq @ fake_quantized_weight(w * s, match.qconfig.weight).T
         error += float(((got - want).pow(2).sum(1) / want.pow(2).sum(1).clamp(min=1e-30)).mean())
     return error
 
