@@ -283,18 +283,46 @@ class _Reader:
     def rewind(self) -> None:  # pragma: no cover - not used by MinMax
         pass
 
+    def __iter__(self):  # type: ignore[no-untyped-def]  # how ONNX Runtime's SmoothQuant reads a (copied) reader
+        return iter(self._feeds)
 
-def onnxruntime_matmul_peer(w: Workload, mode: str, threads: int) -> Variant:
+
+def _activation_matmuls(path: Path) -> list[str]:
+    """The MatMul nodes of an ONNX model whose operands are both computed (no initializer)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not weights.intersection(n.input)]
+
+
+def onnxruntime_matmul_peer(w: Workload, mode: str, threads: int, calibrate_method: str = "MinMax",
+                            smoothquant: bool = False, weights_only: bool = False) -> Variant:
     """ONNX Runtime static with only MatMul/Gemm quantized: its recipe for transformers (quantizing
-    every op gives MiniLM a cosine of 0.32)."""
+    every op gives MiniLM a cosine of 0.32). ``calibrate_method`` is one of its ``CalibrationMethod``
+    names (MinMax, Entropy, Percentile: its defaults, 128 bins and the 99.999th percentile);
+    ``smoothquant`` its SmoothQuant (alpha 0.5, folded), which needs Intel Neural Compressor 2.x;
+    ``weights_only``: what PT2E's x86 recipe quantizes — the MatMuls with a weight (the linears; the
+    attention's two activation MatMuls excluded by name: its ``MatMulConstBOnly`` option is read only
+    in QOperator format), their inputs and weights but not their outputs
+    (``OpTypesToExcludeOutputQuantization``: by default ONNX Runtime also rounds each MatMul's output
+    to uint8 before the bias add, which costs MiniLM 7 dB)."""
     if w.kind != "encoder" or mode != "static":
         raise Unsupported("a static transformer recipe")
-    return onnxruntime_peer(w, mode, threads, op_types=["MatMul", "Gemm"])
+    if smoothquant:
+        try:
+            import neural_compressor.adaptor.ox_utils.smooth_quant  # noqa: F401
+        except ImportError as error:
+            raise Unsupported(f"ONNX Runtime's SmoothQuant needs neural-compressor 2.x ({error})") from None
+    return onnxruntime_peer(w, mode, threads, op_types=["MatMul", "Gemm"], calibrate_method=calibrate_method,
+                            smoothquant=smoothquant, weights_only=weights_only)  # fmt: skip
 
 
-def onnxruntime_peer(w: Workload, mode: str, threads: int, op_types: list[str] | None = None) -> Variant:
+def onnxruntime_peer(w: Workload, mode: str, threads: int, op_types: list[str] | None = None,
+                     calibrate_method: str = "MinMax", smoothquant: bool = False,
+                     weights_only: bool = False) -> Variant:
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
@@ -305,10 +333,14 @@ def onnxruntime_peer(w: Workload, mode: str, threads: int, op_types: list[str] |
     with quiet_native_stderr():
         if mode == "static":
             reader = _Reader(names, w.calibration)
+            extra_options = {"SmoothQuant": smoothquant,
+                             "OpTypesToExcludeOutputQuantization": ["MatMul"] if weights_only else []}  # fmt: skip
             CalibrationDataReader.register(_Reader)
             ort_quantize_static(str(float_path), str(q_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                op_types_to_quantize=op_types)  # fmt: skip
+                                op_types_to_quantize=op_types, calibrate_method=CalibrationMethod[calibrate_method],
+                                nodes_to_exclude=_activation_matmuls(float_path) if weights_only else None,
+                                extra_options=extra_options)  # fmt: skip
         else:
             ort_quantize_dynamic(str(float_path), str(q_path), weight_type=QuantType.QInt8)
 
@@ -333,7 +365,11 @@ def onnxruntime_peer(w: Workload, mode: str, threads: int, op_types: list[str] |
     quantize_s = time.perf_counter() - start
     first = _first_call(call, w.timed)
     size = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("int8"))
-    label = f"ONNX Runtime {mode}" + (", MatMul only" if op_types else "")
+    label = f"ONNX Runtime {mode}" + (", linears (as PT2E)" if weights_only else ", MatMul only" if op_types else "")
+    if calibrate_method != "MinMax":
+        label += f", {calibrate_method}"
+    if smoothquant:
+        label += ", SmoothQuant"
     return Variant(label, call, size, quantize_s, first, at_threads=at_threads,
                    alone=lambda count: at_threads(count, spinning=True))  # fmt: skip
 
@@ -364,6 +400,7 @@ BUILDERS: dict[str, list[tuple[str, Callable[[Workload, str, int], Variant]]]] =
         ("quantize_jit", quantize_jit), ("quantize_fx", quantize_fx), ("pt2e", pt2e),
         ("pt2e_reduce_range", pt2e_reduce_range), ("onnxruntime", onnxruntime_peer),
         ("onnxruntime_matmul", onnxruntime_matmul_peer),
+        ("onnxruntime_linears", lambda w, mode, threads: onnxruntime_matmul_peer(w, mode, threads, weights_only=True)),
     ],
     "dynamic": [
         ("fp32", fp32),
