@@ -140,11 +140,18 @@ class Observer(ChannelMeans):
         """Fold in ``other``'s statistics, as if this observer had seen its tensors too."""
         self._check_same_kind(other)
         self._merge_channel_sums(other)
+        if other.has_data:
+            self._merge_statistics(other)
         self.num_batches += other.num_batches
 
     def _check_same_kind(self, other: Observer) -> None:
         if type(other) is not type(self):
             raise TypeError(f"graphquant: cannot merge {type(other).__name__} into {type(self).__name__}")
+
+    def _merge_statistics(self, other: Observer) -> None:
+        """Fold in the statistics of this kind of observer: ``other`` is the same kind and has data;
+        ``num_batches`` are still each side's own. An observer without statistics (fixed qparams)
+        keeps this."""
 
     def extra_repr(self) -> str:
         return f"dtype={self.dtype}, symmetric={self.symmetric}" + (", reduce_range=True" if self.reduce_range else "")
@@ -169,9 +176,8 @@ class MinMaxObserver(Observer):
     def qparams(self) -> QParams:
         return self.choose(self.min_val, self.max_val)
 
-    def merge(self, other: Observer) -> None:
-        super().merge(other)
-        assert isinstance(other, MinMaxObserver)  # checked above: the same kind
+    def _merge_statistics(self, other: Observer) -> None:
+        assert isinstance(other, MinMaxObserver)  # checked by merge: the same kind
         self.min_val = torch.minimum(self.min_val, other.min_val)
         self.max_val = torch.maximum(self.max_val, other.max_val)
 
@@ -201,19 +207,14 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
             self.min_val = self.min_val + c * (lo - self.min_val)
             self.max_val = self.max_val + c * (hi - self.max_val)
 
-    def merge(self, other: Observer) -> None:
-        self._check_same_kind(other)
-        self._merge_channel_sums(other)
-        assert isinstance(other, MinMaxObserver)  # checked above: the same kind
+    def _merge_statistics(self, other: Observer) -> None:
+        assert isinstance(other, MinMaxObserver)  # checked by merge: the same kind
         n, m = int(self.num_batches), int(other.num_batches)
-        if m == 0:
-            return
         if n == 0:
             self.min_val, self.max_val = other.min_val.clone(), other.max_val.clone()
         else:
             self.min_val = (self.min_val * n + other.min_val * m) / (n + m)
             self.max_val = (self.max_val * n + other.max_val * m) / (n + m)
-        self.num_batches += other.num_batches
 
 
 def _merge_extremes(observer: PerChannelMinMaxObserver | SmoothingObserver,
@@ -250,14 +251,9 @@ class PerChannelMinMaxObserver(Observer):
     def qparams(self) -> QParams:
         return choose_qparams(self.min_val, self.max_val, self.dtype, self.symmetric, axis=self.axis)
 
-    def merge(self, other: Observer) -> None:
-        self._check_same_kind(other)
-        self._merge_channel_sums(other)
-        assert isinstance(other, PerChannelMinMaxObserver)  # checked above: the same kind
-        if other.min_val.numel() == 0:
-            return
+    def _merge_statistics(self, other: Observer) -> None:
+        assert isinstance(other, PerChannelMinMaxObserver)  # checked by merge: the same kind
         _merge_extremes(self, other)
-        self.num_batches += other.num_batches
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, axis={self.axis}"
@@ -380,23 +376,25 @@ class HistogramObserver(Observer):
             counts += torch.bincount(index.clamp_(0, self.bins - 1), minlength=self.bins).double()
         return counts
 
-    def merge(self, other: Observer) -> None:
-        self._check_same_kind(other)
-        self._merge_channel_sums(other)
-        assert isinstance(other, HistogramObserver)  # checked above: the same kind
+    def _check_same_kind(self, other: Observer) -> None:
+        super()._check_same_kind(other)
+        assert isinstance(other, HistogramObserver)
         if other.bins != self.bins:
             raise ValueError(f"graphquant: cannot merge a {other.bins}-bin histogram into a {self.bins}-bin one")
-        if bool(other.histogram.any()):
-            if not bool(self.histogram.any()):
-                self.histogram = other.histogram.clone()
-                self.range_exponent = other.range_exponent.clone()
-            else:
-                exponent = max(int(self.range_exponent), int(other.range_exponent))
-                self.histogram = self._coarsened(exponent) + other._coarsened(exponent)
-                self.range_exponent = torch.tensor(exponent, dtype=torch.int64)
-            self.min_val = torch.minimum(self.min_val, other.min_val)
-            self.max_val = torch.maximum(self.max_val, other.max_val)
-        self.num_batches += other.num_batches
+
+    def _merge_statistics(self, other: Observer) -> None:
+        assert isinstance(other, HistogramObserver)  # checked by merge: the same kind
+        if not bool(other.histogram.any()):
+            return
+        if not bool(self.histogram.any()):
+            self.histogram = other.histogram.clone()
+            self.range_exponent = other.range_exponent.clone()
+        else:
+            exponent = max(int(self.range_exponent), int(other.range_exponent))
+            self.histogram = self._coarsened(exponent) + other._coarsened(exponent)
+            self.range_exponent = torch.tensor(exponent, dtype=torch.int64)
+        self.min_val = torch.minimum(self.min_val, other.min_val)
+        self.max_val = torch.maximum(self.max_val, other.max_val)
 
     def search_range(self) -> tuple[float, float]:
         """The clipping range ``(a, b)`` with the least expected quantization error: candidates
@@ -598,16 +596,11 @@ class SmoothingObserver(Observer):
         smoothing = self.smoothing if self.smoothing.numel() else torch.ones_like(self.min_val)
         return self.choose(*self.smoothed_range(smoothing))
 
-    def merge(self, other: Observer) -> None:
-        self._check_same_kind(other)
-        self._merge_channel_sums(other)
-        assert isinstance(other, SmoothingObserver)  # checked above: the same kind
-        if other.min_val.numel() == 0:
-            return
+    def _merge_statistics(self, other: Observer) -> None:
+        assert isinstance(other, SmoothingObserver)  # checked by merge: the same kind
         self.samples = torch.cat([self.samples, other.samples])[: self.rows] if self.min_val.numel() else (
             other.samples[: self.rows].clone())  # fmt: skip
         _merge_extremes(self, other)
-        self.num_batches += other.num_batches
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rows={self.rows}"
@@ -627,10 +620,6 @@ class FixedQParamsObserver(Observer):
 
     def qparams(self) -> QParams:
         return choose_qparams(torch.tensor(self.lo), torch.tensor(self.hi), self.dtype, symmetric=False)
-
-    def merge(self, other: Observer) -> None:
-        self._check_same_kind(other)
-        self._merge_channel_sums(other)
 
     def extra_repr(self) -> str:
         return f"range=[{self.lo}, {self.hi}]"
