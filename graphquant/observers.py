@@ -542,7 +542,8 @@ class SmoothingObserver(Observer):
     batch, in the order seen).
 
     ``qparams()`` spans the exact range of ``x / smoothing`` once convert has set ``smoothing``
-    (one factor per channel; see graphquant.passes.smooth), and of ``x`` before. Merging takes the
+    (one factor per channel; see graphquant.passes.smooth), and of ``x`` before; ``folded`` is set
+    where the op producing ``x`` now produces ``x / smoothing`` itself. Merging takes the
     channels' minima and maxima and appends the other's rows after this one's, up to ``rows``: shards
     merged in calibration order hold what one observer would have.
     """
@@ -556,6 +557,7 @@ class SmoothingObserver(Observer):
                  rows: int = 0) -> None:  # fmt: skip
         super().__init__(dtype, symmetric, reduce_range)
         self.rows = rows
+        self.folded = False
         for name in ("min_val", "max_val", "samples", "smoothing"):
             self.register_buffer(name, torch.empty(0))
 

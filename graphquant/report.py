@@ -52,7 +52,8 @@ class NodeReport:
 @dataclass(frozen=True)
 class Smoothing:
     """SmoothQuant on one value read by static linears (graphquant.passes.smooth): applied with
-    ``alpha`` (factors from ``smallest`` to ``largest``), or not (``alpha`` None) and why."""
+    ``alpha`` (factors from ``smallest`` to ``largest``; ``1 / s`` folded into the op ``folded``, or
+    multiplied at run time where empty), or not (``alpha`` None) and why."""
 
     value: str
     linears: tuple[str, ...]
@@ -60,13 +61,15 @@ class Smoothing:
     reason: str = ""
     smallest: float | None = None
     largest: float | None = None
+    folded: str = ""
 
     def __str__(self) -> str:
         linears = ", ".join(p or "<model>" for p in self.linears)
         if self.alpha is None:
             return f"{self.value} -> {linears}: not smoothed: {self.reason}"
+        where = f"folded into {self.folded}" if self.folded else "one multiply before the quantize"
         return (f"{self.value} -> {linears}: alpha {self.alpha:g}, factors "
-                f"{self.smallest:.3g}..{self.largest:.3g}")  # fmt: skip
+                f"{self.smallest:.3g}..{self.largest:.3g}, {where}")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,26 @@ class Block(nn.Module):
         return self.down(F.gelu(self.up(h)))
 
 
+class PreNormBlock(nn.Module):
+    """Pre-LN attention input (GPT-2, ViT, LLaMA): the residual reads the block's input, so only the
+    three linears read the LayerNorm, whose outlier channels can take the factors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.LayerNorm(32)
+        self.q, self.k, self.v = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+        with torch.no_grad():
+            self.norm.weight[:3] = 40.0
+            self.norm.bias.uniform_(-1.0, 1.0)
+            for linear in (self.q, self.k, self.v):
+                linear.weight[:, :3] /= 40.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + self.q(h) * self.k(h) / 8 + self.v(h)
+
+
 def _data() -> list[tuple[torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(4, 10, 32, generator=g),) for _ in range(4)]
@@ -65,9 +85,40 @@ def test_smoothing_raises_fidelity_and_adds_one_multiply():
     assert [(s.linears, s.alpha) for s in lines] == [(("q", "k", "v"), 0.5), (("up",), 0.5), (("down",), None)]
     assert "SmoothQuant: 2 of 3 inputs smoothed" in str(gq.report(smoothed))
     assert "q, k, v: alpha 0.5" in str(gq.report(smoothed))
+    # post-LN: the residual reads the LayerNorm too, so its output is multiplied, not the LayerNorm folded
+    assert lines[0].folded == "" and "one multiply before the quantize" in str(lines[0])
     assert "it is the aten.gelu.default after up, which the int8 linear applies" in lines[2].reason
     # the float model is untouched
     with torch.no_grad():
+        assert torch.equal(model(x), want)
+
+
+@pytest.mark.parametrize("backend", ["onednn", "portable"])
+def test_a_layer_norm_read_only_by_the_group_takes_the_factors(backend):  # type: ignore[no-untyped-def]
+    """Pre-LN: 1/s folds into the LayerNorm's weight and bias; the graph is the unsmoothed one."""
+    model = PreNormBlock().eval()
+    x = torch.randn(8, 10, 32, generator=torch.Generator().manual_seed(2))
+    plain = _quantize(model, None, backend=backend)
+    smoothed = _quantize(model, gq.SmoothQuant(0.5), backend=backend)
+    reference = _quantize(model, gq.SmoothQuant(0.5), backend=backend, debug=True)
+    with torch.no_grad():
+        want, got = model(x), smoothed(x)
+        gain = sqnr(want, got) - sqnr(want, plain(x))
+        ref = reference(x)
+    assert gain >= 10.0, gain
+    assert float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+    assert _ops(smoothed) == _ops(plain)  # nothing added at run time
+    # the LayerNorm's new constants are the float ones over the formula's factors
+    with torch.no_grad():
+        h = torch.cat([model.norm(*b) for b in _data()]).reshape(-1, 32)
+    s = smoothing_factors(h.abs().amax(0), torch.cat([model.q.weight, model.k.weight, model.v.weight]).abs().amax(0),
+                          0.5)  # fmt: skip
+    assert torch.allclose(smoothed.norm_weight_smoothed, model.norm.weight / s, rtol=1e-6)
+    assert torch.allclose(smoothed.norm_bias_smoothed, model.norm.bias / s, rtol=1e-6)
+    (line,) = gq.report(smoothed).smoothing
+    assert (line.linears, line.alpha, line.folded) == (("q", "k", "v"), 0.5, "layer_norm")
+    assert "q, k, v: alpha 0.5, factors" in str(line) and "folded into layer_norm" in str(line)
+    with torch.no_grad():  # the float model is untouched
         assert torch.equal(model(x), want)
 
 
@@ -181,8 +232,9 @@ def test_qconfig_checks_and_round_trip():
     assert "smoothquant" not in gq.default_qconfig.to_dict()
 
 
-def test_saved_and_scripted_models_keep_the_smoothing(tmp_path):  # type: ignore[no-untyped-def]
-    model = Block().eval()
+@pytest.mark.parametrize("block, alphas", [(Block, [0.5, 0.5, None]), (PreNormBlock, [0.5])])
+def test_saved_and_scripted_models_keep_the_smoothing(tmp_path, block, alphas):  # type: ignore[no-untyped-def]
+    model = block().eval()
     x = torch.randn(2, 10, 32)
     q = _quantize(model, gq.SmoothQuant(0.5))
     gq.save(q, tmp_path / "block.pt2")
@@ -192,4 +244,4 @@ def test_saved_and_scripted_models_keep_the_smoothing(tmp_path):  # type: ignore
         want = q(x)
         assert torch.equal(loaded(x), want)
         assert torch.allclose(scripted(x), want, rtol=0, atol=1e-5 * float(want.abs().max()))
-    assert [s.alpha for s in gq.report(loaded).smoothing] == [0.5, 0.5, None]
+    assert [s.alpha for s in gq.report(loaded).smoothing] == alphas

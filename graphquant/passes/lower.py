@@ -80,11 +80,12 @@ def _q_dq(gm: fx.GraphModule, obs: fx.Node, qp: QParams) -> tuple[fx.Node, fx.No
     """Replace an observer node by ``quantize -> dequantize`` with its qparams. A smoothed input
     (SmoothQuant, graphquant.passes.smooth) is multiplied by ``1 / s`` first — one elementwise pass
     that Inductor fuses into the quantize; a per-channel quantize at ``scale * s`` measured 4-30x
-    slower than the two passes (BERT-base shapes) — and its readers' weights carry ``s``."""
+    slower than the two passes (BERT-base shapes) — and its readers' weights carry ``s``; where
+    ``1 / s`` was folded into the LayerNorm before, nothing is added."""
     scale, zero_point = qp.scalar()
     module = gm.get_submodule(str(obs.target))
     x, last = obs.args[0], obs
-    if isinstance(module, SmoothingObserver) and module.smoothing.numel():
+    if isinstance(module, SmoothingObserver) and module.smoothing.numel() and not module.folded:
         inverse = constant_node(gm, str(obs.target) + "_inverse_smoothing", (1.0 / module.smoothing).float())
         with gm.graph.inserting_after(obs):
             x = last = gm.graph.call_function(torch.ops.aten.mul.Tensor, (x, inverse))

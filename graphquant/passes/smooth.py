@@ -4,11 +4,16 @@ A value ``x`` read by linears whose qconfig has :class:`~graphquant.qconfig.Smoo
 observed per channel (:class:`~graphquant.observers.SmoothingObserver`). Here each such group
 of linears gets one factor per input channel, ``s = max|x| ** alpha / max|w| ** (1 - alpha)``
 (``max|w|`` over every weight of the group), its weights become ``w * s`` (new constants; the
-float model's are not touched) and the observer's range becomes that of ``x / s``. The reference
-pass then multiplies ``x`` by ``1 / s`` before its per-tensor quantize: one elementwise pass (which
-Inductor fuses into the quantize), the kernels unchanged::
+float model's are not touched) and the observer's range becomes that of ``x / s``.
+
+Where ``x`` is a LayerNorm's output that only the group reads (pre-LN transformers), ``1 / s`` is
+folded into the LayerNorm's weight and bias (new constants too) and nothing is added at run time.
+Elsewhere (post-LN BERT, whose LayerNorm output also feeds the residual; a GELU) the reference pass
+multiplies ``x`` by ``1 / s`` before its per-tensor quantize: one elementwise pass (which Inductor
+fuses into the quantize), the kernels unchanged::
 
     x -> obs(smoothing) -> linear(w)        x -> mul(1 / s) -> quantize_per_tensor -> qlinear(w * s)
+    layer_norm(x, g, b) -> obs -> linear    layer_norm(x, g / s, b / s) -> quantize_per_tensor -> qlinear(w * s)
 
 ``alpha="auto"`` picks, per group, the alpha of least output error of the quantized group on the
 observer's sample rows (each linear's squared error relative to its output's energy, summed), or
@@ -119,6 +124,32 @@ def _choose_alpha(observer: SmoothingObserver, group: list[Match], weights: list
     return best
 
 
+def _fold_into_layer_norm(gm: fx.GraphModule, value: fx.Node, observer_node: fx.Node, group: list[Match],
+                          s: torch.Tensor) -> str:  # fmt: skip
+    """Divide the LayerNorm producing ``value`` by ``s`` (new weight and bias constants) where only
+    the group reads its output, it normalizes the last axis alone and has a constant weight; its
+    name, or "" (not folded)."""
+    if value.op != "call_function" or value.target != torch.ops.aten.layer_norm.default:
+        return ""
+    anchors = {m.anchor for m in group}
+    if set(value.users) != {observer_node} or not set(observer_node.users) <= anchors:
+        return ""
+    args = list(value.args) + [None] * (4 - len(value.args))
+    shape, weight, bias = args[1], args[2], args[3]
+    if len(shape) != 1 or not is_constant(weight) or not (bias is None or is_constant(bias)):  # type: ignore[arg-type]
+        return ""
+    for index, constant in ((2, weight), (3, bias)):
+        if constant is None:
+            continue
+        assert isinstance(constant, fx.Node)
+        scaled = get_attr_value(gm, constant).detach() / s
+        with gm.graph.inserting_before(value):
+            args[index] = gm.graph.get_attr(add_attr(gm, str(constant.target) + "_smoothed", scaled))
+        args[index].meta.update(constant.meta)  # type: ignore[union-attr]
+    value.args = tuple(args)
+    return value.name
+
+
 def smooth(gm: fx.GraphModule, matches: list[Match]) -> list[Smoothing]:
     """Smooth every group of linears reading one :class:`SmoothingObserver` (in place); one report
     line per group, and one per smoothed linear whose input was already quantized."""
@@ -133,7 +164,8 @@ def smooth(gm: fx.GraphModule, matches: list[Match]) -> list[Smoothing]:
         if not isinstance(observer, SmoothingObserver) or not observer.has_data:
             continue
         group = [m for m in matches if name in m.input_observers.values()]
-        value = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name).args[0]
+        observer_node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
+        value = observer_node.args[0]
         paths = tuple(m.module_path for m in group)
         reason = _why_not(gm, value, group)
         if reason:
@@ -157,5 +189,6 @@ def smooth(gm: fx.GraphModule, matches: list[Match]) -> list[Smoothing]:
                 smoothed = gm.graph.get_attr(done[str(node.target)])
             smoothed.meta.update(node.meta)
             match.anchor.replace_input_with(node, smoothed)
-        lines.append(Smoothing(str(value), paths, alpha, "", float(s.min()), float(s.max())))
+        observer.folded = bool(folded := _fold_into_layer_norm(gm, value, observer_node, group, s))
+        lines.append(Smoothing(str(value), paths, alpha, "", float(s.min()), float(s.max()), folded))
     return lines
