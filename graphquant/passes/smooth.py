@@ -142,7 +142,8 @@ def _fold_into_layer_norm(gm: fx.GraphModule, value: fx.Node, observer_node: fx.
         if constant is None:
             continue
         assert isinstance(constant, fx.Node)
-        scaled = get_attr_value(gm, constant).detach() / s
+        original = get_attr_value(gm, constant).detach()
+        scaled = (original.float() / s).to(original.dtype)  # a bf16 LayerNorm keeps bf16 constants
         with gm.graph.inserting_before(value):
             args[index] = gm.graph.get_attr(add_attr(gm, str(constant.target) + "_smoothed", scaled))
         args[index].meta.update(constant.meta)  # type: ignore[union-attr]
