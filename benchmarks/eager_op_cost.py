@@ -9,7 +9,10 @@ A 1x1 conv over a 1x32x8x8 uint8 activation (oneDNN's kernel itself takes about 
 - ``kernels.onednn.qconv``: the eager kernel with its argument checks;
 - ``torch.ops.graphquant.qconv2d``: through PyTorch's dispatcher (how a GraphModule called kernels
   before direct calls);
-- the direct call a quantized GraphModule's forward makes (``kernels/direct.py``).
+- the direct call a quantized GraphModule's forward made before plans (``kernels/direct.py``), and
+  the one it makes now: a call site of constants, with its plan for the input's shape.
+
+The same for a linear (1x64 -> 64), its planned call beside ``onednn::qlinear_pointwise``.
 
 Usage: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/eager_op_cost.py`` (quiet machine).
 """
@@ -46,7 +49,8 @@ def main() -> None:
     conv = [[1, 1], [0, 0], [1, 1], 1]
     op = torch.ops.graphquant.qconv2d.default
     direct_call = direct._call_for(op)
-    assert direct_call is not None
+    planned = direct.planned_call(op)
+    assert direct_call is not None and planned is not None
     layers = {
         "onednn::qconv_pointwise (PyTorch's op)": lambda: torch.ops.onednn.qconv_pointwise(
             x, 0.1, 0, packed, w_scale, w_zp, bias, *conv, 0.2, 0, torch.uint8, "relu", [], ""),
@@ -57,14 +61,32 @@ def main() -> None:
         "kernels.onednn.qconv (checks)": lambda: onednn.qconv(x, 0.1, 0, packed, w_scale, bias, *conv, 0.2, 0, "relu"),
         "torch.ops.graphquant.qconv2d (dispatcher)": lambda: op(x, 0.1, 0, packed, w_scale, bias, *conv, 0.2, 0,
                                                                  "relu"),
-        "direct call (GraphModule forward)": lambda: direct_call(x, 0.1, 0, packed, w_scale, bias, *conv, 0.2, 0,
-                                                                 "relu", [], 255),
+        "direct call, no plan": lambda: direct_call(x, 0.1, 0, packed, w_scale, bias, *conv, 0.2, 0, "relu", [], 255),
+        "direct call with its plan (GraphModule forward)": lambda: planned(x, 0.1, 0, packed, w_scale, bias, *conv,
+                                                                           0.2, 0, "relu", [], 255),
     }  # fmt: skip
+    report(layers)
+    x = torch.randint(0, 255, (1, 64), dtype=torch.uint8)
+    w_scale, w_zp, bias = torch.full((64,), 0.01), torch.zeros(64, dtype=torch.int64), torch.zeros(64)
+    packed = onednn.pack_linear(torch.randint(-127, 127, (64, 64), dtype=torch.int8))
+    op = torch.ops.graphquant.qlinear.default
+    planned = direct.planned_call(op)
+    assert planned is not None
+    report({
+        "onednn::qlinear_pointwise (PyTorch's op)": lambda: torch.ops.onednn.qlinear_pointwise(
+            x, 0.1, 0, packed, w_scale, w_zp, bias, 0.2, 0, torch.uint8, "none", [], ""),
+        "kernels.onednn.qlinear (checks)": lambda: onednn.qlinear(x, 0.1, 0, packed, w_scale, bias, 0.2, 0, "none"),
+        "direct call with its plan (GraphModule forward)": lambda: planned(x, 0.1, 0, packed, w_scale, bias, 0.2, 0,
+                                                                           "none", [], False, 255),
+    })  # fmt: skip
+
+
+def report(layers: dict[str, Callable[[], object]]) -> None:
     floor = None
     for name, call in layers.items():
         us = per_call_us(call)
         floor = us if floor is None else floor
-        print(f"{name:45s} {us:6.1f} us   (+{us - floor:5.1f} us over PyTorch's op)")
+        print(f"{name:50s} {us:6.1f} us   (+{us - floor:5.1f} us over PyTorch's op)")
 
 
 if __name__ == "__main__":

@@ -351,3 +351,64 @@ def test_forward_calls_kernels_directly_and_traces_as_ops():
     assert any("graphquant.qconv2d" in name for name in seen), seen[:5]
     program = torch.export.export(q, (x,))
     assert any(getattr(n.target, "namespace", "") == "graphquant" for n in program.graph.nodes)
+
+
+def test_call_sites_plan_their_onednn_call_per_input_shape(monkeypatch):  # type: ignore[no-untyped-def]
+    """A conv or linear call site runs the whole checked kernel once per input shape, then its
+    planned oneDNN call (kernels/direct.py): bit for bit the same outputs; a new shape, a replaced
+    weight tensor or a scale changed in place take the checked kernel again. (On a CPU whose int8
+    kernels saturate, 8-bit activations take the float32 path, which has no plan: 7-bit ones there.)"""
+    import copy
+
+    from torch import fx
+
+    from conftest import calibration_batches, make_net, run_batches
+    from graphquant.kernels import x86
+
+    qconfig = graphquant.get_default_qconfig("x86", reduce_range=x86.saturates())
+    q = graphquant.quantize_jit(make_net(), {"": qconfig}, run_batches, [calibration_batches()])
+    plain = fx.GraphModule(q, copy.deepcopy(q.graph))
+    plain.graph._codegen.__class__ = fx.graph._PyTreeCodeGen
+    plain.recompile()
+    checked: list[str] = []
+    for name in ("qconv", "qlinear"):
+        kernel = getattr(onednn, name)
+        monkeypatch.setattr(onednn, name, lambda *a, _k=kernel, _n=name, **kw: checked.append(_n) or _k(*a, **kw))
+
+    def checked_calls(x: torch.Tensor) -> list[str]:
+        """The kernels q ran checked on ``x``; q's output against the dispatcher's."""
+        checked.clear()
+        with torch.no_grad():
+            out = q(x)
+            seen = list(checked)
+            assert torch.equal(out, plain(x))
+        return seen
+
+    x = torch.randn(3, 3, 16, 16)
+    assert sorted(checked_calls(x)) == ["qconv", "qconv", "qlinear", "qlinear"]  # each call site once
+    assert checked_calls(x) == [] and checked_calls(torch.randn(3, 3, 16, 16)) == []  # then planned
+    assert len(checked_calls(torch.randn(5, 3, 16, 16))) == 4  # a new shape: checked, then planned
+    assert checked_calls(torch.randn(5, 3, 16, 16)) == []
+    scale_name = next(n for n, _ in q.named_buffers() if "conv1" in n and "scale" in n)
+    setattr(q, scale_name, getattr(q, scale_name).clone())  # a replaced tensor: checked again
+    assert checked_calls(x) == ["qconv"] and checked_calls(x) == []
+    getattr(q, scale_name).fill_(float("nan"))  # changed in place: checked, and refused
+    with pytest.raises(graphquant.GraphQuantError, match="weight scales must be positive and finite"), torch.no_grad():
+        q(x)
+
+
+def test_a_planned_call_still_refuses_what_its_kernel_refuses():
+    """The plan is for uint8 inputs of one shape: a float input of that shape takes the checked
+    kernel (and its error), not the planned oneDNN call (which would crash the process)."""
+    from graphquant.kernels import direct
+
+    call = direct.planned_call(torch.ops.graphquant.qlinear.default)
+    assert call is not None
+    w_scale, bias = torch.full((8,), 0.01), torch.zeros(8)
+    w = onednn.pack_linear(torch.randint(-127, 127, (8, 16), dtype=torch.int8))
+    x = torch.randint(0, 255, (2, 16), dtype=torch.uint8)
+    args = (0.1, 3, w, w_scale, bias, 0.2, 5, "relu", [], False, 255)
+    want = onednn.qlinear(x, *args[:8])
+    assert torch.equal(call(x, *args), want) and torch.equal(call(x, *args), want)  # planned, then its plan
+    with pytest.raises(graphquant.GraphQuantError, match="activation must be uint8"):
+        call(x.float(), *args)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -195,6 +195,44 @@ def qconv_run(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tenso
     return y.squeeze(2) if one_d else y
 
 
+# A call with its arguments resolved, for inputs of one shape (kernels/direct.py)
+Plan = Callable[[torch.Tensor], torch.Tensor]
+
+
+def qconv_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+               out_scale: float, out_zero_point: int, post_op: str, post_op_args: Sequence[float] = (),
+               x_qmax: int = 255) -> Plan | None:  # fmt: skip
+    """:func:`qconv` on every input of ``x``'s shape (uint8, on the CPU) with these arguments, as its
+    one oneDNN call with every argument resolved: what :func:`qconv_run` would call, after
+    :func:`qconv`'s checks. None where it would rewrite the call instead (an empty batch, a 1-d or
+    3-d conv, a post-op oneDNN does not fuse, an input it pads or cuts by hand, the float32 path of
+    a saturating CPU): those take the whole kernel on each call."""
+    if not w.is_mkldnn or x.dim() != 4 or x.size(0) == 0 or post_op not in x86.CONV_FUSED_POST_OPS:
+        return None
+    out_channels = w.shape[0]
+    _check_common("qconv", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args,
+                  out_channels)  # fmt: skip
+    conv_out_shape("qconv", x, w, stride, padding, dilation, groups)
+    if x86.over_ints(x_qmax, x86.saturates(x86.is_depthwise(w, groups))):
+        return None
+    dilation = onednn_dilation(w, dilation)
+    padded, _ = x86.padded_where_dilation_misses(x, w, x_zero_point, stride, padding, dilation)
+    cut, _, _ = x86.one_output_dims(x, w, x_zero_point, list(stride), list(padding), dilation)
+    if padded is not x or cut is not x:
+        return None
+    attr, algorithm = x86.onednn_post_op(post_op)
+    args = (x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, list(stride), list(padding),
+            dilation, groups, out_scale, out_zero_point, torch.uint8, attr, x86.scalars(post_op, list(post_op_args)),
+            algorithm)  # fmt: skip
+    op = torch.ops.onednn.qconv_pointwise.default
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return op(x, *args)
+
+    return run
+
+
 def qconv_add(
     x: torch.Tensor,
     x_scale: float,
@@ -269,6 +307,20 @@ def qconv_add_run(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.T
     return y.squeeze(2) if one_d else y
 
 
+def _check_qlinear(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None, out_scale: float, out_zero_point: int, post_op: str,
+                   post_op_args: Sequence[float]) -> int:  # fmt: skip
+    """:func:`qlinear`'s checks; its output features."""
+    if w.is_mkldnn and w.dim() != 2:
+        raise GraphQuantError(f"graphquant::qlinear: weight is a packed {w.dim()}-d (conv) weight, not a linear one")
+    in_features, out_features = w.shape[0], w.shape[-1]
+    _check_common("qlinear", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op,
+                  post_op_args, out_features)  # fmt: skip
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise GraphQuantError(f"graphquant::qlinear: input {tuple(x.shape)} does not end in {in_features} features")
+    return out_features
+
+
 def qlinear(
     x: torch.Tensor,
     x_scale: float,
@@ -287,15 +339,37 @@ def qlinear(
 
     The packed weight is stored transposed, ``(in, out)``.
     """
-    if w.is_mkldnn and w.dim() != 2:
-        raise GraphQuantError(f"graphquant::qlinear: weight is a packed {w.dim()}-d (conv) weight, not a linear one")
-    in_features, out_features = w.shape[0], w.shape[-1]
-    _check_common("qlinear", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op,
-                  post_op_args, out_features)  # fmt: skip
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise GraphQuantError(f"graphquant::qlinear: input {tuple(x.shape)} does not end in {in_features} features")
+    out_features = _check_qlinear(x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op,
+                                  post_op_args)  # fmt: skip
     return qlinear_run(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_features), bias, out_scale,
                        out_zero_point, post_op, list(post_op_args), float_out, x_qmax, x86.saturates())  # fmt: skip
+
+
+def qlinear_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None, out_scale: float, out_zero_point: int, post_op: str,
+                 post_op_args: Sequence[float] = (), float_out: bool = False,
+                 x_qmax: int = 255) -> Plan | None:  # fmt: skip
+    """:func:`qlinear` on every input of ``x``'s shape (uint8, on the CPU) with these arguments, as its
+    one oneDNN call with every argument resolved, after :func:`qlinear`'s checks (see
+    :func:`qconv_plan`). None for an empty input and the float32 path of a saturating CPU."""
+    if not w.is_mkldnn or x.numel() == 0:
+        return None
+    out_features = _check_qlinear(x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op,
+                                  post_op_args)  # fmt: skip
+    if x86.over_ints(x_qmax, x86.saturates()):
+        return None
+    out_dtype = torch.float32 if float_out else torch.uint8
+    if float_out:
+        out_scale, out_zero_point = 1.0, 0
+    attr, algorithm = x86.onednn_post_op(post_op)
+    args = (x_scale, x_zero_point, w, w_scale, _w_zero_point(out_features), bias, out_scale, out_zero_point, out_dtype,
+            attr, x86.scalars(post_op, list(post_op_args)), algorithm)  # fmt: skip
+    op = torch.ops.onednn.qlinear_pointwise.default
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return op(x.contiguous(), *args)
+
+    return run
 
 
 def qlinear_run(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,

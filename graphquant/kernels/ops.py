@@ -23,6 +23,8 @@ LIB = Library("graphquant", "DEF")
 _KEY = "CompositeExplicitAutograd"
 # op name -> its Python kernel, which quantized GraphModules call directly (kernels/direct.py)
 PYTHON_KERNELS: dict[str, Callable[..., Any]] = {}
+# op name -> what makes a call site's plan for one input shape (kernels/direct.py), oneDNN weights only
+PLANNERS: dict[str, Callable[..., Any]] = {"qconv2d": onednn.qconv_plan, "qlinear": onednn.qlinear_plan}
 
 
 def _impl(name: str, kernel: Any) -> None:

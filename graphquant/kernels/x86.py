@@ -407,6 +407,11 @@ def clamp_on_grid(y: Tensor, post_op: str, post_op_args: list[float], scale: flo
     return y.clamp_(int(lo.item()), int(hi.item()))
 
 
+# the post-ops oneDNN's 2-d int8 conv applies in its kernel, as qconv_with_post_op spells them out
+# (a list literal there: TorchScript, which compiles it for the scripted twins, takes no global list)
+CONV_FUSED_POST_OPS = ("none", "relu", "hardtanh", "hardswish", "silu")
+
+
 def qconv_with_post_op(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
                        w_zero_point: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
                        dilation: list[int], groups: int, out_scale: float, out_zero_point: int, post_op: str,
