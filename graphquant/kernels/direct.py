@@ -13,7 +13,7 @@ Each direct call falls back to the op while anything intercepts PyTorch calls â€
 ``torch.compile``, a ``FakeTensorMode`` or another dispatch or function mode â€” so tracing the
 module sees the ops as before.
 
-**Plans.** A int8 conv or linear call site whose arguments other than the input are constants
+**Plans.** An int8 conv or linear call site whose arguments other than the input are constants
 (the packed weight, scales and bias read from the module, numbers in the code) gets a call of its
 own that keeps, per input shape, the kernel's oneDNN call with every argument resolved
 (:func:`graphquant.kernels.onednn.qconv_plan` / ``qlinear_plan``), made once after the kernel's
