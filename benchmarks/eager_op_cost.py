@@ -12,7 +12,9 @@ A 1x1 conv over a 1x32x8x8 uint8 activation (oneDNN's kernel itself takes about 
 - the direct call a quantized GraphModule's forward made before plans (``kernels/direct.py``), and
   the one it makes now: a call site of constants, with its plan for the input's shape.
 
-The same for a linear (1x64 -> 64), its planned call beside ``onednn::qlinear_pointwise``.
+The same for a linear (1x64 -> 64), its planned call beside ``onednn::qlinear_pointwise``, and for
+the residual conv ``relu(conv(x) + accum)`` beside ``onednn::qconv2d_pointwise.binary`` (both copy
+the accumulator, which the op overwrites).
 
 Usage: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/eager_op_cost.py`` (quiet machine).
 """
@@ -78,6 +80,21 @@ def main() -> None:
         "kernels.onednn.qlinear (checks)": lambda: onednn.qlinear(x, 0.1, 0, packed, w_scale, bias, 0.2, 0, "none"),
         "direct call with its plan (GraphModule forward)": lambda: planned(x, 0.1, 0, packed, w_scale, bias, 0.2, 0,
                                                                            "none", [], False, 255),
+    })  # fmt: skip
+    x = torch.randint(0, 255, (1, 32, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    accum = torch.randint(0, 255, (1, 32, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    w_scale, w_zp, bias = torch.full((32,), 0.01), torch.zeros(32, dtype=torch.int64), torch.zeros(32)
+    packed = onednn.pack_conv(w, w_scale, 0.1, 0, [1, 1], [0, 0], [1, 1], 1, (1, 32, 8, 8))
+    planned = direct.planned_call(torch.ops.graphquant.qconv2d_add.default)
+    assert planned is not None
+    report({
+        "onednn::qconv2d_pointwise.binary (PyTorch's op)": lambda: torch.ops.onednn.qconv2d_pointwise.binary(
+            x, 0.1, 0, packed, w_scale, w_zp, accum.clone(), bias, *conv, 0.2, 0, torch.uint8, 0.1, 0, "sum", 1.0,
+            "relu", [], ""),
+        "kernels.onednn.qconv_add (checks)": lambda: onednn.qconv_add(x, 0.1, 0, packed, w_scale, bias, *conv, accum,
+                                                                      0.1, 0, 0.2, 0, "relu"),
+        "direct call with its plan (GraphModule forward)": lambda: planned(x, 0.1, 0, packed, w_scale, bias, *conv,
+                                                                           accum, 0.1, 0, 0.2, 0, "relu", False, 255),
     })  # fmt: skip
 
 

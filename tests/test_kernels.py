@@ -397,6 +397,59 @@ def test_call_sites_plan_their_onednn_call_per_input_shape(monkeypatch):  # type
         q(x)
 
 
+def test_residual_convs_plan_too_and_check_their_accumulator_on_each_call(monkeypatch):  # type: ignore[no-untyped-def]
+    """``relu(conv(x) + x)``: the accumulator (here the block's input) changes on every call, so the
+    plan checks it each time and copies it unless donated; outputs bit for bit the dispatcher's."""
+    import copy
+
+    from torch import fx
+
+    from graphquant.kernels import direct, x86
+
+    class Residual(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.conv(x) + x)
+
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 8, 6, 6) for _ in range(3)]
+    qconfig = graphquant.get_default_qconfig("x86", reduce_range=x86.saturates())
+    q = graphquant.quantize_jit(Residual().eval(), {"": qconfig}, lambda m, bs: [m(b) for b in bs], [batches])
+    assert "_gq_qconv2d_add(" in q.code
+    plain = fx.GraphModule(q, copy.deepcopy(q.graph))
+    plain.graph._codegen.__class__ = fx.graph._PyTreeCodeGen
+    plain.recompile()
+    checked: list[int] = []
+    kernel = onednn.qconv_add
+    monkeypatch.setattr(onednn, "qconv_add", lambda *a, **kw: checked.append(1) or kernel(*a, **kw))
+    with torch.no_grad():
+        for i in range(4):
+            x = torch.randn(2, 8, 6, 6)
+            before = len(checked)
+            out = q(x)
+            assert len(checked) == before + (i == 0)  # checked once, then planned
+            assert torch.equal(out, plain(x))
+
+    call = direct.planned_call(torch.ops.graphquant.qconv2d_add.default)
+    assert call is not None
+    w_scale, bias = torch.full((8,), 0.01), torch.zeros(8)
+    w = onednn.pack_conv(torch.randint(-127, 127, (8, 8, 1, 1), dtype=torch.int8), w_scale, 0.1, 0, [1, 1], [0, 0],
+                         [1, 1], 1, (1, 8, 4, 4))  # fmt: skip
+    x = torch.randint(0, 127, (1, 8, 4, 4), dtype=torch.uint8)
+    accum = torch.randint(0, 127, (1, 8, 4, 4), dtype=torch.uint8)
+    args = [0.1, 3, w, w_scale, bias, [1, 1], [0, 0], [1, 1], 1, accum, 0.05, 2, 0.2, 5, "relu", False, 127]
+    original = accum.clone()
+    want = onednn.qconv_add(x, *args)
+    assert torch.equal(call(x, *args), want) and torch.equal(call(x, *args), want)  # planned, then its plan
+    assert torch.equal(accum, original)  # not donated: the accumulator is left as it was
+    args[9] = accum[:, :4]
+    with pytest.raises(graphquant.GraphQuantError, match="accum must be a uint8 CPU tensor of the output's shape"):
+        call(x, *args)
+
+
 def test_a_planned_call_still_refuses_what_its_kernel_refuses():
     """The plan is for uint8 inputs of one shape: a float input of that shape takes the checked
     kernel (and its error), not the planned oneDNN call (which would crash the process)."""

@@ -14,7 +14,8 @@ Each direct call falls back to the op while anything intercepts PyTorch calls â€
 module sees the ops as before.
 
 **Plans.** An int8 conv or linear call site whose arguments other than the input are constants
-(the packed weight, scales and bias read from the module, numbers in the code) gets a call of its
+(the packed weight, scales and bias read from the module, numbers in the code; a residual conv's
+accumulator aside, which changes from call to call and is checked on each) gets a call of its
 own that keeps, per input shape, the kernel's oneDNN call with every argument resolved
 (:func:`graphquant.kernels.onednn.qconv_plan` / ``qlinear_plan``), made once after the kernel's
 checks. A later input of that shape (uint8, on the CPU, the module's same weight, scale and bias
@@ -75,7 +76,7 @@ def planned_call(op: torch._ops.OpOverload) -> Callable[..., Any] | None:
         fresh = (plan is not None and args[_W] is plan[1] and w_scale is plan[2] and args[_BIAS] is plan[3]
                  and w_scale._version == plan[4])  # fmt: skip
         if fresh and plan[0] is not None and x.dtype is torch.uint8 and x.is_cpu:  # type: ignore[index]
-            return plan[0](x)  # type: ignore[index]
+            return plan[0](x, args)  # type: ignore[index]
         out = kernel(x, *args)  # checks everything
         if not fresh and x.dtype is torch.uint8 and x.is_cpu and (plan is not None or len(plans) < PLANNED_SHAPES):
             plans[shape] = (planner(x, *args), args[_W], w_scale, args[_BIAS], w_scale._version)
@@ -88,10 +89,13 @@ def planned_call(op: torch._ops.OpOverload) -> Callable[..., Any] | None:
 _CALLS: dict[torch._ops.OpOverload, Callable[..., Any]] = {}
 
 
-def _plannable(args: tuple[Any, ...]) -> bool:
-    """Whether every argument but the input is a constant: a tensor read from the module (weight,
-    scales, bias) or a number or list in the code (no value computed by the graph)."""
+def _plannable(args: tuple[Any, ...], inputs: tuple[int, ...]) -> bool:
+    """Whether every argument but the input and ``inputs`` (positions after the input: a residual
+    conv's accumulator, which its plan checks on each call) is a constant: a tensor read from the
+    module (weight, scales, bias) or a number or list in the code (no value computed by the graph)."""
     for i, arg in enumerate(args[1:]):
+        if i in inputs:
+            continue
         if i in (_W, _W_SCALE) or (i == _BIAS and arg is not None):
             if not is_constant(arg):
                 return False
@@ -103,12 +107,12 @@ def _plannable(args: tuple[Any, ...]) -> bool:
 def _call_for(op: torch._ops.OpOverload, args: tuple[Any, ...] = ()) -> Callable[..., Any] | None:
     """The direct call of ``op`` for a call site with ``args`` (its own, with plans, where ``op`` has
     a planner and the arguments allow one), or None where ``op`` has no Python kernel."""
-    from graphquant.kernels.ops import PYTHON_KERNELS  # ops imports this module's users
+    from graphquant.kernels.ops import PLANNED_INPUTS, PYTHON_KERNELS  # ops imports this module's users
 
     kernel = PYTHON_KERNELS.get(op._opname)
     if kernel is None:
         return None
-    planned = planned_call(op) if args and _plannable(args) else None
+    planned = planned_call(op) if args and _plannable(args, PLANNED_INPUTS.get(op._opname, ())) else None
     if planned is not None:
         return planned
     if op not in _CALLS:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -195,8 +196,9 @@ def qconv_run(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tenso
     return y.squeeze(2) if one_d else y
 
 
-# A call with its arguments resolved, for inputs of one shape (kernels/direct.py)
-Plan = Callable[[torch.Tensor], torch.Tensor]
+# A call with its arguments resolved, for inputs of one shape (kernels/direct.py): given the input
+# and the call's other arguments, of which it reads only those that change from call to call
+Plan = Callable[[torch.Tensor, tuple[Any, ...]], torch.Tensor]
 
 
 def qconv_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
@@ -227,10 +229,33 @@ def qconv_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tens
             algorithm)  # fmt: skip
     op = torch.ops.onednn.qconv_pointwise.default
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(x: torch.Tensor, _: tuple[Any, ...]) -> torch.Tensor:
         return op(x, *args)
 
     return run
+
+
+def _check_qconv_add(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
+                     groups: int, accum: torch.Tensor, accum_scale: float, accum_zero_point: int, out_scale: float,
+                     out_zero_point: int, post_op: str) -> tuple[int, ...]:  # fmt: skip
+    """:func:`qconv_add`'s checks; its output shape."""
+    _check_common("qconv_add", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, (),
+                  w.shape[0])  # fmt: skip
+    if post_op not in ("none", "relu"):
+        raise GraphQuantError(f"graphquant::qconv_add: oneDNN fuses only relu after the residual sum, not {post_op!r}")
+    out_shape = conv_out_shape("qconv_add", x, w, stride, padding, dilation, groups)
+    if accum.dtype != torch.uint8 or tuple(accum.shape) != out_shape or accum.device.type != "cpu":
+        raise GraphQuantError(
+            f"graphquant::qconv_add: accum must be a uint8 CPU tensor of the output's shape {out_shape}, "
+            f"got {accum.dtype} {tuple(accum.shape)}"
+        )
+    check_qparams("qconv_add", accum_scale, accum_zero_point, out_scale, out_zero_point)
+    if x.dim() not in (3, 4):
+        raise GraphQuantError(
+            f"graphquant::qconv_add: oneDNN fuses the residual sum into 1-d and 2-d convs, input is {x.dim()}-d"
+        )
+    return out_shape
 
 
 def qconv_add(
@@ -262,26 +287,56 @@ def qconv_add(
     ``accum_donated`` (set at convert when no node reads ``accum`` afterwards) a channels-last
     ``accum`` takes the sum itself.
     """
-    out_channels = w.shape[0]
-    _check_common("qconv_add", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, (),
-                  out_channels)  # fmt: skip
-    if post_op not in ("none", "relu"):
-        raise GraphQuantError(f"graphquant::qconv_add: oneDNN fuses only relu after the residual sum, not {post_op!r}")
-    out_shape = conv_out_shape("qconv_add", x, w, stride, padding, dilation, groups)
-    if accum.dtype != torch.uint8 or tuple(accum.shape) != out_shape or accum.device.type != "cpu":
-        raise GraphQuantError(
-            f"graphquant::qconv_add: accum must be a uint8 CPU tensor of the output's shape {out_shape}, "
-            f"got {accum.dtype} {tuple(accum.shape)}"
-        )
-    check_qparams("qconv_add", accum_scale, accum_zero_point, out_scale, out_zero_point)
-    if x.dim() not in (3, 4):
-        raise GraphQuantError(
-            f"graphquant::qconv_add: oneDNN fuses the residual sum into 1-d and 2-d convs, input is {x.dim()}-d"
-        )
+    out_shape = _check_qconv_add(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, accum,
+                                 accum_scale, accum_zero_point, out_scale, out_zero_point, post_op)  # fmt: skip
+    out_channels = out_shape[1]
     return qconv_add_run(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, stride, padding,
                          dilation, groups, accum, accum_scale, accum_zero_point, out_scale, out_zero_point, post_op,
                          accum_donated, x_qmax, x86.saturates(x86.is_depthwise(w, groups)),
                          list(out_shape))  # fmt: skip
+
+
+# where qconv_add's accumulator is among its arguments after the input (kernels/direct.py's plans)
+QCONV_ADD_ACCUM = 9
+
+
+def qconv_add_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                   accum: torch.Tensor, accum_scale: float, accum_zero_point: int, out_scale: float,
+                   out_zero_point: int, post_op: str, accum_donated: bool = False,
+                   x_qmax: int = 255) -> Plan | None:  # fmt: skip
+    """:func:`qconv_add` on every input of ``x``'s shape with these arguments but the accumulator, as its
+    one oneDNN call with every other argument resolved (see :func:`qconv_plan`). The accumulator
+    changes from call to call: the plan checks it on each (uint8, on the CPU, of the output's shape),
+    runs the whole kernel when it fails (its error), and gives oneDNN a private channels-last copy
+    unless the graph donated a channels-last one, as :func:`qconv_add_run` does."""
+    if not w.is_mkldnn or x.dim() != 4 or x.size(0) == 0:
+        return None
+    out_size = torch.Size(_check_qconv_add(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation,
+                                           groups, accum, accum_scale, accum_zero_point, out_scale, out_zero_point,
+                                           post_op))  # fmt: skip
+    if x86.over_ints(x_qmax, x86.saturates(x86.is_depthwise(w, groups))):
+        return None
+    dilation = onednn_dilation(w, dilation)
+    padded, _ = x86.padded_where_dilation_misses(x, w, x_zero_point, stride, padding, dilation)
+    cut, _, _ = x86.one_output_dims(x, w, x_zero_point, list(stride), list(padding), dilation)
+    if padded is not x or cut is not x:
+        return None
+    head = (x_scale, x_zero_point, w, w_scale, _w_zero_point(w.shape[0]))
+    tail: tuple[Any, ...] = (bias, list(stride), list(padding), dilation, groups, out_scale, out_zero_point,
+                             torch.uint8, accum_scale, accum_zero_point, "sum", 1.0, post_op, [], "")  # fmt: skip
+    op = torch.ops.onednn.qconv2d_pointwise.binary
+    channels_last = torch.channels_last
+
+    def run(x: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
+        accum = args[QCONV_ADD_ACCUM]
+        if accum.dtype is not torch.uint8 or accum.shape != out_size or not accum.is_cpu:
+            return qconv_add(x, *args)  # refused there, with the reason
+        if not (accum_donated and accum.is_contiguous(memory_format=channels_last)):
+            accum = accum.clone(memory_format=channels_last)
+        return op(x, *head, accum, *tail)
+
+    return run
 
 
 def qconv_add_run(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
@@ -366,7 +421,7 @@ def qlinear_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Te
             attr, x86.scalars(post_op, list(post_op_args)), algorithm)  # fmt: skip
     op = torch.ops.onednn.qlinear_pointwise.default
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(x: torch.Tensor, _: tuple[Any, ...]) -> torch.Tensor:
         return op(x.contiguous(), *args)
 
     return run

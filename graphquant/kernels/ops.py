@@ -24,7 +24,10 @@ _KEY = "CompositeExplicitAutograd"
 # op name -> its Python kernel, which quantized GraphModules call directly (kernels/direct.py)
 PYTHON_KERNELS: dict[str, Callable[..., Any]] = {}
 # op name -> what makes a call site's plan for one input shape (kernels/direct.py), oneDNN weights only
-PLANNERS: dict[str, Callable[..., Any]] = {"qconv2d": onednn.qconv_plan, "qlinear": onednn.qlinear_plan}
+PLANNERS: dict[str, Callable[..., Any]] = {"qconv2d": onednn.qconv_plan, "qlinear": onednn.qlinear_plan,
+                                           "qconv2d_add": onednn.qconv_add_plan}
+# the arguments a plan reads on each call (positions after the input): the residual accumulator
+PLANNED_INPUTS: dict[str, tuple[int, ...]] = {"qconv2d_add": (onednn.QCONV_ADD_ACCUM,)}
 
 
 def _impl(name: str, kernel: Any) -> None:
