@@ -201,6 +201,18 @@ def qconv_run(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tenso
 Plan = Callable[[torch.Tensor, tuple[Any, ...]], torch.Tensor]
 
 
+def _planned_dilation(x: torch.Tensor, w: torch.Tensor, x_zero_point: int, stride: list[int], padding: list[int],
+                      dilation: list[int], groups: int, x_qmax: int) -> list[int] | None:  # fmt: skip
+    """The dilation a conv planned on ``x``'s shape hands oneDNN, or None where the kernel would not
+    make that one call (the float32 path of a saturating CPU, an input it pads or cuts by hand)."""
+    if x86.over_ints(x_qmax, x86.saturates(x86.is_depthwise(w, groups))):
+        return None
+    dilation = onednn_dilation(w, dilation)
+    padded, _ = x86.padded_where_dilation_misses(x, w, x_zero_point, stride, padding, dilation)
+    cut, _, _ = x86.one_output_dims(x, w, x_zero_point, list(stride), list(padding), dilation)
+    return dilation if padded is x and cut is x else None
+
+
 def qconv_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
                out_scale: float, out_zero_point: int, post_op: str, post_op_args: Sequence[float] = (),
@@ -216,17 +228,13 @@ def qconv_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tens
     _check_common("qconv", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args,
                   out_channels)  # fmt: skip
     conv_out_shape("qconv", x, w, stride, padding, dilation, groups)
-    if x86.over_ints(x_qmax, x86.saturates(x86.is_depthwise(w, groups))):
-        return None
-    dilation = onednn_dilation(w, dilation)
-    padded, _ = x86.padded_where_dilation_misses(x, w, x_zero_point, stride, padding, dilation)
-    cut, _, _ = x86.one_output_dims(x, w, x_zero_point, list(stride), list(padding), dilation)
-    if padded is not x or cut is not x:
+    planned_dilation = _planned_dilation(x, w, x_zero_point, stride, padding, dilation, groups, x_qmax)
+    if planned_dilation is None:
         return None
     attr, algorithm = x86.onednn_post_op(post_op)
     args = (x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, list(stride), list(padding),
-            dilation, groups, out_scale, out_zero_point, torch.uint8, attr, x86.scalars(post_op, list(post_op_args)),
-            algorithm)  # fmt: skip
+            planned_dilation, groups, out_scale, out_zero_point, torch.uint8, attr,
+            x86.scalars(post_op, list(post_op_args)), algorithm)  # fmt: skip
     op = torch.ops.onednn.qconv_pointwise.default
 
     def run(x: torch.Tensor, _: tuple[Any, ...]) -> torch.Tensor:
@@ -315,15 +323,11 @@ def qconv_add_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.
     out_size = torch.Size(_check_qconv_add(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation,
                                            groups, accum, accum_scale, accum_zero_point, out_scale, out_zero_point,
                                            post_op))  # fmt: skip
-    if x86.over_ints(x_qmax, x86.saturates(x86.is_depthwise(w, groups))):
-        return None
-    dilation = onednn_dilation(w, dilation)
-    padded, _ = x86.padded_where_dilation_misses(x, w, x_zero_point, stride, padding, dilation)
-    cut, _, _ = x86.one_output_dims(x, w, x_zero_point, list(stride), list(padding), dilation)
-    if padded is not x or cut is not x:
+    planned_dilation = _planned_dilation(x, w, x_zero_point, stride, padding, dilation, groups, x_qmax)
+    if planned_dilation is None:
         return None
     head = (x_scale, x_zero_point, w, w_scale, _w_zero_point(w.shape[0]))
-    tail: tuple[Any, ...] = (bias, list(stride), list(padding), dilation, groups, out_scale, out_zero_point,
+    tail: tuple[Any, ...] = (bias, list(stride), list(padding), planned_dilation, groups, out_scale, out_zero_point,
                              torch.uint8, accum_scale, accum_zero_point, "sum", 1.0, post_op, [], "")  # fmt: skip
     op = torch.ops.onednn.qconv2d_pointwise.binary
     channels_last = torch.channels_last
