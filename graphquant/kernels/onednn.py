@@ -149,6 +149,16 @@ def _check_common(
     check_post_op(op, post_op, post_op_args)
 
 
+def _check_qconv(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                 out_scale: float, out_zero_point: int, post_op: str,
+                 post_op_args: Sequence[float]) -> tuple[int, ...]:  # fmt: skip
+    """:func:`qconv`'s checks; its output shape."""
+    _check_common("qconv", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args,
+                  w.shape[0])  # fmt: skip
+    return conv_out_shape("qconv", x, w, stride, padding, dilation, groups)
+
+
 def qconv(
     x: torch.Tensor,
     x_scale: float,
@@ -168,10 +178,9 @@ def qconv(
 ) -> torch.Tensor:
     """uint8 convolution, uint8 out (channels-last), checked before oneDNN sees it; exact on
     every x86 CPU (``x_qmax``: see :mod:`graphquant.kernels.x86`)."""
-    out_channels = w.shape[0]
-    _check_common("qconv", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args,
-                  out_channels)  # fmt: skip
-    out_shape = conv_out_shape("qconv", x, w, stride, padding, dilation, groups)
+    out_shape = _check_qconv(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, out_scale,
+                             out_zero_point, post_op, post_op_args)  # fmt: skip
+    out_channels = out_shape[1]
     return qconv_run(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, stride, padding,
                      dilation, groups, out_scale, out_zero_point, post_op, list(post_op_args), x_qmax,
                      x86.saturates(x86.is_depthwise(w, groups)), list(out_shape))  # fmt: skip
@@ -224,10 +233,8 @@ def qconv_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tens
     a saturating CPU): those take the whole kernel on each call."""
     if not w.is_mkldnn or x.dim() != 4 or x.size(0) == 0 or post_op not in x86.CONV_FUSED_POST_OPS:
         return None
-    out_channels = w.shape[0]
-    _check_common("qconv", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args,
-                  out_channels)  # fmt: skip
-    conv_out_shape("qconv", x, w, stride, padding, dilation, groups)
+    out_channels = _check_qconv(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
+                                out_scale, out_zero_point, post_op, post_op_args)[1]  # fmt: skip
     planned_dilation = _planned_dilation(x, w, x_zero_point, stride, padding, dilation, groups, x_qmax)
     if planned_dilation is None:
         return None

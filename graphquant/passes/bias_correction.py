@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from graphquant.graph import Match, activation_inputs, add_attr, get_attr_value, is_constant
+from graphquant.graph import Match, activation_inputs, add_attr, get_attr_value, is_constant, op_args
 from graphquant.observers import ChannelMeans, SmoothingObserver
 from graphquant.passes.insert_observers import CORRECTED_KERNELS
 from graphquant.passes.smooth import fake_quantized_weight
@@ -41,22 +41,22 @@ def _correct(gm: fx.GraphModule, match: Match) -> BiasCorrection:
     if isinstance(observer, SmoothingObserver) and observer.smoothing.numel():
         mean = mean / observer.smoothing
     assert match.pattern.weight_arg is not None and match.pattern.bias_arg is not None
-    w_node = match.anchor.args[match.pattern.weight_arg]
+    args = op_args(match.anchor)  # aten.convNd(x, w, b, stride, padding, dilation, groups) / aten.linear(x, w, b)
+    w_node = args[match.pattern.weight_arg]
     if not is_constant(w_node):
         return BiasCorrection(layer, None, "its weight is not a constant")
-    w = get_attr_value(gm, w_node).detach().float()  # type: ignore[arg-type]
-    groups = int(match.anchor.args[6]) if axis == 1 and len(match.anchor.args) > 6 else 1  # type: ignore[arg-type]
+    w = get_attr_value(gm, w_node).detach().float()
+    groups = int(args[6]) if axis == 1 else 1
     if w.shape[1] * groups != mean.numel():
         return BiasCorrection(layer, None, f"its weight reads {w.shape[1] * groups} channels, its input has "
                                            f"{mean.numel()}")  # fmt: skip
     shift = _shift(fake_quantized_weight(w, match.qconfig.weight) - w, mean, groups)
-    args = list(match.anchor.args) + [None] * (match.pattern.bias_arg + 1 - len(match.anchor.args))
     b_node = args[match.pattern.bias_arg]
-    bias = get_attr_value(gm, b_node).detach().float() if is_constant(b_node) else torch.zeros_like(shift)  # type: ignore[arg-type]
+    bias = get_attr_value(gm, b_node).detach().float() if is_constant(b_node) else torch.zeros_like(shift)
     name = add_attr(gm, (match.module_path or match.anchor.name) + "_corrected_bias", bias - shift)
     with gm.graph.inserting_before(match.anchor):
         args[match.pattern.bias_arg] = gm.graph.get_attr(name)
-    match.anchor.args = tuple(args)
+    match.anchor.args, match.anchor.kwargs = tuple(args), {}  # op_args took the keyword arguments in
     return BiasCorrection(layer, float(shift.abs().max()))
 
 
