@@ -126,7 +126,22 @@ def bench(w: Workload, mode: str, args: argparse.Namespace, notes: list[str], th
             rows.append(Row(w, mode, threads, v, timing.median_ms(v.name), timing.iqr_ms(v.name), db, cos))
         print(render_rows(rows[-len(timed):]), file=sys.stderr, flush=True)
     torch.set_num_threads(args.threads[0])
-    return rows
+    return report_only(w, rows)
+
+
+def _freed(inputs: object) -> torch.Tensor:
+    raise RuntimeError("bench_peers: this variant's model was freed after its workload was timed")
+
+
+def report_only(w: Workload, rows: list[Row]) -> list[Row]:
+    """``rows`` holding only what the report reads: no model, no variant's call, no batches. Rows
+    that held them kept every workload's float model and all its quantized, compiled and ONNX
+    Runtime variants alive to the end of the run: the full run was killed for memory (24 GB) at
+    its last workload."""
+    label = dataclasses.replace(w, model=torch.nn.Module(), timed=(), calibration=[], evaluation=[], embed=None)
+    return [dataclasses.replace(r, workload=label, variant=dataclasses.replace(r.variant, call=_freed, at_threads=None,
+                                                                             alone=None))
+            for r in rows]  # fmt: skip
 
 
 def _mib(size: int | None) -> str:
@@ -270,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows += bench(w, mode, args, notes, threads)
         del w
         forget_quantized()
+        torch._dynamo.reset()  # PT2E's compiled graphs (and their frozen weights) live in dynamo's cache
         gc.collect()
         text = report(rows, notes, args, time.perf_counter() - started, done, len(specs))
         if args.write:  # after every workload: a run cut short still leaves its table
