@@ -283,9 +283,10 @@ def main(argv: list[str] | None = None) -> None:
         for mode in w.modes:
             if mode in args.modes:
                 rows += bench(w, mode, args, notes, threads)
+                forget_quantized()  # a mode's variants go before the next mode's are built (BERT-base b8: 20 GB)
+                torch._dynamo.reset()  # PT2E's compiled graphs (and their frozen weights) live in dynamo's cache
+                gc.collect()
         del w
-        forget_quantized()
-        torch._dynamo.reset()  # PT2E's compiled graphs (and their frozen weights) live in dynamo's cache
         gc.collect()
         text = report(rows, notes, args, time.perf_counter() - started, done, len(specs))
         if args.write:  # after every workload: a run cut short still leaves its table
