@@ -29,7 +29,7 @@ demo: install-demo
 	$(VPY) -m graphquant.demo
 
 # Thread pools pinned only here, so timings are comparable from run to run. The full run
-# (every workload, 2 then 1 threads) takes about 32 min on 2 cores; bench-quick about 5 min.
+# (every workload, 2 then 1 threads) takes about 47 min on 2 cores (Intel Xeon, 2026-12-06); bench-quick about 5 min.
 bench: install-bench
 	OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) \
 	  $(VPY) benchmarks/bench_peers.py --threads $(THREADS),1 $(BENCH_ARGS)
