@@ -15,7 +15,9 @@ Inductor then sees ``onednn::qconv_pointwise`` / ``qconv2d_pointwise.binary`` /
 ``qlinear_pointwise`` (extern kernels it calls from C++) and plain aten ops, which it fuses:
 the quantize and dequantize at the borders, the uint8 elementwise and join kernels, the float
 ops between GEMMs. Outputs are bit-identical to the GraphModule's (tests/test_compiled.py):
-the same kernels on the same integers, and the same float arithmetic around them.
+the same kernels on the same integers, and the same float arithmetic around them, except an
+activation within float rounding of a half step (about 5 in a million): the GraphModule's
+quantize multiplies by ``1 / scale`` in torch's one-pass quantize, the traced one divides.
 
 **Saturating CPUs.** Where oneDNN's int8 kernels saturate (x86 without VNNI,
 ``kernels/x86.py``), each 8-bit layer takes the exact float32 path, which cannot be compiled yet
@@ -351,8 +353,10 @@ def load_package(path: str | os.PathLike[str]) -> CompiledModel:
 def compile(qmodel: nn.Module) -> CompiledModel:  # noqa: A001  (graphquant.compile, as torch.compile)
     """``qmodel`` compiled by Inductor into an AOTInductor package and loaded: no Python per op,
     any batch size where the model was captured with a dynamic batch, outputs bit-identical to
-    ``qmodel``'s. Compiling takes seconds to minutes (a C++ compiler runs); the package is a
-    temporary file — write one to keep with ``graphquant.save(qmodel, path, package="aoti")``."""
+    ``qmodel``'s but where an activation lies within float rounding of a half step (about 5 in a
+    million values go one step the other way; docs/compiled.md). Compiling takes seconds to
+    minutes (a C++ compiler runs); the package is a temporary file — write one to keep with
+    ``graphquant.save(qmodel, path, package="aoti")``."""
     folder = tempfile.mkdtemp(prefix="graphquant-aoti-")
     path = os.path.join(folder, "model.pt2")
     save_package(qmodel, path)
