@@ -35,7 +35,7 @@ from timing import command_line, cpu_name  # noqa: E402
 from workloads import WORKLOADS, Workload  # noqa: E402
 
 import graphquant as gq  # noqa: E402
-from graphquant import compiled, program  # noqa: E402
+from graphquant import compiled  # noqa: E402
 
 GROUPS = ("int8 GEMM / conv (onednn::)", "attention (SDPA, bmm)", "Inductor loops (cpp_fused_*)",
           "other aten ops", "quantize / scale ops")  # fmt: skip
@@ -56,14 +56,9 @@ def group(name: str) -> str:
 
 def package(q: nn.Module) -> Callable[..., object]:
     """``q`` compiled as graphquant.compile does, its generated loops recorded by the profiler."""
-    expanded, data = compiled.expanded_graph_module(q)
-    exported = program.export_graph(expanded, data["inputs"])
     path = os.path.join(tempfile.mkdtemp(prefix="graphquant-profile-"), "model.pt2")
-    with torch.no_grad():
-        torch._inductor.aoti_compile_and_package(
-            exported, package_path=path, inductor_configs={"freezing": True, "cpp.enable_kernel_profile": True}
-        )
-    return torch._inductor.aoti_load_package(path)  # type: ignore[no-any-return]
+    compiled.save_package(q, path, inductor_configs={"cpp.enable_kernel_profile": True})
+    return compiled.load_package(path)
 
 
 def profile(call: Callable[[], object], calls: int) -> tuple[float, dict[str, float], list[tuple[str, float]]]:

@@ -249,7 +249,8 @@ def _cpu_name() -> str:
 # the package
 
 
-def save_package(qmodel: nn.Module, path: str | os.PathLike[str], *, cpp_wrapper: bool = True) -> dict[str, Any]:
+def save_package(qmodel: nn.Module, path: str | os.PathLike[str], *,
+                 inductor_configs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``qmodel`` as an AOTInductor package (``torch._inductor.aoti_compile_and_package``):
     a shared library of the expanded, frozen graph with its weights, and the manifest inside it
     (``graphquant/manifest.json``) and beside it (``model.pt2`` -> ``model.manifest.json``).
@@ -257,7 +258,9 @@ def save_package(qmodel: nn.Module, path: str | os.PathLike[str], *, cpp_wrapper
     It loads with :func:`load_package`, with ``torch._inductor.aoti_load_package`` in a process
     that never imports graphquant, and from C++ with ``torch::inductor::AOTIModelPackageLoader``
     (docs/compiled.md). Returns the manifest, with the seconds compiling took
-    (``data["compiled"]["seconds"]``).
+    (``data["compiled"]["seconds"]``). ``inductor_configs``: Inductor options beside freezing,
+    which is always on (the packing folds into constants), e.g. ``{"cpp.enable_kernel_profile": True}``
+    to see each generated loop in torch.profiler (benchmarks/compiled_profile.py).
     """
     program.check_writable(path)
     program.check_writable(program.manifest_path(path), "the manifest")
@@ -268,7 +271,7 @@ def save_package(qmodel: nn.Module, path: str | os.PathLike[str], *, cpp_wrapper
         with torch.no_grad(), warnings.catch_warnings():  # Inductor freezes (folds the packing) without autograd
             warnings.simplefilter("ignore")
             torch._inductor.aoti_compile_and_package(
-                exported, package_path=os.fspath(path), inductor_configs={"freezing": True}
+                exported, package_path=os.fspath(path), inductor_configs={**(inductor_configs or {}), "freezing": True}
             )
     except Exception as error:
         first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
