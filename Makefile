@@ -26,7 +26,7 @@ test-avx2: install-test
 	fi
 
 demo: install-demo
-	$(VPY) -m graphquant.demo
+	$(VPY) examples/demo.py
 
 # Thread pools pinned only here, so timings are comparable from run to run. The full run
 # (every workload, 2 then 1 threads) takes about 47 min on 2 cores (Intel Xeon, 2026-12-06); bench-quick about 5 min.

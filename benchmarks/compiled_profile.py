@@ -35,7 +35,7 @@ from timing import command_line, cpu_name  # noqa: E402
 from workloads import WORKLOADS, Workload  # noqa: E402
 
 import graphquant as gq  # noqa: E402
-from graphquant import compiled  # noqa: E402
+from graphquant.deploy import compiled  # noqa: E402
 
 GROUPS = ("int8 GEMM / conv (onednn::)", "attention (SDPA, bmm)", "Inductor loops (cpp_fused_*)",
           "other aten ops", "quantize / scale ops")  # fmt: skip

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 import graphquant  # noqa: F401  (registers torch.ops.graphquant)
-from graphquant.kernels import direct, onednn, x86
+from graphquant.kernels import direct, onednn, registry, x86
 
 
 def per_call_us(call: Callable[[], object], calls: int = 3000, rounds: int = 5) -> float:
@@ -50,9 +50,8 @@ def main() -> None:
     packed = onednn.pack_conv(w, w_scale, 0.1, 0, [1, 1], [0, 0], [1, 1], 1, (1, 32, 8, 8))
     conv = [[1, 1], [0, 0], [1, 1], 1]
     op = torch.ops.graphquant.qconv2d.default
-    direct_call = direct._call_for(op)
-    planned = direct.planned_call(op)
-    assert direct_call is not None and planned is not None
+    direct_call = direct.call_for(registry.KERNELS["qconv2d"], plannable=False)
+    planned = direct.planned_call(registry.KERNELS["qconv2d"])
     layers = {
         "onednn::qconv_pointwise (PyTorch's op)": lambda: torch.ops.onednn.qconv_pointwise(
             x, 0.1, 0, packed, w_scale, w_zp, bias, *conv, 0.2, 0, torch.uint8, "relu", [], ""),
@@ -71,9 +70,7 @@ def main() -> None:
     x = torch.randint(0, 255, (1, 64), dtype=torch.uint8)
     w_scale, w_zp, bias = torch.full((64,), 0.01), torch.zeros(64, dtype=torch.int64), torch.zeros(64)
     packed = onednn.pack_linear(torch.randint(-127, 127, (64, 64), dtype=torch.int8))
-    op = torch.ops.graphquant.qlinear.default
-    planned = direct.planned_call(op)
-    assert planned is not None
+    planned = direct.planned_call(registry.KERNELS["qlinear"])
     report({
         "onednn::qlinear_pointwise (PyTorch's op)": lambda: torch.ops.onednn.qlinear_pointwise(
             x, 0.1, 0, packed, w_scale, w_zp, bias, 0.2, 0, torch.uint8, "none", [], ""),
@@ -85,8 +82,7 @@ def main() -> None:
     accum = torch.randint(0, 255, (1, 32, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     w_scale, w_zp, bias = torch.full((32,), 0.01), torch.zeros(32, dtype=torch.int64), torch.zeros(32)
     packed = onednn.pack_conv(w, w_scale, 0.1, 0, [1, 1], [0, 0], [1, 1], 1, (1, 32, 8, 8))
-    planned = direct.planned_call(torch.ops.graphquant.qconv2d_add.default)
-    assert planned is not None
+    planned = direct.planned_call(registry.KERNELS["qconv2d_add"])
     report({
         "onednn::qconv2d_pointwise.binary (PyTorch's op)": lambda: torch.ops.onednn.qconv2d_pointwise.binary(
             x, 0.1, 0, packed, w_scale, w_zp, accum.clone(), bias, *conv, 0.2, 0, torch.uint8, 0.1, 0, "sum", 1.0,

@@ -4,7 +4,7 @@ TorchScript form, interleaved in one process (issue #16: the eager path's cost p
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/eager_plans.py [--workloads mobilenet_v2:1,minilm:1]
 
-Without plans is a copy of the same GraphModule whose code was generated with ``direct.planned_call``
+Without plans is a copy of the same GraphModule whose code was generated with ``direct.call_for``
 answering None: each call runs the whole checked kernel, as before plans. Static, graphquant's default x86 qconfig on
 the whole model (MobileNetV2, ResNet-50) or on the linears (the encoders); benchmarks/workloads.py.
 """
@@ -54,11 +54,12 @@ def row(w: Workload, rounds: int) -> str:
     q = gq.quantize(w.model, qconfig_dict, lambda m, bs: [m(*b) for b in bs], [w.calibration],
                     example_inputs=w.calibration[0])  # fmt: skip
     scripted = gq.to_torchscript(q)
-    planned_call, direct.planned_call = direct.planned_call, lambda op: None
+    call_for = direct.call_for
+    direct.call_for = lambda kernel, plannable: call_for(kernel, False)  # type: ignore[assignment]
     try:
         unplanned = fx.GraphModule(q, copy.deepcopy(q.graph))  # q's tensors, its forward generated again
     finally:
-        direct.planned_call = planned_call
+        direct.call_for = call_for
     assert "_gq_" in unplanned.code
     with torch.no_grad():
         timing = time_interleaved({"plans": lambda: q(*w.timed), "without": lambda: unplanned(*w.timed),

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 import graphquant as gq
-from graphquant import capture, numerics, qconfig
+from graphquant import capture, qconfig
+from graphquant.tools import numerics
 from graphquant.kernels import onednn, portable
 from graphquant.qconfig import ObserverSpec, QConfig
 from graphquant.quant_math import sqnr
@@ -339,7 +340,7 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
      lambda: portable.qlinear(_U8, 0.1, 300, _W8, torch.ones(4), None, 0.1, 0, "none")),
     ("a float activation given to an int8 kernel", "kernels.portable.check_inputs",
      lambda: portable.qlinear(_U8.float(), 0.1, 0, _W8, torch.ones(4), None, 0.1, 0, "none")),
-    ("a quantize with a NaN scale", "kernels.ops.quantize_per_tensor",
+    ("a quantize with a NaN scale", "kernels.quantize.quantize_per_tensor",
      lambda: torch.ops.graphquant.quantize_per_tensor(X, float("nan"), 0, 0, 255, torch.uint8)),
     # numeric edge cases: meant to work; the table shows what was checked
     ("a constant (all-zero) activation", "quant_math.choose_qparams", lambda: _edge_case("constant")),

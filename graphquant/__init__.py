@@ -1,11 +1,11 @@
 """graphquant: graph-mode post-training int8 quantization for PyTorch, on torch.export."""
 
+import sys as _sys
+
+from graphquant import kernels as _kernels  # noqa: F401  (registers torch.ops.graphquant)
 from graphquant import (
-    distributed,  # noqa: F401  (graphquant.distributed: sharded calibration)
     quant_math,  # noqa: F401  (graphquant.quant_math: qparams and SQNR helpers)
 )
-from graphquant import kernels as _kernels  # noqa: F401
-from graphquant.accuracy import AccuracyControlReport, quantize_with_accuracy_control
 from graphquant.api import (
     PreparedModel,
     calibrate,
@@ -22,11 +22,11 @@ from graphquant.api import (
     quantize_jit,
     report,
 )
-from graphquant.archive import load, save
-from graphquant.compiled import CompiledModel, compile  # noqa: A004  (graphquant.compile, beside torch.compile)
+from graphquant.deploy import archive, compiled, program, torchscript  # noqa: F401  (module paths of releases before deploy/)
+from graphquant.deploy.archive import load, save
+from graphquant.deploy.compiled import CompiledModel, compile  # noqa: A004  (graphquant.compile, beside torch.compile)
+from graphquant.deploy.torchscript import to_torchscript
 from graphquant.errors import GraphQuantError
-from graphquant.kernel_timing import KernelTiming, time_kernels
-from graphquant.kernels import ops as _ops  # noqa: F401  (registers torch.ops.graphquant)
 from graphquant.qconfig import (
     ObserverSpec,
     QConfig,
@@ -44,7 +44,14 @@ from graphquant.qconfig import (
     per_token_dynamic_qconfig,
     qconfig_dict_by_type,
 )
-from graphquant.torchscript import to_torchscript
+from graphquant.tools import accuracy, distributed, kernel_timing, numerics  # noqa: F401  (graphquant.numerics.compare)
+from graphquant.tools.accuracy import AccuracyControlReport, quantize_with_accuracy_control
+from graphquant.tools.kernel_timing import KernelTiming, time_kernels
+
+# the module paths of releases before the deploy/ and tools/ packages still import:
+# `from graphquant.numerics import compare`, `import graphquant.program`
+for _module in (archive, compiled, program, torchscript, accuracy, distributed, kernel_timing, numerics):
+    _sys.modules.setdefault(f"graphquant.{_module.__name__.rpartition('.')[2]}", _module)
 
 __all__ = [
     "AccuracyControlReport",

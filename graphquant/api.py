@@ -24,11 +24,9 @@ from graphquant.capture import capture, check_capturable, check_control_flow, lo
 from graphquant.errors import CaptureError, GraphQuantError
 from graphquant.graph import rebind_matches
 from graphquant.inputs import install_input_check
-from graphquant.kernels import direct, onednn
+from graphquant.kernels import onednn
 from graphquant.partial import (
-    EagerPart,
     Region,
-    RegionReport,
     find_regions,
     record_calls,
     record_outputs,
@@ -40,7 +38,8 @@ from graphquant.passes.insert_observers import insert_observers
 from graphquant.passes.lower import lower
 from graphquant.qconfig import QConfig, check_qconfig_dict, default_dynamic_qconfig
 from graphquant.quant_math import output_sqnr
-from graphquant.report import ConversionReport
+from graphquant.report import ConversionReport, EagerPart, RegionReport
+from graphquant.runtimes import install_direct_calls
 
 BACKENDS = ("onednn", "portable")
 PARTIAL = (True, False, "auto")
@@ -282,7 +281,7 @@ def _convert(
     for parameter in gm.parameters():
         parameter.requires_grad_(False)
     install_input_check(gm)  # first again: lowering put quantize nodes right after the inputs
-    direct.install(gm)  # its forward calls the Python kernels without PyTorch's dispatcher
+    install_direct_calls(gm)  # its forward calls the Python kernels without PyTorch's dispatcher
     # plain attributes on the GraphModule, set with setattr: nn.Module types its attributes as tensors or modules
     setattr(gm, "graphquant_report", report)  # noqa: B010
     setattr(gm, "graphquant_qconfig_dict", dict(prepared.qconfig_dict))  # noqa: B010

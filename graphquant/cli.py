@@ -38,7 +38,7 @@ from torch import fx, nn
 from torch.export import ExportedProgram
 
 import graphquant
-from graphquant import api, distributed
+from graphquant import api
 from graphquant import capture as capture_module
 from graphquant.errors import GraphQuantError
 from graphquant.graph import FLOAT_REASON, MATCH, module_path
@@ -56,6 +56,7 @@ from graphquant.qconfig import (
     resolve,
 )
 from graphquant.quant_math import output_sqnr
+from graphquant.tools import distributed
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -321,8 +322,8 @@ def _db(value: float) -> str:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from graphquant.archive import save
-    from graphquant.program import check_writable
+    from graphquant.deploy.archive import save
+    from graphquant.deploy.program import check_writable
 
     if args.out:  # say so before the work, not after
         check_writable(args.out)
@@ -354,9 +355,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from graphquant.accuracy import quantize_with_accuracy_control
-    from graphquant.archive import save
-    from graphquant.program import check_writable
+    from graphquant.deploy.archive import save
+    from graphquant.deploy.program import check_writable
+    from graphquant.tools.accuracy import quantize_with_accuracy_control
 
     if args.mode == "dynamic":
         raise CliError("graphquant: tune quantizes statically (it calibrates); drop --mode dynamic", EXIT_USAGE)
@@ -418,7 +419,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from graphquant.numerics import compare, qconfig_dict_to_json
+    from graphquant.tools.numerics import compare, qconfig_dict_to_json
 
     model = load_model(args.model)
     batches = load_batches(args.data)
@@ -499,8 +500,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def _explain_speed(args: argparse.Namespace, model: Model, batches: list[Batch], qconfig_dict: dict[str, Any]) -> None:
     """``explain --time``: each int8 GEMM / conv kernel against float32 on this CPU, and the
     ``--skip`` options (or a ``--suggest-out`` file) that keep the losing layers float."""
-    from graphquant.kernel_timing import time_kernels
-    from graphquant.numerics import qconfig_dict_to_json
+    from graphquant.tools.kernel_timing import time_kernels
+    from graphquant.tools.numerics import qconfig_dict_to_json
 
     quantized = _quantize(args, model, batches)
     timings = time_kernels(quantized, batches[0], rounds=args.rounds)

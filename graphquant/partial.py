@@ -36,31 +36,7 @@ from torch import nn
 
 from graphquant.errors import CaptureError, GraphQuantError
 from graphquant.qconfig import QConfig, resolve
-
-
-@dataclass(frozen=True)
-class EagerPart:
-    """A module left to run eager: its path and why export could not capture it."""
-
-    path: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path or '<model>'}: {self.reason}"
-
-
-@dataclass
-class RegionReport:
-    """A captured and quantized region: its path, its int8 kernels, its SQNR on the example."""
-
-    path: str
-    int8_nodes: int
-    float_nodes: int
-    sqnr_db: float | None = None
-
-    def __str__(self) -> str:
-        sqnr = "" if self.sqnr_db is None else f", SQNR {self.sqnr_db:.1f} dB on the example input"
-        return f"{self.path}: {self.int8_nodes} int8, {self.float_nodes} float nodes{sqnr}"
+from graphquant.report import EagerPart
 
 
 def export_reason(error: BaseException) -> str:

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from graphquant.kernels import x86
 
-if TYPE_CHECKING:
-    from graphquant.kernel_timing import KernelTiming
-    from graphquant.partial import EagerPart, RegionReport
-
-# kernels that run oneDNN's uint8 x int8 GEMM or conv: their path depends on the CPU (kernels/x86.py)
-X86_GEMM_KERNELS = ("qconv1d", "qconv2d", "qconv3d", "qconv1d_add", "qconv2d_add", "qlinear", "qlinear_dynamic")
 _PATHS = {
     "vnni": "one int8 call (VNNI: exact)",
     "int8-dw": "one int8 call (a depthwise conv: oneDNN's depthwise kernel does not saturate here)",
@@ -47,6 +41,59 @@ class NodeReport:
         if self.activation_bits is None or not self.quantized:
             return ""
         return x86.cpu_path(127 if self.activation_bits <= 7 else 255, self.depthwise)
+
+
+@dataclass(frozen=True)
+class KernelTiming:
+    """One int8 GEMM / conv kernel call against its float32 op, on this CPU."""
+
+    node: str  # the float graph's node the kernel replaced (the report's node), else the kernel node
+    module_path: str
+    kernel: str
+    cpu_path: str  # kernels.x86.cpu_path for oneDNN kernels ("" for portable ones)
+    int8_ms: float
+    float_ms: float
+
+    @property
+    def speedup(self) -> float:
+        """float32 time / int8 time: above 1 the int8 kernel is faster."""
+        return self.float_ms / self.int8_ms if self.int8_ms > 0 else float("inf")
+
+    @property
+    def slower_than_float(self) -> bool:
+        return self.int8_ms > self.float_ms
+
+    def __str__(self) -> str:
+        where = self.module_path or "<model>"
+        path = f" [{self.cpu_path}]" if self.cpu_path else ""
+        verdict = "  slower than float32 here: keep it float" if self.slower_than_float else ""
+        return (f"{where:30s} {self.kernel:18s}{path:12s} int8 {self.int8_ms:7.3f} ms  float32 {self.float_ms:7.3f} ms"
+                f"  {self.speedup:5.2f}x{verdict}")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EagerPart:
+    """A module left to run eager: its path and why export could not capture it."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path or '<model>'}: {self.reason}"
+
+
+@dataclass
+class RegionReport:
+    """A captured and quantized region: its path, its int8 kernels, its SQNR on the example."""
+
+    path: str
+    int8_nodes: int
+    float_nodes: int
+    sqnr_db: float | None = None
+
+    def __str__(self) -> str:
+        sqnr = "" if self.sqnr_db is None else f", SQNR {self.sqnr_db:.1f} dB on the example input"
+        return f"{self.path}: {self.int8_nodes} int8, {self.float_nodes} float nodes{sqnr}"
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ child, not the test run.
     python tests/fuzz_kernels.py SECONDS LAST_CASE_FILE [SEED]
 
 Drives ``graphquant.kernels.onednn`` / ``portable`` / ``dynamic`` / ``elementwise`` and the
-``torch.ops.graphquant`` schemas of ``kernels/ops.py`` with random shapes, dtypes (right and
+``torch.ops.graphquant`` schemas of the kernel records (``kernels/registry.py``) with random shapes, dtypes (right and
 wrong), qparams (zero, negative, NaN and infinite scales; zero points out of range) and
 weights (packed, plain int8, float, packed for another op or shape). A ``GraphQuantError`` is
 a refusal; any other exception is a finding. Conv and linear cases break one argument at a

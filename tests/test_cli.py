@@ -173,7 +173,7 @@ def test_out_into_a_missing_directory_is_refused_before_the_work(capsys: pytest.
 def test_reduce_range_presets_give_7bit_layers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The 7-bit presets for x86 CPUs without VNNI: every GEMM / conv reads a 7-bit activation
     (the manifest's x86 record counts them), static and dynamic."""
-    from graphquant.program import manifest
+    from graphquant.deploy.program import manifest
 
     for mode, preset, layers in (("static", "x86_reduce_range", 3), ("dynamic", "per_token_dynamic_reduce_range", 1),
                                  ("dynamic", "dynamic_reduce_range", 1)):  # fmt: skip

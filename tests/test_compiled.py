@@ -18,7 +18,7 @@ from conftest import make_net
 from torch import nn
 
 import graphquant as gq
-from graphquant import compiled
+from graphquant.deploy import compiled
 from graphquant.kernels import x86
 from graphquant.quant_math import sqnr
 

@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import sys
+
 import pytest
 
 import graphquant as gq
-from graphquant import demo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import demo  # noqa: E402  (examples/demo.py: the demo is an application of the library, not part of it)
 
 
 @pytest.fixture(scope="module")

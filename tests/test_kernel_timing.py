@@ -15,7 +15,8 @@ from cli_models import calibration, make_model
 from torch import nn
 
 import graphquant as gq
-from graphquant import cli, kernel_timing
+from graphquant import cli
+from graphquant.tools import kernel_timing
 from graphquant.kernels import onednn
 from graphquant.quant_math import sqnr
 

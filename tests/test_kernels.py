@@ -404,7 +404,7 @@ def test_residual_convs_plan_too_and_check_their_accumulator_on_each_call(monkey
 
     from torch import fx
 
-    from graphquant.kernels import direct, x86
+    from graphquant.kernels import direct, registry, x86
 
     class Residual(torch.nn.Module):
         def __init__(self) -> None:
@@ -433,8 +433,7 @@ def test_residual_convs_plan_too_and_check_their_accumulator_on_each_call(monkey
             assert len(checked) == before + (i == 0)  # checked once, then planned
             assert torch.equal(out, plain(x))
 
-    call = direct.planned_call(torch.ops.graphquant.qconv2d_add.default)
-    assert call is not None
+    call = direct.planned_call(registry.KERNELS["qconv2d_add"])
     w_scale, bias = torch.full((8,), 0.01), torch.zeros(8)
     w = onednn.pack_conv(torch.randint(-127, 127, (8, 8, 1, 1), dtype=torch.int8), w_scale, 0.1, 0, [1, 1], [0, 0],
                          [1, 1], 1, (1, 8, 4, 4))  # fmt: skip
@@ -453,10 +452,9 @@ def test_residual_convs_plan_too_and_check_their_accumulator_on_each_call(monkey
 def test_a_planned_call_still_refuses_what_its_kernel_refuses():
     """The plan is for uint8 inputs of one shape: a float input of that shape takes the checked
     kernel (and its error), not the planned oneDNN call (which would crash the process)."""
-    from graphquant.kernels import direct
+    from graphquant.kernels import direct, registry
 
-    call = direct.planned_call(torch.ops.graphquant.qlinear.default)
-    assert call is not None
+    call = direct.planned_call(registry.KERNELS["qlinear"])
     w_scale, bias = torch.full((8,), 0.01), torch.zeros(8)
     w = onednn.pack_linear(torch.randint(-127, 127, (8, 16), dtype=torch.int8))
     x = torch.randint(0, 255, (2, 16), dtype=torch.uint8)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 import graphquant as gq
-from graphquant import numerics
+from graphquant.tools import numerics
 from graphquant.testing import check_graph_mode_op, output_scales
 
 BACKENDS = ("onednn", "portable")

@@ -13,7 +13,7 @@ from conftest import calibration_batches, make_net
 from torch import fx, nn
 
 import graphquant as gq
-from graphquant import numerics
+from graphquant.tools import numerics
 from graphquant.graph import MATCH
 from graphquant.quant_math import sqnr
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from graphquant.kernels import ops
+from graphquant.kernels import quantize as ops
 from graphquant.quant_math import choose_qparams, dequantize, quantize, quantize_tensor
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)

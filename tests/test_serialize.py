@@ -22,7 +22,7 @@ import graphquant as gq
 from graphquant.capture import capture
 from graphquant.graph import MODULE_PATH
 from graphquant.patterns import PATTERNS
-from graphquant.program import MANIFEST_FILE, manifest_path
+from graphquant.deploy.program import MANIFEST_FILE, manifest_path
 
 ROOT = Path(__file__).resolve().parents[1]
 

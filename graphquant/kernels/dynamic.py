@@ -18,12 +18,14 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from graphquant.errors import GraphQuantError
 from graphquant.kernels import x86
 from graphquant.kernels.onednn import _w_zero_point, check_scale_values
 from graphquant.kernels.portable import check_post_op
-from graphquant.quant_math import dynamic_qparams, quantize_dynamic_batch
+from graphquant.kernels.registry import Kernel, register
+from graphquant.quant_math import dynamic_qparams, quantize_dynamic_batch, quantize_dynamic_tensor
 
 
 def check_inputs(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> int:
@@ -163,3 +165,68 @@ def linear_fp16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> 
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (w.shape[0],)):
         raise GraphQuantError(f"graphquant::linear_fp16: bias must be float32 with {w.shape[0]} entries")
     return F.linear(x, w.float(), bias)
+
+
+def dequantize_dynamic(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """Per-batch (or per-token) integers back to real values. TorchScript-compatible."""
+    return (q.to(torch.float32) - zero_point.to(torch.float32)) * scale
+
+
+def qlinear_dynamic_torchscript(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, per_token: bool,
+                                post_op: str, post_op_args: list[float], x_qmax: int, asymmetric: bool, packed: bool,
+                                saturates: bool) -> Tensor:  # fmt: skip
+    """graphquant::qlinear_dynamic: float32 in and out, int8 GEMM inside, then the post-op."""
+    out_features = w.size(1) if packed else w.size(0)
+    in_features = w.size(0) if packed else w.size(1)
+    if x.dtype != torch.float32 or x.dim() < 1 or x.size(-1) != in_features:
+        raise ValueError("graphquant::qlinear_dynamic: input must be float32 ending in the weight's in_features")
+    if x.numel() == 0:
+        shape = list(x.shape[:-1])
+        shape.append(out_features)
+        return x.new_empty(shape)
+    return qlinear_dynamic_math(x.contiguous(), w, packed, w_scale, torch.zeros(out_features, dtype=torch.int64), bias,
+                                per_token, post_op, post_op_args, x_qmax, saturates, asymmetric)  # fmt: skip
+
+
+def linear_fp16_torchscript(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """graphquant::linear_fp16."""
+    if w.dtype != torch.float16:
+        raise ValueError("graphquant::linear_fp16: weight must be float16")
+    return F.linear(x, w.float(), bias)
+
+
+def _quantize_dynamic_fake(x, per_token, qmax=255, asymmetric=False):  # type: ignore[no-untyped-def]
+    if per_token:
+        return (torch.empty_like(x, dtype=torch.uint8 if asymmetric else torch.int8), x.new_empty((*x.shape[:-1], 1)),
+                x.new_empty((*x.shape[:-1], 1), dtype=torch.int64))  # fmt: skip
+    return torch.empty_like(x, dtype=torch.uint8), x.new_empty(()), x.new_empty((), dtype=torch.int64)
+
+
+def _dequantize_dynamic_fake(q, scale, zero_point):  # type: ignore[no-untyped-def]
+    return torch.empty(q.shape, dtype=torch.float32)
+
+
+def _qlinear_dynamic_fake(x, w, w_scale, bias, per_token, post_op="none", post_op_args=(), x_qmax=255,  # type: ignore[no-untyped-def]  # noqa: E501
+                          asymmetric=False):
+    return x.new_empty((*x.shape[:-1], w_scale.shape[0]))
+
+
+def _linear_fp16_fake(x, w, bias):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+# qmax: 255 (uint8 0..255 per tensor, int8 -128..127 per token) or 127 for reduce_range's 7-bit grid
+# (0..127, -64..63): one exact int8 call on x86 CPUs without VNNI (kernels/x86.py)
+# asymmetric (per token only): uint8 rows, each with its own scale and zero point (one-sided inputs)
+register(Kernel("quantize_dynamic", "(Tensor x, bool per_token, int qmax=255, bool asymmetric=False) -> "
+                "(Tensor, Tensor, Tensor)", _quantize_dynamic_fake, quantize_dynamic_tensor,
+                quantize_dynamic_batch))  # fmt: skip
+register(Kernel("dequantize_dynamic", "(Tensor q, Tensor scale, Tensor zero_point) -> Tensor",
+                _dequantize_dynamic_fake, dequantize_dynamic, dequantize_dynamic))
+# post_op: an activation on the float32 result (the kernel graph folds a following relu / gelu in)
+register(Kernel("qlinear_dynamic", "(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, bool per_token, "
+                "str post_op=\"none\", float[] post_op_args=[], int x_qmax=255, bool asymmetric=False) -> Tensor",
+                _qlinear_dynamic_fake, qlinear_dynamic, qlinear_dynamic_torchscript, gemm=True, weighted=True,
+                timed=True))  # fmt: skip
+register(Kernel("linear_fp16", "(Tensor x, Tensor w, Tensor? bias) -> Tensor", _linear_fp16_fake, linear_fp16,
+                linear_fp16_torchscript, weighted=True))

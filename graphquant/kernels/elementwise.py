@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from graphquant.errors import GraphQuantError
+from graphquant.kernels.registry import Kernel, register
 
 
 def _check_qparams(op: str, what: str, scale: float, zero_point: int) -> None:
@@ -155,12 +156,36 @@ def qstack(
     return torch.stack(_requantize_all("qstack", xs, scales, zero_points, out_scale, out_zero_point), dim)
 
 
-# TorchScript twins: these functions already compute in TorchScript what the ops compute
-TORCHSCRIPT = {
-    "qadd": qadd,
-    "qadd_scalar": qadd_scalar,
-    "qmul": qmul,
-    "qmul_scalar": qmul_scalar,
-    "qcat": qcat,
-    "qstack": qstack,
-}
+_QX = "Tensor x, float x_scale, int x_zero_point"
+_QY = "Tensor y, float y_scale, int y_zero_point"
+_QOUT = "float out_scale, int out_zero_point, str post_op) -> Tensor"
+_QJOIN = "(Tensor[] xs, float[] scales, int[] zero_points, int dim, float out_scale, int out_zero_point) -> Tensor"
+
+
+def _qadd_fake(x, x_scale, x_zero_point, y, y_scale, y_zero_point, alpha, out_scale, out_zero_point, post_op):  # type: ignore[no-untyped-def]  # noqa: E501
+    return x.new_empty(torch.broadcast_shapes(x.shape, y.shape), dtype=torch.uint8)
+
+
+def _qmul_fake(x, x_scale, x_zero_point, y, y_scale, y_zero_point, out_scale, out_zero_point, post_op):  # type: ignore[no-untyped-def]  # noqa: E501
+    return x.new_empty(torch.broadcast_shapes(x.shape, y.shape), dtype=torch.uint8)
+
+
+def _scalar_fake(x, x_scale, x_zero_point, other, out_scale, out_zero_point, post_op):  # type: ignore[no-untyped-def]
+    return torch.empty_like(x, dtype=torch.uint8)
+
+
+def _qcat_fake(xs, scales, zero_points, dim, out_scale, out_zero_point):  # type: ignore[no-untyped-def]
+    return torch.cat([torch.empty_like(x, dtype=torch.uint8) for x in xs], dim)
+
+
+def _qstack_fake(xs, scales, zero_points, dim, out_scale, out_zero_point):  # type: ignore[no-untyped-def]
+    return torch.stack([torch.empty_like(x, dtype=torch.uint8) for x in xs], dim)
+
+
+# Each function above is both the op's implementation and its TorchScript body.
+register(Kernel("qadd", f"({_QX}, {_QY}, float alpha, {_QOUT}", _qadd_fake, qadd, qadd))
+register(Kernel("qadd_scalar", f"({_QX}, float other, {_QOUT}", _scalar_fake, qadd_scalar, qadd_scalar))
+register(Kernel("qmul", f"({_QX}, {_QY}, {_QOUT}", _qmul_fake, qmul, qmul))
+register(Kernel("qmul_scalar", f"({_QX}, float other, {_QOUT}", _scalar_fake, qmul_scalar, qmul_scalar))
+register(Kernel("qcat", _QJOIN, _qcat_fake, qcat, qcat))
+register(Kernel("qstack", _QJOIN, _qstack_fake, qstack, qstack))

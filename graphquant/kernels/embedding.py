@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from graphquant.errors import GraphQuantError
+from graphquant.kernels.registry import Kernel, register
 from graphquant.quant_math import dequantize_float_qparams, quantize_float_qparams
 
 MODES = ("sum", "mean", "max")  # aten.embedding_bag's ``mode`` integers, in order
@@ -205,10 +206,33 @@ def qembedding_bag(w: Tensor, w_scale: Tensor, w_offset: Tensor, indices: Tensor
                            padding_idx=pad)  # fmt: skip
 
 
-# graphquant op -> the function that is both its implementation and its TorchScript twin
-TORCHSCRIPT = {
-    "quantize_float_qparams": quantize_float_qparams,
-    "dequantize_float_qparams": dequantize_float_qparams,
-    "qembedding": qembedding,
-    "qembedding_bag": qembedding_bag,
-}
+def _quantize_float_qparams_fake(x, scale, offset, qmax):  # type: ignore[no-untyped-def]
+    return torch.empty_like(x, dtype=torch.uint8)
+
+
+def _dequantize_float_qparams_fake(q, scale, offset):  # type: ignore[no-untyped-def]
+    return torch.empty(q.shape, dtype=torch.float32)
+
+
+def _qembedding_fake(w, w_scale, w_offset, indices, bits):  # type: ignore[no-untyped-def]
+    return w.new_empty((*indices.shape, embedding_dim(w, bits)), dtype=torch.float32)
+
+
+def _qembedding_bag_fake(w, w_scale, w_offset, indices, offsets, mode, per_sample_weights, include_last_offset,  # type: ignore[no-untyped-def]  # noqa: E501
+                         padding_idx, bits):
+    bags = offsets.shape[0] - 1 if include_last_offset else offsets.shape[0]
+    return w.new_empty((bags, embedding_dim(w, bits)), dtype=torch.float32)
+
+
+# Indices in, float32 out. The table is one fused row-wise uint8 tensor (values, then scale and
+# offset), its scales and offsets also given as float32 vectors. Each function above is both the
+# op's implementation and its TorchScript body.
+register(Kernel("quantize_float_qparams", "(Tensor x, Tensor scale, Tensor offset, int qmax) -> Tensor",
+                _quantize_float_qparams_fake, quantize_float_qparams, quantize_float_qparams))
+register(Kernel("dequantize_float_qparams", "(Tensor q, Tensor scale, Tensor offset) -> Tensor",
+                _dequantize_float_qparams_fake, dequantize_float_qparams, dequantize_float_qparams))
+register(Kernel("qembedding", "(Tensor w, Tensor w_scale, Tensor w_offset, Tensor indices, int bits) -> Tensor",
+                _qembedding_fake, qembedding, qembedding, weighted=True))
+register(Kernel("qembedding_bag", "(Tensor w, Tensor w_scale, Tensor w_offset, Tensor indices, Tensor offsets, "
+                "int mode, Tensor? per_sample_weights, bool include_last_offset, int padding_idx, int bits) -> Tensor",
+                _qembedding_bag_fake, qembedding_bag, qembedding_bag, weighted=True))  # fmt: skip

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from graphquant.errors import GraphQuantError
-from graphquant.kernels import x86
+from graphquant.kernels import portable, x86
 from graphquant.kernels.portable import (
     check_conv_args,
     check_post_op,
@@ -41,6 +41,21 @@ _zero_points: dict[int, torch.Tensor] = {}
 def available() -> bool:
     """Whether this PyTorch build has the oneDNN int8 ops."""
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.onednn, "qconv_pointwise")
+
+
+def on_weight_backend(kernel: str) -> Callable[..., torch.Tensor]:
+    """The eager implementation of a weighted op: ``kernel`` of the backend its weight (argument 3)
+    belongs to — a packed oneDNN weight (``is_mkldnn``) runs here, a plain int8 weight on
+    :mod:`graphquant.kernels.portable`. The op's schema fixes the arguments; this only forwards them."""
+    this = globals()
+
+    def dispatch(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if args[3].is_mkldnn:
+            return this[kernel](*args, **kwargs)
+        return getattr(portable, kernel)(*args, **kwargs)
+
+    dispatch.__name__ = kernel
+    return dispatch
 
 
 def _w_zero_point(n: int) -> torch.Tensor:

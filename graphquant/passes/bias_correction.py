@@ -17,7 +17,7 @@ from torch import fx
 
 from graphquant.graph import Match, activation_inputs, add_attr, get_attr_value, is_constant, op_args
 from graphquant.observers import ChannelMeans, SmoothingObserver
-from graphquant.passes.insert_observers import CORRECTED_KERNELS
+from graphquant.passes.insert_observers import bias_corrected
 from graphquant.passes.smooth import fake_quantized_weight
 from graphquant.report import BiasCorrection
 
@@ -63,5 +63,4 @@ def _correct(gm: fx.GraphModule, match: Match) -> BiasCorrection:
 def correct_bias(gm: fx.GraphModule, matches: list[Match]) -> list[BiasCorrection]:
     """Correct the bias of every calibrated conv and linear whose qconfig asks for it (in place);
     one report line each."""
-    return [_correct(gm, m) for m in matches if m.qconfig.bias_correction and m.pattern.kernel in CORRECTED_KERNELS
-            and m.output_observer is not None]  # fmt: skip
+    return [_correct(gm, m) for m in matches if bias_corrected(m) and m.output_observer is not None]

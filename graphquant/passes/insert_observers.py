@@ -20,6 +20,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from graphquant.graph import FLOAT_REASON, MATCH, Match, activation_inputs, copy_meta, module_path
+from graphquant.kernels import registry
 from graphquant.observers import ChannelMeans, FixedQParamsObserver, Observer, SharedQParams, SmoothingObserver
 
 OBSERVER_PREFIX = "observer_"
@@ -95,8 +96,11 @@ def _observe_input(gm: fx.GraphModule, match: Match, arg: fx.Node, seen: dict[tu
     return str(seen[key].target)
 
 
-# kernels whose bias takes the bias correction: a conv's input channels on axis 1, a linear's last
-CORRECTED_KERNELS = ("qconv1d", "qconv2d", "qconv3d", "qconv1d_add", "qconv2d_add", "qconv3d_add", "qlinear")
+def bias_corrected(match: Match) -> bool:
+    """Whether ``match`` asks for bias correction and its kernel takes it (its record's flag: convs and
+    linears, whose input channels lie on axis 1 and on the last axis)."""
+    kernel = registry.KERNELS.get(match.pattern.kernel)
+    return match.qconfig.bias_correction and kernel is not None and kernel.bias_corrected
 
 
 def _track_means(gm: fx.GraphModule, match: Match) -> None:
@@ -136,7 +140,7 @@ def insert_observers(gm: fx.GraphModule, matches: list[Match]) -> fx.GraphModule
             continue
         for arg in inputs:
             match.input_observers[arg.name] = _observe_input(gm, match, arg, seen, name)
-        if match.qconfig.bias_correction and match.pattern.kernel in CORRECTED_KERNELS:
+        if bias_corrected(match):
             _track_means(gm, match)
         if kind == "fixed_qparams":
             assert match.pattern.output_range is not None

@@ -44,7 +44,7 @@ from graphquant.graph import (
     matches_of,
     module_path,
 )
-from graphquant.kernels import x86
+from graphquant.kernels import registry, x86
 from graphquant.observers import Observer, SharedQParams, SmoothingObserver
 from graphquant.passes.bias_correction import correct_bias
 from graphquant.passes.fuse import donate_accumulators, fold_activations, share_gemms
@@ -53,7 +53,7 @@ from graphquant.patterns.context import PACKED, KernelContext, QValue, WeightCac
 from graphquant.patterns.dynamic_linear import asymmetric_rows
 from graphquant.qconfig import activation_qmax, resolve
 from graphquant.quant_math import QParams
-from graphquant.report import X86_GEMM_KERNELS, ConversionReport, NodeReport
+from graphquant.report import ConversionReport, NodeReport
 
 ops = torch.ops.graphquant
 _BOOKKEEPING = {operator.getitem, torch.ops.aten.sym_size.int}
@@ -368,7 +368,7 @@ def depthwise_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
 def activation_bits(gm: fx.GraphModule, match: Match) -> int | None:
     """7 or 8: the calibrated grid of the uint8 activation a oneDNN GEMM or conv reads (7 with
     ``reduce_range``), which picks its path on x86 CPUs without VNNI; None for other kernels."""
-    if match.pattern.kernel not in X86_GEMM_KERNELS:
+    if match.pattern.kernel not in registry.names(gemm=True):
         return None
     for observer in match.input_observers.values():
         module = gm.get_submodule(observer)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
-import graphquant.kernels.ops  # noqa: F401  (defines torch.ops.graphquant)
+import graphquant.kernels  # noqa: F401  (defines torch.ops.graphquant)
 from graphquant.graph import WEIGHT_KINDS, Kind, Pattern  # noqa: F401  (the record lives with Match)
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from graphquant.api import quantize, quantize_dynamic
-from graphquant.archive import regions_of
+from graphquant.deploy.archive import regions_of
 from graphquant.graph import QPARAMS
 from graphquant.qconfig import QConfig, default_dynamic_qconfig, get_default_qconfig
 from graphquant.quant_math import output_sqnr

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphquant import compiled, program
+from graphquant.deploy import compiled, program
 from graphquant.errors import GraphQuantError
-from graphquant.partial import Binding, EagerPart, Region, RegionReport
-from graphquant.report import ConversionReport, NodeReport, bias_lines, smoothing_lines
+from graphquant.partial import Binding, Region
+from graphquant.report import ConversionReport, EagerPart, NodeReport, RegionReport, bias_lines, smoothing_lines
 
 PARTIAL_MANIFEST = "graphquant/partial.json"
 PARTIAL_FORMAT, PARTIAL_VERSION = "graphquant-partial", 1

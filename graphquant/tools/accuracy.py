@@ -27,8 +27,8 @@ from torch import nn
 from graphquant.api import quantize
 from graphquant.capture import module_tree
 from graphquant.errors import GraphQuantError
-from graphquant.numerics import compare
 from graphquant.qconfig import QConfig, check_qconfig_dict
+from graphquant.tools.numerics import compare
 
 EvalFn = Callable[[nn.Module], float]
 

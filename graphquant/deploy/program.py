@@ -34,10 +34,11 @@ from graphquant.capture import BATCH, MANIFEST_FILE, read_program
 from graphquant.errors import GraphQuantError, where
 from graphquant.graph import add_attr, example_shape, get_attr_value, is_graphquant_op, module_path, named_args
 from graphquant.inputs import INPUT_CHECK, InputSpec, install_input_check
-from graphquant.kernels import direct, onednn, x86
+from graphquant.kernels import onednn, x86
 from graphquant.patterns.context import PACKED
 from graphquant.qconfig import QConfig
 from graphquant.report import ConversionReport, NodeReport, bias_lines, smoothing_lines
+from graphquant.runtimes import install_direct_calls
 
 MANIFEST_FORMAT = "graphquant.manifest"
 MANIFEST_VERSION = 1
@@ -385,7 +386,7 @@ def load(path: str | os.PathLike[str]) -> fx.GraphModule:
     }
     for name, value in attributes.items():
         setattr(gm, name, value)
-    direct.install(gm)
+    install_direct_calls(gm)
     install_input_check(gm, manifest_specs(data["inputs"], [n.name for n in gm.graph.find_nodes(op="placeholder")]))
     return gm
 

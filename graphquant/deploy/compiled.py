@@ -3,11 +3,11 @@ generated C++ with no Python per op (:func:`compile`, :func:`save_package`, :fun
 
 Inductor cannot look inside a ``graphquant::`` op (a Python kernel), so the graph is first
 *expanded*: every op becomes the aten and ``onednn::`` calls its kernel makes, from the same
-source — the oneDNN kernels' shared bodies (``kernels.onednn.qconv_run``, ``qconv_add_run``,
-``qlinear_run``, ``kernels.dynamic.qlinear_dynamic_math``) and, for ops on portable weights,
-their TorchScript twins (pure aten). A packed weight becomes ``onednn::qconv_prepack`` /
-``qlinear_prepack`` of its int8 buffer, which Inductor's freezing folds into a constant at
-compile time, as it does for PT2E's graphs::
+source — each op's ``torchscript`` body (its :class:`~graphquant.kernels.registry.Kernel` record),
+traced, which TorchScript also runs: on a packed weight the oneDNN kernels' shared bodies
+(``kernels.onednn.qconv_run``, ``qlinear_run``, ...), on a portable one pure aten. A packed
+weight becomes ``onednn::qconv_prepack`` / ``qlinear_prepack`` of its int8 buffer, which
+Inductor's freezing folds into a constant at compile time, as it does for PT2E's graphs::
 
     qconv2d(x, ..., w_packed, ...)   becomes   qconv_pointwise(x, ..., qconv_prepack(w_int8, ...), ...)
 
@@ -49,13 +49,13 @@ from torch._C import DispatchKey
 from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
 from torch.library import register_fake
 
-from graphquant import program
+from graphquant.deploy import program
 from graphquant.errors import GraphQuantError, where
-from graphquant.graph import example_shape, get_attr_value, is_graphquant_op, module_path, named_args
+from graphquant.graph import example_shape, get_attr_value, module_path, named_args
 from graphquant.inputs import InputCheck
-from graphquant.kernels import dynamic, x86
-from graphquant.kernels.onednn import onednn_dilation, qconv_add_run, qconv_run, qlinear_run
-from graphquant.kernels.scripted import TORCHSCRIPT_KERNELS
+from graphquant.kernels import x86
+from graphquant.kernels.onednn import onednn_dilation
+from graphquant.runtimes import kernel_call
 
 PACKAGE_MANIFEST = "graphquant/manifest.json"  # inside the package zip, beside AOTInductor's files
 PACKAGE_FORMAT, PACKAGE_VERSION = "graphquant.aoti", 1
@@ -91,49 +91,6 @@ auto_functionalized_v2.fallthrough(DispatchKey.AutogradOther)
 
 # ---------------------------------------------------------------------------------------------
 # the expansion: graphquant op -> the aten / onednn calls of its kernel
-
-
-def _qconv(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-           stride: list[int], padding: list[int], dilation: list[int], groups: int, out_scale: float,
-           out_zero_point: int, post_op: str, post_op_args: list[float], x_qmax: int,
-           saturates: bool) -> Tensor:  # fmt: skip
-    return qconv_run(x, x_scale, x_zero_point, w, w_scale, torch.zeros(w.size(0), dtype=torch.int64), bias, stride,
-                     padding, dilation, groups, out_scale, out_zero_point, post_op, post_op_args, x_qmax, saturates,
-                     [])  # fmt: skip  (the empty-batch shape: export's batch starts at 1)
-
-
-def _qconv_add(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-               stride: list[int], padding: list[int], dilation: list[int], groups: int, accum: Tensor,
-               accum_scale: float, accum_zero_point: int, out_scale: float, out_zero_point: int, post_op: str,
-               accum_donated: bool, x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
-    return qconv_add_run(x, x_scale, x_zero_point, w, w_scale, torch.zeros(w.size(0), dtype=torch.int64), bias,
-                         stride, padding, dilation, groups, accum, accum_scale, accum_zero_point, out_scale,
-                         out_zero_point, post_op, accum_donated, x_qmax, saturates, [])  # fmt: skip
-
-
-def _qlinear(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-             out_scale: float, out_zero_point: int, post_op: str, post_op_args: list[float], float_out: bool,
-             x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
-    return qlinear_run(x, x_scale, x_zero_point, w, w_scale, torch.zeros(w.size(1), dtype=torch.int64), bias,
-                       out_scale, out_zero_point, post_op, post_op_args, float_out, x_qmax, saturates)  # fmt: skip
-
-
-def _qlinear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, per_token: bool, post_op: str,
-                     post_op_args: list[float], x_qmax: int, asymmetric: bool, saturates: bool) -> Tensor:  # fmt: skip
-    return dynamic.qlinear_dynamic_math(x.contiguous(), w, True, w_scale, torch.zeros(w.size(1), dtype=torch.int64),
-                                        bias, per_token, post_op, post_op_args, x_qmax, saturates,
-                                        asymmetric)  # fmt: skip
-
-
-# graphquant op -> its expansion where its weight is packed for oneDNN (last argument: saturates)
-PACKED_EXPANSIONS: dict[str, Callable[..., Tensor]] = {
-    "qconv1d": _qconv, "qconv2d": _qconv, "qconv3d": _qconv, "qconv1d_add": _qconv_add, "qconv2d_add": _qconv_add,
-    "qlinear": _qlinear, "qlinear_dynamic": _qlinear_dynamic,
-}  # fmt: skip
-# every other op: its TorchScript twin (aten only on portable weights; its quantizes take the
-# arithmetic while traced, quant_math.NATIVE_QUANTIZE holding it equal to torch's one-pass quantize)
-EXPANSIONS: dict[str, Callable[..., Any]] = TORCHSCRIPT_KERNELS
-_WITH_SATURATES = {"qconv1d", "qconv2d", "qconv3d", "qconv1d_add", "qconv2d_add", "qlinear", "qlinear_dynamic"}
 
 
 def _saturation_guard(probe_w: Tensor) -> None:
@@ -174,25 +131,16 @@ def expanded_graph_module(qmodel: nn.Module) -> tuple[fx.GraphModule, dict[str, 
     expanded = program.exportable_graph_module(gm)
     graph = expanded.graph
     guard = False
-    for node in list(graph.nodes):
-        if node.op != "call_function" or not is_graphquant_op(node.target):
+    for call in map(kernel_call, list(graph.nodes)):  # each read when reached: earlier expansions replace its inputs
+        if call is None:
             continue
-        name = node.target._opname  # type: ignore[union-attr]
-        named = named_args(node)
-        w = named.get("w")
-        weight = w if isinstance(w, fx.Node) and w.op == "get_attr" and str(w.target) in packed_weights else None
-        target = EXPANSIONS.get(name) if weight is None else PACKED_EXPANSIONS.get(name)
-        if target is None:
-            raise GraphQuantError(
-                f"graphquant: {where(module_path(node), node.name)}: graphquant::{name} has no compiled form yet; "
-                f"run the model uncompiled, save it with graphquant.save, or keep that module float with "
-                f"qconfig_dict={{{module_path(node)!r}: None}}"
-            )
-        args = list(named.values())
-        if name in _WITH_SATURATES:  # portable weights: nothing saturates
-            saturates = weight is not None and x86.saturates(
-                x86.is_depthwise(get_attr_value(expanded, weight), int(named.get("groups", 1))))  # fmt: skip
-            if saturates and int(named.get("x_qmax", 255)) > 127:
+        node, kernel = call.node, call.kernel
+        weight = call.weight if call.weight is not None and str(call.weight.target) in packed_weights else None
+        args = list(call.args)
+        if kernel.gemm:  # its body takes packed and saturates (kernels/registry.py); portable weights never saturate
+            x_qmax = int(call.named.get("x_qmax", 255))
+            saturates = weight is not None and x86.saturates(call.depthwise(expanded))
+            if saturates and x_qmax > 127:
                 raise GraphQuantError(
                     f"graphquant: {where(module_path(node), node.name)}: this CPU's int8 kernels saturate (x86 "
                     "without VNNI, or ONEDNN_MAX_CPU_ISA set), so this layer's 8-bit activations run here as the "
@@ -201,13 +149,13 @@ def expanded_graph_module(qmodel: nn.Module) -> tuple[fx.GraphModule, dict[str, 
                     "compiled), compile on a CPU with VNNI, or run the GraphModule or graphquant.to_torchscript here"
                 )
             # a 7-bit activation (reduce_range) never saturates: only 8-bit layers need the guard
-            guard = guard or (weight is not None and not saturates and int(named.get("x_qmax", 255)) > 127)
-            args.append(saturates)
+            guard = guard or (weight is not None and not saturates and x_qmax > 127)
+            args += [weight is not None, saturates]
         with graph.inserting_before(node):
             if weight is not None:
-                args[list(named).index("w")] = _prepack_node(expanded, node, weight,
-                                                             packed_weights[str(weight.target)])  # fmt: skip
-            expansion = graph.call_function(target, tuple(args))
+                args[kernel.argument_names.index("w")] = _prepack_node(expanded, node, weight,
+                                                                       packed_weights[str(weight.target)])  # fmt: skip
+            expansion = graph.call_function(kernel.torchscript, tuple(args))
         expansion.meta.update(node.meta)
         node.replace_all_uses_with(expansion)
         graph.erase_node(node)

@@ -26,39 +26,8 @@ from torch import Tensor, fx, nn
 
 from graphquant.errors import GraphQuantError
 from graphquant.graph import MATCH
-from graphquant.kernels import x86
-from graphquant.report import X86_GEMM_KERNELS
-
-# portable-only int8 convs (no oneDNN kernel): timed the same way
-_TIMED_KERNELS = (*X86_GEMM_KERNELS, "qconv_transpose1d", "qconv_transpose2d", "qconv_transpose3d")
-
-
-@dataclass(frozen=True)
-class KernelTiming:
-    """One int8 GEMM / conv kernel call against its float32 op, on this CPU."""
-
-    node: str  # the float graph's node the kernel replaced (the report's node), else the kernel node
-    module_path: str
-    kernel: str
-    cpu_path: str  # kernels.x86.cpu_path for oneDNN kernels ("" for portable ones)
-    int8_ms: float
-    float_ms: float
-
-    @property
-    def speedup(self) -> float:
-        """float32 time / int8 time: above 1 the int8 kernel is faster."""
-        return self.float_ms / self.int8_ms if self.int8_ms > 0 else float("inf")
-
-    @property
-    def slower_than_float(self) -> bool:
-        return self.int8_ms > self.float_ms
-
-    def __str__(self) -> str:
-        where = self.module_path or "<model>"
-        path = f" [{self.cpu_path}]" if self.cpu_path else ""
-        verdict = "  slower than float32 here: keep it float" if self.slower_than_float else ""
-        return (f"{where:30s} {self.kernel:18s}{path:12s} int8 {self.int8_ms:7.3f} ms  float32 {self.float_ms:7.3f} ms"
-                f"  {self.speedup:5.2f}x{verdict}")  # fmt: skip
+from graphquant.kernels import registry, x86
+from graphquant.report import KernelTiming
 
 
 class _Recorder(fx.Interpreter):
@@ -69,17 +38,12 @@ class _Recorder(fx.Interpreter):
         self.calls: list[tuple[fx.Node, tuple[Any, ...], dict[str, Any]]] = []
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.op == "call_function" and _kernel_name(n.target) in _TIMED_KERNELS:
+        kernel = registry.kernel_of(n.target) if n.op == "call_function" else None
+        if kernel is not None and kernel.timed:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             keep = tuple(a.clone() if isinstance(a, Tensor) and not a.is_mkldnn else a for a in args)
             self.calls.append((n, keep, dict(kwargs)))
         return super().run_node(n)
-
-
-def _kernel_name(target: object) -> str:
-    if isinstance(target, torch._ops.OpOverload) and target.namespace == "graphquant":
-        return str(target._opname)
-    return ""
 
 
 def _named(target: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -170,7 +134,7 @@ def kernel_calls(qmodel: fx.GraphModule, example_inputs: tuple[Any, ...]) -> lis
     calls: list[KernelCall] = []
     for node, args, kwargs in recorder.calls:
         target: torch._ops.OpOverload = node.target  # type: ignore[assignment]
-        kernel = _kernel_name(target)
+        kernel = target._opname
         named = _named(target, args, kwargs)
         if named.get("accum_donated"):
             named["accum_donated"] = False

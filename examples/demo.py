@@ -1,4 +1,4 @@
-"""``python -m graphquant.demo``: graphquant end to end on two real models.
+"""``python examples/demo.py`` (``make demo``): graphquant end to end on two real models.
 
 1. A small CNN trained here on scikit-learn's handwritten digits (8x8 images), quantized
    statically; fp32 vs int8 accuracy on held-out digits.
@@ -544,7 +544,7 @@ def write_outputs(out_dir: Path, digits: DigitsResult, rows: Sequence[Row], mini
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run both parts, print the summary table, write ``out/``."""
-    parser = argparse.ArgumentParser(prog="python -m graphquant.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python examples/demo.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the JSON results (default: out)")
     parser.add_argument("--skip-minilm", action="store_true", help="run the digits part only")
     args = parser.parse_args(argv)

@@ -18,20 +18,15 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, fx, nn
 
-from graphquant.archive import regions_of
+from graphquant.deploy.archive import regions_of
+from graphquant.deploy.program import graph_module, input_records
 from graphquant.errors import GraphQuantError, where
-from graphquant.graph import get_attr_value, is_graphquant_op, module_path, named_args
+from graphquant.graph import get_attr_value, module_path
 from graphquant.inputs import INPUT_CHECK, InputSpec, input_specs
 from graphquant.kernels import x86
-from graphquant.kernels.scripted import (
-    ASK_SATURATION,
-    TORCHSCRIPT_KERNELS,
-    PackedConvWeight,
-    PackedLinearWeight,
-    check_input,
-)
+from graphquant.kernels.scripted import PackedConvWeight, PackedLinearWeight, check_input, is_packed
 from graphquant.patterns.context import PACKED
-from graphquant.program import graph_module, input_records
+from graphquant.runtimes import KernelCall, kernel_call
 
 
 def _input_checks(graph: fx.Graph, specs: tuple[InputSpec | None, ...], inputs: list[Any]) -> None:
@@ -79,15 +74,9 @@ def _script_target(node: fx.Node) -> Any:
             f"graphquant: {where(module_path(node), node.name)}: an `if` on a tensor (torch.cond) has no TorchScript "
             "form here; save the model with graphquant.save, or trace the float model before quantizing it"
         )
-    if is_graphquant_op(target):
-        name = target._opname  # type: ignore[union-attr]
-        if name not in TORCHSCRIPT_KERNELS:
-            raise GraphQuantError(
-                f"graphquant: {where(module_path(node), node.name)}: graphquant::{name} has no TorchScript form yet; "
-                f"save the model with graphquant.save, or keep that module float with "
-                f"qconfig_dict={{{module_path(node)!r}: None}}"
-            )
-        return TORCHSCRIPT_KERNELS[name]
+    call = kernel_call(node)
+    if call is not None:
+        return call.kernel.torchscript
     if isinstance(target, torch._ops.OpOverload):
         return target.overloadpacket
     return target
@@ -118,13 +107,10 @@ def _scriptable_graph(gm: fx.GraphModule) -> tuple[nn.Module, fx.Graph]:
     names: dict[str, str] = {}
     probes: dict[bool, fx.Node] = {}  # a SaturationProbe call per kind, made where the first twin needs it
 
-    def saturates(node: fx.Node) -> fx.Node | bool:
+    def saturates(call: KernelCall) -> fx.Node | bool:
         if not packed:  # portable kernels only: nothing saturates
             return False
-        named = named_args(node)
-        weight, groups = named.get("w"), named.get("groups", 1)
-        depthwise = isinstance(weight, fx.Node) and weight.op == "get_attr" and isinstance(groups, int) and \
-            x86.is_depthwise(get_attr_value(gm, weight), groups)  # fmt: skip
+        depthwise = call.depthwise(gm)
         if depthwise not in probes:
             name = "x86_saturation_depthwise" if depthwise else "x86_saturation"
             root.add_module(name, x86.SaturationProbe(depthwise))
@@ -167,12 +153,12 @@ def _scriptable_graph(gm: fx.GraphModule) -> tuple[nn.Module, fx.Graph]:
         elif node.op == "call_function":
             if node.target in _ASSERTS:
                 continue
-            args, kwargs = node.args, node.kwargs
-            if is_graphquant_op(node.target):  # the twins take every argument, defaults filled in
-                args, kwargs = tuple(named_args(node).values()), {}
+            call = kernel_call(node)
+            args, kwargs = (node.args, node.kwargs) if call is None else (call.args, {})  # bodies take every argument
             args, kwargs = fx.map_arg(args, lambda n: env[n]), fx.map_arg(kwargs, lambda n: env[n])
-            if is_graphquant_op(node.target) and node.target._opname in ASK_SATURATION:  # type: ignore[union-attr]
-                args = (*args, saturates(node))
+            if call is not None and call.kernel.gemm:  # packed: read from the weight on each call (never wrong)
+                w = args[call.kernel.argument_names.index("w")]
+                args = (*args, graph.call_function(is_packed, (w,)), saturates(call))
             env[node] = graph.call_function(_script_target(node), args, kwargs)
         elif node.op == "output":
             flat = fx.map_arg(node.args[0], lambda n: env[n])
