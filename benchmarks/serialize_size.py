@@ -119,7 +119,7 @@ def _run_load(kind: str, path: Path, io_path: Path) -> dict[str, Any]:
 def _resident_weights(model: nn.Module) -> int:
     """Bytes of every tensor a loaded graphquant model holds: buffers, parameters, packed weights."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    for name in getattr(model, "graphquant_packed", {}):
+    for name in model.graphquant_record.packed:
         packed = getattr(model, name)
         tensors[id(packed)] = packed
     return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -12,33 +12,25 @@ from __future__ import annotations
 
 import copy
 import os
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import fx, nn
 
-from graphquant.capture import capture, check_capturable, check_control_flow, load_program, module_tree
+from graphquant.capture import capture, check_capturable, check_control_flow, load_program, module_tree, stamp_qconfig
 from graphquant.errors import CaptureError, GraphQuantError
 from graphquant.graph import rebind_matches
-from graphquant.inputs import install_input_check
+from graphquant.inputs import input_specs, install_input_check
 from graphquant.kernels import onednn
-from graphquant.partial import (
-    Region,
-    find_regions,
-    record_calls,
-    record_outputs,
-    region_qconfig_dict,
-)
+from graphquant.partial import capture_regions, convert_regions
 from graphquant.passes.annotate import annotate
 from graphquant.passes.fold_bn import fold_bn
 from graphquant.passes.insert_observers import insert_observers
 from graphquant.passes.lower import lower
 from graphquant.qconfig import QConfig, check_qconfig_dict, default_dynamic_qconfig
-from graphquant.quant_math import output_sqnr
-from graphquant.report import ConversionReport, EagerPart, RegionReport
+from graphquant.quantized import QuantizedRecord, attach, find_record, set_report
+from graphquant.report import ConversionReport, EagerPart
 from graphquant.runtimes import install_direct_calls
 
 BACKENDS = ("onednn", "portable")
@@ -59,12 +51,13 @@ class PreparedModel(nn.Module):
 
     def __init__(
         self, model: nn.Module | torch.export.ExportedProgram, qconfig_dict: dict[str, QConfig | None],
-        dynamic: bool = False, partial: bool | str = "auto",
+        dynamic: bool = False, partial: bool | str = "auto", module_path: str = "",
     ) -> None:  # fmt: skip
         super().__init__()
         if partial not in PARTIAL or not isinstance(partial, (bool, str)):
             raise GraphQuantError(f"graphquant: partial must be True, False or 'auto', got {partial!r}")
         self.qconfig_dict = qconfig_dict
+        self.module_path = module_path  # a region's path in the user's model: its nodes' qconfig_dict keys
         self.dynamic = dynamic
         self.partial = partial
         self.graph_module: fx.GraphModule | None = None
@@ -87,47 +80,32 @@ class PreparedModel(nn.Module):
                 raise
             self._capture_regions(tuple(example_inputs), error)
             return
-        check_control_flow(gm, self.qconfig_dict)
+        stamp_qconfig(gm, self.qconfig_dict, self.module_path)
+        check_control_flow(gm)
         gm = fold_bn(gm)
-        matches = annotate(gm, self.qconfig_dict, dynamic=self.dynamic)
+        matches = annotate(gm, dynamic=self.dynamic)
         self.graph_module = insert_observers(gm, matches)
         install_input_check(self.graph_module)  # first again: observers must not see a bad batch
         self._float_model.clear()
 
     def _capture_regions(self, example_inputs: tuple[Any, ...], whole_error: CaptureError | None) -> None:
-        """Partial graph mode: each largest submodule that exports becomes a prepared region inside
-        the user's model (graphquant.partial); the rest stays eager."""
+        """Partial graph mode (graphquant.partial): each largest submodule that exports becomes a region
+        inside the user's model, prepared here as a whole graph; the rest stays eager."""
         model = self._float_model[0]
         assert isinstance(model, nn.Module)
-        calls = record_calls(model, example_inputs)
 
-        def make_region(path: str, module: nn.Module, inputs: tuple[Any, ...]) -> nn.Module:
-            qconfig_dict = check_qconfig_dict(region_qconfig_dict(self.qconfig_dict, path), module)
-            region = PreparedModel(module, qconfig_dict, self.dynamic, partial=False)
+        def prepare_region(path: str, module: nn.Module, inputs: tuple[Any, ...]) -> nn.Module:
+            region = PreparedModel(module, self.qconfig_dict, self.dynamic, partial=False, module_path=path)
             region.capture(inputs)
-            assert region.graph_module is not None
-            if region.graph_module.graphquant_batch is not None:
+            specs = input_specs(region.graph_module) if region.graph_module is not None else None
+            if specs is None or any(s is not None and s.rank > 0 and not s.dynamic_batch for s in specs):
                 raise CaptureError("export fixed its batch size (a region must take any batch)")
             return region
 
-        if whole_error is None:
-            whole_error = CaptureError("partial=True: the model's own forward runs eager")
-        regions, eager = find_regions(model, calls, self.qconfig_dict, whole_error, make_region)
-        outputs = record_outputs(model, example_inputs, list(regions))  # before the float parts are swapped out
-        for path, region in regions.items():
-            region.float_output = outputs.get(path)
-            model.set_submodule(path, region)
+        self.eager_parts = capture_regions(model, example_inputs, self.qconfig_dict, whole_error, prepare_region,
+                                           announce=self.partial == "auto")  # fmt: skip
         self.partial_model = model
-        self.eager_parts = eager
         self._float_model.clear()
-        if self.partial == "auto":
-            warnings.warn(
-                f"graphquant: {type(model).__name__} does not export whole ({eager[0].reason}); quantized "
-                f"{len(regions)} parts that do ({', '.join(regions) or 'none'}), the rest runs eager in float: "
-                f"{', '.join(p.path or '<model>' for p in eager)}. graphquant.report(q) says why for each; "
-                "partial=False refuses instead",
-                stacklevel=4,
-            )
 
     def forward(self, *args: Any) -> Any:
         # Calibration never needs gradients. Without no_grad a run_fn that keeps its outputs
@@ -236,7 +214,7 @@ def convert(
 ) -> fx.GraphModule:
     """Lower a calibrated model: a reference graph (``debug=True``) or an int8 kernel graph.
 
-    The result is a ``GraphModule``; ``result.graphquant_report`` says what was
+    The result is a ``GraphModule``; ``graphquant.report(result)`` says what was
     quantized and what stayed float, and why. It is for inference: its float parameters do
     not require grad, so calling it outside ``torch.no_grad()`` records no autograd graph.
     """
@@ -268,13 +246,11 @@ def _convert(
     gm = prepared.graph_module
     assert gm is not None
     if not inplace:
-        source = gm
         gm = copy.deepcopy(gm)
         rebind_matches(gm)
-        for name, value in vars(source).items():  # GraphModule's deepcopy keeps only modules and tensors
-            if name.startswith("graphquant_") and not hasattr(gm, name):
-                setattr(gm, name, copy.deepcopy(value))
-    report = lower(gm, debug, backend, prepared.qconfig_dict, fuse)
+    mode = "reference" if debug else "kernel"
+    attach(gm, QuantizedRecord(ConversionReport(mode, backend), dict(prepared.qconfig_dict)))  # lowering packs into it
+    set_report(gm, lower(gm, debug, backend, fuse))
     # An inference model: nothing backpropagates through int8 kernels. Float parameters left
     # (LayerNorm, embeddings) requiring grad would make every call outside torch.no_grad()
     # record autograd state, and in-place steps on values that need grad copy them first.
@@ -282,45 +258,22 @@ def _convert(
         parameter.requires_grad_(False)
     install_input_check(gm)  # first again: lowering put quantize nodes right after the inputs
     install_direct_calls(gm)  # its forward calls the Python kernels without PyTorch's dispatcher
-    # plain attributes on the GraphModule, set with setattr: nn.Module types its attributes as tensors or modules
-    setattr(gm, "graphquant_report", report)  # noqa: B010
-    setattr(gm, "graphquant_qconfig_dict", dict(prepared.qconfig_dict))  # noqa: B010
-    setattr(gm, "graphquant_backend", backend)  # noqa: B010
-    setattr(gm, "graphquant_debug", debug)  # noqa: B010
     return gm
 
 
 def _convert_regions(prepared: PreparedModel, debug: bool, inplace: bool, backend: str | None) -> nn.Module:
-    """``convert`` of a model captured region by region: each region converted as a whole graph
-    and measured against the float output recorded for it; the report lists every region and
-    every part left eager."""
+    """``convert`` of a model captured region by region (graphquant.partial): each region converted
+    as a whole graph."""
     assert prepared.partial_model is not None
     model = prepared.partial_model if inplace else copy.deepcopy(prepared.partial_model)
-    nodes, regions, smoothing, corrected = [], [], [], []
-    mode, used_backend = ("reference" if debug else "kernel"), backend or default_backend()
-    for _, region in list(model.named_modules()):
-        if not isinstance(region, Region) or not isinstance(region.inner, PreparedModel):
-            continue
-        quantized = _convert(region.inner, debug, True, backend)
-        region.inner = quantized
-        rep = cast(ConversionReport, quantized.graphquant_report)
-        mode, used_backend = rep.mode, rep.backend
-        nodes += [replace(n, module_path=f"{region.path}.{n.module_path}" if n.module_path else region.path)
-                  for n in rep.nodes]  # fmt: skip
-        smoothing += [replace(s, linears=tuple(f"{region.path}.{p}" if p else region.path for p in s.linears))
-                      for s in rep.smoothing]  # fmt: skip
-        corrected += [replace(b, layer=f"{region.path}.{b.layer}" if b.layer else region.path)
-                      for b in rep.bias_correction]  # fmt: skip
-        region_sqnr = None
-        if region.example is not None and region.float_output is not None:
-            with torch.no_grad():
-                region_sqnr = output_sqnr(region.float_output, quantized(*region.example))
-        region.example, region.float_output = None, None
-        regions.append(RegionReport(region.path, len(rep.quantized), len(rep.float_nodes), region_sqnr))
-    report = ConversionReport(mode, used_backend, nodes, regions=regions, eager=list(prepared.eager_parts),
-                              smoothing=smoothing, bias_correction=corrected)
-    setattr(model, "graphquant_report", report)  # noqa: B010
-    setattr(model, "graphquant_qconfig_dict", dict(prepared.qconfig_dict))  # noqa: B010
+
+    def convert_region(inner: nn.Module) -> nn.Module:
+        assert isinstance(inner, PreparedModel)
+        return _convert(inner, debug, True, backend)
+
+    report = convert_regions(model, prepared.eager_parts, convert_region, "reference" if debug else "kernel",
+                             backend or default_backend())  # fmt: skip
+    attach(model, QuantizedRecord(report, dict(prepared.qconfig_dict)))
     return model
 
 
@@ -385,8 +338,14 @@ class LazyQuantized(nn.Module):
         return self.quantized(*args)
 
     @property
+    def graphquant_record(self) -> QuantizedRecord | None:
+        """The quantized graph's record once it has run (graphquant.quantized)."""
+        return None if self.quantized is None else find_record(self.quantized)
+
+    @property
     def graphquant_report(self) -> ConversionReport | None:
-        return None if self.quantized is None else cast(ConversionReport, self.quantized.graphquant_report)
+        record = self.graphquant_record
+        return None if record is None else record.report
 
 
 def quantize_dynamic(
@@ -461,7 +420,7 @@ def quantize_dynamic_jit(
 
 def report(quantized: nn.Module) -> ConversionReport:
     """The conversion report of a converted model."""
-    rep = getattr(quantized, "graphquant_report", None)
-    if rep is None:
+    record = find_record(quantized)
+    if record is None:
         raise GraphQuantError("graphquant: this model was not produced by graphquant.convert")
-    return rep
+    return record.report

@@ -30,8 +30,9 @@ from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 
 from graphquant.errors import CaptureError, GraphQuantError
-from graphquant.graph import MODULE_PATH, MODULE_TYPE, add_attr, get_attr_value
+from graphquant.graph import MODULE_PATH, MODULE_TYPE, QCONFIG, add_attr, get_attr_value, node_qconfig
 from graphquant.inputs import install_input_check, specs_from_examples
+from graphquant.qconfig import QConfig, Resolved, resolve
 
 BATCH = "batch"
 # extra file inside a .pt2 that graphquant.save wrote (the manifest); capture refuses such a program
@@ -232,15 +233,27 @@ def _script_to_graph(model: torch.jit.ScriptModule, example_inputs: tuple[Any, .
     return gm
 
 
-def check_control_flow(gm: fx.GraphModule, qconfig_dict: Mapping[str, Any]) -> None:
-    """A ``GraphQuantError`` for an ``if`` on a tensor (``torch.cond``) in a module that is to be
-    quantized; with ``qconfig_dict={path: None}`` it stays in the graph, in float."""
-    from graphquant.qconfig import resolve
+def stamp_qconfig(gm: fx.GraphModule, qconfig_dict: Mapping[str, QConfig | None], prefix: str = "") -> None:
+    """Resolve the qconfig of every compute node's module path once, as capture records the path
+    itself: ``node.meta[QCONFIG]`` (:func:`graphquant.graph.node_qconfig`), which every later pass
+    reads; nodes that passes add take their source's (``graph.copy_meta``). ``prefix``: the path of
+    the captured module in the model ``qconfig_dict`` is keyed by (a region of partial mode)."""
+    resolved: dict[str, Resolved] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            path = str(node.meta.get(MODULE_PATH, ""))
+            if path not in resolved:
+                resolved[path] = resolve(qconfig_dict, f"{prefix}.{path}".strip(".") if prefix else path)
+            node.meta[QCONFIG] = resolved[path]
 
+
+def check_control_flow(gm: fx.GraphModule) -> None:
+    """A ``GraphQuantError`` for an ``if`` on a tensor (``torch.cond``) in a module that is to be
+    quantized (its stamped qconfig); with ``qconfig_dict={path: None}`` it stays in the graph, in float."""
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.higher_order.cond:
             path = str(node.meta.get(MODULE_PATH, ""))
-            if resolve(qconfig_dict, path).qconfig is not None:
+            if node_qconfig(node).qconfig is not None:
                 kind = node.meta.get(MODULE_TYPE) or "module"
                 raise GraphQuantError(
                     f"graphquant: {path or '<model>'} ({kind}, node {node.name}): an `if` on a tensor value in a "
@@ -425,11 +438,9 @@ def capture(model: Model, example_inputs: Sequence[Any]) -> fx.GraphModule:
     ``call_function`` node carries ``meta[MODULE_PATH]``. The model's parameters are
     shared, not copied: passes never write into them.
 
-    Records on the result ``graphquant_input_spec`` (per input: shape without the batch
-    dimension and dtype, or ``None`` for a non-tensor) and ``graphquant_batch`` (``None``
-    when the batch dimension is dynamic, else the batch size it is fixed to), and, when it is
-    fixed, ``graphquant_input_sizes`` (each input's first size); it checks its inputs against
-    them on every call (:mod:`graphquant.inputs`).
+    The result checks its inputs on every call against what was captured (:mod:`graphquant.inputs`:
+    each input's dtype, device and sizes, the batch dynamic or fixed), and that check is where
+    everything downstream reads the captured inputs from (:func:`graphquant.inputs.input_specs`).
     """
     check_capturable(model)
     if not isinstance(example_inputs, (tuple, list)):
@@ -451,15 +462,6 @@ def capture(model: Model, example_inputs: Sequence[Any]) -> fx.GraphModule:
     _views_to_reshape(gm)
     _drop_identity_clones(gm)
     _fold_zero_padding(gm)
-    gm.graphquant_input_spec = [
-        (tuple(x.shape[1:]), x.dtype) if isinstance(x, torch.Tensor) else None for x in example_inputs
-    ]
-    first = next((x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
-    gm.graphquant_batch = None if dynamic or first is None else int(first.shape[0])
-    # fixed shapes: every input's own first size, which need not be the first input's
-    gm.graphquant_input_sizes = None if dynamic else [
-        int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs
-    ]
     return gm
 
 

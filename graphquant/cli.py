@@ -41,7 +41,7 @@ import graphquant
 from graphquant import api
 from graphquant import capture as capture_module
 from graphquant.errors import GraphQuantError
-from graphquant.graph import FLOAT_REASON, MATCH, module_path
+from graphquant.graph import FLOAT_REASON, MATCH, module_path, node_qconfig
 from graphquant.qconfig import (
     QConfig,
     check_qconfig_dict,
@@ -53,7 +53,6 @@ from graphquant.qconfig import (
     get_default_qconfig,
     per_channel_dynamic_qconfig,
     per_token_dynamic_qconfig,
-    resolve,
 )
 from graphquant.quant_math import output_sqnr
 from graphquant.tools import distributed
@@ -465,7 +464,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if node.op != "call_function" or node.target in _BOOKKEEPING:
             continue
         path = module_path(node)
-        resolved = resolve(qconfig_dict, path)
+        resolved = node_qconfig(node)
         if resolved.key is not None:
             used.add(resolved.key)
         match = node.meta.get(MATCH)
@@ -476,7 +475,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 result += f" [{x86.cpu_path(127 if bits <= 7 else 255, depthwise_conv(gm, node))}]"
         else:
             result = "float: " + (str(node.meta[FLOAT_REASON]) if FLOAT_REASON in node.meta
-                                  else float_reason(node, qconfig_dict))  # fmt: skip
+                                  else float_reason(node))  # fmt: skip
         key = "(none)" if resolved.key is None else repr(resolved.key)
         qconfig = resolved.qconfig
         kind = "None" if qconfig is None else (

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import fx, nn
 
+from graphquant.qconfig import Resolved
+
 if TYPE_CHECKING:
     from graphquant.qconfig import QConfig
 
@@ -21,6 +23,7 @@ MODULE_TYPE = "graphquant_module_type"  # str: class name of that module
 MATCH = "graphquant_match"  # Match: set on every node a pattern matched
 QPARAMS = "graphquant_qparams"  # QParams: set on quantize / dequantize nodes at convert
 FLOAT_REASON = "graphquant_float_reason"  # str: why a matched node stays float
+QCONFIG = "graphquant_qconfig"  # Resolved: the qconfig of the node's module path, stamped once at capture
 
 
 Kind = Literal["weighted", "shares_qparams", "general", "fixed_qparams", "dynamic", "weight_only"]
@@ -176,6 +179,13 @@ def module_path(node: fx.Node) -> str:
     return str(node.meta.get(MODULE_PATH, ""))
 
 
+def node_qconfig(node: fx.Node) -> Resolved:
+    """The qconfig of the module that called ``node`` and the ``qconfig_dict`` key it came from, as
+    stamped at capture (``capture.stamp_qconfig``); float (no key) for a node nothing stamped."""
+    resolved = node.meta.get(QCONFIG)
+    return resolved if isinstance(resolved, Resolved) else Resolved(None, None)
+
+
 def get_attr_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     """The tensor a ``get_attr`` node reads."""
     if node.op != "get_attr":
@@ -219,8 +229,8 @@ def constant_node(gm: fx.GraphModule, prefix: str, value: torch.Tensor, buffer: 
 
 
 def copy_meta(src: fx.Node, dst: fx.Node) -> None:
-    """Give ``dst`` the module path of ``src`` (new nodes belong to the module they replace)."""
-    for key in (MODULE_PATH, MODULE_TYPE, "val", "stack_trace"):
+    """Give ``dst`` the module path and qconfig of ``src`` (new nodes belong to the module they replace)."""
+    for key in (MODULE_PATH, MODULE_TYPE, QCONFIG, "val", "stack_trace"):
         if key in src.meta:
             dst.meta[key] = src.meta[key]
 

@@ -6,7 +6,7 @@ Python list of variable length, a third-party layer), graphquant runs the float 
 example inputs with a hook on every submodule, recording the inputs of each call (and once the
 regions are known, a second run records their float outputs, for their SQNR), and walks the
 module tree top-down: a submodule that captures becomes a *region*, quantized as a whole graph
-with the part of ``qconfig_dict`` under its path; one that does not is split into its children.
+its nodes keyed into ``qconfig_dict`` under its path; one that does not is split into its children.
 The regions are swapped into a copy of the user's model, so whatever did not capture (the
 control flow between regions included) stays in the user's Python and runs in float.
 
@@ -18,7 +18,9 @@ Each region quantizes its own inputs and dequantizes its outputs: at a border be
 a tensor is dequantized to float32 and quantized again (one more rounding than a whole graph
 would make, and two small elementwise passes).
 
-This module finds regions and holds them; :mod:`graphquant.api` prepares and converts each one.
+This module finds regions, captures and converts the model region by region and holds the regions
+(:func:`capture_regions`, :func:`convert_regions`, :func:`regions`); :mod:`graphquant.api` hands it
+the whole-graph prepare and convert it runs on each region.
 """
 
 from __future__ import annotations
@@ -27,16 +29,19 @@ import inspect
 import os
 import re
 import traceback
+import warnings
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from graphquant.errors import CaptureError, GraphQuantError
 from graphquant.qconfig import QConfig, resolve
-from graphquant.report import EagerPart
+from graphquant.quant_math import output_sqnr
+from graphquant.quantized import find_record, record_of
+from graphquant.report import ConversionReport, EagerPart, RegionReport
 
 
 def export_reason(error: BaseException) -> str:
@@ -246,17 +251,6 @@ class Region(nn.Module):
         return f"path={self.path!r}"
 
 
-def region_qconfig_dict(qconfig_dict: Mapping[str, QConfig | None], path: str) -> dict[str, QConfig | None]:
-    """The part of ``qconfig_dict`` under ``path``, keyed relative to it; ``""`` is what ``path``
-    itself resolves to (its own key or its nearest ancestor's)."""
-    sub: dict[str, QConfig | None] = {"": resolve(qconfig_dict, path).qconfig}
-    prefix = path + "."
-    for key, qconfig in qconfig_dict.items():
-        if key.startswith(prefix):
-            sub[key[len(prefix):]] = qconfig
-    return sub
-
-
 def _quantizes_anything(module: nn.Module, qconfig_dict: Mapping[str, QConfig | None], path: str) -> bool:
     return any(
         resolve(qconfig_dict, f"{path}.{name}" if name else path).qconfig is not None
@@ -307,3 +301,72 @@ def find_regions(
     for name, child in model.named_children():
         visit(name, child)
     return regions, eager
+
+
+def regions(model: nn.Module) -> list[Region]:
+    """The regions of a model captured region by region, in module order (none for a model captured
+    whole): what every output format and tool asks for a partial model's parts."""
+    if isinstance(model, fx.GraphModule):
+        return []
+    return [module for module in model.modules() if isinstance(module, Region)]
+
+
+def capture_regions(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    qconfig_dict: Mapping[str, QConfig | None],
+    whole_error: CaptureError | None,
+    prepare_region: Callable[[str, nn.Module, tuple[Any, ...]], nn.Module],
+    announce: bool,
+) -> list[EagerPart]:
+    """Partial graph mode on ``model``, in place: each largest submodule that exports becomes a
+    region holding ``prepare_region(path, module, its inputs)`` (which raises ``CaptureError`` where
+    export fails); the rest stays eager. Returns what stayed eager and why (the model's own forward
+    first: ``whole_error``, or None where partial mode was asked for); ``announce`` warns once,
+    naming both."""
+    calls = record_calls(model, example_inputs)
+    if whole_error is None:
+        whole_error = CaptureError("partial=True: the model's own forward runs eager")
+    found, eager = find_regions(model, calls, qconfig_dict, whole_error, prepare_region)
+    outputs = record_outputs(model, example_inputs, list(found))  # before the float parts are swapped out
+    for path, region in found.items():
+        region.float_output = outputs.get(path)
+        model.set_submodule(path, region)
+    if announce:
+        warnings.warn(
+            f"graphquant: {type(model).__name__} does not export whole ({eager[0].reason}); quantized "
+            f"{len(found)} parts that do ({', '.join(found) or 'none'}), the rest runs eager in float: "
+            f"{', '.join(p.path or '<model>' for p in eager)}. graphquant.report(q) says why for each; "
+            "partial=False refuses instead",
+            stacklevel=6,
+        )
+    return eager
+
+
+def convert_regions(model: nn.Module, eager: list[EagerPart], convert_region: Callable[[nn.Module], nn.Module],
+                    mode: str, backend: str) -> ConversionReport:  # fmt: skip
+    """Convert each region of ``model`` (in place) with ``convert_region``, measure it against the
+    float output recorded for it, and report the whole: every region's nodes under its path, every
+    region and every part left eager (``mode`` and ``backend`` name a model with no region)."""
+    nodes, found, smoothing, corrected = [], [], [], []
+    for region in regions(model):
+        if find_record(region.inner) is not None:
+            continue  # converted already (convert in place, twice)
+        quantized = convert_region(region.inner)
+        region.inner = quantized
+        rep = record_of(quantized).report
+        mode, backend = rep.mode, rep.backend
+        nodes += [replace(n, module_path=f"{region.path}.{n.module_path}" if n.module_path else region.path)
+                  for n in rep.nodes]  # fmt: skip
+        smoothing += [replace(s, linears=tuple(f"{region.path}.{p}" if p else region.path for p in s.linears))
+                      for s in rep.smoothing]  # fmt: skip
+        corrected += [replace(b, layer=f"{region.path}.{b.layer}" if b.layer else region.path)
+                      for b in rep.bias_correction]  # fmt: skip
+        region_sqnr = None
+        if region.example is not None and region.float_output is not None:
+            with torch.no_grad():
+                region_sqnr = output_sqnr(region.float_output, quantized(*region.example))
+        region.example, region.float_output = None, None
+        found.append(RegionReport(region.path, len(rep.quantized), len(rep.float_nodes), region_sqnr))
+    return ConversionReport(mode, backend, nodes, regions=found, eager=list(eager), smoothing=smoothing,
+                            bias_correction=corrected)  # fmt: skip

@@ -6,7 +6,7 @@ place of every ``graphquant::`` node: the eager ``GraphModule`` its Python kerne
 (:func:`graphquant.deploy.torchscript.to_torchscript`), the compiler the same body traced
 (:func:`graphquant.deploy.compiled.expanded_graph_module`). :func:`kernel_calls` is what they
 share: each call with its record, its arguments by schema position (defaults filled in) and its
-weight; :func:`no_body` is the refusal where a record lacks what a runtime needs.
+weight.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from typing import Any
 
 from torch import fx
 
-from graphquant.errors import GraphQuantError, where
-from graphquant.graph import get_attr_value, is_constant, module_path, named_args
+from graphquant.graph import get_attr_value, is_constant, named_args
 from graphquant.kernels import direct, x86
 from graphquant.kernels.registry import Kernel, kernel_of
 
@@ -61,16 +60,6 @@ def kernel_call(node: fx.Node) -> KernelCall | None:
 def kernel_calls(graph: fx.Graph) -> list[KernelCall]:
     """Every ``graphquant::`` call of ``graph``, in graph order."""
     return [call for call in map(kernel_call, graph.nodes) if call is not None]
-
-
-def no_body(call: KernelCall, runtime: str, way_out: str) -> GraphQuantError:
-    """The refusal where ``call``'s kernel has no form in ``runtime``, naming the node, its module
-    path and the ways out."""
-    path = module_path(call.node)
-    return GraphQuantError(
-        f"graphquant: {where(path, call.node.name)}: graphquant::{call.kernel.name} has no {runtime} form yet; "
-        f"{way_out}, or keep that module float with qconfig_dict={{{path!r}: None}}"
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import graphquant as gq
 from graphquant.api import _convert
 from graphquant.kernels import onednn
 from graphquant.quant_math import sqnr
+from graphquant.quantized import record_of
 
 ops = torch.ops.graphquant
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="the rewrites are for oneDNN kernel graphs")
@@ -154,7 +155,7 @@ def test_static_linears_of_one_input_share_one_gemm(bias: tuple[bool, bool, bool
     assert len(shared) == 2 and _value(fused, shared[0].args[4]).shape == (96,)
     assert len(_calls(fused, torch.ops.aten.slice.Tensor)) == 3
     # the three packed weights merged away are not kept (nor their int8 copies)
-    assert len(fused.graphquant_packed) == 2
+    assert len(record_of(fused).packed) == 2
     assert not any("self_q_weight" in name or "self_k_weight" in name for name, _ in fused.named_buffers())
     _same_everywhere(fused, plain, batches[0], tmp_path)
     with torch.no_grad():

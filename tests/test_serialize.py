@@ -41,7 +41,7 @@ for name in sys.argv[2:]:
             got = tree_leaves(model(*inputs))
         want = tree_leaves(outputs)
         same.append(len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want)))
-    results[name] = {"equal": all(same), "packed": len(getattr(model, "graphquant_packed", {})),
+    results[name] = {"equal": all(same), "packed": len(model.graphquant_record.packed),
                      "quantized": len(gq.report(model).quantized)}
 print(json.dumps(results))
 """
@@ -461,19 +461,19 @@ def test_conv_packing_keeps_its_input_shape_hint_through_save_and_torchscript(tm
     1x1 convs reordered their weight on every call: 72 ms a call instead of 16). The hint, the
     captured input shape with batch 1, is recorded at convert and rebuilt on load and in TorchScript."""
     from graphquant.kernels import onednn
-    from graphquant.patterns.context import PACKED
+    from graphquant.quantized import packed_weights
 
     model = make_net()
     batches = calibration_batches()
     q = gq.quantize(model, {"": gq.default_qconfig}, run_batches, [batches], example_inputs=(batches[0],),
                     backend="onednn")  # fmt: skip
-    convs = [e for e in getattr(q, PACKED).values() if e["pack"] == "pack_conv"]
+    convs = [e for e in packed_weights(q).values() if e["pack"] == "pack_conv"]
     assert convs[0]["x_shape"] == [1, *batches[0].shape[1:]]
     assert all(len(e["x_shape"]) == 4 and e["x_shape"][0] == 1 for e in convs), convs
     gq.save(q, tmp_path / "m.pt2")
     loaded = gq.load(tmp_path / "m.pt2")
     want = sorted(e["x_shape"] for e in convs)
-    assert sorted(e["x_shape"] for e in getattr(loaded, PACKED).values() if e["pack"] == "pack_conv") == want
+    assert sorted(e["x_shape"] for e in packed_weights(loaded).values() if e["pack"] == "pack_conv") == want
     scripted = gq.to_torchscript(q)
     hints = sorted(m.x_shape for m in scripted.modules() if hasattr(m, "x_shape"))
     assert hints == want

@@ -29,16 +29,14 @@ from torch import nn
 
 from graphquant.deploy import compiled, program
 from graphquant.errors import GraphQuantError
-from graphquant.partial import Binding, Region
+from graphquant.inputs import input_specs
+from graphquant.partial import Binding, Region, regions
+from graphquant.qconfig import QConfig
+from graphquant.quantized import QuantizedRecord, attach, record_of
 from graphquant.report import ConversionReport, EagerPart, NodeReport, RegionReport, bias_lines, smoothing_lines
 
 PARTIAL_MANIFEST = "graphquant/partial.json"
 PARTIAL_FORMAT, PARTIAL_VERSION = "graphquant-partial", 1
-
-
-def regions_of(model: nn.Module) -> list[Region]:
-    """The quantized regions inside a partially quantized model (none for a whole graph)."""
-    return [m for m in model.modules() if isinstance(m, Region)]
 
 
 def save(qmodel: nn.Module, path: str | os.PathLike[str], package: str = "program") -> None:
@@ -53,7 +51,7 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str], package: str = "progra
         raise GraphQuantError(f"graphquant: save(package={package!r}): choose 'program' (a .pt2 program, the "
                               "default) or 'aoti' (an AOTInductor package)")  # fmt: skip
     if package == "aoti":
-        if not isinstance(qmodel, torch.fx.GraphModule) and regions_of(qmodel):
+        if regions(qmodel):
             raise GraphQuantError(
                 "graphquant: save(package='aoti') compiles a model quantized whole; this one was quantized region "
                 "by region (it does not export whole): save it with graphquant.save(qmodel, path), or compile its "
@@ -61,28 +59,27 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str], package: str = "progra
             )
         compiled.save_package(qmodel, path)
         return
-    if isinstance(qmodel, torch.fx.GraphModule) or not regions_of(qmodel):
+    parts = regions(qmodel)
+    if not parts:
         program.save(qmodel, path)
         return
-    report = getattr(qmodel, "graphquant_report", None)
-    if not isinstance(report, ConversionReport):
-        raise GraphQuantError("graphquant: save takes a model returned by graphquant.convert / quantize / load")
+    record = record_of(qmodel)
     program.check_writable(path)
     program.check_writable(program.manifest_path(path), "the manifest")
-    regions = regions_of(qmodel)
     cls = type(qmodel)
-    region_paths = [r.path for r in regions]
+    region_paths = [r.path for r in parts]
     state = {k: v for k, v in qmodel.state_dict().items() if not any(k.startswith(p + ".") for p in region_paths)}
     data: dict[str, Any] = {
         "format": PARTIAL_FORMAT,
         "version": PARTIAL_VERSION,
         "model_class": f"{cls.__module__}:{cls.__qualname__}",
-        "regions": [{"path": r.path, "file": f"regions/{i}.pt2"} for i, r in enumerate(regions)],
-        "report": report.to_dict(),
+        "regions": [{"path": r.path, "file": f"regions/{i}.pt2"} for i, r in enumerate(parts)],
+        "report": record.report.to_dict(),
+        "qconfig_dict": {key: None if q is None else q.to_dict() for key, q in record.qconfig_dict.items()},
     }
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(path, "w") as archive:
-        for i, region in enumerate(regions):
+        for i, region in enumerate(parts):
             file = Path(tmp) / f"{i}.pt2"
             program.save(region.inner, file)
             archive.write(file, f"regions/{i}.pt2")
@@ -150,7 +147,7 @@ def load(path: str | os.PathLike[str], float_model: nn.Module | None = None) -> 
                     raise GraphQuantError(f"graphquant: {text}: the float model has no submodule {entry['path']!r} "
                                           "for the saved region") from error  # fmt: skip
                 signature = inspect.signature(module.forward)
-                tensors = len(getattr(inner, "graphquant_input_spec"))  # noqa: B009 - a plain attribute
+                tensors = len(input_specs(inner) or ())
                 binding = Binding(list(signature.parameters)[:tensors], tensors, signature)
                 model.set_submodule(entry["path"], Region(entry["path"], inner, binding, None, None))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -166,8 +163,9 @@ def load(path: str | os.PathLike[str], float_model: nn.Module | None = None) -> 
                               eager=[EagerPart(**p) for p in rep.get("eager", [])],
                               smoothing=smoothing_lines(rep.get("smoothing", [])),
                               bias_correction=bias_lines(rep.get("bias_correction", [])))  # fmt: skip
-    setattr(model, "graphquant_report", report)  # noqa: B010
+    qconfig_dict = {key: None if q is None else QConfig.from_dict(q) for key, q in data.get("qconfig_dict", {}).items()}
+    attach(model, QuantizedRecord(report, qconfig_dict))  # archives written before the record have none
     return model
 
 
-__all__ = ["load", "regions_of", "save"]
+__all__ = ["load", "save"]

@@ -33,10 +33,10 @@ from graphquant.api import LazyQuantized
 from graphquant.capture import BATCH, MANIFEST_FILE, read_program
 from graphquant.errors import GraphQuantError, where
 from graphquant.graph import add_attr, example_shape, get_attr_value, is_graphquant_op, module_path, named_args
-from graphquant.inputs import INPUT_CHECK, InputSpec, install_input_check
+from graphquant.inputs import INPUT_CHECK, InputSpec, input_specs, install_input_check
 from graphquant.kernels import onednn, x86
-from graphquant.patterns.context import PACKED
 from graphquant.qconfig import QConfig
+from graphquant.quantized import QuantizedRecord, attach, record_of
 from graphquant.report import ConversionReport, NodeReport, bias_lines, smoothing_lines
 from graphquant.runtimes import install_direct_calls
 
@@ -59,38 +59,33 @@ def graph_module(qmodel: object) -> fx.GraphModule:
             "graphquant: this dynamic model has not run yet, so it has no graph to save: call it once on an "
             "example batch, or pass example_inputs to graphquant.quantize_dynamic"
         )
-    if not isinstance(quantized, fx.GraphModule) or getattr(quantized, "graphquant_report", None) is None:
+    record_of(quantized)  # a converted model, or the error that says what to pass
+    if not isinstance(quantized, fx.GraphModule):
         raise GraphQuantError(
-            "graphquant: expected a model returned by graphquant.convert / quantize / load, got "
-            f"{type(qmodel).__name__}"
+            f"graphquant: this {type(qmodel).__name__} was quantized region by region (it does not export whole); "
+            "it has no one graph: save it with graphquant.save (an archive of its regions)"
         )
     return quantized
 
 
 def input_records(gm: fx.GraphModule) -> list[dict[str, Any]]:
     """The inputs as the manifest lists them: shape with ``"batch"`` for a dynamic batch, dtype."""
-    spec = getattr(gm, "graphquant_input_spec", None)
-    if spec is None or any(entry is None for entry in spec):
+    specs = input_specs(gm)
+    if specs is None or any(spec is None for spec in specs):
         raise GraphQuantError(
             "graphquant: only models whose inputs are all tensors can be saved or scripted; wrap the model so that "
             "its forward takes tensors only"
         )
-    batch = getattr(gm, "graphquant_batch", None)
-    # a fixed-shape capture: each input's own first size (embedding_bag's indices and offsets differ)
-    sizes = getattr(gm, "graphquant_input_sizes", None) or [None] * len(spec)
-    entries = []
-    for (shape, dtype), size in zip(spec, sizes, strict=True):
-        first = BATCH if batch is None else (batch if size is None else size)
-        entries.append({"shape": [first, *shape], "dtype": str(dtype).removeprefix("torch.")})
-    return entries
+    return [{"shape": [BATCH, *spec.sizes[1:]] if spec.dynamic_batch else list(spec.sizes),
+             "dtype": str(spec.dtype).removeprefix("torch.")} for spec in specs if spec is not None]  # fmt: skip
 
 
 def manifest(qmodel: nn.Module) -> dict[str, Any]:
     """What was quantized and how, as JSON-ready data (see :func:`manifest_json`)."""
     gm = graph_module(qmodel)
-    report: ConversionReport = gm.graphquant_report  # type: ignore[assignment]
-    qconfig_dict = getattr(gm, "graphquant_qconfig_dict", {})
-    packed = {str(entry["int8"]): str(entry["pack"]) for entry in getattr(gm, PACKED, {}).values()}
+    record = record_of(gm)
+    report, qconfig_dict = record.report, record.qconfig_dict
+    packed = {str(entry["int8"]): str(entry["pack"]) for entry in record.packed.values()}
     return {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -206,7 +201,7 @@ def portablegraph_module(qmodel: nn.Module) -> fx.GraphModule:
     reproduce fails here, not after loading.
     """
     gm = graph_module(qmodel)
-    packed: dict[str, dict[str, Any]] = getattr(gm, PACKED, {})
+    packed = record_of(gm).packed
     graph = copy.deepcopy(gm.graph)
     for node in graph.nodes:
         if node.op == "call_function" and is_graphquant_op(node.target):
@@ -225,10 +220,7 @@ def portablegraph_module(qmodel: nn.Module) -> fx.GraphModule:
         graph.erase_node(node)  # export would trace it away; load installs it again from the manifest
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        portable = fx.GraphModule(gm, graph)
-    for name in ("graphquant_input_spec", "graphquant_batch", "graphquant_input_sizes"):
-        setattr(portable, name, getattr(gm, name, None))
-    return portable
+        return fx.GraphModule(gm, graph)
 
 
 def exportable_graph_module(qmodel: nn.Module) -> fx.GraphModule:
@@ -323,8 +315,7 @@ def repack(gm: fx.GraphModule, packed_weights: dict[str, str]) -> None:
     buffer stays, as the state the next :func:`save` writes. A weight read with two different
     input qparams is packed twice, as convert packed it.
     """
-    table: dict[str, dict[str, Any]] = getattr(gm, PACKED, {})
-    setattr(gm, PACKED, table)
+    table = record_of(gm).packed
     made: dict[tuple[str, str], fx.Node] = {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or not is_graphquant_op(node.target):
@@ -360,32 +351,20 @@ def load(path: str | os.PathLike[str]) -> fx.GraphModule:
     gm = program.module()
     del program
     backend = data["backend"]
-    if data["packed_weights"]:
-        if onednn.available():
-            repack(gm, data["packed_weights"])
-            _warn_if_8bit_on_saturating_cpu(data, text)
-        else:
-            warnings.warn(f"graphquant: {text} was saved with oneDNN kernels; this PyTorch has none, so it runs on "
-                          "the portable kernels", stacklevel=2)  # fmt: skip
-            backend = "portable"
-    first = data["inputs"][0]["shape"][0] if data["inputs"] else BATCH
-    attributes = {
-        "graphquant_report": ConversionReport(data["mode"], backend, [NodeReport(**node) for node in data["nodes"]],
-                                              smoothing=smoothing_lines(data.get("smoothing", [])),
-                                              bias_correction=bias_lines(data.get("bias_correction", []))),
-        "graphquant_backend": backend,
-        "graphquant_debug": data["mode"] == "reference",
-        "graphquant_qconfig_dict": {
-            key: None if value is None else QConfig.from_dict(value) for key, value in data["qconfig_dict"].items()
-        },
-        "graphquant_input_spec": [
-            (tuple(entry["shape"][1:]), getattr(torch, entry["dtype"])) for entry in data["inputs"]
-        ],
-        "graphquant_batch": None if first == BATCH else int(first),
-        "graphquant_input_sizes": None if first == BATCH else [int(entry["shape"][0]) for entry in data["inputs"]],
-    }
-    for name, value in attributes.items():
-        setattr(gm, name, value)
+    repacks = bool(data["packed_weights"]) and onednn.available()
+    if data["packed_weights"] and not repacks:
+        warnings.warn(f"graphquant: {text} was saved with oneDNN kernels; this PyTorch has none, so it runs on "
+                      "the portable kernels", stacklevel=2)  # fmt: skip
+        backend = "portable"
+    report = ConversionReport(data["mode"], backend, [NodeReport(**node) for node in data["nodes"]],
+                              smoothing=smoothing_lines(data.get("smoothing", [])),
+                              bias_correction=bias_lines(data.get("bias_correction", [])))  # fmt: skip
+    qconfig_dict = {key: None if value is None else QConfig.from_dict(value)
+                    for key, value in data["qconfig_dict"].items()}  # fmt: skip
+    attach(gm, QuantizedRecord(report, qconfig_dict))
+    if repacks:
+        repack(gm, data["packed_weights"])
+        _warn_if_8bit_on_saturating_cpu(data, text)
     install_direct_calls(gm)
     install_input_check(gm, manifest_specs(data["inputs"], [n.name for n in gm.graph.find_nodes(op="placeholder")]))
     return gm

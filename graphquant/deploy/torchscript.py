@@ -18,14 +18,14 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, fx, nn
 
-from graphquant.deploy.archive import regions_of
 from graphquant.deploy.program import graph_module, input_records
 from graphquant.errors import GraphQuantError, where
 from graphquant.graph import get_attr_value, module_path
 from graphquant.inputs import INPUT_CHECK, InputSpec, input_specs
 from graphquant.kernels import x86
 from graphquant.kernels.scripted import PackedConvWeight, PackedLinearWeight, check_input, is_packed
-from graphquant.patterns.context import PACKED
+from graphquant.partial import regions
+from graphquant.quantized import record_of
 from graphquant.runtimes import KernelCall, kernel_call
 
 
@@ -101,7 +101,7 @@ def _scriptable_graph(gm: fx.GraphModule) -> tuple[nn.Module, fx.Graph]:
     for node in gm.graph.nodes:
         if node.op == "call_function":
             _script_target(node)  # refuses torch.cond and graphquant ops without a twin, naming the node
-    packed: dict[str, dict[str, Any]] = getattr(gm, PACKED, {})
+    packed = record_of(gm).packed
     root, graph = nn.Module(), fx.Graph()
     env: dict[fx.Node, Any] = {}
     names: dict[str, str] = {}
@@ -170,8 +170,8 @@ def _scriptable_graph(gm: fx.GraphModule) -> tuple[nn.Module, fx.Graph]:
 def _script_partial(qmodel: nn.Module) -> torch.jit.ScriptModule:
     """A partially quantized model scripted whole: each region swapped for its scripted graph for
     the time of ``torch.jit.script`` (which copies the module tree), then put back."""
-    regions = regions_of(qmodel)
-    for region in regions:
+    parts = regions(qmodel)
+    for region in parts:
         qmodel.set_submodule(region.path, to_torchscript(region.inner))
     try:
         with warnings.catch_warnings():
@@ -185,7 +185,7 @@ def _script_partial(qmodel: nn.Module) -> torch.jit.ScriptModule:
             "program per region), or make those parts scriptable"
         ) from error
     finally:
-        for region in regions:
+        for region in parts:
             qmodel.set_submodule(region.path, region)
 
 
@@ -203,7 +203,7 @@ def to_torchscript(qmodel: nn.Module) -> torch.jit.ScriptModule:
     on a tensor is; ``list(self.blocks)[:n]`` is not); otherwise it is refused, naming what
     TorchScript could not compile.
     """
-    if not isinstance(qmodel, fx.GraphModule) and regions_of(qmodel):
+    if regions(qmodel):
         return _script_partial(qmodel)
     gm = graph_module(qmodel)
     root, graph = _scriptable_graph(gm)

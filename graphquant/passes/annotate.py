@@ -10,15 +10,22 @@ Observer insertion and lowering read these records; nothing searches the graph a
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
 
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from graphquant.graph import FLOAT_REASON, MATCH, Match, activation_inputs, is_constant, is_float_tensor, module_path
+from graphquant.graph import (
+    FLOAT_REASON,
+    MATCH,
+    Match,
+    activation_inputs,
+    is_constant,
+    is_float_tensor,
+    module_path,
+    node_qconfig,
+)
 from graphquant.patterns import Pattern, patterns_for
-from graphquant.qconfig import QConfig, resolve
 
 
 def _same_shape(a: fx.Node, b: fx.Node) -> bool:
@@ -93,12 +100,12 @@ def _weight_only_reason(pattern: Pattern, key: str, path: str) -> str:
             "dynamic qconfig to quantize it")  # fmt: skip
 
 
-def annotate(gm: fx.GraphModule, qconfig_dict: Mapping[str, QConfig | None], dynamic: bool = False) -> list[Match]:
+def annotate(gm: fx.GraphModule, dynamic: bool = False) -> list[Match]:
     """Write a ``Match`` into ``node.meta[MATCH]`` for every pattern occurrence; return them in
     the graph order of their outputs.
 
-    The anchor's module path decides the qconfig; a chain is matched only if every node
-    in it has a qconfig (a fused relu in a float submodule stops the fusion). Output order
+    The anchor's qconfig (stamped at capture: ``graph.node_qconfig``) is the match's; a chain is
+    matched only if every node in it has a qconfig (a fused relu in a float submodule stops the fusion). Output order
     puts every producer before its consumers: in ``conv2 -> add(., shortcut(x))`` the
     shortcut conv's anchor comes after conv2's, its output before the add.
     """
@@ -111,7 +118,7 @@ def annotate(gm: fx.GraphModule, qconfig_dict: Mapping[str, QConfig | None], dyn
             outputs = () if pattern.value_outputs is None or nodes is None else _value_outputs(node, pattern)
             if nodes is None or outputs is None or not _float_io(nodes, outputs, pattern):
                 continue
-            resolved = [resolve(qconfig_dict, module_path(n)) for n in nodes]
+            resolved = [node_qconfig(n) for n in nodes]
             if any(r.qconfig is None for r in resolved):
                 continue
             qconfig, key = resolved[0].qconfig, resolved[0].key

@@ -20,8 +20,8 @@ from torch import fx
 
 from graphquant.graph import QPARAMS, constant_node, copy_meta, get_attr_value, module_path
 from graphquant.kernels import onednn
-from graphquant.patterns.context import PACKED
 from graphquant.patterns.post_ops import POST_OP_TARGETS, post_op
+from graphquant.quantized import packed_weights
 
 ops = torch.ops.graphquant
 
@@ -109,7 +109,7 @@ _VIEWS = {
 def _shared_gemm_key(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] | None:
     """What linears must share to run as one GEMM with their weights side by side: the input,
     its qparams (or per-token scheme), float32 out without a post-op; packed oneDNN weights."""
-    packed = getattr(gm, PACKED, {})
+    packed = packed_weights(gm)
     if set(node.kwargs) - {"x_qmax"} or any(user.op == "output" for user in node.users):
         return None  # a returned output stays its own contiguous tensor
     if node.target is ops.qlinear.default and len(node.args) == 11:
@@ -136,7 +136,7 @@ def _weight_part(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, torch
         "tuple[fx.Node, fx.Node, fx.Node | None]",
         node.args[3:6] if node.target is ops.qlinear.default else node.args[1:4],
     )
-    int8 = getattr(gm, str(getattr(gm, PACKED)[str(w.target)]["int8"]))
+    int8 = getattr(gm, str(packed_weights(gm)[str(w.target)]["int8"]))
     return int8, get_attr_value(gm, w_scale), get_attr_value(gm, bias) if bias is not None else None
 
 
@@ -172,7 +172,7 @@ def share_gemms(gm: fx.GraphModule) -> int:
         prefix = f"{module_path(first) or first.name}_shared_gemm_weight"
         int8_node = constant_node(gm, prefix + "_int8", int8)
         packed_node = constant_node(gm, prefix + "_packed", onednn.pack_linear(int8), buffer=False)
-        getattr(gm, PACKED)[packed_node.target] = {"int8": int8_node.target, "pack": "pack_linear"}
+        packed_weights(gm)[str(packed_node.target)] = {"int8": int8_node.target, "pack": "pack_linear"}
         scale_node = constant_node(gm, prefix + "_scale", w_scale)
         bias_node = constant_node(gm, prefix + "_bias", bias) if bias is not None else None
         if first.target is ops.qlinear.default:

@@ -43,16 +43,18 @@ from graphquant.graph import (
     get_attr_value,
     matches_of,
     module_path,
+    node_qconfig,
 )
 from graphquant.kernels import registry, x86
 from graphquant.observers import Observer, SharedQParams, SmoothingObserver
 from graphquant.passes.bias_correction import correct_bias
 from graphquant.passes.fuse import donate_accumulators, fold_activations, share_gemms
 from graphquant.passes.smooth import smooth
-from graphquant.patterns.context import PACKED, KernelContext, QValue, WeightCache
+from graphquant.patterns.context import KernelContext, QValue, WeightCache
 from graphquant.patterns.dynamic_linear import asymmetric_rows
-from graphquant.qconfig import activation_qmax, resolve
+from graphquant.qconfig import activation_qmax
 from graphquant.quant_math import QParams
+from graphquant.quantized import packed_weights
 from graphquant.report import ConversionReport, NodeReport
 
 ops = torch.ops.graphquant
@@ -302,7 +304,7 @@ def drop_unused_state(gm: fx.GraphModule) -> None:
     gm.graph.eliminate_dead_code()
     used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     # int8 weights behind packed oneDNN weights are the saved state the packs are rebuilt from
-    packed = getattr(gm, PACKED, {})
+    packed = packed_weights(gm)
     for name in [name for name in packed if name not in used]:  # packs merged away (share_gemms)
         del packed[name]
         if hasattr(gm, name):
@@ -320,7 +322,7 @@ def drop_unused_state(gm: fx.GraphModule) -> None:
 
 
 def _report(
-    gm: fx.GraphModule, qparams: dict[str, QParams], qconfig_dict: Any, mode: str, backend: str, float_outputs: set[str]
+    gm: fx.GraphModule, qparams: dict[str, QParams], mode: str, backend: str, float_outputs: set[str]
 ) -> ConversionReport:
     """A line per compute node: quantized (pattern, kernel, output qparams) or float and why."""
     report = ConversionReport(mode, backend)
@@ -349,7 +351,7 @@ def _report(
                                            scale=scale, zero_point=zero_point, activation_bits=bits,
                                            depthwise=depthwise))  # fmt: skip
         else:
-            report.nodes.append(NodeReport(node.name, op, path, False, reason=float_reason(node, qconfig_dict)))
+            report.nodes.append(NodeReport(node.name, op, path, False, reason=float_reason(node)))
     return report
 
 
@@ -378,17 +380,17 @@ def activation_bits(gm: fx.GraphModule, match: Match) -> int | None:
     return 7 if activation_qmax(match.qconfig.activation) <= 127 else 8  # dynamic: quantized per batch
 
 
-def float_reason(node: fx.Node, qconfig_dict: Any) -> str:
+def float_reason(node: fx.Node) -> str:
     """Why a compute node stayed float."""
     if FLOAT_REASON in node.meta:
         return str(node.meta[FLOAT_REASON])
-    resolved = resolve(qconfig_dict, module_path(node))
+    resolved = node_qconfig(node)
     if resolved.qconfig is None:
         return f"qconfig_dict[{resolved.key!r}] is None" if resolved.key is not None else "no qconfig_dict key applies"
     return f"no quantized pattern for {node.target}"
 
 
-def lower(gm: fx.GraphModule, debug: bool, backend: str, qconfig_dict: Any, fuse: bool = True) -> ConversionReport:
+def lower(gm: fx.GraphModule, debug: bool, backend: str, fuse: bool = True) -> ConversionReport:
     """Convert a calibrated prepared graph in place: reference graph, then kernels unless ``debug``.
 
     ``fuse=False`` leaves out the rewrites of :mod:`graphquant.passes.fuse` (numerics compares
@@ -400,7 +402,7 @@ def lower(gm: fx.GraphModule, debug: bool, backend: str, qconfig_dict: Any, fuse
     float_out = ("dynamic", "weight_only")  # kinds without an output observer
     matches = [m for m in matches_of(gm) if m.output_observer is not None or m.pattern.kind in float_out]
     float_outputs = float_output_observers(gm, matches)
-    report = _report(gm, qparams, qconfig_dict, "reference" if debug else "kernel", backend, float_outputs)
+    report = _report(gm, qparams, "reference" if debug else "kernel", backend, float_outputs)
     report.smoothing, report.bias_correction = smoothing, corrected
     ctx = KernelContext(gm, backend, WeightCache())
     quantized_at = reference(gm, matches, ctx, qparams, float_outputs)

@@ -3,7 +3,8 @@
 Weights are quantized once per weight tensor (a shared weight is quantized once) with
 the match's weight observer; oneDNN weights are packed once, here, at convert time.
 The int8 weight is registered as a buffer (saved state); the packed copy is a plain
-attribute, listed in ``gm.graphquant_packed`` so it can be rebuilt after loading.
+attribute, listed in the model's record (``graphquant.quantized.packed_weights``) so it can be
+rebuilt after loading.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from graphquant.graph import Match, constant_node, copy_meta, example_shape, get
 from graphquant.kernels import embedding, onednn
 from graphquant.qconfig import ObserverSpec
 from graphquant.quant_math import QParams, quantize
-
-PACKED = "graphquant_packed"  # GraphModule attribute: packed name -> how to rebuild it
+from graphquant.quantized import packed_weights
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,6 @@ class KernelContext:
         self.weights = weights
         self.match: Match | None = None
         self._lowered: dict[tuple[Any, ...], tuple[fx.Node, ...]] = {}
-        if not hasattr(gm, PACKED):
-            setattr(gm, PACKED, {})
 
     def call(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> fx.Node:
         """Insert ``target(*args, **kwargs)`` after the match's last node (an op returning several
@@ -138,7 +136,8 @@ class KernelContext:
             int8_node = self.constant(prefix + "_int8", w_int8)
             if self.backend == "onednn":
                 packed = self.constant(prefix + "_packed", pack(w_int8, **pack_args), buffer=False)
-                getattr(self.gm, PACKED)[packed.target] = {"int8": int8_node.target, "pack": pack.__name__, **pack_args}
+                packed_weights(self.gm)[str(packed.target)] = {"int8": int8_node.target, "pack": pack.__name__,
+                                                               **pack_args}
             else:
                 packed = int8_node
             self._lowered[key] = (packed, self.constant(prefix + "_scale", qparams.scale.float()))

@@ -17,8 +17,8 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from graphquant.api import quantize, quantize_dynamic
-from graphquant.deploy.archive import regions_of
 from graphquant.graph import QPARAMS
+from graphquant.partial import regions
 from graphquant.qconfig import QConfig, default_dynamic_qconfig, get_default_qconfig
 from graphquant.quant_math import output_sqnr
 
@@ -60,7 +60,7 @@ def _graphs(model: nn.Module) -> list[fx.GraphModule]:
     region by region."""
     if isinstance(model, fx.GraphModule):
         return [model]
-    return [cast(fx.GraphModule, r.inner) for r in regions_of(model)]
+    return [cast(fx.GraphModule, r.inner) for r in regions(model)]
 
 
 def _as_batches(inputs: Any) -> list[tuple[Any, ...]]:

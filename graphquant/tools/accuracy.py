@@ -28,6 +28,7 @@ from graphquant.api import quantize
 from graphquant.capture import module_tree
 from graphquant.errors import GraphQuantError
 from graphquant.qconfig import QConfig, check_qconfig_dict
+from graphquant.quantized import record_of
 from graphquant.tools.numerics import compare
 
 EvalFn = Callable[[nn.Module], float]
@@ -152,7 +153,7 @@ def quantize_with_accuracy_control(
     if not met:
         if not batches:
             raise GraphQuantError("graphquant: run_fn fed the model no batch; accuracy control needs calibration")
-        regions = getattr(getattr(best, "graphquant_report", None), "regions", [])
+        regions = record_of(best).report.regions
         if regions:  # quantized region by region (graphquant.partial): whole regions, lowest SQNR first
             report.ranking = tuple(r.path for r in sorted(regions, key=lambda r: (r.sqnr_db is None, r.sqnr_db or 0)))
         else:
@@ -177,7 +178,6 @@ def quantize_with_accuracy_control(
         report.stopped_by_budget = out_of_time() and (not met or hi - lo > 1)
     report.met = met
     report.seconds = time.perf_counter() - start
-    setattr(best, "graphquant_accuracy_control", report)  # noqa: B010
     return best, report
 
 

@@ -6,7 +6,7 @@ and a small layer's conversions can cost more than the GEMM saves. :func:`time_k
 quantized model once on the given inputs, records what every int8 GEMM / conv kernel received,
 then times each kernel alone on those inputs and the float32 op of the same shapes (conv or
 linear, bias, post-op, residual add), interleaved, median of ``rounds`` calls. The result goes
-into the model's report (``print(qmodel.graphquant_report)``) and ``graphquant explain --time``
+into the model's report (``print(graphquant.report(qmodel))``) and ``graphquant explain --time``
 turns the layers that lose into a ``qconfig_dict`` that keeps them float.
 
 What is timed is the kernel call, not its neighbours: an int8 layer between int8 layers needs no
@@ -27,6 +27,7 @@ from torch import Tensor, fx, nn
 from graphquant.errors import GraphQuantError
 from graphquant.graph import MATCH
 from graphquant.kernels import registry, x86
+from graphquant.quantized import find_record
 from graphquant.report import KernelTiming
 
 
@@ -151,7 +152,7 @@ def kernel_calls(qmodel: fx.GraphModule, example_inputs: tuple[Any, ...]) -> lis
 def time_kernels(qmodel: nn.Module, example_inputs: tuple[Any, ...], rounds: int = 20) -> list[KernelTiming]:
     """Each int8 GEMM / conv kernel of ``qmodel`` (a kernel graph from ``convert`` / ``quantize`` /
     ``graphquant.load``) timed alone on the inputs it gets from ``example_inputs``, against the
-    float32 op of the same shapes; also kept in ``qmodel.graphquant_report`` where it has one, so
+    float32 op of the same shapes; also kept in ``graphquant.report(qmodel)`` where it has one, so
     printing the report shows them. Keep the machine quiet while it runs (module docstring)."""
     if not isinstance(qmodel, fx.GraphModule):
         raise GraphQuantError(f"graphquant.time_kernels: wants the quantized GraphModule, got {type(qmodel).__name__}; "
@@ -163,7 +164,7 @@ def time_kernels(qmodel: nn.Module, example_inputs: tuple[Any, ...], rounds: int
         for call in kernel_calls(qmodel, example_inputs):
             int8_ms, float_ms = _median_ms([call.run, float_op(call.kernel, call.args)], rounds)
             timings.append(KernelTiming(call.node, call.module_path, call.kernel, call.cpu_path, int8_ms, float_ms))
-    report = getattr(qmodel, "graphquant_report", None)
-    if report is not None:
-        report.timings = timings
+    record = find_record(qmodel)
+    if record is not None:
+        record.report.timings = timings
     return timings

@@ -48,6 +48,7 @@ from graphquant.partial import export_reason
 from graphquant.passes.fold_bn import fold_bn
 from graphquant.qconfig import QConfig, default_dynamic_qconfig, get_default_qconfig
 from graphquant.quant_math import QParams, dequantize
+from graphquant.quantized import record_of
 
 # A layer whose median output channel keeps less than this is worth keeping float: 8-bit
 # per-tensor activations with per-channel weights usually give 30-45 dB per channel.
@@ -811,7 +812,7 @@ def compare(
     float_gm = fold_bn(capture(model, examples[0]))
     graphs = _line_up(float_gm, reference, kernel)
     nodes, out_ref, out_kernel = _measure(graphs, compared, progress)
-    paths = {n.node: n.cpu_path for n in kernel.graphquant_report.nodes}  # type: ignore[union-attr]
+    paths = {n.node: n.cpu_path for n in record_of(kernel).report.nodes}
     nodes = [dataclasses.replace(n, cpu_path=paths.get(n.node, "")) for n in nodes]
     ranked = _rank(nodes)
     suggestion = suggest(ranked, graphs.matches, qconfig_dict, min_sqnr_db, max_layers)
