@@ -28,6 +28,7 @@ from graphquant.passes.annotate import annotate
 from graphquant.passes.fold_bn import fold_bn
 from graphquant.passes.insert_observers import insert_observers
 from graphquant.passes.lower import lower
+from graphquant.passes.verify import check_lowered, check_matches
 from graphquant.qconfig import QConfig, check_qconfig_dict, default_dynamic_qconfig
 from graphquant.quantized import QuantizedRecord, attach, find_record, set_report
 from graphquant.report import ConversionReport, EagerPart
@@ -85,6 +86,7 @@ class PreparedModel(nn.Module):
         gm = fold_bn(gm)
         matches = annotate(gm, dynamic=self.dynamic)
         self.graph_module = insert_observers(gm, matches)
+        check_matches(self.graph_module, "insert_observers")
         install_input_check(self.graph_module)  # first again: observers must not see a bad batch
         self._float_model.clear()
 
@@ -248,9 +250,11 @@ def _convert(
     if not inplace:
         gm = copy.deepcopy(gm)
         rebind_matches(gm)
+        check_matches(gm, "copying the prepared graph")
     mode = "reference" if debug else "kernel"
     attach(gm, QuantizedRecord(ConversionReport(mode, backend), dict(prepared.qconfig_dict)))  # lowering packs into it
     set_report(gm, lower(gm, debug, backend, fuse))
+    check_lowered(gm)
     # An inference model: nothing backpropagates through int8 kernels. Float parameters left
     # (LayerNorm, embeddings) requiring grad would make every call outside torch.no_grad()
     # record autograd state, and in-place steps on values that need grad copy them first.

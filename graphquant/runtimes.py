@@ -23,16 +23,17 @@ from graphquant.kernels.registry import Kernel, kernel_of
 
 @dataclass(frozen=True)
 class KernelCall:
-    """One ``graphquant::`` node of a kernel graph: its record and its arguments, every one of the
-    schema's in order, defaults filled in."""
+    """One ``graphquant::`` node of a kernel graph: its record and its arguments by schema name, in the
+    schema's order, defaults filled in."""
 
     node: fx.Node
     kernel: Kernel
-    args: tuple[Any, ...]
+    named: dict[str, Any]
 
     @property
-    def named(self) -> dict[str, Any]:
-        return dict(zip(self.kernel.argument_names, self.args, strict=True))
+    def args(self) -> tuple[Any, ...]:
+        """Every argument, positional (a call that binds to its schema: passes/verify.py checks it)."""
+        return tuple(self.named.values())
 
     @property
     def weight(self) -> fx.Node | None:
@@ -54,7 +55,7 @@ class KernelCall:
 def kernel_call(node: fx.Node) -> KernelCall | None:
     """``node`` as a :class:`KernelCall`, if it calls a ``graphquant::`` op."""
     kernel = kernel_of(node.target) if node.op == "call_function" else None
-    return None if kernel is None else KernelCall(node, kernel, tuple(named_args(node).values()))
+    return None if kernel is None else KernelCall(node, kernel, named_args(node))
 
 
 def kernel_calls(graph: fx.Graph) -> list[KernelCall]:

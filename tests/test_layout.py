@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("arithmetic", ("graphquant.quant_math",)),
     ("kernels", ("graphquant.kernels",)),
     ("core", ("graphquant.graph", "graphquant.qconfig", "graphquant.observers", "graphquant.inputs",
-              "graphquant.capture", "graphquant.report", "graphquant.runtimes")),
+              "graphquant.capture", "graphquant.report", "graphquant.runtimes", "graphquant.quantized")),
     ("patterns", ("graphquant.patterns",)),
     ("passes", ("graphquant.passes",)),
     ("api", ("graphquant.api", "graphquant.partial")),
@@ -148,3 +148,21 @@ def test_the_tables_are_derived_from_the_records() -> None:
     source = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py") if p.name != "registry.py")
     # no hand-kept list of op names outside the records: a quoted "qconv2d" beside another op name
     assert not re.search(r'["\']q(conv|linear)\w*["\'], ["\']q(conv|linear)', source)
+
+
+def test_the_worked_example_of_adding_an_int8_op_holds(tmp_path: Path) -> None:
+    """docs/architecture.md's "How to add an int8 op": its three code blocks (a kernel record, a pattern
+    row, the one-line test), run in a fresh process, quantize |x| to the new kernel within one step of
+    the reference and write it out as TorchScript, with nothing else changed."""
+    import subprocess
+    import sys
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("## How to add an int8 op", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 3, "the worked example is three blocks: kernel record, pattern row, test"
+    script = tmp_path / "add_an_op.py"  # a file: TorchScript reads the kernel body's source
+    script.write_text("import warnings\nwarnings.simplefilter('ignore')\n" + "\n".join(blocks))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1].startswith("qabs ")

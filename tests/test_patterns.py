@@ -7,8 +7,9 @@ import operator
 import pytest
 import torch
 
+from graphquant.kernels.registry import KERNELS, kernel_of
 from graphquant.patterns import PATTERNS
-from graphquant.qconfig import embedding_qconfig
+from graphquant.qconfig import embedding_qconfig, float16_dynamic_qconfig
 from graphquant.testing import check_graph_mode_op
 
 CASES = [
@@ -16,9 +17,13 @@ CASES = [
     for pattern in PATTERNS
     for i in range(len(pattern.examples()))
 ]
+BACKENDS = ["onednn", "portable"]
+# the kernels each run below held to the reference graph, and how many runs there were
+HELD: set[str] = set()
+RUNS: list[str] = []
 
 
-@pytest.mark.parametrize("backend", ["onednn", "portable"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("pattern,index", CASES)
 def test_pattern_kernel_matches_reference(pattern, index, backend):  # type: ignore[no-untyped-def]
     torch.manual_seed(index)
@@ -28,6 +33,8 @@ def test_pattern_kernel_matches_reference(pattern, index, backend):  # type: ign
     result = check_graph_mode_op(module, inputs, pattern.kernel, backend=backend, dynamic=dynamic, qconfig=qconfig)
     assert result.max_step_diff <= 1.0 + 1e-4
     assert result.sqnr >= 30.0, f"{pattern.name}: SQNR {result.sqnr:.1f} dB"
+    HELD.update(_kernels(result.quantized) | _kernels(result.reference))
+    RUNS.append(pattern.name)
     if pattern.lower_kernel is None:
         # no kernel of its own: "kernel vs reference" would hold whatever lowering did to the op, so
         # hold the op itself: in the kernel graph it reads dequantized uint8 and is quantized onto
@@ -38,6 +45,10 @@ def test_pattern_kernel_matches_reference(pattern, index, backend):  # type: ign
         assert all(reads_dq and grid is not None for reads_dq, grid in kernel_form), (pattern.name, kernel_form)
         if not _other_kernels(result.quantized):
             assert result.max_step_diff == 0.0, (pattern.name, result.max_step_diff, result.quantized.code)
+
+
+def _kernels(graph: torch.fx.GraphModule) -> set[str]:
+    return {kernel.name for kernel in map(kernel_of, (n.target for n in graph.graph.nodes)) if kernel is not None}
 
 
 _QUANTIZE = torch.ops.graphquant.quantize_per_tensor.default
@@ -105,3 +116,17 @@ def test_the_reference_form_check_sees_a_changed_grid_and_a_float_input() -> Non
     dequantize = anchor.args[0]
     anchor.replace_input_with(dequantize, dequantize.args[0])  # the op on the uint8 tensor itself
     assert _reference_form(result.quantized, ops)[0][0] is False
+
+
+def test_every_kernel_record_is_held_to_its_reference_by_a_pattern() -> None:
+    """Each kernel record is held to the math: it appears in the kernel graph of a pattern example
+    that the runs above held within one step of the reference graph, or in the reference graph
+    itself, held to float by its SQNR. (float16 dynamic linears: their own run here; this runs only
+    after the whole table above.)"""
+    if len(RUNS) < len(CASES) * len(BACKENDS):
+        pytest.skip("holds after every pattern run of this module")
+    module, inputs = next(p for p in PATTERNS if p.name == "dynamic_linear").examples()[0]
+    fp16 = check_graph_mode_op(module, inputs, "linear_fp16", dynamic=True, qconfig=float16_dynamic_qconfig)
+    assert fp16.max_step_diff <= 1.0 + 1e-4
+    HELD.update(_kernels(fp16.quantized))
+    assert set(KERNELS) <= HELD, f"kernels no pattern holds to its reference: {sorted(set(KERNELS) - HELD)}"
