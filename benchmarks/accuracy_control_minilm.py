@@ -40,12 +40,12 @@ def main() -> None:
             return float((reference * model(ids[48:], mask[48:])).sum(-1).mean())
 
     for name, qconfig in (("histogram", gq.default_qconfig),
-                          ("SmoothQuant auto", gq.QConfig(smoothquant=gq.SmoothQuant("auto")))):  # fmt: skip
+                          ("SmoothQuant auto", gq.QConfig(smoothquant=gq.SmoothQuant("auto")))):
         qconfig_dict = gq.qconfig_dict_by_type(encoder, {nn.Linear: qconfig})
         start = time.perf_counter()
         run_fn = lambda m, bs: [m(*b) for b in bs]  # noqa: E731
         _, report = gq.quantize_with_accuracy_control(encoder, qconfig_dict, run_fn, [calibration], cosine, 0.002,
-                                                      example_inputs=calibration[0])  # fmt: skip
+                                                      example_inputs=calibration[0])
         print(f"{name}: {time.perf_counter() - start:.1f} s\n{report}\n")
 
 

@@ -86,7 +86,7 @@ def build(w: Workload, mode: str, threads: int, only: set[str] | None, notes: li
         except Exception as error:
             traceback.print_exc(file=sys.stderr)
             notes.append(f"{w.key} {w.name} {mode}: {key} failed — {type(error).__name__}: "
-                         f"{str(error).splitlines()[0][:120] if str(error) else ''}")  # fmt: skip
+                         f"{str(error).splitlines()[0][:120] if str(error) else ''}")
         gc.collect()
     return built
 
@@ -116,7 +116,7 @@ def bench(w: Workload, mode: str, args: argparse.Namespace, notes: list[str], th
             call = v.alone(threads)
             with torch.no_grad():
                 solo = time_interleaved({alone.name: lambda call=call: call(w.timed)}, args.rounds, args.warmup,
-                                        args.quiet_only, max_seconds=args.max_seconds)  # fmt: skip
+                                        args.quiet_only, max_seconds=args.max_seconds)
             notes.append(f"{w.name} {mode}, {threads} threads, {alone.name}: {solo.describe()}")
             quality[alone.name] = quality.get(v.name, (None, None))
             timing.samples[alone.name] = solo.samples[alone.name]
@@ -141,7 +141,7 @@ def report_only(w: Workload, rows: list[Row]) -> list[Row]:
     label = dataclasses.replace(w, model=torch.nn.Module(), timed=(), calibration=[], evaluation=[], embed=None)
     return [dataclasses.replace(r, workload=label, variant=dataclasses.replace(r.variant, call=_freed, at_threads=None,
                                                                              alone=None))
-            for r in rows]  # fmt: skip
+            for r in rows]
 
 
 def _mib(size: int | None) -> str:
@@ -155,7 +155,7 @@ def _opt(value: float | None, fmt: str) -> str:
 def render_rows(rows: list[Row]) -> str:
     lines = ["| workload | mode | threads | variant | median ms | IQR ms | vs fp32 | vs fastest peer | SQNR dB "
              "| cosine mean / min | size MiB | quantize s | first call s |",
-             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     for r in rows:
         group = [g for g in rows if g.workload is r.workload and g.mode == r.mode and g.threads == r.threads]
         fp32 = next(g for g in group if g.variant.name == "fp32 eager")
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         text = report(rows, notes, args, time.perf_counter() - started, done, len(specs))
         if args.write:  # after every workload: a run cut short still leaves its table
             write_section(REPO_ROOT / "BENCHMARKS.md", START, END, text,
-                          "## graphquant against its peers (`benchmarks/bench_peers.py`)")  # fmt: skip
+                          "## graphquant against its peers (`benchmarks/bench_peers.py`)")
     print(text)
 
 

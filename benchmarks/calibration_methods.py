@@ -71,7 +71,7 @@ def minilm_sentences() -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[tupl
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     encoder = test_transformers.SentenceEncoder(transformers.AutoModel.from_pretrained(path)).eval()
     batch = tokenizer(test_transformers.sentences(), padding="max_length", max_length=48, truncation=True,
-                      return_tensors="pt")  # fmt: skip
+                      return_tensors="pt")
     ids, mask = batch["input_ids"], batch["attention_mask"]
     return encoder, ids, mask, [(ids[i : i + 12], mask[i : i + 12]) for i in range(0, 48, 12)]
 
@@ -84,13 +84,13 @@ def minilm_cosines() -> dict[str, tuple[float, float, float, float]]:
         reference = encoder(ids, mask)
     out = {}
     qconfigs = {name: gq.QConfig(activation=gq.ObserverSpec(observer, options=options))
-                for name, (observer, options) in METHODS.items()}  # fmt: skip
+                for name, (observer, options) in METHODS.items()}
     qconfigs.update({name: gq.QConfig(smoothquant=gq.SmoothQuant(**kw)) for name, kw in SMOOTHQUANT.items()})
     for name, qconfig in qconfigs.items():
         qconfig_dict = gq.qconfig_dict_by_type(encoder, {nn.Linear: qconfig})
         start = time.perf_counter()
         q = gq.quantize(encoder, qconfig_dict, lambda m, bs: [m(*b) for b in bs], [calibration],
-                        example_inputs=calibration[0])  # fmt: skip
+                        example_inputs=calibration[0])
         seconds = time.perf_counter() - start
         with torch.no_grad():
             cosine = (reference * q(ids, mask)).sum(-1)
@@ -111,7 +111,7 @@ def mobilenet_sqnr() -> dict[str, float]:
     for name, (observer, options) in METHODS.items():
         qconfig = gq.QConfig(activation=gq.ObserverSpec(observer, options=options))
         q = gq.quantize(w.model, {"": qconfig}, lambda p, bs: [p(*b) for b in bs], [w.calibration],
-                        example_inputs=w.calibration[0])  # fmt: skip
+                        example_inputs=w.calibration[0])
         with torch.no_grad():
             out[name] = sqnr(reference, torch.cat([q(*x) for x in w.evaluation]))
     return out
@@ -139,9 +139,9 @@ def _encoder_builders():  # type: ignore[no-untyped-def]
     import graphquant as gq
 
     qconfigs = {name: gq.QConfig(activation=gq.ObserverSpec(observer, options=options))
-                for name, (observer, options) in METHODS.items()}  # fmt: skip
+                for name, (observer, options) in METHODS.items()}
     qconfigs.update({name: gq.QConfig(smoothquant=gq.SmoothQuant(**kw))
-                     for name, kw in SMOOTHQUANT.items() if not kw.get("fused_activations")})  # fmt: skip
+                     for name, kw in SMOOTHQUANT.items() if not kw.get("fused_activations")})
     builders = [(name, lambda w, n=name, q=qconfig: _graphquant_variant(w, n, q)) for name, qconfig in qconfigs.items()]
     builders.append(("PT2E", lambda w: peers.pt2e(w, "static", torch.get_num_threads())))
     for weights in (False, True):  # every MatMul (ONNX Runtime's recipe), those with a weight (PT2E's)
@@ -149,10 +149,10 @@ def _encoder_builders():  # type: ignore[no-untyped-def]
         for method in ("MinMax", "Percentile") if weights else ("MinMax", "Entropy", "Percentile"):
             builders.append((f"ONNX Runtime {method}" + " weights" * weights,
                              lambda w, m=method, o=weights: peers.onnxruntime_matmul_peer(
-                                 w, "static", 2, calibrate_method=m, weights_only=o)))  # fmt: skip
+                                 w, "static", 2, calibrate_method=m, weights_only=o)))
         builders.append(("ONNX Runtime SmoothQuant" + " weights" * weights,
                          lambda w, o=weights: peers.onnxruntime_matmul_peer(w, "static", 2, smoothquant=True,
-                                                                            weights_only=o)))  # fmt: skip
+                                                                            weights_only=o)))
     return builders
 
 
@@ -195,13 +195,13 @@ def encoder_table(spec: str, methods: list[str] | None = None) -> str:
         from importlib.metadata import version
 
         notes.append(f"ONNX Runtime's SmoothQuant: neural-compressor {version('neural-compressor')}, installed "
-                     "beside the venv as the script's docstring says")  # fmt: skip
+                     "beside the venv as the script's docstring says")
     except ImportError:
         pass
     lines = [f"Command: `{command_line()}`", "",
              f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.", "",
              "| workload | method | SQNR dB | cosine mean / min | quantize s |", "| --- | --- | ---: | --- | ---: |",
-             *rows]  # fmt: skip
+             *rows]
     if notes:
         lines += ["", *[f"- {note}" for note in notes]]
     return "\n".join(lines)
@@ -210,7 +210,7 @@ def encoder_table(spec: str, methods: list[str] | None = None) -> str:
 def docs_table() -> str:
     cosines, sqnrs = minilm_cosines(), mobilenet_sqnr()
     lines = ["| method | all-MiniLM-L6-v2, static linears: sentence cosine mean (held out) / min | quantize | "
-             "MobileNetV2 W2: SQNR |", "| --- | --- | --- | --- |"]  # fmt: skip
+             "MobileNetV2 W2: SQNR |", "| --- | --- | --- | --- |"]
     for name, (mean, low, held, seconds) in cosines.items():
         sqnr_cell = f"{sqnrs[name]:.1f} dB" if name in sqnrs else "-"
         lines.append(f"| {name} | {mean:.4f} ({held:.4f}) / {low:.4f} | {seconds:.1f} s | {sqnr_cell} |")

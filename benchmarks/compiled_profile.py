@@ -38,7 +38,7 @@ import graphquant as gq  # noqa: E402
 from graphquant.deploy import compiled  # noqa: E402
 
 GROUPS = ("int8 GEMM / conv (onednn::)", "attention (SDPA, bmm)", "Inductor loops (cpp_fused_*)",
-          "other aten ops", "quantize / scale ops")  # fmt: skip
+          "other aten ops", "quantize / scale ops")
 
 
 def group(name: str) -> str:
@@ -86,7 +86,7 @@ def quantized(w: Workload, mode: str) -> nn.Module:
     if mode == "static":
         qconfig_dict = gq.qconfig_dict_by_type(w.model, {nn.Linear: gq.default_qconfig})
         return gq.quantize(w.model, qconfig_dict, lambda m, bs: [m(*b) for b in bs], [w.calibration],
-                           example_inputs=w.calibration[0])  # fmt: skip
+                           example_inputs=w.calibration[0])
     return gq.quantize_dynamic(w.model, {"": gq.default_dynamic_qconfig}, example_inputs=w.calibration[0])
 
 
@@ -114,7 +114,7 @@ def main() -> None:
         print(f"| {g} | " + " | ".join(f"{results[n][1].get(g, 0.0):.2f}" for n in forms) + " |")
     for name in forms:
         print(f"\n{name}, top ops by self CPU ms per call: "
-              + "; ".join(f"{op} {ms:.2f}" for op, ms in results[name][2]))  # fmt: skip
+              + "; ".join(f"{op} {ms:.2f}" for op, ms in results[name][2]))
 
 
 if __name__ == "__main__":

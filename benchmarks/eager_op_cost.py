@@ -65,7 +65,7 @@ def main() -> None:
         "direct call, no plan": lambda: direct_call(x, 0.1, 0, packed, w_scale, bias, *conv, 0.2, 0, "relu", [], 255),
         "direct call with its plan (GraphModule forward)": lambda: planned(x, 0.1, 0, packed, w_scale, bias, *conv,
                                                                            0.2, 0, "relu", [], 255),
-    }  # fmt: skip
+    }
     report(layers)
     x = torch.randint(0, 255, (1, 64), dtype=torch.uint8)
     w_scale, w_zp, bias = torch.full((64,), 0.01), torch.zeros(64, dtype=torch.int64), torch.zeros(64)
@@ -77,7 +77,7 @@ def main() -> None:
         "kernels.onednn.qlinear (checks)": lambda: onednn.qlinear(x, 0.1, 0, packed, w_scale, bias, 0.2, 0, "none"),
         "direct call with its plan (GraphModule forward)": lambda: planned(x, 0.1, 0, packed, w_scale, bias, 0.2, 0,
                                                                            "none", [], False, 255),
-    })  # fmt: skip
+    })
     x = torch.randint(0, 255, (1, 32, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     accum = torch.randint(0, 255, (1, 32, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     w_scale, w_zp, bias = torch.full((32,), 0.01), torch.zeros(32, dtype=torch.int64), torch.zeros(32)
@@ -91,7 +91,7 @@ def main() -> None:
                                                                       0.1, 0, 0.2, 0, "relu"),
         "direct call with its plan (GraphModule forward)": lambda: planned(x, 0.1, 0, packed, w_scale, bias, *conv,
                                                                            accum, 0.1, 0, 0.2, 0, "relu", False, 255),
-    })  # fmt: skip
+    })
 
 
 def report(layers: dict[str, Callable[[], object]]) -> None:

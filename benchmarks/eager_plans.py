@@ -50,9 +50,9 @@ def main() -> None:
 def row(w: Workload, rounds: int) -> str:
     """One table row: ``w`` quantized, timed as the GraphModule with and without plans and as TorchScript."""
     qconfig_dict = ({"": gq.default_qconfig} if w.kind == "cnn"
-                    else gq.qconfig_dict_by_type(w.model, {nn.Linear: gq.default_qconfig}))  # fmt: skip
+                    else gq.qconfig_dict_by_type(w.model, {nn.Linear: gq.default_qconfig}))
     q = gq.quantize(w.model, qconfig_dict, lambda m, bs: [m(*b) for b in bs], [w.calibration],
-                    example_inputs=w.calibration[0])  # fmt: skip
+                    example_inputs=w.calibration[0])
     scripted = gq.to_torchscript(q)
     call_for = direct.call_for
     direct.call_for = lambda kernel, plannable: call_for(kernel, False)  # type: ignore[assignment]
@@ -63,7 +63,7 @@ def row(w: Workload, rounds: int) -> str:
     assert "_gq_" in unplanned.code
     with torch.no_grad():
         timing = time_interleaved({"plans": lambda: q(*w.timed), "without": lambda: unplanned(*w.timed),
-                                   "torchscript": lambda: scripted(*w.timed)}, rounds, warmup=3)  # fmt: skip
+                                   "torchscript": lambda: scripted(*w.timed)}, rounds, warmup=3)
     plans, without, ts = (timing.median_ms(n) for n in ("plans", "without", "torchscript"))
     return f"| {w.key} {w.name} | {plans:.2f} | {without:.2f} | {ts:.2f} | {plans / without:.2f}x | {plans / ts:.2f}x |"
 

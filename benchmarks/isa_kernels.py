@@ -72,12 +72,12 @@ def _linear_case(m: int, k: int, n: int) -> tuple[dict[str, Callable[[], torch.T
 
     def call(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
         return torch.ops.onednn.qlinear_pointwise(q, scale, zero_point, packed, w_scale, wzp, None, 1.0, 0,
-                                                  torch.float32, "none", [], "")  # fmt: skip
+                                                  torch.float32, "none", [], "")
 
     torch.backends.quantized.engine = "fbgemm"
     qx7 = torch.quantize_per_tensor(x7.float() - 64, 1.0, 64, torch.quint8)
     qw = torch.quantize_per_channel(w.float(), torch.ones(n, dtype=torch.double), torch.zeros(n, dtype=torch.long), 0,
-                                    torch.qint8)  # fmt: skip
+                                    torch.qint8)
     fbgemm_w = torch.ops.quantized.linear_prepack(qw, None)
     exact7 = F.linear(x7.double() - 64, w.double())
     out_scale = float(exact7.max() - exact7.min()) / 255
@@ -124,7 +124,7 @@ def _conv_case(n: int, c: int, o: int, hw: int, k: int, groups: int = 1):  # typ
 
     def call(q: torch.Tensor, scale: float, zero_point: int, p: torch.Tensor = packed) -> torch.Tensor:
         return torch.ops.onednn.qconv_pointwise(q, scale, zero_point, p, w_scale, wzp, None, [1, 1], [pad, pad],
-                                                [1, 1], groups, 1.0, 0, torch.float32, "none", [], "")  # fmt: skip
+                                                [1, 1], groups, 1.0, 0, torch.float32, "none", [], "")
 
     fns = {
         "fp32": lambda: F.conv2d(xf, wf, None, 1, pad, 1, groups),

@@ -192,7 +192,7 @@ def quantize_jit(w: Workload, mode: str, threads: int) -> Variant:
         buffer = io.BytesIO()
         torch.jit.save(q, buffer)
     return Variant("quantize_jit" if mode == "static" else "quantize_dynamic_jit", lambda x: q(*x),
-                   buffer.tell(), quantize_s, first)  # fmt: skip
+                   buffer.tell(), quantize_s, first)
 
 
 def quantize_fx(w: Workload, mode: str, threads: int) -> Variant:
@@ -204,7 +204,7 @@ def quantize_fx(w: Workload, mode: str, threads: int) -> Variant:
         warnings.simplefilter("ignore")
         start = time.perf_counter()
         mapping = (get_default_qconfig_mapping("x86") if mode == "static"
-                   else QConfigMapping().set_global(default_dynamic_qconfig))  # fmt: skip
+                   else QConfigMapping().set_global(default_dynamic_qconfig))
         try:
             prepared = prepare_fx(copy.deepcopy(w.model), mapping, w.calibration[0])
         except Exception as error:  # HF models read shapes as Python ints: symbolic tracing fails
@@ -267,7 +267,7 @@ def _onnx_export(w: Workload, path: Path) -> list[str]:
     with warnings.catch_warnings(), quiet_native_stderr():
         warnings.simplefilter("ignore")
         torch.onnx.export(copy.deepcopy(w.model), w.calibration[0], str(path), input_names=names,
-                          output_names=["output"], dynamo=True, verbose=False)  # fmt: skip
+                          output_names=["output"], dynamo=True, verbose=False)
     return names
 
 
@@ -315,7 +315,7 @@ def onnxruntime_matmul_peer(w: Workload, mode: str, threads: int, calibrate_meth
         except ImportError as error:
             raise Unsupported(f"ONNX Runtime's SmoothQuant needs neural-compressor 2.x ({error})") from None
     return onnxruntime_peer(w, mode, threads, op_types=["MatMul", "Gemm"], calibrate_method=calibrate_method,
-                            smoothquant=smoothquant, weights_only=weights_only)  # fmt: skip
+                            smoothquant=smoothquant, weights_only=weights_only)
 
 
 def onnxruntime_peer(w: Workload, mode: str, threads: int, op_types: list[str] | None = None,
@@ -334,13 +334,13 @@ def onnxruntime_peer(w: Workload, mode: str, threads: int, op_types: list[str] |
         if mode == "static":
             reader = _Reader(names, w.calibration)
             extra_options = {"SmoothQuant": smoothquant,
-                             "OpTypesToExcludeOutputQuantization": ["MatMul"] if weights_only else []}  # fmt: skip
+                             "OpTypesToExcludeOutputQuantization": ["MatMul"] if weights_only else []}
             CalibrationDataReader.register(_Reader)
             ort_quantize_static(str(float_path), str(q_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 op_types_to_quantize=op_types, calibrate_method=CalibrationMethod[calibrate_method],
                                 nodes_to_exclude=_activation_matmuls(float_path) if weights_only else None,
-                                extra_options=extra_options)  # fmt: skip
+                                extra_options=extra_options)
         else:
             ort_quantize_dynamic(str(float_path), str(q_path), weight_type=QuantType.QInt8)
 
@@ -371,7 +371,7 @@ def onnxruntime_peer(w: Workload, mode: str, threads: int, op_types: list[str] |
     if smoothquant:
         label += ", SmoothQuant"
     return Variant(label, call, size, quantize_s, first, at_threads=at_threads,
-                   alone=lambda count: at_threads(count, spinning=True))  # fmt: skip
+                   alone=lambda count: at_threads(count, spinning=True))
 
 
 # mode -> (name, builder); fp32 first (the baseline), graphquant next
@@ -417,7 +417,7 @@ BUILDERS: dict[str, list[tuple[str, Callable[[Workload, str, int], Variant]]]] =
         ("quantize_jit", quantize_jit), ("quantize_fx", quantize_fx), ("eager", eager_quantize_dynamic),
         ("pt2e", pt2e), ("pt2e_reduce_range", pt2e_reduce_range), ("onnxruntime", onnxruntime_peer),
     ],
-}  # fmt: skip
+}
 
 
 def cpu_count() -> int:

@@ -54,13 +54,13 @@ def child(mode: str) -> None:
     peak_before = _peak_mib()
     if mode == "static":
         q = gq.quantize(w.model, {"": gq.default_qconfig}, lambda m, bs: [m(*b) for b in bs], [w.calibration],
-                        example_inputs=w.calibration[0])  # fmt: skip
+                        example_inputs=w.calibration[0])
     else:
         q = gq.quantize_dynamic(w.model, {"": gq.default_dynamic_qconfig}, example_inputs=w.calibration[0])
     with torch.no_grad():
         q(*w.timed)
     print(json.dumps({"mode": mode, "model_mib": model_mib, "rss_before_mib": before, "peak_before_mib": peak_before,
-                      "peak_mib": _peak_mib(), "rss_after_mib": _rss_mib()}))  # fmt: skip
+                      "peak_mib": _peak_mib(), "rss_after_mib": _rss_mib()}))
 
 
 def main() -> None:
@@ -73,16 +73,16 @@ def main() -> None:
         child(args.child)
         return
     rows = ["| mode | float params MiB | RSS before quantizing MiB | peak RSS MiB | added by quantizing MiB "
-            "| added / model size |", "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+            "| added / model size |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for mode in ["static", "dynamic"] if args.mode == "both" else [args.mode]:
         env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
         out = subprocess.run([sys.executable, __file__, "--child", mode], capture_output=True, text=True, env=env,
-                             check=True).stdout  # fmt: skip
+                             check=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         base = max(r["rss_before_mib"], r["peak_before_mib"])
         added = r["peak_mib"] - base
         rows.append(f"| {mode} | {r['model_mib']:.0f} | {base:.0f} | {r['peak_mib']:.0f} | {added:.0f} "
-                    f"| {added / r['model_mib']:.2f}x |")  # fmt: skip
+                    f"| {added / r['model_mib']:.2f}x |")
         print(rows[-1], flush=True)
     from timing import cpu_name
 
@@ -91,7 +91,7 @@ def main() -> None:
                       "BERT-base (random weights), static: 8 calibration batches of 8x128 tokens; each mode in a fresh "
                       "process; peak from `ru_maxrss`. The float model and the interpreter (torch, transformers) are in "
                       '"RSS before quantizing"; the target (peak RSS at most 2x the model) is read on what quantizing '
-                      "adds.", "", *rows])  # fmt: skip
+                      "adds.", "", *rows])
     print(body)
     if args.write:
         from timing import REPO_ROOT, write_section

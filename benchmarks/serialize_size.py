@@ -131,13 +131,13 @@ def measure(image_size: int, calibration_batches: int, batch: int, workdir: Path
     model = make_resnet50()
     generator = torch.Generator().manual_seed(1)
     calibration = [torch.randn(batch, 3, image_size, image_size, generator=generator)
-                   for _ in range(calibration_batches)]  # fmt: skip
+                   for _ in range(calibration_batches)]
     x = torch.randn(batch, 3, image_size, image_size, generator=generator)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantized = gq.quantize(model, {"": gq.get_default_qconfig("x86")}, lambda m, data: [m(b) for b in data],
-                                [calibration], example_inputs=(calibration[0],))  # fmt: skip
+                                [calibration], example_inputs=(calibration[0],))
     quantize_seconds = time.perf_counter() - start
     with torch.no_grad():
         y_float, y_int8 = model(x), quantized(x)
@@ -161,7 +161,7 @@ def measure(image_size: int, calibration_batches: int, batch: int, workdir: Path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tiny_q = gq.quantize(tiny, {"": gq.get_default_qconfig("x86")}, lambda m, data: [m(b) for b in data],
-                             [calibration[:1]], example_inputs=(calibration[0],))  # fmt: skip
+                             [calibration[:1]], example_inputs=(calibration[0],))
     gq.save(tiny_q, workdir / "tiny_int8.pt2")
     with torch.no_grad():
         torch.save((x, tiny_q(x)), workdir / "tiny_io.pt")
@@ -238,7 +238,7 @@ def render(result: dict[str, Any], args: argparse.Namespace, command: str) -> st
         if kind == "int8_torchscript" and load["graphquant_imported"]:
             output += " (**graphquant was imported**)"
         lines.append(f"| {name} | {call} | {load['before']:.0f} | {load['after']:.0f} | "
-                     f"{load['after'] - load['before']:.0f} | {load['seconds']:.1f} | {output} |")  # fmt: skip
+                     f"{load['after'] - load['before']:.0f} | {load['seconds']:.1f} | {output} |")
     float_counts = sorted(result["float_nodes"].items())
     float_nodes = ", ".join(f"{op} x{count} ({reason})" for (op, reason), count in float_counts)
     lines += [

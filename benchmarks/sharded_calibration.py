@@ -60,7 +60,7 @@ def child(batches: int, threads: int, out: str) -> None:
         merge_s = time.perf_counter() - start
     rank = torch.distributed.get_rank() if sharded else 0
     Path(f"{out}.rank{rank}.json").write_text(json.dumps({"calibrate_s": calibrate_s, "merge_s": merge_s,
-                                                          "qparams": qparams}))  # fmt: skip
+                                                          "qparams": qparams}))
     if sharded:
         torch.distributed.destroy_process_group()
 
@@ -69,18 +69,18 @@ def run_variant(batches: int, processes: int, tmp: str) -> dict[str, object]:
     out = os.path.join(tmp, f"b{batches}_p{processes}")
     env = {**os.environ, "OMP_NUM_THREADS": str(2 // processes)}
     script = [str(Path(__file__).resolve()), "--child", "--batches", str(batches), "--threads", str(2 // processes),
-              "--out", out]  # fmt: skip
+              "--out", out]
     if processes == 1:
         command = [sys.executable, *script]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-                   "--master-port", "29517", *script]  # fmt: skip
+                   "--master-port", "29517", *script]
     start = time.perf_counter()
     subprocess.run(command, env=env, check=True, capture_output=True, text=True)
     wall_s = time.perf_counter() - start
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(processes)]
     return {"calibrate_s": max(r["calibrate_s"] for r in ranks), "merge_s": max(r["merge_s"] for r in ranks),
-            "wall_s": wall_s, "qparams": ranks[0]["qparams"]}  # fmt: skip
+            "wall_s": wall_s, "qparams": ranks[0]["qparams"]}
 
 
 def main() -> None:
@@ -103,11 +103,11 @@ def main() -> None:
             same = one["qparams"] == two["qparams"]
             rows.append((batches, one, two, same))
             print(f"{batches} batches: 1x2 threads {one['calibrate_s']:.1f} s, 2x1 thread {two['calibrate_s']:.1f} s "
-                  f"(merge {two['merge_s'] * 1e3:.0f} ms), qparams identical: {same}", flush=True)  # fmt: skip
+                  f"(merge {two['merge_s'] * 1e3:.0f} ms), qparams identical: {same}", flush=True)
     cpu = platform.processor() or "cpu"
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))  # fmt: skip
+                   if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     import torch
@@ -125,7 +125,7 @@ def main() -> None:
         lines.append(f"| {batches} x 8x128 | {one['calibrate_s']:.1f} s | {two['calibrate_s']:.1f} s | "
                      f"{two['merge_s'] * 1e3:.0f} ms | {one['calibrate_s'] / two['calibrate_s']:.2f}x | "
                      f"{one['wall_s']:.0f} / {two['wall_s']:.0f} s | "
-                     f"{'identical' if same else 'DIFFER'} |")  # fmt: skip
+                     f"{'identical' if same else 'DIFFER'} |")
     lines.append(END)
     text = "\n".join(lines)
     print(text)

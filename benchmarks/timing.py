@@ -116,7 +116,7 @@ def _time_block(
 def time_interleaved(
     calls: dict[str, Callable[[], object]], rounds: int, warmup: int, quiet_only: float = 0.0,
     seed: int = 0, max_seconds: float | None = None,
-) -> Timing:  # fmt: skip
+) -> Timing:
     """Time ``calls`` in blocks of interleaved rounds (about ``BLOCK_SECONDS`` each).
 
     ``rounds`` is the number of rounds wanted; ``max_seconds`` caps the timed wall time

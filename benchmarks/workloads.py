@@ -87,7 +87,7 @@ def resnet50(batch: int, calibration_batches: int, image: int = 224) -> Workload
 
     model = _vision(transformers.ResNetConfig(), image, seed=0)
     return Workload("W1", f"ResNet-50 b{batch}", "cnn", model, _images(batch, image, 1, 1)[0],
-                    _images(batch, image, calibration_batches, 2), _images(batch, image, 2, 3))  # fmt: skip
+                    _images(batch, image, calibration_batches, 2), _images(batch, image, 2, 3))
 
 
 def mobilenet_v2(batch: int, calibration_batches: int, image: int = 224) -> Workload:
@@ -95,7 +95,7 @@ def mobilenet_v2(batch: int, calibration_batches: int, image: int = 224) -> Work
 
     model = _vision(transformers.MobileNetV2Config(), image, seed=0)
     return Workload("W2", f"MobileNetV2 b{batch}", "cnn", model, _images(batch, image, 1, 1)[0],
-                    _images(batch, image, calibration_batches, 2), _images(batch, image, 2, 3))  # fmt: skip
+                    _images(batch, image, calibration_batches, 2), _images(batch, image, 2, 3))
 
 
 def _token_batches(batch: int, seq: int, count: int, seed: int) -> list[Inputs]:
@@ -114,18 +114,18 @@ def bert_base(batch: int, calibration_batches: int, seq: int = 128) -> Workload:
     model = Hidden(transformers.BertModel(transformers.BertConfig(), add_pooling_layer=False)).eval()
     return Workload("W3", f"BERT-base b{batch} s{seq}", "encoder", model, _token_batches(batch, seq, 1, 1)[0],
                     _token_batches(batch, seq, calibration_batches, 2), _token_batches(batch, seq, 2, 3),
-                    modes=("static", "dynamic"))  # fmt: skip
+                    modes=("static", "dynamic"))
 
 
 _TOPICS = ["the cat", "interest rates", "a quantum computer", "fresh pasta", "the football final", "glaciers",
            "a jazz trio", "the new bridge", "vaccines", "my grandmother", "the election", "black holes",
            "sourdough bread", "the marathon", "a violin concerto", "electric cars", "the rainforest",
-           "my first job", "the museum", "coral reefs"]  # fmt: skip
+           "my first job", "the museum", "coral reefs"]
 _FRAMES = ["I can't stop thinking about {}.", "Why is {} so expensive these days?",
            "The report on {} was published this morning.", "{} changed everything for us.",
            "Nobody expected {} to be this quiet.", "Tell me more about {}, please.",
            "We argued about {} all evening.", "{} is the best thing that happened this year.",
-           "Scientists are worried about {}.", "Have you ever seen {} up close?"]  # fmt: skip
+           "Scientists are worried about {}.", "Have you ever seen {} up close?"]
 
 
 def minilm(batch: int, calibration_batches: int, seq: int = 128) -> Workload:
@@ -149,7 +149,7 @@ def minilm(batch: int, calibration_batches: int, seq: int = 128) -> Workload:
     evaluation = batches(0, max(1, 100 // batch))  # the first 100 sentences (50 at batch 50)
     calibration = batches(100, calibration_batches)
     return Workload("W4", f"MiniLM-L6 b{batch} s{seq}", "encoder", model, evaluation[0], calibration, evaluation,
-                    modes=("static", "dynamic"), embed=sentence_embeddings)  # fmt: skip
+                    modes=("static", "dynamic"), embed=sentence_embeddings)
 
 
 WORKLOADS: dict[str, Callable[[int, int], Workload]] = {

@@ -43,7 +43,7 @@ def _layer_shapes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[tu
     def hook(m: nn.Module, args: tuple[torch.Tensor, ...], _out: object) -> None:
         if isinstance(m, nn.Conv2d):
             key = ("conv", tuple(args[0].shape), tuple(m.weight.shape), tuple(m.stride), tuple(m.padding),
-                   tuple(m.dilation), m.groups)  # fmt: skip
+                   tuple(m.dilation), m.groups)
         else:
             key = ("linear", tuple(args[0].shape), tuple(m.weight.shape), (), (), (), 1)
         seen[key] = seen.get(key, 0) + 1
@@ -62,7 +62,7 @@ def _cases(key: tuple) -> tuple[dict[str, Callable[[], object]], str]:
     out = w_shape[0]
     w = torch.randint(-128, 128, w_shape, dtype=torch.int8, generator=g)
     w_scale, bias, w_zp = torch.rand(out, generator=g) * 0.01 + 1e-3, torch.randn(out, generator=g), torch.zeros(
-        out, dtype=torch.int64)  # fmt: skip
+        out, dtype=torch.int64)
     w_float = torch.randn(w_shape, generator=g)
     if kind == "conv":
         x = torch.randint(0, 256, x_shape, dtype=torch.uint8, generator=g).contiguous(memory_format=torch.channels_last)
@@ -78,7 +78,7 @@ def _cases(key: tuple) -> tuple[dict[str, Callable[[], object]], str]:
             "over ints": lambda: finish(x86._conv_over_ints(x, 0.03, 120, packed, w_scale, bias, *conv)),
             "two calls": lambda: finish(x86._conv_two_halves(x, 0.03, 120, packed, w_scale, w_zp, bias, *conv)),
             "one call": lambda: x86.qconv_call(x, 0.03, 120, packed, w_scale, w_zp, bias, *conv, 0.05, 3, None, "relu",
-                                               [], 255, False),  # fmt: skip
+                                               [], 255, False),
         }
         positions = x_shape[0]
         for size, step in zip(x_shape[2:], stride, strict=True):
@@ -93,7 +93,7 @@ def _cases(key: tuple) -> tuple[dict[str, Callable[[], object]], str]:
 
     def linear(q: torch.Tensor, scale: float, zero_point: int, b: torch.Tensor | None) -> torch.Tensor:
         return torch.ops.onednn.qlinear_pointwise(q, scale, zero_point, packed, w_scale, w_zp, b, 1.0, 0,
-                                                  torch.float32, "none", [], "")  # fmt: skip
+                                                  torch.float32, "none", [], "")
 
     def two_calls() -> torch.Tensor:
         v = linear(x >> 1, 0.06, 60, bias).add_(linear(x & 1, 0.03, 0, None))
@@ -102,10 +102,10 @@ def _cases(key: tuple) -> tuple[dict[str, Callable[[], object]], str]:
     fns = {
         "fp32": lambda: F.linear(x_float, w_float, bias),
         "over ints": lambda: x86.qlinear_call(x, 0.03, 120, packed, w_scale, w_zp, bias, 0.05, 3, None, "none", [],
-                                              255, True),  # fmt: skip
+                                              255, True),
         "two calls": two_calls,
         "one call": lambda: x86.qlinear_call(x, 0.03, 120, packed, w_scale, w_zp, bias, 0.05, 3, None, "none", [], 255,
-                                             False),  # fmt: skip
+                                             False),
     }
     return fns, "over ints"
 
@@ -133,9 +133,9 @@ def main() -> None:
             best = min(exact, key=lambda k: ms[k])
             mark = "" if best == rule else f" ({best} faster)"
             print(f"| {name} | {key[0]} {key[1]} -> {key[2]}, g{key[6]} | {count} | {ms['fp32']:.3f} | "
-                  f"{ms['over ints']:.3f} | {ms['two calls']:.3f} | {ms['one call']:.3f} | {rule}{mark} |")  # fmt: skip
+                  f"{ms['over ints']:.3f} | {ms['two calls']:.3f} | {ms['one call']:.3f} | {rule}{mark} |")
         print(f"| {name} | **sum over layers** | | {totals['fp32']:.2f} | {totals['over ints']:.2f} | "
-              f"{totals['two calls']:.2f} | {totals['one call']:.2f} | rule: {totals['rule']:.2f} |")  # fmt: skip
+              f"{totals['two calls']:.2f} | {totals['one call']:.2f} | rule: {totals['rule']:.2f} |")
 
 
 if __name__ == "__main__":

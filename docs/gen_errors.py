@@ -207,7 +207,7 @@ def _layouts() -> str:
         quantized = gq.convert(_calibrated(), backend=backend)
         x = torch.randn(2, 3, 8, 16)[..., ::2]
         same = all(torch.equal(quantized(v), quantized(x.contiguous()))
-                   for v in (x, x.contiguous(memory_format=torch.channels_last)))  # fmt: skip
+                   for v in (x, x.contiguous(memory_format=torch.channels_last)))
         results.append(f"{backend} {'bit-identical to' if same else 'DIFFERS from'} the contiguous input")
     return "no error: " + "; ".join(results)
 

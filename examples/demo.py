@@ -115,7 +115,7 @@ def format_table(rows: Sequence[Row]) -> str:
         mark = "*" if row.note else " "
         speedup = fp32_ms.get(row.model, row.latency_ms) / row.latency_ms
         lines.append(f"{row.model:<16} {row.variant:<26} {size:>9}{mark} {row.latency_ms:8.2f} ms {speedup:7.2f}x  "
-                     f"{row.fidelity}")  # fmt: skip
+                     f"{row.fidelity}")
     lines += [f"  * {note}" for note in sorted({row.note for row in rows if row.note})]
     return "\n".join(lines)
 
@@ -150,7 +150,7 @@ class DigitsNet(nn.Module):
         self.features = nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
             nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        )  # fmt: skip
+        )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +171,7 @@ def load_digits_data(seed: int = SEED) -> DigitsData:
         images, digits.target, test_size=DIGITS_TEST_FRACTION, random_state=seed, stratify=digits.target
     )
     return DigitsData(torch.from_numpy(x_train), torch.from_numpy(y_train).long(),
-                      torch.from_numpy(x_test), torch.from_numpy(y_test).long())  # fmt: skip
+                      torch.from_numpy(x_test), torch.from_numpy(y_test).long())
 
 
 @contextlib.contextmanager
@@ -224,7 +224,7 @@ def quantize_digits(model: nn.Module, data: DigitsData) -> fx.GraphModule:
     """Static int8 with the x86 preset, calibrated on training batches."""
     batches = digits_calibration(data)
     return gq.quantize(model, {"": gq.get_default_qconfig("x86")}, _calibrate, [batches],
-                       example_inputs=batches[0])  # fmt: skip
+                       example_inputs=batches[0])
 
 
 @dataclass
@@ -266,11 +266,11 @@ def digits_rows(result: DigitsResult) -> list[Row]:
 
     def row(variant: str, model: nn.Module, acc: float, latency_ms: float, note: str) -> Row:
         return Row("digits-cnn", variant, state_dict_bytes(model), latency_ms, f"accuracy {100 * acc:.2f}%",
-                   {"accuracy": acc}, note)  # fmt: skip
+                   {"accuracy": acc}, note)
 
     note = size_note(result.quantized)
     return [row("fp32", result.model, result.fp32_accuracy, latency["fp32"], ""),
-            row("int8 static", result.quantized, result.int8_accuracy, latency["int8"], note)]  # fmt: skip
+            row("int8 static", result.quantized, result.int8_accuracy, latency["int8"], note)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -384,14 +384,14 @@ def load_minilm(path: Path) -> tuple[Any, SentenceEncoder]:
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     # sdpa exports as one aten.scaled_dot_product_attention node; the pooler is unused
     bert = AutoModel.from_pretrained(str(path), local_files_only=True, attn_implementation="sdpa",
-                                     add_pooling_layer=False)  # fmt: skip
+                                     add_pooling_layer=False)
     return tokenizer, SentenceEncoder(bert).eval()
 
 
 def tokenize(tokenizer: Any, sentences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` padded to a fixed ``MINILM_MAX_LENGTH``."""
     encoded = tokenizer(list(sentences), padding="max_length", truncation=True, max_length=MINILM_MAX_LENGTH,
-                        return_tensors="pt")  # fmt: skip
+                        return_tensors="pt")
     return encoded["input_ids"], encoded["attention_mask"]
 
 
@@ -434,7 +434,7 @@ def ffn_output_float(encoder: nn.Module) -> dict[str, gq.QConfig | None]:
 def quantize_minilm(
     encoder: nn.Module, calibration: Sequence[tuple[torch.Tensor, torch.Tensor]],
     qconfig_dict: Mapping[str, gq.QConfig | None],
-) -> fx.GraphModule:  # fmt: skip
+) -> fx.GraphModule:
     """Static int8, calibrated on the given batches."""
     return gq.quantize(encoder, qconfig_dict, _calibrate, [calibration], example_inputs=calibration[0])
 
@@ -498,7 +498,7 @@ def run_minilm(path: Path, dynamic: bool = True) -> MiniLMResult:
             mean, low, worst = cosine_stats(model(*held_out), reference)
             cosine[name] = (mean, low)
             step(f"minilm: {name}: cosine to fp32 on {len(reference)} held-out sentences mean {mean:.4f} "
-                 f"min {low:.4f} ({SENTENCES[MINILM_CALIBRATION + worst]!r})")  # fmt: skip
+                 f"min {low:.4f} ({SENTENCES[MINILM_CALIBRATION + worst]!r})")
     return MiniLMResult(encoder, variants, cosine, held_out)
 
 
@@ -510,12 +510,12 @@ def minilm_rows(result: MiniLMResult) -> list[Row]:
     calls = {name: functools.partial(model, ids, mask) for name, model in models.items()}
     latency = interleaved_latency_ms(calls, MINILM_LATENCY_REPEATS)
     rows = [Row("all-MiniLM-L6-v2", "fp32", state_dict_bytes(result.encoder), latency["fp32"], "cosine 1 (reference)",
-                {"cosine_mean": 1.0, "cosine_min": 1.0})]  # fmt: skip
+                {"cosine_mean": 1.0, "cosine_min": 1.0})]
     for name, model in result.variants.items():
         mean, low = result.cosine[name]
         rows.append(Row("all-MiniLM-L6-v2", name, state_dict_bytes(model), latency[name],
                         f"cosine mean {mean:.4f} min {low:.4f}", {"cosine_mean": mean, "cosine_min": low},
-                        size_note(model)))  # fmt: skip
+                        size_note(model)))
     return rows
 
 
@@ -539,7 +539,7 @@ def write_outputs(out_dir: Path, digits: DigitsResult, rows: Sequence[Row], mini
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     step(f"wrote {out_dir}/digits_int8_report.json, {out_dir}/summary.json"
-         + (f", {out_dir}/minilm_int8_report.json" if minilm is not None else ""))  # fmt: skip
+         + (f", {out_dir}/minilm_int8_report.json" if minilm is not None else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -53,7 +53,7 @@ class PreparedModel(nn.Module):
     def __init__(
         self, model: nn.Module | torch.export.ExportedProgram, qconfig_dict: dict[str, QConfig | None],
         dynamic: bool = False, partial: bool | str = "auto", module_path: str = "",
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         if partial not in PARTIAL or not isinstance(partial, (bool, str)):
             raise GraphQuantError(f"graphquant: partial must be True, False or 'auto', got {partial!r}")
@@ -105,7 +105,7 @@ class PreparedModel(nn.Module):
             return region
 
         self.eager_parts = capture_regions(model, example_inputs, self.qconfig_dict, whole_error, prepare_region,
-                                           announce=self.partial == "auto")  # fmt: skip
+                                           announce=self.partial == "auto")
         self.partial_model = model
         self._float_model.clear()
 
@@ -136,7 +136,7 @@ def _check_example_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
 def prepare(
     model: ModelInput, qconfig_dict: Mapping[str, QConfig | None], example_inputs: Sequence[Any] | None = None,
     inplace: bool = False, partial: bool | str = "auto",
-) -> PreparedModel:  # fmt: skip
+) -> PreparedModel:
     """Capture ``model`` and insert observers as ``qconfig_dict`` asks.
 
     ``inplace=False`` (the default) works on a copy: the user's model is never changed.
@@ -167,7 +167,7 @@ def _model(model: ModelInput, inplace: bool) -> nn.Module | torch.export.Exporte
 def _prepare(
     model: ModelInput, qconfig_dict: Mapping[str, QConfig | None], example_inputs: Sequence[Any] | None,
     inplace: bool, dynamic: bool, partial: bool | str = "auto",
-) -> PreparedModel:  # fmt: skip
+) -> PreparedModel:
     model = _model(model, inplace)
     checked = check_qconfig_dict(qconfig_dict, module_tree(model))
     for key, qconfig in checked.items():
@@ -187,7 +187,7 @@ def _prepare(
 def prepare_dynamic(
     model: ModelInput, qconfig_dict: Mapping[str, QConfig | None] | None = None,
     example_inputs: Sequence[Any] | None = None, inplace: bool = False, partial: bool | str = "auto",
-) -> PreparedModel:  # fmt: skip
+) -> PreparedModel:
     """Capture ``model`` for dynamic quantization: no observers, no calibration needed.
 
     ``qconfig_dict`` defaults to ``{"": default_dynamic_qconfig}``; ``partial`` as in :func:`prepare`.
@@ -276,7 +276,7 @@ def _convert_regions(prepared: PreparedModel, debug: bool, inplace: bool, backen
         return _convert(inner, debug, True, backend)
 
     report = convert_regions(model, prepared.eager_parts, convert_region, "reference" if debug else "kernel",
-                             backend or default_backend())  # fmt: skip
+                             backend or default_backend())
     attach(model, QuantizedRecord(report, dict(prepared.qconfig_dict)))
     return model
 
@@ -417,7 +417,7 @@ def convert_dynamic_jit(
 def quantize_dynamic_jit(
     model: ModelInput, qconfig_dict: Mapping[str, QConfig | None] | None = None, inplace: bool = False,
     debug: bool = False,
-) -> nn.Module:  # fmt: skip
+) -> nn.Module:
     """``torch.ao.quantization.quantize_dynamic_jit``: no calibration; captured on the first call."""
     return quantize_dynamic(model, qconfig_dict, None, inplace=inplace, debug=debug)
 

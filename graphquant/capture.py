@@ -220,7 +220,7 @@ def _script_to_graph(model: torch.jit.ScriptModule, example_inputs: tuple[Any, .
         graph_converter = ScopedGraphConverter(
             ts.ts_graph, ts.name_to_param, ts.name_to_buffer, blocks, ts.name_to_non_tensor_attributes,
             ts.name_to_constant, attribute_fqns,
-        )  # fmt: skip
+        )
         gm = graph_converter.convert()
         converter.replace_quantized_ops_with_standard_ops(gm)
     except GraphQuantError:
@@ -451,7 +451,7 @@ def capture(model: Model, example_inputs: Sequence[Any]) -> fx.GraphModule:
     names = _forward_names(model)  # the user's names; the graph renames some (``input`` -> ``input_1``)
     placeholders = [node.name for node in gm.graph.find_nodes(op="placeholder")]
     install_input_check(gm, specs_from_examples(example_inputs, names if len(names) == len(placeholders) else
-                                                placeholders, dynamic))  # fmt: skip
+                                                placeholders, dynamic))
     paths = module_paths(model)
     for node in gm.graph.nodes:
         path, kind = _module_path(node, paths)

@@ -179,7 +179,7 @@ def _load_pt2(path: Path) -> ExportedProgram:
         program = load_program(path)
     except Exception as error:  # noqa: BLE001 - GraphQuantError with the reason, or torch's own
         raise CliError(str(error) if isinstance(error, GraphQuantError) else f"graphquant: cannot load {path}: {error}",
-                       EXIT_LOAD) from error  # fmt: skip
+                       EXIT_LOAD) from error
     if not isinstance(program, ExportedProgram):
         raise CliError(f"graphquant: {path} loaded as a {type(program).__name__}, not a program", EXIT_LOAD)
     return program
@@ -233,7 +233,7 @@ def _qconfig_value(key: str, value: Any, source: str) -> QConfig | None:
     if isinstance(value, str):
         if value not in PRESETS:
             raise CliError(f"graphquant: {source}: {key!r}: unknown preset {value!r}; use one of {sorted(PRESETS)}",
-                           EXIT_USAGE)  # fmt: skip
+                           EXIT_USAGE)
         return PRESETS[value]
     if isinstance(value, dict):
         try:
@@ -286,7 +286,7 @@ def _captured(run: Callable[[], Any], model: Model, spec: str) -> Any:
     except Exception as error:  # noqa: BLE001 - export and the model's own forward raise anything
         what = "TorchScript model" if isinstance(model, torch.jit.ScriptModule) else "model"
         raise CliError(f"graphquant: cannot run the {what} {spec} on the data: {type(error).__name__}: "
-                       f"{str(error).splitlines()[0] if str(error) else ''}", EXIT_LOAD) from error  # fmt: skip
+                       f"{str(error).splitlines()[0] if str(error) else ''}", EXIT_LOAD) from error
 
 
 def _quantize(args: argparse.Namespace, model: Model, batches: list[Batch], sharded: bool = False) -> fx.GraphModule:
@@ -338,7 +338,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if sharded and args.mode != "dynamic":
             world = torch.distributed.get_world_size()
             print(f"calibrated on {world} processes (torch.distributed): {len(batches)} batches, about "
-                  f"{-(-len(batches) // world)} per process, observers merged")  # fmt: skip
+                  f"{-(-len(batches) // world)} per process, observers merged")
         print(graphquant.report(quantized))
         print(f"int8 vs float SQNR on the first batch: {_db(_output_sqnr(model, quantized, batches[0]))} dB")
         if args.out:
@@ -376,7 +376,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                                time_budget_s=args.budget, backend=args.backend,
                                                progress=not args.quiet),
         model, args.model,
-    )  # fmt: skip
+    )
     print(report)
     if args.out:
         save(quantized, args.out)
@@ -394,7 +394,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         lambda: check_graph_mode_op(runnable(model), batches, args.op or "", tracing=True, check=False, dynamic=dynamic,
                                     backend=args.backend),
         model, args.model,
-    )  # fmt: skip
+    )
     kernels = sorted({n.meta[MATCH].pattern.kernel for n in result.quantized.graph.nodes if MATCH in n.meta})
     ops = str(result.quantized.graph)  # the ops (the forward calls kernels directly)
     failures = []
@@ -433,7 +433,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                         dynamic=dynamic, backend=args.backend, min_sqnr_db=args.min_sqnr, max_layers=args.max_layers,
                         progress=progress_bar(not args.quiet)),
         model, args.model,
-    )  # fmt: skip
+    )
     print(report)
     if args.report:
         report.to_html(args.report)
@@ -475,11 +475,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 result += f" [{x86.cpu_path(127 if bits <= 7 else 255, depthwise_conv(gm, node))}]"
         else:
             result = "float: " + (str(node.meta[FLOAT_REASON]) if FLOAT_REASON in node.meta
-                                  else float_reason(node))  # fmt: skip
+                                  else float_reason(node))
         key = "(none)" if resolved.key is None else repr(resolved.key)
         qconfig = resolved.qconfig
         kind = "None" if qconfig is None else (
-            "weight-only" if qconfig.is_weight_only else "dynamic" if qconfig.is_dynamic else "static")  # fmt: skip
+            "weight-only" if qconfig.is_weight_only else "dynamic" if qconfig.is_dynamic else "static")
         rows.append([node.name, str(node.target), path or "<model>", key, kind, result])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -488,7 +488,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if unused:
         print("keys that matched nothing: " + ", ".join(
             f"{k!r} (no node runs in {k or 'the model'}, or more specific keys cover all of its nodes)"
-            for k in unused))  # fmt: skip
+            for k in unused))
     else:
         print("keys that matched nothing: none")
     if args.time:
@@ -506,16 +506,16 @@ def _explain_speed(args: argparse.Namespace, model: Model, batches: list[Batch],
     timings = time_kernels(quantized, batches[0], rounds=args.rounds)
     slower = [t for t in timings if t.slower_than_float]
     print(f"int8 kernels against float32 on this CPU, {torch.get_num_threads()} threads, median of {args.rounds} "
-          f"interleaved calls: {len(slower)} of {len(timings)} slower than float32")  # fmt: skip
+          f"interleaved calls: {len(slower)} of {len(timings)} slower than float32")
     for timing in timings:
         print("  " + str(timing))
     paths = sorted({t.module_path for t in slower if t.module_path})
     if not paths:
         print("every int8 kernel beats float32 here" if not slower else
-              "the slower kernels are called by the model itself (no submodule to keep float)")  # fmt: skip
+              "the slower kernels are called by the model itself (no submodule to keep float)")
         return
     print("keep them float on this CPU (each keeps its whole module float): " +
-          " ".join(f"--skip {path}" for path in paths))  # fmt: skip
+          " ".join(f"--skip {path}" for path in paths))
     if args.suggest_out:
         suggested = {**qconfig_dict, **{path: None for path in paths}}
         Path(args.suggest_out).write_text(json.dumps(qconfig_dict_to_json(suggested), indent=2))
@@ -554,11 +554,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     size = {"float": _state_bytes(models["float"]), "int8": _state_bytes(quantized)}
     shape = "x".join(str(d) for d in batch[0].shape)
     print(f"bench: {args.model} ({args.mode}, batch {shape}, {torch.get_num_threads()} threads, "
-          f"median of {args.iters} interleaved runs)")  # fmt: skip
+          f"median of {args.iters} interleaved runs)")
     print(f"{'':12s}{'float':>12s}{'int8':>12s}")
     print(f"{'latency ms':12s}{ms['float']:12.3f}{ms['int8']:12.3f}   speedup {ms['float'] / ms['int8']:.2f}x")
     print(f"{'size MB':12s}{size['float'] / 1e6:12.3f}{size['int8'] / 1e6:12.3f}   "
-          f"{size['float'] / max(size['int8'], 1):.2f}x smaller")  # fmt: skip
+          f"{size['float'] / max(size['int8'], 1):.2f}x smaller")
     return EXIT_OK
 
 
@@ -595,7 +595,7 @@ def _common(data_help: str) -> argparse.ArgumentParser:
     p.add_argument("--data", "--calib", dest="data", required=True, metavar="DATA", help=data_help)
     p.add_argument("--mode", choices=("static", "dynamic"), default="static", help="static (default) or dynamic")
     p.add_argument("--backend", choices=api.BACKENDS, default=None,
-                   help="int8 kernels (default: onednn where available)")  # fmt: skip
+                   help="int8 kernels (default: onednn where available)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="show PyTorch's warnings and full tracebacks")
     return p
@@ -605,7 +605,7 @@ def _qconfig_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--qconfig", metavar="FILE.json", help="module path -> QConfig dict, preset name, or null")
     p.add_argument("--skip", action="append", default=[], metavar="MODULE_PATH",
-                   help="keep this module float (repeatable; the same as MODULE_PATH: null)")  # fmt: skip
+                   help="keep this module float (repeatable; the same as MODULE_PATH: null)")
     return p
 
 
@@ -623,11 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def verb(name: str, help_: str, epilog: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
         return verbs.add_parser(name, help=help_, description=help_, epilog="example:\n  " + epilog,
-                                parents=list(parents), formatter_class=fmt)  # fmt: skip
+                                parents=list(parents), formatter_class=fmt)
 
     p = verb("quantize", "quantize a model and report what became int8",
              "graphquant quantize mypkg.models:net --data mypkg.data:calibration --skip head --out net_int8.pt2",
-             _common(calib), _qconfig_options())  # fmt: skip
+             _common(calib), _qconfig_options())
     p.add_argument("--out", metavar="FILE", help="save the quantized model here (graphquant.save)")
     p.add_argument("--dist-timeout", type=float, default=600.0, metavar="S",
                    help="under torchrun: seconds a rank waits for the others before failing (default 600)")
@@ -636,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("tune", "quantize under an accuracy budget: layers back to float, most harmful first, until the "
              "--eval metric drops by at most --max-drop (exit 1 if it cannot)",
              "graphquant tune mypkg.models:net --data calib.pt --eval mypkg.evaluate:accuracy --max-drop 0.01 "
-             "--out net_int8.pt2", _common(calib), _qconfig_options())  # fmt: skip
+             "--out net_int8.pt2", _common(calib), _qconfig_options())
     p.add_argument("--eval", required=True, metavar="MODULE:FUNCTION", help="eval_fn(model) -> float, higher is better")
     p.add_argument("--max-drop", type=float, required=True, metavar="X", help="the largest drop of --eval allowed")
     p.add_argument("--budget", type=float, default=None, metavar="S", help="stop after this many seconds")
@@ -644,37 +644,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_tune)
 
     p = verb("check", "run the check_graph_mode_op harness on your module: int8 kernel vs reference within one step",
-             "graphquant check mypkg.models:block --data calib.pt --op qconv2d", _common(calib))  # fmt: skip
+             "graphquant check mypkg.models:block --data calib.pt --op qconv2d", _common(calib))
     p.add_argument("--op", help="kernel that must be in the int8 graph, e.g. qconv2d or graphquant::qlinear")
     p.add_argument("--min-sqnr", type=float, default=None, metavar="DB", help="also fail below this SQNR")
     p.set_defaults(run=cmd_check)
 
     p = verb("compare", "layer-by-layer numerics: float vs reference vs int8 kernel, worst layer first",
              "graphquant compare mypkg.models:net --data calib.pt --report numerics.html --suggest-out keep.json",
-             _common(calib), _qconfig_options())  # fmt: skip
+             _common(calib), _qconfig_options())
     p.add_argument("--inputs", metavar="DATA", help="compare on these batches (default: the calibration data)")
     p.add_argument("--report", metavar="FILE.html", help="write the HTML report (table and SQNR plot)")
     p.add_argument("--suggest-out", metavar="FILE.json", help="write the suggested qconfig_dict (a --qconfig file)")
     p.add_argument("--eval", metavar="MODULE:FUNCTION", help="eval_fn(model) -> float, higher is better")
     p.add_argument("--min-sqnr", type=float, default=20.0, metavar="DB",
-                   help="suggest keeping float the layers below this layer SQNR (default 20)")  # fmt: skip
+                   help="suggest keeping float the layers below this layer SQNR (default 20)")
     p.add_argument("--max-layers", type=int, default=5, metavar="N", help="suggest at most N layers (default 5)")
     p.set_defaults(run=cmd_compare)
 
     p = verb("explain", "which qconfig_dict key applies to each node, and the keys that matched nothing",
              "graphquant explain mypkg.models:net --data calib.pt --qconfig qconfig.json --skip head",
-             _common(calib), _qconfig_options())  # fmt: skip
+             _common(calib), _qconfig_options())
     p.add_argument("--time", action="store_true",
                    help="also quantize and time each int8 GEMM / conv kernel against float32 on this CPU, and "
-                        "name the layers to keep float where int8 loses")  # fmt: skip
+                        "name the layers to keep float where int8 loses")
     p.add_argument("--rounds", type=int, default=20, help="timed calls of each kernel with --time (default 20)")
     p.add_argument("--suggest-out", metavar="FILE.json",
-                   help="with --time: write the qconfig_dict that keeps the losing layers float")  # fmt: skip
+                   help="with --time: write the qconfig_dict that keeps the losing layers float")
     p.set_defaults(run=cmd_explain)
 
     p = verb("bench", "int8 vs float latency (interleaved runs) and size",
              "graphquant bench mypkg.models:net --data calib.pt --iters 50 --threads 2",
-             _common(calib), _qconfig_options())  # fmt: skip
+             _common(calib), _qconfig_options())
     p.add_argument("--iters", type=int, default=20, help="timed runs of each model (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")

@@ -273,7 +273,7 @@ def rebind_matches(gm: fx.GraphModule) -> None:
         if id(old) not in fresh:
             new = Match(old.pattern, tuple(by_name[n.name] for n in old.nodes), old.qconfig, old.qconfig_key,
                         old.module_path, dict(old.input_observers), old.output_observer,
-                        tuple(by_name[n.name] for n in old.outputs))  # fmt: skip
+                        tuple(by_name[n.name] for n in old.outputs))
             fresh[id(old)] = new
         node.meta[MATCH] = fresh[id(old)]
 

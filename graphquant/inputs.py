@@ -18,7 +18,7 @@ machine. The check reads a few attributes per input: about 2.6 µs (models run a
 
 It is a module of the graph, not a hook, so ``copy.deepcopy`` and ``convert`` keep it;
 ``graphquant.save`` drops it from the exported program and ``graphquant.load`` installs it
-again from the manifest's inputs; ``to_torchscript`` calls a TorchScript twin
+again from the manifest's inputs; ``to_torchscript`` calls its TorchScript form
 (``kernels.scripted.check_input``).
 """
 
@@ -103,19 +103,19 @@ def _mismatch(spec: InputSpec, x: Any, batch: int | None) -> str:
     if x.dim() != spec.rank:
         hint = " (is the batch dimension missing?)" if x.dim() == spec.rank - 1 and spec.dynamic_batch else ""
         return (f"{where} is {x.dim()}-d with shape {got}{hint}; {captured}. Pass inputs of that rank, or "
-                f"re-quantize with example inputs of shape {got}")  # fmt: skip
+                f"re-quantize with example inputs of shape {got}")
     if spec.rank > 0 and got[0] == 0:
         return f"{where} has batch size 0 (shape {got}); {captured}. Skip empty batches: there is nothing to compute"
     for dim, (size, want) in enumerate(zip(got, spec.sizes, strict=True)):
         if dim == 0 and spec.dynamic_batch:
             if batch is not None and size != batch:
                 return (f"{where} has batch size {size}, but an earlier input has {batch}; {captured}. "
-                        "Give every input the same batch size")  # fmt: skip
+                        "Give every input the same batch size")
             continue
         if size != want:
             what = f"the batch size is fixed at {want}" if dim == 0 else f"dimension {dim} must be {want}"
             return (f"{where} has shape {got}: {what}, got {size}; {captured}. Pass inputs of that shape, or "
-                    f"re-quantize with example inputs of shape {got}")  # fmt: skip
+                    f"re-quantize with example inputs of shape {got}")
     return f"{where}: shape {got} does not match; {captured}"
 
 
@@ -140,7 +140,7 @@ class InputCheck(nn.Module):
             if spec.dynamic_batch:
                 if len(shape) != len(spec.sizes) or shape[1:] != spec.sizes[1:] or shape[0] < 1 or (
                     batch is not None and shape[0] != batch
-                ):  # fmt: skip
+                ):
                     raise GraphQuantError(_mismatch(spec, x, batch))
                 batch = shape[0]
             elif shape != spec.sizes:

@@ -56,7 +56,7 @@ class ChannelMeans(nn.Module):
     def _merge_channel_sums(self, other: ChannelMeans) -> None:
         if other.channel_sum.numel():
             self.channel_sum = other.channel_sum.clone() if self.channel_sum.numel() == 0 else (
-                self.channel_sum + other.channel_sum)  # fmt: skip
+                self.channel_sum + other.channel_sum)
             self.channel_count += other.channel_count
 
 
@@ -218,7 +218,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
 
 def _merge_extremes(observer: PerChannelMinMaxObserver | SmoothingObserver,
-                    other: PerChannelMinMaxObserver | SmoothingObserver) -> None:  # fmt: skip
+                    other: PerChannelMinMaxObserver | SmoothingObserver) -> None:
     """Per-channel minima and maxima of ``other`` (not empty) folded into ``observer``'s."""
     if observer.min_val.numel() == 0:
         observer.min_val, observer.max_val = other.min_val.clone(), other.max_val.clone()
@@ -448,7 +448,7 @@ class PercentileObserver(HistogramObserver):
     def __init__(
         self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, percentile: float = 99.99,
         bins: int = 2048, reduce_range: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(dtype, symmetric, bins, reduce_range=reduce_range)
         if not 50.0 < percentile <= 100.0:
             raise ValueError(f"graphquant: percentile must be in (50, 100], got {percentile}")
@@ -554,7 +554,7 @@ class SmoothingObserver(Observer):
     smoothing: torch.Tensor
 
     def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, reduce_range: bool = False,
-                 rows: int = 0) -> None:  # fmt: skip
+                 rows: int = 0) -> None:
         super().__init__(dtype, symmetric, reduce_range)
         self.rows = rows
         self.folded = False
@@ -569,7 +569,7 @@ class SmoothingObserver(Observer):
         if not bool(finite.all()):
             warnings.warn(f"graphquant: calibration data has {int((~finite).sum())} rows with NaN/Inf values at "
                           f"{self.where or 'an observer'}; they are ignored. Clean the calibration data",
-                          stacklevel=2)  # fmt: skip
+                          stacklevel=2)
             rows = rows[finite]
         if rows.shape[0]:
             self.observe(rows)
@@ -580,7 +580,7 @@ class SmoothingObserver(Observer):
     def observe(self, x: torch.Tensor) -> None:
         if self.min_val.numel() and x.shape[1] != self.min_val.numel():
             raise GraphQuantError(f"graphquant: {self.where or 'a smoothed input'} had {self.min_val.numel()} channels "
-                                  f"and now has {x.shape[1]}")  # fmt: skip
+                                  f"and now has {x.shape[1]}")
         lo, hi = torch.aminmax(x, dim=0)
         if self.min_val.numel() == 0:
             self.min_val, self.max_val, self.samples = lo, hi, x[:0]
@@ -601,7 +601,7 @@ class SmoothingObserver(Observer):
     def _merge_statistics(self, other: Observer) -> None:
         assert isinstance(other, SmoothingObserver)  # checked by merge: the same kind
         self.samples = torch.cat([self.samples, other.samples])[: self.rows] if self.min_val.numel() else (
-            other.samples[: self.rows].clone())  # fmt: skip
+            other.samples[: self.rows].clone())
         _merge_extremes(self, other)
 
     def extra_repr(self) -> str:

@@ -58,7 +58,7 @@ def export_reason(error: BaseException) -> str:
     if not where:  # the last frame of the user's own code in the traceback
         libraries = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
         where = [(frame.filename, str(frame.lineno), frame.line) for frame in traceback.extract_tb(cause.__traceback__)
-                 if frame.line and not os.path.abspath(frame.filename).startswith(libraries)]  # fmt: skip
+                 if frame.line and not os.path.abspath(frame.filename).startswith(libraries)]
     if where:
         path, line, code = where[-1]
         return f"{first} (at {path.rpartition('/')[2]}:{line}: {code.strip()})"
@@ -168,7 +168,7 @@ class Binding:
         kinds = [p.kind for p in signature.parameters.values()]
         if any(k in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for k in kinds):
             if any(bound.arguments.get(n) for n, k in zip(names, kinds, strict=True)
-                   if k in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)):  # fmt: skip
+                   if k in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)):
                 raise CaptureError("called with *args or **kwargs")
         tensors = 0
         while tensors < len(names) and isinstance(bound.arguments.get(names[tensors]), torch.Tensor):
@@ -179,7 +179,7 @@ class Binding:
                 continue
             if not _is_default(bound.arguments.get(name), parameter.default):
                 raise CaptureError(f"called with {name}={_short(bound.arguments.get(name))}, not a leading tensor "
-                                   "argument nor its default")  # fmt: skip
+                                   "argument nor its default")
         if tensors == 0:
             raise CaptureError("called without tensor arguments")
         return cls(names[:tensors], tensors, signature)
@@ -230,7 +230,7 @@ class Region(nn.Module):
     has measured the region's SQNR on it."""
 
     def __init__(self, path: str, inner: nn.Module, binding: Binding, example: tuple[Any, ...] | None,
-                 float_output: Any) -> None:  # fmt: skip
+                 float_output: Any) -> None:
         super().__init__()
         self.path = path
         self.inner = inner
@@ -344,7 +344,7 @@ def capture_regions(
 
 
 def convert_regions(model: nn.Module, eager: list[EagerPart], convert_region: Callable[[nn.Module], nn.Module],
-                    mode: str, backend: str) -> ConversionReport:  # fmt: skip
+                    mode: str, backend: str) -> ConversionReport:
     """Convert each region of ``model`` (in place) with ``convert_region``, measure it against the
     float output recorded for it, and report the whole: every region's nodes under its path, every
     region and every part left eager (``mode`` and ``backend`` name a model with no region)."""
@@ -357,11 +357,11 @@ def convert_regions(model: nn.Module, eager: list[EagerPart], convert_region: Ca
         rep = record_of(quantized).report
         mode, backend = rep.mode, rep.backend
         nodes += [replace(n, module_path=f"{region.path}.{n.module_path}" if n.module_path else region.path)
-                  for n in rep.nodes]  # fmt: skip
+                  for n in rep.nodes]
         smoothing += [replace(s, linears=tuple(f"{region.path}.{p}" if p else region.path for p in s.linears))
-                      for s in rep.smoothing]  # fmt: skip
+                      for s in rep.smoothing]
         corrected += [replace(b, layer=f"{region.path}.{b.layer}" if b.layer else region.path)
-                      for b in rep.bias_correction]  # fmt: skip
+                      for b in rep.bias_correction]
         region_sqnr = None
         if region.example is not None and region.float_output is not None:
             with torch.no_grad():
@@ -369,4 +369,4 @@ def convert_regions(model: nn.Module, eager: list[EagerPart], convert_region: Ca
         region.example, region.float_output = None, None
         found.append(RegionReport(region.path, len(rep.quantized), len(rep.float_nodes), region_sqnr))
     return ConversionReport(mode, backend, nodes, regions=found, eager=list(eager), smoothing=smoothing,
-                            bias_correction=corrected)  # fmt: skip
+                            bias_correction=corrected)

@@ -26,7 +26,7 @@ DYNAMIC_ACTIVATIONS = ("dynamic", "dynamic_per_token")
 # stay float; nothing is observed or quantized at run time
 WEIGHT_ONLY = "weight_only"
 _DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "float16": torch.float16, "uint4": UINT4,
-           "float32": torch.float32}  # fmt: skip
+           "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -68,10 +68,10 @@ class ObserverSpec:
         unknown = set(dict(self.options)) - allowed
         if self.observer in DYNAMIC_ACTIVATIONS and unknown:
             raise GraphQuantError(f"graphquant: {self.observer!r} activations take the options {sorted(allowed)}, got "
-                                  f"{sorted(unknown)}")  # fmt: skip
+                                  f"{sorted(unknown)}")
         if dict(self.options).get("one_sided_rows", "asymmetric") not in ("asymmetric", "symmetric"):
             raise GraphQuantError("graphquant: one_sided_rows is 'asymmetric' (the default) or 'symmetric', got "
-                                  f"{dict(self.options)['one_sided_rows']!r}")  # fmt: skip
+                                  f"{dict(self.options)['one_sided_rows']!r}")
         per_channel = self.observer.startswith("per_channel")
         if per_channel != (self.axis is not None):
             raise GraphQuantError(
@@ -155,7 +155,7 @@ class SmoothQuant:
 
     def to_dict(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "alphas": list(self.alphas), "rows": self.rows,
-                "fused_activations": self.fused_activations}  # fmt: skip
+                "fused_activations": self.fused_activations}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SmoothQuant:
@@ -206,7 +206,7 @@ class QConfig:
             raise GraphQuantError("graphquant: bias correction is for static quantization: it needs calibration data")
         if self.smoothquant is not None and not isinstance(self.smoothquant, SmoothQuant):
             raise GraphQuantError(f"graphquant: QConfig smoothquant is a graphquant.SmoothQuant or None, got "
-                                  f"{type(self.smoothquant).__name__}")  # fmt: skip
+                                  f"{type(self.smoothquant).__name__}")
 
     @property
     def is_dynamic(self) -> bool:
@@ -233,7 +233,7 @@ class QConfig:
             raise GraphQuantError(f"graphquant: QConfig dict version {d.get('version')} is not {CONFIG_VERSION}")
         smoothquant = SmoothQuant.from_dict(d["smoothquant"]) if d.get("smoothquant") else None
         return cls(ObserverSpec.from_dict(d["activation"]), ObserverSpec.from_dict(d["weight"]), smoothquant,
-                   bool(d.get("bias_correction", False)))  # fmt: skip
+                   bool(d.get("bias_correction", False)))
 
 
 def qconfig_dict_by_type(
@@ -292,7 +292,7 @@ default_qconfig = get_default_qconfig("x86")
 
 
 def get_default_dynamic_qconfig(per_token: bool = False, reduce_range: bool = False,
-                                one_sided_rows: str = "asymmetric") -> QConfig:  # fmt: skip
+                                one_sided_rows: str = "asymmetric") -> QConfig:
     """A dynamic-quantization qconfig: :data:`default_dynamic_qconfig` (per-tensor uint8
     activations, per-tensor int8 weights) or, ``per_token=True``, :data:`per_token_dynamic_qconfig`
     (a symmetric int8 scale per activation row, per-channel weights).
@@ -312,9 +312,9 @@ def get_default_dynamic_qconfig(per_token: bool = False, reduce_range: bool = Fa
         options = (*options, ("one_sided_rows", one_sided_rows))
     if per_token:
         return QConfig(activation=ObserverSpec("dynamic_per_token", torch.int8, symmetric=True, options=options),
-                       weight=ObserverSpec("per_channel_minmax", torch.int8, symmetric=True, axis=0))  # fmt: skip
+                       weight=ObserverSpec("per_channel_minmax", torch.int8, symmetric=True, axis=0))
     return QConfig(activation=ObserverSpec("dynamic", options=options),
-                   weight=ObserverSpec("minmax", torch.int8, symmetric=True))  # fmt: skip
+                   weight=ObserverSpec("minmax", torch.int8, symmetric=True))
 
 
 def asymmetric_one_sided(spec: ObserverSpec) -> bool:

@@ -275,7 +275,7 @@ def sqnr(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 
 def dynamic_qparams(x: torch.Tensor, per_token: bool, qmax: int = 255,
-                    asymmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                    asymmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of one batch, computed at run time (dynamic quantization).
 
     Per tensor: uint8 affine over the batch's range widened to include 0, onto ``0..qmax``. Per

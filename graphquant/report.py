@@ -68,7 +68,7 @@ class KernelTiming:
         path = f" [{self.cpu_path}]" if self.cpu_path else ""
         verdict = "  slower than float32 here: keep it float" if self.slower_than_float else ""
         return (f"{where:30s} {self.kernel:18s}{path:12s} int8 {self.int8_ms:7.3f} ms  float32 {self.float_ms:7.3f} ms"
-                f"  {self.speedup:5.2f}x{verdict}")  # fmt: skip
+                f"  {self.speedup:5.2f}x{verdict}")
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class Smoothing:
             return f"{self.value} -> {linears}: not smoothed: {self.reason}"
         where = f"folded into {self.folded}" if self.folded else "one multiply before the quantize"
         return (f"{self.value} -> {linears}: alpha {self.alpha:g}, factors "
-                f"{self.smallest:.3g}..{self.largest:.3g}, {where}")  # fmt: skip
+                f"{self.smallest:.3g}..{self.largest:.3g}, {where}")
 
 
 @dataclass(frozen=True)
@@ -187,18 +187,18 @@ class ConversionReport:
 
     def __str__(self) -> str:
         lines = [f"graphquant conversion ({self.mode}, {self.backend}): "
-                 f"{len(self.quantized)} quantized, {len(self.float_nodes)} float"]  # fmt: skip
+                 f"{len(self.quantized)} quantized, {len(self.float_nodes)} float"]
         if self.regions or self.eager:
             lines.append(f"  partial graph mode: {len(self.regions)} regions quantized, {len(self.eager)} parts eager")
             lines.extend(f"  region {r}" for r in self.regions)
             lines.extend(f"  eager  {p}" for p in self.eager)
         if self.smoothing:
             lines.append(f"  SmoothQuant: {sum(s.alpha is not None for s in self.smoothing)} of "
-                         f"{len(self.smoothing)} inputs smoothed")  # fmt: skip
+                         f"{len(self.smoothing)} inputs smoothed")
             lines.extend(f"    {s}" for s in self.smoothing)
         if self.bias_correction:
             lines.append(f"  bias correction: {sum(b.shift is not None for b in self.bias_correction)} of "
-                         f"{len(self.bias_correction)} layers corrected")  # fmt: skip
+                         f"{len(self.bias_correction)} layers corrected")
             lines.extend(f"    {b}" for b in self.bias_correction)
         kernels = self.mode == "kernel" and self.backend == "onednn"
         paths = sorted({n.cpu_path for n in self.nodes if n.cpu_path}) if kernels else []
@@ -214,6 +214,6 @@ class ConversionReport:
         if self.timings:
             slower = [t for t in self.timings if t.slower_than_float]
             lines.append(f"  int8 kernels against float32 on this CPU (graphquant.time_kernels): {len(slower)} of "
-                         f"{len(self.timings)} slower than float32")  # fmt: skip
+                         f"{len(self.timings)} slower than float32")
             lines.extend("    " + str(t) for t in self.timings)
         return "\n".join(lines)

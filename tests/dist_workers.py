@@ -25,12 +25,12 @@ from graphquant.passes.lower import observer_qparams  # noqa: E402
 
 MINMAX = gq.QConfig(activation=gq.ObserverSpec("minmax"))  # per-channel min/max weights
 PER_TENSOR = gq.QConfig(activation=gq.ObserverSpec("minmax"),
-                        weight=gq.ObserverSpec("minmax", torch.int8, symmetric=True))  # fmt: skip
+                        weight=gq.ObserverSpec("minmax", torch.int8, symmetric=True))
 MOVING = gq.QConfig(activation=gq.ObserverSpec("moving_average_minmax", options=(("averaging_constant", 0.1),)))
 PERCENTILE = gq.QConfig(activation=gq.ObserverSpec("percentile", options=(("percentile", 99.9),)))
 ENTROPY = gq.QConfig(activation=gq.ObserverSpec("entropy"))
 QCONFIGS = {"histogram": gq.default_qconfig, "minmax": MINMAX, "per_tensor": PER_TENSOR, "moving_average": MOVING,
-            "percentile": PERCENTILE, "entropy": ENTROPY}  # fmt: skip
+            "percentile": PERCENTILE, "entropy": ENTROPY}
 
 
 class TinyBert(nn.Module):
@@ -42,7 +42,7 @@ class TinyBert(nn.Module):
 
         torch.manual_seed(0)
         config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                         intermediate_size=64, max_position_embeddings=32)  # fmt: skip
+                                         intermediate_size=64, max_position_embeddings=32)
         self.bert = transformers.BertModel(config).eval()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -79,7 +79,7 @@ def qparams(prepared: gq.PreparedModel) -> dict[str, tuple[torch.Tensor, torch.T
         assert prepared.partial_model is not None
         graphs = {m.path: m.inner.graph_module for m in prepared.partial_model.modules() if isinstance(m, Region)}
     return {f"{where}/{name}": (qp.scale.clone(), qp.zero_point.clone())
-            for where, gm in graphs.items() for name, qp in observer_qparams(gm).items()}  # fmt: skip
+            for where, gm in graphs.items() for name, qp in observer_qparams(gm).items()}
 
 
 def calibrate_all(distributed: bool) -> dict[str, Any]:
@@ -97,7 +97,7 @@ def calibrate_all(distributed: bool) -> dict[str, Any]:
             out[f"{wname}/{qname}"] = qparams(prepared)
             assert prepared.graph_module is not None
             out[f"{wname}/{qname}/histograms"] = [m.histogram.clone() for m in prepared.graph_module.modules()
-                                                  if isinstance(m, HistogramObserver)]  # fmt: skip
+                                                  if isinstance(m, HistogramObserver)]
             with torch.no_grad():
                 out[f"{wname}/{qname}/int8_output"] = gq.convert(prepared)(data[0])
     model, data = partial_model()
@@ -117,7 +117,7 @@ def calibrate_all(distributed: bool) -> dict[str, Any]:
 def _join(rank: int, world: int, port: int, timeout_s: float) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
+                            timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def sharded(rank: int, world: int, port: int, out_dir: str) -> None:

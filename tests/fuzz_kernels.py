@@ -47,7 +47,7 @@ X_DTYPES = st.sampled_from([torch.uint8] * 4 + [torch.int8, torch.float32, torch
 POST_OPS = st.sampled_from([
     ("none", []), ("relu", []), ("hardtanh", [0.0, 6.0]), ("hardswish", []), ("silu", []), ("gelu", []),
     ("gelu_tanh", []), ("leaky_relu", [0.1]), ("hardtanh", [1.0, -1.0]), ("elu", []), ("relu", [1.0]),
-])  # fmt: skip
+])
 OUT_QPARAMS = st.tuples(SCALES, ZERO_POINTS)
 
 
@@ -88,7 +88,7 @@ def _w_scale(draw: Any, n: int, valid: bool | None = None) -> torch.Tensor:
 @st.composite
 def _bias(draw: Any, n: int, valid: bool | None = None) -> torch.Tensor | None:
     kinds = {True: ["none", "ok", "huge"], False: ["short", "float64"],
-             None: ["none", "ok", "ok", "short", "float64", "huge"]}[valid]  # fmt: skip
+             None: ["none", "ok", "ok", "short", "float64", "huge"]}[valid]
     kind = draw(st.sampled_from(kinds))
     if kind == "none":
         return None
@@ -102,7 +102,7 @@ def _bias(draw: Any, n: int, valid: bool | None = None) -> torch.Tensor | None:
 
 def _conv_weight(fuzz: Fuzz, kind: str, out_c: int, in_c: int, kernel: list[int], groups: int, w_scale: torch.Tensor,
                  conv_args: tuple[list[int], list[int], list[int]], gen: torch.Generator, x_scale: float,
-                 x_zero_point: int, valid: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                 x_zero_point: int, valid: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A conv weight of ``kind`` (packed for oneDNN with the call's activation qparams, plain int8,
     float, packed for a linear, packed with another shape, or int8 of the wrong rank) and the
     plain int8 weight behind it."""
@@ -122,7 +122,7 @@ def _conv_weight(fuzz: Fuzz, kind: str, out_c: int, in_c: int, kernel: list[int]
         w8 = _tensor((out_c + 1, *shape[1:]), torch.int8, gen)
     case = {"w": _describe(w8), "w_scale": _describe(w_scale), "args": conv_args, "groups": groups}
     packed = fuzz.call("onednn.pack_conv", onednn.pack_conv, case, w8, w_scale, x_scale, x_zero_point, *conv_args,
-                       groups, expect="ok" if valid else None)  # fmt: skip
+                       groups, expect="ok" if valid else None)
     return (w8 if packed is None else packed), w8  # refused to pack: the kernel gets the plain weight
 
 
@@ -135,7 +135,7 @@ class Fuzz:
         self.findings: list[dict[str, str]] = []
 
     def call(self, op: str, fn: Any, case: dict[str, Any], *args: Any, expect: str | None = None,
-             want: Any = None) -> Any:  # fmt: skip
+             want: Any = None) -> Any:
         """``fn(*args)``, or ``None`` when it raised; the outcome counted, a finding recorded.
         ``expect="refused"``: it must raise a ``GraphQuantError``; ``expect="ok"``: it must run,
         and give ``want()`` (the portable kernel) within one step where ``want`` is set."""
@@ -189,11 +189,11 @@ class _Picker:
 
 
 _CONV_FIELDS = ["x_dtype", "channels", "n_args", "stride", "padding", "dilation", "groups", "w_kind", "w_scale",
-                "bias", "x_scale", "x_zp", "out", "post_op", "spatial"]  # fmt: skip
+                "bias", "x_scale", "x_zp", "out", "post_op", "spatial"]
 _BAD_SCALES = st.sampled_from([0.0, -0.1, math.nan, math.inf, -math.inf])  # (1e-30 and 1e30 are valid)
 _BAD_ZERO_POINTS = st.sampled_from([-1, 256, 1000, -(2**31)])
 _GOOD_POST_OPS = st.sampled_from([("none", []), ("relu", []), ("hardtanh", [0.0, 6.0]), ("hardswish", []),
-                                  ("silu", []), ("gelu", []), ("gelu_tanh", []), ("leaky_relu", [0.1])])  # fmt: skip
+                                  ("silu", []), ("gelu", []), ("gelu_tanh", []), ("leaky_relu", [0.1])])
 _BAD_POST_OPS = st.sampled_from([("hardtanh", [1.0, -1.0]), ("elu", []), ("relu", [1.0]), ("hardtanh", [0.0])])
 
 
@@ -214,28 +214,28 @@ def conv_test(fuzz: Fuzz) -> Any:
         dilation = [pick("dilation", st.sampled_from([1, 1, 2]), st.sampled_from([0, -2])) for _ in range(n_args)]
         # valid: at least one output position ((k - 1) * dilation + 1 <= size + 2 * padding)
         reach = [(k - 1) * (dilation[i] if i < n_args and dilation[i] > 0 else 1) + 1
-                 - 2 * (padding[i] if i < n_args and padding[i] > 0 else 0) for i, k in enumerate(kernel)]  # fmt: skip
+                 - 2 * (padding[i] if i < n_args and padding[i] > 0 else 0) for i, k in enumerate(kernel)]
         spatial = [pick("spatial", st.integers(max(r, 1), max(r, 1) + 4), st.just(0)) for r in reach]
         x_in_c = pick("channels", st.just(in_c), st.just(in_c + 1))
         x_dtype = pick("x_dtype", st.just(torch.uint8), st.sampled_from([torch.int8, torch.float32, torch.float64,
-                                                                         torch.int32]))  # fmt: skip
+                                                                         torch.int32]))
         x = _layout(_tensor((batch, x_in_c, *spatial), x_dtype, gen),
-                    data.draw(st.sampled_from(["contiguous", "channels_last", "sliced"]), "layout"))  # fmt: skip
+                    data.draw(st.sampled_from(["contiguous", "channels_last", "sliced"]), "layout"))
         w_scale = pick("w_scale", _w_scale(out_c, valid=True), _w_scale(out_c, valid=False))
         bias = pick("bias", _bias(out_c, valid=True), _bias(out_c, valid=False))
         kind = pick("w_kind", st.sampled_from(["packed", "packed", "int8"]),
-                    st.sampled_from(["float32", "packed_linear", "packed_other_shape", "int8_wrong_rank"]))  # fmt: skip
+                    st.sampled_from(["float32", "packed_linear", "packed_other_shape", "int8_wrong_rank"]))
         x_scale, x_zp = pick("x_scale", _GOOD_SCALES, _BAD_SCALES), pick("x_zp", st.integers(0, 255), _BAD_ZERO_POINTS)
         w, w8 = _conv_weight(fuzz, kind, out_c, in_c, kernel, groups, w_scale, (stride, padding, dilation), gen,
-                             x_scale, x_zp, pick.broken is None)  # fmt: skip
+                             x_scale, x_zp, pick.broken is None)
         out_scale, out_zp = pick("out", st.tuples(_GOOD_SCALES, st.integers(0, 255)),
                                  st.one_of(st.tuples(_BAD_SCALES, st.integers(0, 255)),
-                                           st.tuples(_GOOD_SCALES, _BAD_ZERO_POINTS)))  # fmt: skip
+                                           st.tuples(_GOOD_SCALES, _BAD_ZERO_POINTS)))
         post_op, post_op_args = pick("post_op", _GOOD_POST_OPS, _BAD_POST_OPS)
         case = {"x": _describe(x), "w": _describe(w), "w_scale": _describe(w_scale), "bias": None if bias is None
                 else _describe(bias), "stride": stride, "padding": padding, "dilation": dilation, "groups": groups,
                 "x_qparams": (x_scale, x_zp), "out_qparams": (out_scale, out_zp),
-                "post_op": (post_op, post_op_args), "broken": pick.broken}  # fmt: skip
+                "post_op": (post_op, post_op_args), "broken": pick.broken}
         args = (x, x_scale, x_zp, w, w_scale, bias, stride, padding, dilation, groups)
         op = data.draw(st.sampled_from(["schema", "onednn", "portable", "add", "transpose"]), "entry")
         rest = (out_scale, out_zp, post_op, post_op_args)
@@ -257,7 +257,7 @@ def conv_test(fuzz: Fuzz) -> Any:
         elif op == "add":
             accum_shape = data.draw(st.sampled_from(["fit", "fit", "small", "float"]), "accum")
             accum = _tensor((batch, out_c, *[max(s - k + 1, 1) for s, k in zip(spatial, kernel, strict=True)]),
-                            torch.float32 if accum_shape == "float" else torch.uint8, gen)  # fmt: skip
+                            torch.float32 if accum_shape == "float" else torch.uint8, gen)
             if accum_shape == "small":
                 accum = accum[:, :1]
             case["accum"] = _describe(accum)
@@ -275,18 +275,18 @@ def conv_test(fuzz: Fuzz) -> Any:
             case.update(w=_describe(wt), w_scale=_describe(t_scale), output_padding=output_padding)
             schema = getattr(torch.ops.graphquant, f"qconv_transpose{dim}d").default
             fuzz.call(f"graphquant::qconv_transpose{dim}d", schema, case, x, x_scale, x_zp, wt, t_scale, bias, stride,
-                      padding, output_padding, groups, dilation, out_scale, out_zp, post_op, post_op_args)  # fmt: skip
+                      padding, output_padding, groups, dilation, out_scale, out_zp, post_op, post_op_args)
 
     return run
 
 
 _VALID_POST_OPS = [("none", []), ("relu", []), ("hardtanh", [0.0, 6.0]), ("hardswish", []), ("silu", []), ("gelu", []),
-                   ("gelu_tanh", []), ("leaky_relu", [0.1])]  # fmt: skip
+                   ("gelu_tanh", []), ("leaky_relu", [0.1])]
 
 
 def _valid_scale(w_scale: torch.Tensor, n: int) -> bool:
     return (w_scale.dtype == torch.float32 and w_scale.shape == (n,)
-            and bool(((w_scale > 0) & (w_scale < math.inf)).all()))  # fmt: skip
+            and bool(((w_scale > 0) & (w_scale < math.inf)).all()))
 
 
 def linear_test(fuzz: Fuzz) -> Any:
@@ -297,7 +297,7 @@ def linear_test(fuzz: Fuzz) -> Any:
         in_f, out_f = data.draw(st.integers(1, 8), "in"), data.draw(st.integers(1, 8), "out")
         x_in = data.draw(st.sampled_from([in_f, in_f, in_f, in_f + 1]), "x_in")
         w_kind = data.draw(st.sampled_from(["packed"] * 3 + ["int8", "int8", "float32", "float16", "3d",
-                                                           "packed_conv"]), "w_kind")  # fmt: skip
+                                                           "packed_conv"]), "w_kind")
         w8 = _tensor((out_f, in_f), torch.int8, gen)
         kinds = {"int8": w8, "float32": w8.float(), "float16": w8.half(), "3d": w8.unsqueeze(0)}
         w: torch.Tensor = kinds.get(w_kind, w8)
@@ -313,32 +313,32 @@ def linear_test(fuzz: Fuzz) -> Any:
             if data.draw(st.booleans(), "special_values") and x.is_floating_point() and x.numel():
                 x.view(-1)[0] = data.draw(st.sampled_from([math.nan, math.inf, -math.inf, 1e38]))
             case = {"x": _describe(x), "w": _describe(w), "w_scale": _describe(w_scale),
-                    "bias": None if bias is None else _describe(bias)}  # fmt: skip
+                    "bias": None if bias is None else _describe(bias)}
             per_token = data.draw(st.booleans(), "per_token")
             if entry == "dynamic":
                 fuzz.call("dynamic.qlinear_dynamic", dynamic.qlinear_dynamic, case, x, w, w_scale, bias, per_token)
             elif entry == "dynamic_schema":
                 fuzz.call("graphquant::qlinear_dynamic", torch.ops.graphquant.qlinear_dynamic.default, case, x, w,
-                          w_scale, bias, per_token)  # fmt: skip
+                          w_scale, bias, per_token)
             else:
                 fuzz.call("graphquant::linear_fp16", torch.ops.graphquant.linear_fp16.default, case, x, w, bias)
             return
         x = _layout(_tensor((*lead, x_in), data.draw(X_DTYPES, "x_dtype"), gen),
-                    data.draw(st.sampled_from(["contiguous", "sliced"]), "layout"))  # fmt: skip
+                    data.draw(st.sampled_from(["contiguous", "sliced"]), "layout"))
         x_scale, x_zp = data.draw(SCALES), data.draw(ZERO_POINTS)
         out_scale, out_zp = data.draw(OUT_QPARAMS)
         post_op, post_op_args = data.draw(POST_OPS)
         case = {"x": _describe(x), "w": _describe(w), "w_scale": _describe(w_scale), "bias": None if bias is None
                 else _describe(bias), "x_qparams": (x_scale, x_zp), "out_qparams": (out_scale, out_zp),
-                "post_op": (post_op, post_op_args)}  # fmt: skip
+                "post_op": (post_op, post_op_args)}
         args = (x, x_scale, x_zp, w, w_scale, bias, out_scale, out_zp, post_op, post_op_args)
         # every argument valid: it must run and match the portable kernel; any fault: refused
         weight_ok = {"schema": w_kind in ("packed", "int8"), "onednn": w_kind == "packed" and HAS_ONEDNN,
-                     "portable": w_kind == "int8" or (w_kind == "packed" and not HAS_ONEDNN)}[entry]  # fmt: skip
+                     "portable": w_kind == "int8" or (w_kind == "packed" and not HAS_ONEDNN)}[entry]
         valid = (weight_ok and x.dtype == torch.uint8 and x_in == in_f and _valid_scale(w_scale, out_f)
                  and (bias is None or (bias.dtype == torch.float32 and bias.shape == (out_f,)))
                  and all(0.0 < s < math.inf for s in (x_scale, out_scale)) and 0 <= x_zp <= 255
-                 and 0 <= out_zp <= 255 and (post_op, post_op_args) in _VALID_POST_OPS)  # fmt: skip
+                 and 0 <= out_zp <= 255 and (post_op, post_op_args) in _VALID_POST_OPS)
         case["broken"] = None if valid else "one or more arguments"
         expect = "ok" if valid else "refused"
 
@@ -347,7 +347,7 @@ def linear_test(fuzz: Fuzz) -> Any:
 
         if entry == "schema":
             fuzz.call("graphquant::qlinear", torch.ops.graphquant.qlinear.default, case, *args, expect=expect,
-                      want=want)  # fmt: skip
+                      want=want)
         elif entry == "onednn":
             fuzz.call("onednn.qlinear", onednn.qlinear, case, *args, expect=expect, want=want)
         else:
@@ -364,7 +364,7 @@ def quantize_test(fuzz: Fuzz) -> Any:
         gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), "seed"))
         shape = tuple(data.draw(st.integers(0, 4)) for _ in range(data.draw(st.integers(0, 3), "rank")))
         dtype = data.draw(st.sampled_from([torch.float32, torch.float32, torch.float64, torch.float16, torch.uint8,
-                                           torch.int8]), "dtype")  # fmt: skip
+                                           torch.int8]), "dtype")
         x = _tensor(shape, dtype, gen)
         scale, zp = data.draw(SCALES), data.draw(ZERO_POINTS)
         qdtype = data.draw(st.sampled_from([torch.uint8, torch.int8, torch.int32, torch.float32]), "qdtype")
@@ -374,7 +374,7 @@ def quantize_test(fuzz: Fuzz) -> Any:
         ops = torch.ops.graphquant
         if op == "q":
             fuzz.call("graphquant::quantize_per_tensor", ops.quantize_per_tensor.default, case, x, scale, zp, qmin,
-                      qmax, qdtype)  # fmt: skip
+                      qmax, qdtype)
         elif op == "dq":
             fuzz.call("graphquant::dequantize_per_tensor", ops.dequantize_per_tensor.default, case, x, scale, zp)
         elif op in ("qc", "dqc"):
@@ -386,10 +386,10 @@ def quantize_test(fuzz: Fuzz) -> Any:
             case.update(axis=axis, scales=_describe(scales))
             if op == "qc":
                 fuzz.call("graphquant::quantize_per_channel", ops.quantize_per_channel.default, case, x, scales, zps,
-                          axis, qmin, qmax, qdtype)  # fmt: skip
+                          axis, qmin, qmax, qdtype)
             else:
                 fuzz.call("graphquant::dequantize_per_channel", ops.dequantize_per_channel.default, case, x, scales,
-                          zps, axis)  # fmt: skip
+                          zps, axis)
         elif op == "qdyn":
             fuzz.call("graphquant::quantize_dynamic", ops.quantize_dynamic.default, case, x, data.draw(st.booleans()))
         else:
@@ -400,14 +400,14 @@ def quantize_test(fuzz: Fuzz) -> Any:
             case.update(y=_describe(y), out_qparams=(out_scale, out_zp), post_op=post_op)
             if op == "add":
                 fuzz.call("graphquant::qadd", ops.qadd.default, case, x, scale, zp, y, scale, zp, 1.0, out_scale,
-                          out_zp, post_op)  # fmt: skip
+                          out_zp, post_op)
             elif op == "mul":
                 fuzz.call("graphquant::qmul", ops.qmul.default, case, x, scale, zp, y, scale, zp, out_scale, out_zp,
-                          post_op)  # fmt: skip
+                          post_op)
             else:
                 dim = data.draw(st.integers(-2, 2), "cat_dim")
                 fuzz.call("graphquant::qcat", elementwise.qcat, case, [x, y], [scale, 0.1], [zp, 0], dim, out_scale,
-                          out_zp)  # fmt: skip
+                          out_zp)
 
     return run
 
@@ -420,12 +420,12 @@ def main(seconds: float, last_case_file: str, base_seed: int) -> None:
     while time.monotonic() < stop:
         test = tests[round_ % len(tests)](fuzz)  # a fresh function: settings and seed decorate it once
         configured = settings(max_examples=60, deadline=None, database=None, phases=[Phase.generate],
-                              suppress_health_check=list(HealthCheck))(test)  # fmt: skip
+                              suppress_health_check=list(HealthCheck))(test)
         seed(base_seed + round_)(configured)()  # a round is reproducible from SEED and its number
         round_ += 1
     print(json.dumps({"cases": fuzz.outcomes["ok"] + fuzz.outcomes["refused"] + fuzz.outcomes["other"],
                       "ok": fuzz.outcomes["ok"], "refused": fuzz.outcomes["refused"],
-                      "checked": fuzz.outcomes["checked"], "findings": fuzz.findings}))  # fmt: skip
+                      "checked": fuzz.outcomes["checked"], "findings": fuzz.findings}))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def test_the_worst_layer_and_its_reader_go_back_to_float_in_few_steps():
     drop_all_int8 = -neg_mse(full)
     assert drop_all_int8 > 1e-4, drop_all_int8  # the outlier channel costs accuracy
     q, report = gq.quantize_with_accuracy_control(net, {"": gq.default_qconfig}, run_batches, [calibration_batches()],
-                                                  neg_mse, max_drop=drop_all_int8 / 20)  # fmt: skip
+                                                  neg_mse, max_drop=drop_all_int8 / 20)
     assert report.met and report.ranking[:2] == ("fc1", "fc2"), report
     assert report.keep_float == ("fc1", "fc2"), report
     chosen = next(step for step in report.steps if step.keep_float == report.keep_float)
@@ -58,15 +58,15 @@ def test_the_worst_layer_and_its_reader_go_back_to_float_in_few_steps():
 def test_a_drop_already_met_costs_one_quantization():
     net = make_net()
     q, report = gq.quantize_with_accuracy_control(net, {"": gq.default_qconfig}, run_batches, [calibration_batches()],
-                                                  neg_mse, max_drop=1.0)  # fmt: skip
+                                                  neg_mse, max_drop=1.0)
     assert report.met and report.keep_float == () and len(report.steps) == 1 and report.ranking == ()
 
 
 def test_an_unreachable_drop_returns_the_most_float_model_and_says_so():
     net = _outlier_net()
     q, report = gq.quantize_with_accuracy_control(net, {"": gq.default_qconfig}, run_batches, [calibration_batches()],
-                                                  neg_mse, max_drop=0.0)  # fmt: skip
+                                                  neg_mse, max_drop=0.0)
     assert not report.met and report.keep_float == report.ranking and "NOT met" in str(report)
     with pytest.raises(gq.GraphQuantError, match="max_drop must be a finite number >= 0"):
         gq.quantize_with_accuracy_control(net, {"": gq.default_qconfig}, run_batches, [calibration_batches()],
-                                          neg_mse, max_drop=-1)  # fmt: skip
+                                          neg_mse, max_drop=-1)

@@ -16,7 +16,7 @@ KERNELS = ("graphquant.qconv2d", "graphquant.qlinear")
 
 def _kernel_calls(model: torch.fx.GraphModule) -> list[str]:
     return [str(n.target) for n in model.graph.nodes if str(n.target).startswith("graphquant.q")
-            and "quantize" not in str(n.target)]  # fmt: skip
+            and "quantize" not in str(n.target)]
 
 
 def test_static_end_to_end(net):  # type: ignore[no-untyped-def]
@@ -102,7 +102,7 @@ def test_quantizing_twice_is_bit_identical(net):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("run_fn,run_args,needle", [
     (None, [[]], "needs calibration"),
     (run_batches, None, "run_args must be a list"),
-])  # fmt: skip
+])
 def test_missing_calibration_is_a_clear_error(net, run_fn, run_args, needle):  # type: ignore[no-untyped-def]
     with pytest.raises(gq.GraphQuantError, match=needle):
         gq.quantize_jit(net, {"": gq.default_qconfig}, run_fn, run_args)
@@ -165,7 +165,7 @@ def test_unknown_qconfig_key_names_close_paths(net):  # type: ignore[no-untyped-
 @pytest.mark.parametrize("bad,needle", [
     ([("", None)], "qconfig_dict must be a dict"),
     ({"": "x86"}, r"qconfig_dict\[''\] is a str"),
-])  # fmt: skip
+])
 def test_bad_qconfig_dict(net, bad, needle):  # type: ignore[no-untyped-def]
     with pytest.raises(gq.GraphQuantError, match=needle):
         gq.prepare_jit(net, bad)
@@ -197,7 +197,7 @@ def test_quantized_model_records_no_autograd_graph_and_leaves_the_model_trainabl
     model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4)).train(False)
     x = torch.randn(3, 8)
     for quantized in (gq.quantize(model, {"": gq.default_qconfig, "1": None}, run_batches, [[x]], example_inputs=(x,)),
-                      gq.quantize_dynamic(model, {"": gq.default_dynamic_qconfig}, example_inputs=(x,))):  # fmt: skip
+                      gq.quantize_dynamic(model, {"": gq.default_dynamic_qconfig}, example_inputs=(x,))):
         out = quantized(x)
         assert not out.requires_grad and out.grad_fn is None
         assert not any(p.requires_grad for p in quantized.parameters())

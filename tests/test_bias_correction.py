@@ -23,7 +23,7 @@ def _batches(shape: tuple[int, ...], mean: float, n: int = 4, seed: int = 0) -> 
 
 def _quantize(model: nn.Module, qconfig: gq.QConfig, data, **kwargs):  # type: ignore[no-untyped-def]
     return gq.quantize(model, {"": qconfig}, lambda m, bs: [m(*b) for b in bs], [data], example_inputs=data[0],
-                       **kwargs)  # fmt: skip
+                       **kwargs)
 
 
 def test_linear_bias_takes_off_the_measured_mean_shift():
@@ -48,7 +48,7 @@ def test_linear_bias_takes_off_the_measured_mean_shift():
     with torch.no_grad():
         float_out = model(x)
         mean_error = {name: float((q(x) - float_out).mean(0).abs().max()) for name, q in
-                      (("plain", plain), ("corrected", corrected))}  # fmt: skip
+                      (("plain", plain), ("corrected", corrected))}
     assert mean_error["corrected"] <= 0.2 * mean_error["plain"], mean_error
 
 
@@ -66,7 +66,7 @@ def test_conv_shift_sums_kernel_positions_per_group():
 @pytest.mark.parametrize("backend", ["onednn", "portable"])
 def test_kernel_graph_uses_the_corrected_bias(backend):  # type: ignore[no-untyped-def]
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(),
-                          nn.Linear(8 * 4 * 4, 5))  # fmt: skip
+                          nn.Linear(8 * 4 * 4, 5))
     data = [(torch.rand(2, 3, 8, 8) + 0.5,) for _ in range(3)]
     result = check_graph_mode_op(model, data, "qconv2d", qconfig=gq.QConfig(bias_correction=True), backend=backend)
     assert result.max_step_diff <= 1.0 and result.sqnr >= 25.0, (result.max_step_diff, result.sqnr)
@@ -115,4 +115,4 @@ def test_qconfig_round_trip_and_refusal():
     assert gq.QConfig.from_dict(qconfig.to_dict()) == qconfig
     with pytest.raises(gq.GraphQuantError, match="bias correction is for static quantization"):
         gq.QConfig(gq.ObserverSpec("dynamic"), gq.ObserverSpec("minmax", torch.int8, symmetric=True),
-                   bias_correction=True)  # fmt: skip
+                   bias_correction=True)

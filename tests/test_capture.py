@@ -97,7 +97,7 @@ def test_zero_padding_folds_into_the_convolution_that_reads_it():
     pads = [list(n.args[1]) for n in gm.graph.nodes if n.target is torch.ops.aten.pad.default]
     assert sorted(pads) == sorted([[0, 1, 0, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]), gm.code
     convs = {n.args[1].target: list(n.args[4]) for n in gm.graph.nodes
-             if "conv" in str(n.target) and len(n.args) > 4}  # fmt: skip
+             if "conv" in str(n.target) and len(n.args) > 4}
     assert convs["b.weight"] == [2, 1] and convs["e.weight"] == [2] and convs["a.weight"] == [1, 1], convs
     for got, want in zip(gm(x), model(x), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -24,7 +24,7 @@ DATA = "cli_models:calibration"
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", "graphquant", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd or TESTS.parent, timeout=300)  # fmt: skip
+                          cwd=cwd or TESTS.parent, timeout=300)
 
 
 def test_quantize(tmp_path: Path) -> None:
@@ -54,7 +54,7 @@ def test_check(capsys: pytest.CaptureFixture[str]) -> None:
 def test_compare(tmp_path: Path) -> None:
     html, suggestion = tmp_path / "numerics.html", tmp_path / "keep.json"
     done = run_cli("compare", MODEL, "--data", DATA, "--inputs", "cli_models:held_out", "--eval",
-                   "cli_models:agreement", "--report", str(html), "--suggest-out", str(suggestion))  # fmt: skip
+                   "cli_models:agreement", "--report", str(html), "--suggest-out", str(suggestion))
     assert done.returncode == cli.EXIT_OK, done.stderr
     out = done.stdout
     assert out.startswith("graphquant numerics (static,")
@@ -161,7 +161,7 @@ def test_out_saves_or_says_why(capsys: pytest.CaptureFixture[str], tmp_path: Pat
 
 
 def test_out_into_a_missing_directory_is_refused_before_the_work(capsys: pytest.CaptureFixture[str],
-                                                                 tmp_path: Path) -> None:  # fmt: skip
+                                                                 tmp_path: Path) -> None:
     target = tmp_path / "no" / "such" / "q.pt2"
     code = cli.main(["quantize", MODEL, "--data", DATA, "--out", str(target), "-q"])
     out = capsys.readouterr()
@@ -176,12 +176,12 @@ def test_reduce_range_presets_give_7bit_layers(tmp_path: Path, capsys: pytest.Ca
     from graphquant.deploy.program import manifest
 
     for mode, preset, layers in (("static", "x86_reduce_range", 3), ("dynamic", "per_token_dynamic_reduce_range", 1),
-                                 ("dynamic", "dynamic_reduce_range", 1)):  # fmt: skip
+                                 ("dynamic", "dynamic_reduce_range", 1)):
         qconfig = tmp_path / f"{preset}.json"
         qconfig.write_text(json.dumps({"": preset}))
         out = tmp_path / f"{preset}.pt2"
         assert cli.main(["quantize", MODEL, "--data", DATA, "--mode", mode, "--qconfig", str(qconfig), "--out",
-                         str(out), "-q"]) == cli.EXIT_OK  # fmt: skip
+                         str(out), "-q"]) == cli.EXIT_OK
         record = manifest(graphquant.load(out))["x86"]
         assert record["layers_7bit"] == layers and record["layers_8bit"] == 0, (preset, record)
     capsys.readouterr()
@@ -192,13 +192,13 @@ def test_tune(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     budget exits 1 and says so."""
     out = tmp_path / "tuned.pt2"
     assert cli.main(["tune", MODEL, "--data", DATA, "--eval", "cli_models:agreement", "--max-drop", "0.5",
-                     "--out", str(out), "-q"]) == cli.EXIT_OK  # fmt: skip
+                     "--out", str(out), "-q"]) == cli.EXIT_OK
     printed = capsys.readouterr().out
     assert "max drop 0.5: met with 0 layers float, 1 quantizations" in printed and out.exists(), printed
     # every layer float meets max-drop 0; a budget spent after the first quantization does not
     assert cli.main(["tune", MODEL, "--data", DATA, "--eval", "cli_models:worst_for_int8", "--max-drop", "0",
-                     "-q"]) == cli.EXIT_OK  # fmt: skip
+                     "-q"]) == cli.EXIT_OK
     assert "met with 3 layers float" in capsys.readouterr().out
     assert cli.main(["tune", MODEL, "--data", DATA, "--eval", "cli_models:worst_for_int8", "--max-drop", "0",
-                     "--budget", "0", "-q"]) == cli.EXIT_CHECK_FAILED  # fmt: skip
+                     "--budget", "0", "-q"]) == cli.EXIT_CHECK_FAILED
     assert "NOT met (time budget spent) with 0 layers float, 1 quantizations" in capsys.readouterr().out

@@ -81,7 +81,7 @@ def blocks_compiled() -> tuple[nn.Module, compiled.CompiledModel]:
 def test_compiled_model_is_bit_identical_to_the_graph_at_any_batch(blocks_compiled):  # type: ignore[no-untyped-def]
     q, cm = blocks_compiled
     kernels = {node.target._opname for node in q.graph.nodes if node.op == "call_function" and
-               getattr(node.target, "namespace", "") == "graphquant"}  # fmt: skip
+               getattr(node.target, "namespace", "") == "graphquant"}
     assert {"qconv2d", "qconv2d_add", "qconv1d", "qlinear"} <= kernels, kernels
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -123,7 +123,7 @@ except RuntimeError as error:
 
 def _raw_load(package: str, io_file: Path, env: dict[str, str] | None = None) -> dict[str, object]:
     run = subprocess.run([sys.executable, "-c", RAW_LOAD, package, str(io_file)], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}, timeout=300)  # fmt: skip
+                         env={**os.environ, **(env or {})}, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -142,7 +142,7 @@ def test_package_runs_without_graphquant_and_refuses_a_saturating_cpu(blocks_com
     refused = _raw_load(cm.path, tmp_path / "io.pt", {"ONEDNN_MAX_CPU_ISA": "AVX2"})
     assert "compiled on a CPU whose int8 kernels do not saturate" in str(refused.get("refused")), refused
     load = subprocess.run([sys.executable, "-c", f"import graphquant as gq; gq.load({cm.path!r})"], capture_output=True,
-                          text=True, env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, timeout=300)  # fmt: skip
+                          text=True, env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, timeout=300)
     assert load.returncode != 0 and "GraphQuantError" in load.stderr and "Compile the package on this" in load.stderr
 
 
@@ -154,7 +154,7 @@ def _cxx_build(tmp_path: Path) -> Path:
          f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
          f"-L{torch_dir / 'lib'}", f"-Wl,-rpath,{torch_dir / 'lib'}", "-ltorch", "-ltorch_cpu", "-lc10"],
         capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    )
     assert build.returncode == 0, build.stderr[-3000:]
     return binary
 
@@ -178,7 +178,7 @@ class TinyEncoder(nn.Module):
         super().__init__()
         transformers = pytest.importorskip("transformers")
         config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                         intermediate_size=128, max_position_embeddings=32)  # fmt: skip
+                                         intermediate_size=128, max_position_embeddings=32)
         torch.manual_seed(0)
         self.bert = transformers.BertModel(config, add_pooling_layer=False).eval()
 
@@ -239,7 +239,7 @@ def test_compiled_encoder_matches_the_graph_to_float_rounding(mode):  # type: ig
 
 def test_package_refusals_name_the_way_out(tmp_path):  # type: ignore[no-untyped-def]
     q = gq.quantize(make_net(), {"": gq.default_qconfig}, _calibrate, [[torch.randn(2, 3, 16, 16)]],
-                    example_inputs=torch.randn(2, 3, 16, 16))  # fmt: skip
+                    example_inputs=torch.randn(2, 3, 16, 16))
     with pytest.raises(gq.GraphQuantError, match=r"package='tflite'.*'program'.*'aoti'"):
         gq.save(q, tmp_path / "m.pt2", package="tflite")
     gq.save(q, tmp_path / "program.pt2")  # a .pt2 program is no package
@@ -251,7 +251,7 @@ def test_compiling_8bit_layers_where_the_kernels_saturate_is_refused(monkeypatch
     """Where oneDNN saturates, 8-bit layers take the exact float32 path, which cannot be compiled yet:
     refused naming the layer and reduce_range (on any CPU: the probe's answer is set here)."""
     q = gq.quantize(make_net(), {"": gq.default_qconfig}, _calibrate, [[torch.randn(2, 3, 16, 16)]],
-                    example_inputs=torch.randn(2, 3, 16, 16))  # fmt: skip
+                    example_inputs=torch.randn(2, 3, 16, 16))
     monkeypatch.setitem(x86._SATURATES, False, True)
     with pytest.raises(gq.GraphQuantError, match=r"conv1.*int8 kernels saturate.*reduce_range=True"):
         gq.compile(q)
@@ -278,7 +278,7 @@ def test_compiled_linears_differ_only_where_the_input_quantize_rounds_a_half_ste
         assert not differing_rows
         return
     flips = native_quantize(x, scale, zero_point, qmin, qmax, torch.uint8) != quantize_tensor(
-        x, scale, zero_point, qmin, qmax, torch.uint8)  # fmt: skip
+        x, scale, zero_point, qmin, qmax, torch.uint8)
     flipped_rows = set(flips.any(1).nonzero().flatten().tolist())
     assert int(flips.sum()) <= 20, int(flips.sum())  # ~5 in a million
     assert differing_rows <= flipped_rows, (sorted(differing_rows), sorted(flipped_rows))

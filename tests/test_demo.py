@@ -38,7 +38,7 @@ def test_bias_correction_brings_the_trained_digits_net_closer(digits: demo.Digit
 
     batches = demo.digits_calibration(digits.data)
     corrected = gq.quantize(digits.model, {"": gq.QConfig(bias_correction=True)}, demo._calibrate, [batches],
-                            example_inputs=batches[0])  # fmt: skip
+                            example_inputs=batches[0])
     x = digits.data.x_test
     with torch.no_grad():
         want = digits.model(x)
@@ -68,7 +68,7 @@ def test_main_writes_reports_and_summary(tmp_path: Path, capsys: pytest.CaptureF
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [(row["model"], row["variant"]) for row in summary["rows"]] == [
         ("digits-cnn", "fp32"), ("digits-cnn", "int8 static")
-    ]  # fmt: skip
+    ]
     assert all(row["size_bytes"] > 0 and row["latency_ms"] > 0 for row in summary["rows"])
     assert "digits-cnn" in capsys.readouterr().out
 

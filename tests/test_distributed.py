@@ -87,7 +87,7 @@ def test_moving_average_merge_is_the_documented_mean(two_ranks, one_process):  #
 def test_a_failing_rank_fails_every_rank_with_a_graphquant_error(tmp_path, how):  # type: ignore[no-untyped-def]
     start = time.monotonic()
     ctx = mp.start_processes(dist_workers.failing, args=(2, _free_port(), str(tmp_path), how), nprocs=2, join=False,
-                             start_method="spawn")  # fmt: skip
+                             start_method="spawn")
     while not ctx.join(timeout=60):
         pass
     elapsed = time.monotonic() - start
@@ -114,12 +114,12 @@ def test_cli_under_torchrun_shards_calibration_and_rank_0_saves(tmp_path):  # ty
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]), "OMP_NUM_THREADS": "1"}
     common = ["quantize", "cli_models:make_model", "--data", "cli_models:calibration", "--quiet"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                str(_free_port()), "-m", "graphquant", *common, "--out", str(tmp_path / "two.pt2")]  # fmt: skip
+                str(_free_port()), "-m", "graphquant", *common, "--out", str(tmp_path / "two.pt2")]
     run = subprocess.run(torchrun, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "calibrated on 2 processes" in run.stdout and run.stdout.count("wrote ") == 1, run.stdout
     single = subprocess.run([sys.executable, "-m", "graphquant", *common, "--out", str(tmp_path / "one.pt2")],
-                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+                            env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stdout + single.stderr
     two, one = gq.load(tmp_path / "two.pt2"), gq.load(tmp_path / "one.pt2")
     x = cli_models.held_out()[0]

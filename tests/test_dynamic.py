@@ -36,7 +36,7 @@ def _kernels(model: nn.Module) -> list[str]:
 @pytest.mark.parametrize("qconfig", [
     gq.default_dynamic_qconfig, gq.per_channel_dynamic_qconfig, gq.per_token_dynamic_qconfig,
     gq.get_default_dynamic_qconfig(reduce_range=True), gq.get_default_dynamic_qconfig(True, reduce_range=True),
-])  # fmt: skip
+])
 @pytest.mark.parametrize("backend", ["onednn", "portable"])
 def test_kernel_matches_reference_and_float(qconfig, backend):  # type: ignore[no-untyped-def]
     model, x = _model(), torch.randn(4, 10, 32)
@@ -61,7 +61,7 @@ def test_shared_weights_are_quantized_and_stored_once():
     int8 = [name for name, b in q.named_buffers() if b.dtype == torch.int8]
     assert len(int8) == 2, int8
     float_weights = [name for name, b in list(q.named_parameters()) + list(q.named_buffers())
-                     if b.dtype == torch.float32 and b.dim() == 2]  # fmt: skip
+                     if b.dtype == torch.float32 and b.dim() == 2]
     assert float_weights == [], float_weights
 
 
@@ -204,7 +204,7 @@ def test_dynamic_options_are_checked_by_name() -> None:
         torch.ops.graphquant.quantize_dynamic(torch.randn(2, 4), False, 100)
     with pytest.raises(gq.GraphQuantError, match="x_qmax must be 255 or 127"):
         torch.ops.graphquant.qlinear_dynamic(torch.randn(2, 4), torch.ones(3, 4, dtype=torch.int8), torch.ones(3), None,
-                                             False, "none", [], 100)  # fmt: skip
+                                             False, "none", [], 100)
 
 
 class FFN(nn.Module):
@@ -231,14 +231,14 @@ def test_per_token_rows_of_a_one_sided_input_are_asymmetric(backend):  # type: i
     q = gq.quantize_dynamic(model, {"": qconfig}, example_inputs=(x,), backend=backend)
     ref = gq.quantize_dynamic(model, {"": qconfig}, example_inputs=(x,), debug=True, backend=backend)
     assert [n.kwargs.get("asymmetric", False) for n in q.graph.nodes if "qlinear_dynamic" in str(n.target)] == \
-        [False, True]  # fmt: skip
+        [False, True]
     rows = [n for n in ref.graph.nodes if "quantize_dynamic" in str(n.target) and "dequantize" not in str(n.target)]
     assert [n.kwargs.get("asymmetric", False) for n in rows] == [False, True]
     got, want, expected = q(x), ref(x), model(x)
     assert float((got - want).abs().max()) <= float_output_step(want), float((got - want).abs().max())
     torch.testing.assert_close(gq.to_torchscript(q)(x), got)
     symmetric = gq.quantize_dynamic(model, {"": gq.get_default_dynamic_qconfig(True, one_sided_rows="symmetric")},
-                                    example_inputs=(x,), backend=backend)  # fmt: skip
+                                    example_inputs=(x,), backend=backend)
     assert not any(n.kwargs.get("asymmetric") for n in symmetric.graph.nodes)
     gain = sqnr(expected, got) - sqnr(expected, symmetric(x))
     assert gain >= 1.5, gain  # measured 2.1 dB here (40.5 vs 38.4 dB): dense_out's input grid doubles

@@ -66,9 +66,9 @@ def test_qcat_qstack_match_the_reference(seed: int) -> None:
     xs, scales, zero_points = (list(t) for t in zip(*inputs, strict=True))
     floats = [_dq(*i) for i in inputs]
     _assert_same(ops.qcat(xs, scales, zero_points, -1, out_scale, out_zp),
-                            _q(torch.cat(floats, -1), out_scale, out_zp))  # fmt: skip
+                            _q(torch.cat(floats, -1), out_scale, out_zp))
     _assert_same(ops.qstack(xs, scales, zero_points, 1, out_scale, out_zp),
-                            _q(torch.stack(floats, 1), out_scale, out_zp))  # fmt: skip
+                            _q(torch.stack(floats, 1), out_scale, out_zp))
     assert torch.equal(ops.qcat([xs[0]], [out_scale], [out_zp], 0, out_scale, out_zp), xs[0])
 
 

@@ -75,7 +75,7 @@ def test_kernels_within_one_step_of_reference_and_sqnr(qconfig, backend):  # typ
     bound = 40.0 if qconfig is gq.embedding_qconfig else 18.0
     assert result.sqnr >= bound, result.sqnr
     embed = check_graph_mode_op(nn.Embedding(300, 64), (torch.randint(0, 300, (4, 9)),), "qembedding",
-                                qconfig=qconfig, backend=backend)  # fmt: skip
+                                qconfig=qconfig, backend=backend)
     assert embed.max_step_diff <= 1.0 and embed.sqnr >= bound, embed.sqnr
 
 
@@ -119,7 +119,7 @@ def test_float_qparams_cover_each_row():
 
 
 @pytest.mark.parametrize("qconfig,bits", [(gq.embedding_qconfig, 8), (gq.embedding_4bit_qconfig, 4)],
-                         ids=["8bit", "4bit"])  # fmt: skip
+                         ids=["8bit", "4bit"])
 def test_weight_storage(qconfig, bits):  # type: ignore[no-untyped-def]
     """8-bit: D + 8 bytes a row (values, float32 scale and offset) = 1/4 of float plus qparams; 4-bit:
     D / 2 + 4 (two values a byte, float16 scale and offset) = 1/8 plus qparams. Beside the table the
@@ -171,7 +171,7 @@ def test_a_table_tied_to_the_output_linear_is_quantized_both_ways(backend):  # t
     torch.manual_seed(0)
     model, ids = TiedLM().eval(), torch.randint(0, 100, (3, 5))
     q = gq.quantize_dynamic(model, {"": gq.per_token_dynamic_qconfig, "emb": gq.embedding_qconfig},
-                            example_inputs=(ids,), backend=backend)  # fmt: skip
+                            example_inputs=(ids,), backend=backend)
     assert len(_kernels(q)) == 1
     assert sum("qlinear_dynamic" in str(n.target) for n in q.graph.nodes) == 2
     assert sqnr(model(ids), q(ids)) >= 30.0
@@ -192,14 +192,14 @@ class TinyEncoder(nn.Module):
 
 def _float_reasons(model: nn.Module) -> dict[str, str]:
     return {n.module_path: n.reason for n in gq.report(model).float_nodes if n.op in ("aten.embedding.default",
-            "aten.linear.default")}  # fmt: skip
+            "aten.linear.default")}
 
 
 def test_dynamic_linears_with_int8_embedding():
     torch.manual_seed(0)
     model, ids = TinyEncoder().eval(), torch.randint(0, 100, (3, 7))
     q = gq.quantize_dynamic(model, {"": gq.per_token_dynamic_qconfig, "emb": gq.embedding_qconfig},
-                            example_inputs=(ids,))  # fmt: skip
+                            example_inputs=(ids,))
     targets = [str(n.target) for n in q.graph.nodes]
     assert "graphquant.qembedding.default" in targets and "graphquant.qlinear_dynamic.default" in targets
     assert sqnr(model(ids), q(ids)) >= 30.0
@@ -209,7 +209,7 @@ def test_presets_leave_embeddings_float_and_say_how_to_quantize_them():
     """Default static and dynamic qconfigs keep the table float (as torch.ao does), the report names the way in."""
     model, ids = TinyEncoder().eval(), torch.randint(0, 100, (3, 7))
     for q in (gq.quantize_dynamic(model, {"": gq.per_token_dynamic_qconfig}, example_inputs=(ids,)),
-              _quantize(model, {"": gq.default_qconfig}, (ids,))):  # fmt: skip
+              _quantize(model, {"": gq.default_qconfig}, (ids,))):
         assert _kernels(q) == []
         assert "{'emb': graphquant.embedding_qconfig}" in _float_reasons(q)["emb"]
 
@@ -217,7 +217,7 @@ def test_presets_leave_embeddings_float_and_say_how_to_quantize_them():
 def test_embedding_qconfig_on_the_whole_model_quantizes_tables_only():
     model, ids = TinyEncoder().eval(), torch.randint(0, 100, (3, 7))
     for q in (gq.quantize_dynamic(model, {"": gq.embedding_qconfig}, example_inputs=(ids,)),
-              _quantize(model, {"": gq.embedding_qconfig}, (ids,))):  # fmt: skip
+              _quantize(model, {"": gq.embedding_qconfig}, (ids,))):
         assert _kernels(q) == ["graphquant.qembedding.default"]
         assert "qconfig_dict['']" in _float_reasons(q)["fc"] and "weight-only" in _float_reasons(q)["fc"]
 
@@ -236,7 +236,7 @@ def test_qconfig_presets_round_trip_and_check_themselves():
 def test_4bit_needs_an_even_embedding_dim():
     with pytest.raises(gq.GraphQuantError, match="even embedding_dim.*embedding_qconfig"):
         gq.quantize_dynamic(nn.Sequential(nn.Embedding(10, 7)).eval(), {"": gq.embedding_4bit_qconfig},
-                            example_inputs=(torch.tensor([[1, 2]]),))  # fmt: skip
+                            example_inputs=(torch.tensor([[1, 2]]),))
 
 
 # ----------------------------------------------------------------------------------- bad input
@@ -256,7 +256,7 @@ def test_bad_indices_raise_graphquant_errors(qconfig, backend):  # type: ignore[
     with pytest.raises(gq.GraphQuantError, match="offsets must be non-decreasing"):
         q(indices, torch.tensor([0, 9, 5, 17, 30]), weights)
     embed = gq.quantize_dynamic(nn.Sequential(nn.Embedding(10, 8)).eval(), {"": qconfig},
-                                example_inputs=(torch.tensor([[1, 2]]),), backend=backend)  # fmt: skip
+                                example_inputs=(torch.tensor([[1, 2]]),), backend=backend)
     with pytest.raises(gq.GraphQuantError, match="index 10 is outside"):
         embed(torch.tensor([[3, 10]]))
 
@@ -287,7 +287,7 @@ def test_portable_path_matches_native():
         rows = kernels.dequantize_rows(table, qparams.scale, qparams.zero_point, indices, bits)
         torch.testing.assert_close(rows, dequantize(quantize(w, qparams), qparams)[indices], rtol=0, atol=0)
         native = kernels.qembedding_bag(table, qparams.scale, qparams.zero_point, indices, offsets, 0, None, False, -1,
-                                        bits)  # fmt: skip
+                                        bits)
         portable = F.embedding_bag(torch.arange(30), rows, offsets, mode="sum")
         torch.testing.assert_close(native, portable, rtol=0, atol=1e-5)
 

@@ -60,7 +60,7 @@ def _static(make: Callable[[], nn.Module], shape: tuple[int, ...]) -> nn.Module:
     g = torch.Generator().manual_seed(1)
     batches = [torch.randn(shape, generator=g) for _ in range(3)]
     return gq.quantize(model, {"": gq.get_default_qconfig("x86")}, lambda m, bs: [m(b) for b in bs], [batches],
-                       example_inputs=(batches[0],), backend="onednn")  # fmt: skip
+                       example_inputs=(batches[0],), backend="onednn")
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
@@ -102,7 +102,7 @@ def render(gm: fx.GraphModule) -> str:
         elif node.op == "call_function":
             target = node.target
             name = f"{target.namespace}.{target._opname}" if isinstance(target, torch._ops.OpOverload) else getattr(
-                target, "__name__", str(target))  # fmt: skip
+                target, "__name__", str(target))
             args = [_value(a) for a in node.args] + [f"{k}={_value(v)}" for k, v in node.kwargs.items()]
             lines.append(f"{node.name} = {name}({', '.join(args)})")
         elif node.op == "output":

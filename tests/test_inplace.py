@@ -99,7 +99,7 @@ def _quantized_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, object]:
                    "graphquant.qmul.default")),
     (_Activations, ("aten.clamp", "aten.hardswish", "aten.sigmoid", "aten.tanh", "aten.leaky_relu")),
     (_InputUpdate, ("graphquant.qlinear",)),
-])  # fmt: skip
+])
 def test_inplace_matches_out_of_place(module: type[nn.Module], kernels: tuple[str, ...]) -> None:
     torch.manual_seed(0)
     inplace = module(True)  # type: ignore[call-arg]

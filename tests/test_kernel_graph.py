@@ -29,7 +29,7 @@ def _both(model: nn.Module, batches: list[tuple[torch.Tensor, ...]], qconfig_dic
         prepared = gq.prepare(model, qconfig_dict, batches[0])
         gq.calibrate(prepared, batches)
     return (_convert(prepared, False, False, "onednn"),
-            _convert(prepared, False, False, "onednn", fuse=False))  # fmt: skip
+            _convert(prepared, False, False, "onednn", fuse=False))
 
 
 def _calls(gm: fx.GraphModule, target: object) -> list[fx.Node]:

@@ -47,7 +47,7 @@ def _quantized(backend: str | None = None) -> tuple[Any, tuple[torch.Tensor, ...
     model = _Every().eval()
     data = [(torch.randn(2, 4, 8, 8),) for _ in range(3)]
     qmodel = gq.quantize(model, {"": gq.get_default_qconfig("x86")}, lambda m, d: [m(*b) for b in d], [data],
-                         example_inputs=data[0], backend=backend)  # fmt: skip
+                         example_inputs=data[0], backend=backend)
     return qmodel, data[0]
 
 
@@ -87,7 +87,7 @@ def test_every_kernel_is_found_and_timed_against_the_op_it_replaced(backend: str
 
 def test_the_report_and_explain_name_the_layers_slower_than_float(monkeypatch: pytest.MonkeyPatch,
                                                                  capsys: pytest.CaptureFixture[str],
-                                                                 tmp_path: Path) -> None:  # fmt: skip
+                                                                 tmp_path: Path) -> None:
     """A kernel slower than its float32 op is marked in the report, and ``explain --time`` gives the
     --skip options and a --qconfig file that keeps those layers float."""
     qmodel, inputs = _quantized()
@@ -115,17 +115,17 @@ def test_the_report_and_explain_name_the_layers_slower_than_float(monkeypatch: p
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     keep = tmp_path / "keep.json"
     assert cli.main(["explain", "cli_models:make_model", "--data", "cli_models:calibration", "--time", "--rounds", "3",
-                     "--suggest-out", str(keep), "-q"]) == cli.EXIT_OK  # fmt: skip
+                     "--suggest-out", str(keep), "-q"]) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert "3 of 3 slower than float32" in out
     assert "--skip conv1 --skip conv2 --skip fc" in out
     suggested = json.loads(keep.read_text())
     assert suggested["conv1"] is None and suggested["conv2"] is None and suggested["fc"] is None
     assert cli.main(["quantize", "cli_models:make_model", "--data", "cli_models:calibration", "--qconfig", str(keep),
-                     "-q"]) == cli.EXIT_OK  # fmt: skip
+                     "-q"]) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert not any(line.split()[:1] == ["int8"] and line.split()[1] in ("conv1", "conv2", "fc")
-                   for line in out.splitlines())  # fmt: skip
+                   for line in out.splitlines())
 
 
 def test_bad_arguments_are_refused_by_name() -> None:

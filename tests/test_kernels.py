@@ -72,11 +72,11 @@ def test_unpacked_linear_weight_is_refused_not_a_crash():
     ("bad_zero_point", r"zero points must lie in \[0, 255\]"),
     ("bad_post_op", "post_op 'elu'"),
     ("bad_post_op_args", "post_op 'hardtanh' takes 2 scalars"),
-])  # fmt: skip
+])
 def test_linear_guards(change, needle):  # type: ignore[no-untyped-def]
     packed = onednn.pack_linear(torch.randint(-128, 127, (8, 16), dtype=torch.int8))
     args = dict(x=torch.randint(0, 255, (2, 16), dtype=torch.uint8), x_scale=0.1, x_zero_point=0, w=packed,
-                w_scale=torch.ones(8), bias=None, out_scale=0.1, out_zero_point=0, post_op="none")  # fmt: skip
+                w_scale=torch.ones(8), bias=None, out_scale=0.1, out_zero_point=0, post_op="none")
     if change == "float_input":
         args["x"] = torch.randn(2, 16)
     elif change == "bad_scale":
@@ -221,7 +221,7 @@ def test_conv_add_accum_may_be_the_input():
     before = x_q.clone()
     packed = onednn.pack_conv(w_q, w_qp.scale, x_scale, x_zp, *args)
     got = onednn.qconv_add(x_q, x_scale, x_zp, packed, w_qp.scale, bias, *args, x_q, x_scale, x_zp, out_scale, out_zp,
-                           "none")  # fmt: skip
+                           "none")
     assert torch.equal(x_q, before)
     assert int((got.int() - expected).abs().max()) <= 1
 
@@ -231,7 +231,7 @@ def test_conv_add_accum_may_be_the_input():
     ("float_accum", "accum must be a uint8 CPU tensor"),
     ("post_op", "fuses only relu after the residual sum"),
     ("conv3d", "1-d and 2-d convs"),
-])  # fmt: skip
+])
 def test_conv_add_guards(change, needle):  # type: ignore[no-untyped-def]
     """A smaller accum would have oneDNN write past its end: refused before the call."""
     dim = 3 if change == "conv3d" else 2
@@ -263,7 +263,7 @@ def test_conv_transpose_kernel_agrees_with_the_math(dim, groups):  # type: ignor
     expected, out_scale, out_zp = _expected(y)
     op = getattr(torch.ops.graphquant, f"qconv_transpose{dim}d")  # both backends run the portable kernel
     got = op(x_q, x_scale, x_zp, w_q, w_qp.scale, bias, stride, padding, output_padding, groups, dilation,
-             out_scale, out_zp, "none")  # fmt: skip
+             out_scale, out_zp, "none")
     assert got.shape == expected.shape
     assert int((got.int() - expected).abs().max()) <= 1
 
@@ -279,7 +279,7 @@ def test_conv_add_that_writes_into_its_accum_fails_the_harness(monkeypatch):
         return torch.ops.onednn.qconv2d_pointwise.binary(
             x, x_scale, x_zp, w, w_scale, torch.zeros(w.shape[0], dtype=torch.int64), accum, bias, stride, padding,
             dilation, groups, out_scale, out_zp, None, a_scale, a_zp, "sum", 1.0, post_op, [], "",
-        )  # fmt: skip
+        )
 
     monkeypatch.setattr(onednn, "qconv_add", in_place)
     module, inputs = next(p for p in PATTERNS if p.name == "conv2d_add").examples()[2]
@@ -329,7 +329,7 @@ def test_forward_calls_kernels_directly_and_traces_as_ops():
     from conftest import calibration_batches, make_net, run_batches
 
     q = graphquant.quantize_jit(make_net(), {"": graphquant.get_default_qconfig("x86")}, run_batches,
-                                [calibration_batches()])  # fmt: skip
+                                [calibration_batches()])
     assert "torch.ops.graphquant" not in q.code and "_gq_qconv2d(" in q.code
     plain = fx.GraphModule(q, copy.deepcopy(q.graph))
     plain.graph._codegen.__class__ = fx.graph._PyTreeCodeGen  # the dispatcher's calls, as before direct calls
@@ -436,7 +436,7 @@ def test_residual_convs_plan_too_and_check_their_accumulator_on_each_call(monkey
     call = direct.planned_call(registry.KERNELS["qconv2d_add"])
     w_scale, bias = torch.full((8,), 0.01), torch.zeros(8)
     w = onednn.pack_conv(torch.randint(-127, 127, (8, 8, 1, 1), dtype=torch.int8), w_scale, 0.1, 0, [1, 1], [0, 0],
-                         [1, 1], 1, (1, 8, 4, 4))  # fmt: skip
+                         [1, 1], 1, (1, 8, 4, 4))
     x = torch.randint(0, 127, (1, 8, 4, 4), dtype=torch.uint8)
     accum = torch.randint(0, 127, (1, 8, 4, 4), dtype=torch.uint8)
     args = [0.1, 3, w, w_scale, bias, [1, 1], [0, 0], [1, 1], 1, accum, 0.05, 2, 0.2, 5, "relu", False, 127]

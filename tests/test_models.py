@@ -33,7 +33,7 @@ def _quantized_backbone(config: object, convs: int) -> tuple[nn.Module, nn.Modul
     model = Pooled(backbone).eval()
     calibration = [torch.randn(2, 3, 128, 128) for _ in range(3)]
     q = gq.quantize(model, {"": gq.default_qconfig}, lambda p, bs: [p(b) for b in bs], [calibration],
-                    example_inputs=(calibration[0][:1],))  # fmt: skip
+                    example_inputs=(calibration[0][:1],))
     report = gq.report(q)
     assert [n for n in report.float_nodes if "conv" in n.op or "linear" in n.op] == []
     assert len([n for n in report.quantized if "conv" in n.op]) == convs
@@ -83,7 +83,7 @@ def test_mobilenet_v2_on_the_benchmark_model_is_as_faithful_as_the_peers():
 
     w = workloads.mobilenet_v2(1, 4)
     q = gq.quantize(w.model, {"": gq.default_qconfig}, lambda p, bs: [p(*b) for b in bs], [w.calibration],
-                    example_inputs=w.calibration[0])  # fmt: skip
+                    example_inputs=w.calibration[0])
     with torch.no_grad():
         reference = torch.cat([w.model(*x) for x in w.evaluation])
         got = torch.cat([q(*x) for x in w.evaluation])

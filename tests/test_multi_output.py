@@ -36,7 +36,7 @@ def _quantize(module: nn.Module, batches: list[tuple[torch.Tensor, ...]], debug:
                 model(*sample)
 
     return gq.quantize(module.eval(), {"": gq.default_qconfig}, run, [batches], example_inputs=batches[0],
-                       debug=debug, backend=backend)  # fmt: skip
+                       debug=debug, backend=backend)
 
 
 class _IdentityConvThen(nn.Module):
@@ -130,7 +130,7 @@ def test_uint8_and_float_break_ties_alike() -> None:
         f = (q.float() - 3) * 0.07
         for op in [lambda t: t.max(1), lambda t: t.min(-1), lambda t: t.sort(1), lambda t: t.sort(-1, descending=True),
                    lambda t: t.topk(3, 1), lambda t: t.topk(2, -1, largest=False), lambda t: t.kthvalue(2, 1),
-                   lambda t: t.median(1), lambda t: t.cummax(1)]:  # fmt: skip
+                   lambda t: t.median(1), lambda t: t.cummax(1)]:
             assert torch.equal(op(q)[1], op(f)[1])
 
 
@@ -150,7 +150,7 @@ class _Chunks(nn.Module):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chunks_feed_quantized_ops_on_uint8(backend: str) -> None:
     result = check_graph_mode_op(_Chunks(), [(torch.randn(2, 3, 10, 10),) for _ in range(3)], "aten.split",
-                                 backend=backend)  # fmt: skip
+                                 backend=backend)
     assert result.max_step_diff <= 1.0 + 1e-4 and result.sqnr >= 30
     targets = _targets(result.quantized)
     assert targets.count(DQ) == 2  # the two model outputs only: chunks reach conv and add as uint8
@@ -181,7 +181,7 @@ class _Nested(nn.Module):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_multi_output_ops_chain_and_sit_beside_a_conv_fusion(backend: str) -> None:
     result = check_graph_mode_op(_Nested(), [(torch.randn(1, 3, 9, 9),) for _ in range(2)], "qconv2d_add",
-                                 backend=backend)  # fmt: skip
+                                 backend=backend)
     assert result.max_step_diff <= 1.0 + 1e-4 and result.sqnr >= 30
     q = result.quantized
     assert _targets(q).count(DQ) == 2  # fused and ordered; indices are int64, never dequantized
@@ -196,7 +196,7 @@ def test_items_returned_directly_are_dequantized_at_the_border(backend: str) -> 
     module = nn.Sequential(nn.Conv2d(3, 6, 3))
     split = lambda y: y.split([1, 2, 3], 1)  # noqa: E731
     result = check_graph_mode_op(_Then(module, split), (torch.randn(1, 3, 8, 8),), "aten.split_with_sizes",
-                                 backend=backend)  # fmt: skip
+                                 backend=backend)
     scales = output_scales(result.quantized)
     assert len(scales) == 3 and all(s is not None for s in scales) and len(set(scales)) == 1
     assert result.max_step_diff <= 1.0 + 1e-4 and result.sqnr >= 30

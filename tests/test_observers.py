@@ -239,9 +239,9 @@ def test_calibration_methods_are_selectable_per_module_path():
     from graphquant.passes.lower import observer_qparams
 
     spec = {"percentile": gq.ObserverSpec("percentile", options=(("percentile", 99.0),)),
-            "entropy": gq.ObserverSpec("entropy"), "mse": gq.ObserverSpec("mse")}  # fmt: skip
+            "entropy": gq.ObserverSpec("entropy"), "mse": gq.ObserverSpec("mse")}
     qconfig_dict = {"": gq.default_qconfig, "conv1": gq.QConfig(activation=spec["percentile"]),
-                    "fc2": gq.QConfig(activation=spec["entropy"])}  # fmt: skip
+                    "fc2": gq.QConfig(activation=spec["entropy"])}
     prepared = gq.prepare(make_net(), qconfig_dict, (calibration_batches()[0],))
     gq.calibrate(prepared, calibration_batches())
     assert prepared.graph_module is not None

@@ -113,7 +113,7 @@ def test_the_parts_that_export_become_int8_and_the_rest_stays_eager():
     assert set(eager) == {"", "gate", "gate.b", "scale"}, eager  # a ModuleList is not called: its blocks are
     assert re.search(r"\(at test_partial.py:\d+: if x.mean\(\) > self.threshold:\)$", eager["gate"]), eager
     assert re.search(r"\(at test_partial.py:\d+: return self.conv\(x\) \* \(1.0 / max\(peak, 1.0\)\)\)$",
-                     eager["scale"]), eager  # fmt: skip
+                     eager["scale"]), eager
     assert eager[""].startswith("Could not guard on data-dependent expression"), eager
     assert eager["gate.b"] == "not called on the example inputs"
     # inside regions no conv or linear is float
@@ -229,7 +229,7 @@ def test_save_and_load_round_trip_bit_identical_in_a_fresh_process(tmp_path):  #
         "print(type(q).__name__, len(r.regions), len(r.eager))\n"
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         cwd=str(Path(__file__).parent.parent))  # fmt: skip
+                         cwd=str(Path(__file__).parent.parent))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1] == "Net 7 4"
     assert torch.equal(torch.load(tmp_path / "got.pt"), want)
@@ -246,7 +246,7 @@ def test_to_torchscript_refuses_a_partial_model_it_cannot_compile_and_says_what_
         warnings.simplefilter("ignore")
         q = _quantize(Net().eval())
     with pytest.raises(gq.GraphQuantError, match=r"Net was quantized region by region.*TorchScript cannot compile "
-                                                 r"its eager parts.*graphquant.save"):  # fmt: skip
+                                                 r"its eager parts.*graphquant.save"):
         gq.to_torchscript(q)
     x = batches(1, seed=3)[0]
     with torch.no_grad():
@@ -309,12 +309,12 @@ def test_accuracy_control_and_compare_on_a_model_that_does_not_export_whole():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q, report = gq.quantize_with_accuracy_control(model, {"": gq.default_qconfig}, _run, [batches()], neg_mse,
-                                                      max_drop=0.0, example_inputs=(batches()[0],))  # fmt: skip
+                                                      max_drop=0.0, example_inputs=(batches()[0],))
         first = _quantize(Net().eval())
     lowest_first = [r.path for r in sorted(gq.report(first).regions, key=lambda r: r.sqnr_db)]
     assert report.ranking == tuple(lowest_first) and len(lowest_first) == 7, report
     assert report.met and report.keep_float == report.ranking  # max_drop 0: every region float
     assert not gq.report(q).regions  # nothing left to quantize: the float model, as eager code
     with pytest.raises(gq.GraphQuantError, match=r"compare lines up one graph of the whole model, and Net does not "
-                                                 r"export whole .*compare one of its submodules"):  # fmt: skip
+                                                 r"export whole .*compare one of its submodules"):
         gq.numerics.compare(model, None, batches())

@@ -72,7 +72,7 @@ def _reference_form(graph: torch.fx.GraphModule, ops: set[object]) -> list[tuple
 def _other_kernels(graph: torch.fx.GraphModule) -> bool:
     plain = {"quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel"}
     return any(isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "graphquant"
-               and n.target._opname not in plain for n in graph.graph.nodes)  # fmt: skip
+               and n.target._opname not in plain for n in graph.graph.nodes)
 
 
 def test_every_pattern_has_examples():

@@ -33,7 +33,7 @@ def test_round_trip_through_dict():
     (dict(observer="kl"), "unknown observer 'kl'"),
     (dict(observer="per_channel_minmax"), "needs axis"),
     (dict(observer="minmax", axis=0), "takes no axis"),
-])  # fmt: skip
+])
 def test_observer_spec_checks_itself(kwargs, needle):  # type: ignore[no-untyped-def]
     with pytest.raises(GraphQuantError, match=needle):
         ObserverSpec(**kwargs)

@@ -64,7 +64,7 @@ def test_symmetric_int8_has_zero_point_zero():
 
 @pytest.mark.skipif(not ops.NATIVE_QUANTIZE, reason="this PyTorch has no native per-tensor quantize")
 @pytest.mark.parametrize("grid", [(0.037, 131, 0, 255, torch.uint8), (0.02, 0, -128, 127, torch.int8),
-                                  (0.05, 64, 0, 127, torch.uint8), (0.05, 3, 2, 200, torch.uint8)])  # fmt: skip
+                                  (0.05, 64, 0, 127, torch.uint8), (0.05, 3, 2, 200, torch.uint8)])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
 def test_native_quantize_matches_the_math(grid, layout):  # type: ignore[no-untyped-def]
     """graphquant::quantize_per_tensor's one-pass path: a plain integer tensor, equal to
@@ -72,7 +72,7 @@ def test_native_quantize_matches_the_math(grid, layout):  # type: ignore[no-unty
     scale, zero_point, qmin, qmax, dtype = grid
     x = torch.randn(8, 6, 16, 16, generator=torch.Generator().manual_seed(1)) * 4
     x = {"contiguous": x, "transposed": x.transpose(1, 3),
-         "channels_last": x.contiguous(memory_format=torch.channels_last)}[layout]  # fmt: skip
+         "channels_last": x.contiguous(memory_format=torch.channels_last)}[layout]
     got = torch.ops.graphquant.quantize_per_tensor(x, scale, zero_point, qmin, qmax, dtype)
     want = quantize_tensor(x, scale, zero_point, qmin, qmax, dtype)
     assert got.dtype == dtype and not got.is_quantized and got.shape == x.shape

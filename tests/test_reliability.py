@@ -74,7 +74,7 @@ def _model(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
     if kind.startswith("static"):
         _, backend, mode = kind.split("-")
         model = gq.quantize(make_net(), qd, run_batches, [calibration_batches(2)], example_inputs=(torch.randn(IMAGE),),
-                            debug=mode == "reference", backend=backend)  # fmt: skip
+                            debug=mode == "reference", backend=backend)
         return model, IMAGE
     if kind == "dynamic-kernel":
         return gq.quantize_dynamic(_mlp(), example_inputs=(torch.randn(TOKENS),)), TOKENS
@@ -91,7 +91,7 @@ def _model(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
 
 
 MODELS = ["static-onednn-kernel", "static-portable-kernel", "static-onednn-reference", "dynamic-kernel",
-          "dynamic-reference", "dynamic-lazy", "prepared"]  # fmt: skip
+          "dynamic-reference", "dynamic-lazy", "prepared"]
 if not onednn.available():
     MODELS = [m for m in MODELS if "onednn" not in m]
 
@@ -105,7 +105,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[tuple[int, ...]], Any], str, str]] = {
     "batch 0": (lambda s: torch.randn(0, *s[1:]), "has batch size 0", "Skip empty batches"),
     "device": (lambda s: torch.empty(s, device="meta"), "is on meta", "Move it with x.to('cpu')"),
     "not a tensor": (lambda s: torch.randn(s).tolist(), "is a list, not a tensor", "captured with"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("bad", list(BAD_INPUTS))
@@ -169,7 +169,7 @@ def test_a_fixed_batch_is_named() -> None:
         model = gq.quantize_dynamic(FixedBatch().eval(), example_inputs=(torch.randn(2, 8),))
     assert model(torch.randn(2, 8)).shape == (2, 4)
     with pytest.raises(gq.GraphQuantError, match=r"input 0 \(x\) has shape \(3, 8\): the batch size is fixed at 2, "
-                       r"got 3; the model was captured with 2-d \(2, 8\)"):  # fmt: skip
+                       r"got 3; the model was captured with 2-d \(2, 8\)"):
         model(torch.randn(3, 8))
 
 
@@ -177,7 +177,7 @@ def test_a_fixed_batch_is_named() -> None:
     (torch.randn(2, 3, 16, 16, dtype=torch.float64), r"example input 0 \(x\) is torch.float64; .* with .float\(\)"),
     (torch.randn(2, 3, 16, 16).half(), r"example input 0 \(x\) is torch.float16"),
     (torch.randn(0, 3, 16, 16), r"example input 0 \(x\) has batch size 0 .* pass an example batch with data"),
-])  # fmt: skip
+])
 def test_capture_refuses_examples_no_int8_graph_fits(example: torch.Tensor, needle: str) -> None:
     with pytest.raises(gq.GraphQuantError, match=needle):
         gq.prepare(make_net(), {"": gq.default_qconfig}, (example,))
@@ -195,13 +195,13 @@ def test_the_check_survives_save_load_and_torchscript(tmp_path: Path) -> None:
     x = torch.randn(2, *shape[1:])
     assert torch.equal(loaded(x), model(x)) and torch.equal(scripted(x), model(x))
     for bad, needle in [(x.double(), "is torch.float64"), (x[0], "is 3-d with shape (3, 16, 16)"),
-                        (x[:0], "has batch size 0")]:  # fmt: skip
+                        (x[:0], "has batch size 0")]:
         with pytest.raises(gq.GraphQuantError) as error:
             loaded(bad)
         assert needle in str(error.value) and "captured with 4-d (batch, 3, 16, 16)" in str(error.value)
     # TorchScript raises torch.jit.Error (ValueError inside) with the same words, no graphquant needed
     for bad, needle in [(x.double(), "input 0 (x) has the wrong dtype"), (x[0], "is 3-d with shape [3, 16, 16]"),
-                        (x[:0], "has batch size 0"), (x[:, :2], "dimension 1 must be 3, got 2")]:  # fmt: skip
+                        (x[:0], "has batch size 0"), (x[:, :2], "dimension 1 must be 3, got 2")]:
         with pytest.raises(torch.jit.Error) as ts_error:
             scripted(bad)
         assert needle in str(ts_error.value) and "captured with 4-d (batch, 3, 16, 16)" in str(ts_error.value)
@@ -416,7 +416,7 @@ def test_one_wide_dilated_kernel_does_not_crash_onednn() -> None:
         print(tuple(a.shape), int((a.int() - b.int()).abs().max()))
     """
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                           env=_child_env())  # fmt: skip
+                           env=_child_env())
     assert child.returncode == 0, f"returncode {child.returncode}: {child.stderr[-2000:]}"
     shape, steps = child.stdout.strip().rsplit(" ", 1)
     assert shape == "(2, 2, 7, 2)" and int(steps) <= 1
@@ -430,10 +430,10 @@ def test_fuzzed_kernels_refuse_bad_arguments_and_never_crash(tmp_path: Path) -> 
     last_case = tmp_path / "last_case.txt"
     seed = int(os.environ.get("GRAPHQUANT_FUZZ_SEED", time.time_ns() % 1_000_000))  # new cases each run
     child = subprocess.run([sys.executable, str(TESTS / "fuzz_kernels.py"), "25", str(last_case), str(seed)],
-                           capture_output=True, text=True, timeout=120, env=_child_env())  # fmt: skip
+                           capture_output=True, text=True, timeout=120, env=_child_env())
     last = last_case.read_text() if last_case.exists() else "(none)"
     assert child.returncode >= 0, (f"the fuzz child died by signal {-child.returncode} on: {last} "
-                                   f"(rerun: GRAPHQUANT_FUZZ_SEED={seed})")  # fmt: skip
+                                   f"(rerun: GRAPHQUANT_FUZZ_SEED={seed})")
     assert child.returncode == 0, child.stderr[-3000:]
     report = json.loads(child.stdout.strip().splitlines()[-1])
     assert report["findings"] == [], f"seed {seed}: " + json.dumps(report["findings"][:5], indent=1)
@@ -466,7 +466,7 @@ def test_quantizing_twice_is_bit_identical_everywhere(backend: str) -> None:
 
     def static() -> nn.Module:
         return gq.quantize(make_net(), {"": gq.default_qconfig}, run_batches, [calibration_batches(2)],
-                           backend=backend)  # fmt: skip
+                           backend=backend)
 
     def dynamic() -> nn.Module:
         return gq.quantize_dynamic(_mlp(), example_inputs=(torch.randn(TOKENS),), backend=backend)
@@ -527,7 +527,7 @@ def test_small_strided_padded_convs_that_onednn_gets_wrong_match_exact_integer_m
             want = portable.qconv(x, 0.05, 20, w, w_scale, bias, *conv, 0.3, 100, "none", [])
             packed = onednn.pack_conv(w, w_scale, 0.05, 20, *conv)
             got = getattr(torch.ops.graphquant, f"qconv{dim}d")(x, 0.05, 20, packed, w_scale, bias, *conv, 0.3, 100,
-                                                                "none", [])  # fmt: skip
+                                                                "none", [])
             assert got.shape == want.shape
             assert int((got.int() - want.int()).abs().max()) <= 1, (tuple(x.shape), kernel, stride, padding, dilation)
             one_wide += got.shape[-1] == 1
@@ -558,7 +558,7 @@ def test_dilated_taps_that_all_fall_in_the_padding_do_not_crash_onednn() -> None
         print(tuple(a.shape), worst)
     """
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                           env=_child_env())  # fmt: skip
+                           env=_child_env())
     assert child.returncode == 0, f"returncode {child.returncode}: {child.stderr[-2000:]}"
     shape, steps = child.stdout.strip().rsplit(" ", 1)
     assert shape == "(2, 1, 1, 2, 3)" and int(steps) <= 1

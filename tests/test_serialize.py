@@ -69,7 +69,7 @@ def run_fresh(script: str, *args: str) -> Any:
     """Run ``script`` in a new Python process; its last stdout line is JSON."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=900,
-                          env=env, cwd=str(ROOT))  # fmt: skip
+                          env=env, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -131,7 +131,7 @@ def _tokens(batch: int, seed: int) -> torch.Tensor:
 
 def _static(make: Any, backend: str | None = None, debug: bool = False) -> nn.Module:
     return gq.quantize(make(), {"": gq.default_qconfig}, run_batches, [calibration_batches()], debug=debug,
-                       backend=backend)  # fmt: skip
+                       backend=backend)
 
 
 def _models() -> dict[str, tuple[nn.Module, Any]]:
@@ -150,11 +150,11 @@ def _models() -> dict[str, tuple[nn.Module, Any]]:
         ),
         "dynamic": (gq.quantize_dynamic(make_mlp(), example_inputs=(_tokens(1, 0),)), _tokens),
         "dynamic_per_token": (gq.quantize_dynamic(make_mlp(), {"": gq.per_token_dynamic_qconfig},
-                                                  example_inputs=(_tokens(1, 0),)), _tokens),  # fmt: skip
+                                                  example_inputs=(_tokens(1, 0),)), _tokens),
         "dynamic_per_token_7bit": (gq.quantize_dynamic(make_mlp(), {"": gq.get_default_dynamic_qconfig(True, True)},
-                                                       example_inputs=(_tokens(1, 0),)), _tokens),  # fmt: skip
+                                                       example_inputs=(_tokens(1, 0),)), _tokens),
         "dynamic_fp16": (gq.quantize_dynamic(make_mlp(), {"": gq.float16_dynamic_qconfig},
-                                             example_inputs=(_tokens(1, 0),)), _tokens),  # fmt: skip
+                                             example_inputs=(_tokens(1, 0),)), _tokens),
         "dynamic_lazy": (lazy, _tokens),
     }
 
@@ -310,7 +310,7 @@ def test_every_pattern_deploys_bit_identical(tmp_path):  # type: ignore[no-untyp
         else:
             qconfig = gq.embedding_qconfig if pattern.kind == "weight_only" else gq.default_qconfig
             model = gq.quantize(module.eval(), {"": qconfig}, lambda m, b: m(*b), [batch],
-                                example_inputs=inputs, backend=backend)  # fmt: skip
+                                example_inputs=inputs, backend=backend)
         name = f"{pattern.name}-{backend}"
         if not _write(tmp_path, name, model, [batch]):
             mismatched.append(name)
@@ -420,7 +420,7 @@ def test_if_on_a_tensor_in_a_scripted_module(tmp_path):  # type: ignore[no-untyp
         gq.to_torchscript(q)
     # the way out 2: trace it (the branch taken for the example is recorded) and quantize all of it
     traced = gq.quantize_jit(torch.jit.trace(model, (batches[0].abs(),)), {"": gq.default_qconfig}, run_batches,
-                             [batches])  # fmt: skip
+                             [batches])
     assert "gate.a" in [p for p, _, quantized in _quantized_paths(traced) if quantized]
 
 
@@ -466,7 +466,7 @@ def test_conv_packing_keeps_its_input_shape_hint_through_save_and_torchscript(tm
     model = make_net()
     batches = calibration_batches()
     q = gq.quantize(model, {"": gq.default_qconfig}, run_batches, [batches], example_inputs=(batches[0],),
-                    backend="onednn")  # fmt: skip
+                    backend="onednn")
     convs = [e for e in packed_weights(q).values() if e["pack"] == "pack_conv"]
     assert convs[0]["x_shape"] == [1, *batches[0].shape[1:]]
     assert all(len(e["x_shape"]) == 4 and e["x_shape"][0] == 1 for e in convs), convs

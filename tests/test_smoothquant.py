@@ -63,7 +63,7 @@ def _quantize(model: nn.Module, smoothquant: gq.SmoothQuant | None, **kwargs):  
     qconfig_dict = gq.qconfig_dict_by_type(model, {nn.Linear: gq.QConfig(smoothquant=smoothquant)})
     data = _data()
     return gq.quantize(model, qconfig_dict, lambda m, bs: [m(*b) for b in bs], [data], example_inputs=data[0],
-                       **kwargs)  # fmt: skip
+                       **kwargs)
 
 
 def _ops(model: nn.Module) -> list[str]:
@@ -112,7 +112,7 @@ def test_a_layer_norm_read_only_by_the_group_takes_the_factors(backend):  # type
     with torch.no_grad():
         h = torch.cat([model.norm(*b) for b in _data()]).reshape(-1, 32)
     s = smoothing_factors(h.abs().amax(0), torch.cat([model.q.weight, model.k.weight, model.v.weight]).abs().amax(0),
-                          0.5)  # fmt: skip
+                          0.5)
     assert torch.allclose(smoothed.norm_weight_smoothed, model.norm.weight / s, rtol=1e-6)
     assert torch.allclose(smoothed.norm_bias_smoothed, model.norm.bias / s, rtol=1e-6)
     (line,) = gq.report(smoothed).smoothing
@@ -215,7 +215,7 @@ def test_an_input_already_quantized_is_reported():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
     data = [(torch.randn(4, 8),) for _ in range(2)]
     q = gq.quantize(model, {"": gq.QConfig(smoothquant=gq.SmoothQuant())}, lambda m, bs: [m(*b) for b in bs], [data],
-                    example_inputs=data[0])  # fmt: skip
+                    example_inputs=data[0])
     lines = {s.linears: s for s in gq.report(q).smoothing}
     assert lines[("0",)].alpha == 0.5 and lines[("2",)].alpha is None
     assert "the output of a quantized op" in lines[("2",)].reason
@@ -226,7 +226,7 @@ def test_qconfig_checks_and_round_trip():
         gq.SmoothQuant(1.5)
     with pytest.raises(gq.GraphQuantError, match="SmoothQuant is for static linears"):
         gq.QConfig(gq.ObserverSpec("dynamic"), gq.ObserverSpec("minmax", torch.int8, symmetric=True),
-                   gq.SmoothQuant())  # fmt: skip
+                   gq.SmoothQuant())
     qconfig = gq.QConfig(smoothquant=gq.SmoothQuant("auto", (0.4, 0.6), rows=64, fused_activations=True))
     assert gq.QConfig.from_dict(qconfig.to_dict()) == qconfig
     assert "smoothquant" not in gq.default_qconfig.to_dict()

@@ -18,7 +18,7 @@ TOPICS = ["the cat", "interest rates", "a quantum computer", "fresh pasta", "the
           "a jazz trio", "the new bridge", "vaccines", "my grandmother", "a broken laptop", "the election"]
 FRAMES = ["I can't stop thinking about {}.", "Why is {} so expensive these days?",
           "The report on {} was published this morning.", "{} changed everything for us last year.",
-          "Nobody expected {} to be this quiet.", "Tell me a short story about {} and a lighthouse."]  # fmt: skip
+          "Nobody expected {} to be this quiet.", "Tell me a short story about {} and a lighthouse."]
 
 
 def sentences() -> list[str]:
@@ -77,7 +77,7 @@ def test_bert_base_dynamic_runs():
     assert got.shape == (8, 32, 768)
     assert gq.quant_math.sqnr(want, got) >= 20.0
     float_bytes = sum(p.numel() * 4 for n, p in bert.named_parameters() if "encoder" in n and n.endswith("weight")
-                      and p.dim() == 2)  # fmt: skip
+                      and p.dim() == 2)
     int8_bytes = sum(b.numel() for n, b in q.named_buffers() if b.dtype == torch.int8)
     assert int8_bytes <= 0.30 * float_bytes
 
@@ -96,7 +96,7 @@ def test_minilm_static_linears(minilm, keep_ffn_out_float, mean_bound):  # type:
     qconfig_dict = gq.qconfig_dict_by_type(encoder, {nn.Linear: gq.default_qconfig}, keep_float=keep)
     calibration = [(ids[i:i + 12], mask[i:i + 12]) for i in range(0, 48, 12)]
     q = gq.quantize(encoder, qconfig_dict, lambda m, bs: [m(*b) for b in bs], [calibration],
-                    example_inputs=calibration[0])  # fmt: skip
+                    example_inputs=calibration[0])
     report = gq.report(q)
     assert len([n for n in report.quantized if "linear" in n.op]) == 36 - len(keep)
     assert not any(n.target is torch.ops.graphquant.dequantize_per_tensor.default for n in q.graph.nodes)
@@ -115,7 +115,7 @@ def test_minilm_static_smoothquant(minilm, fused_activations, mean_bound):  # ty
     qconfig_dict = gq.qconfig_dict_by_type(encoder, {nn.Linear: gq.QConfig(smoothquant=smoothquant)})
     calibration = [(ids[i:i + 12], mask[i:i + 12]) for i in range(0, 48, 12)]
     q = gq.quantize(encoder, qconfig_dict, lambda m, bs: [m(*b) for b in bs], [calibration],
-                    example_inputs=calibration[0])  # fmt: skip
+                    example_inputs=calibration[0])
     smoothed = [s for s in gq.report(q).smoothing if s.alpha is not None]
     assert len(smoothed) >= 12 and all(len(s.linears) == 3 for s in smoothed if "query" in s.linears[0])
     assert len([n for n in gq.report(q).quantized if "linear" in n.op]) == 36
@@ -154,7 +154,7 @@ def test_float_activation_between_int8_linears_fuses(act, post_op):  # type: ign
     assert [n.args[8] for n in qlinears] == [post_op, "none"], kernel.code
     assert qlinears[1].args[0] is qlinears[0]  # uint8 straight from one kernel to the next
     assert not any(n.target is torch.ops.graphquant.quantize_per_tensor.default and n.args[0] is not
-                   next(iter(kernel.graph.find_nodes(op="placeholder"))) for n in kernel.graph.nodes)  # fmt: skip
+                   next(iter(kernel.graph.find_nodes(op="placeholder"))) for n in kernel.graph.nodes)
     x = torch.randn(4, 10, 16)
     with torch.no_grad():
         want, got, exact = reference(x), kernel(x), model(x)

@@ -17,7 +17,7 @@ from graphquant.quantized import record_of
 
 def _quantized() -> torch.fx.GraphModule:
     return gq.quantize(make_net(), {"": gq.default_qconfig}, run_batches, [calibration_batches()],
-                       example_inputs=(calibration_batches()[0],), backend="onednn")  # fmt: skip
+                       example_inputs=(calibration_batches()[0],), backend="onednn")
 
 
 def test_a_stale_match_is_caught() -> None:

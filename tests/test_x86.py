@@ -91,7 +91,7 @@ def _linear(post_op: str, args: list[float], float_out: bool) -> KernelCase:
 
 
 def _conv(dim: int, groups: int, post_op: str, args: list[float], stride: int = 1, out: int = 16,
-          size: int = 5) -> KernelCase:  # fmt: skip
+          size: int = 5) -> KernelCase:
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         channels, out_channels = (256, out) if groups == 1 else (32, 32)
         spatial = (size,) * dim
@@ -126,7 +126,7 @@ def _conv_add(dim: int, post_op: str) -> KernelCase:
         packed = onednn.pack_conv(w, w_scale, 0.02, 140, *conv)
         kept = accum.clone()
         got = getattr(ops, f"qconv{dim}d_add")(x, 0.02, 140, packed, w_scale, bias, *conv, accum, 0.5, 100, scale, zp,
-                                               post_op)  # fmt: skip
+                                               post_op)
         assert torch.equal(accum, kept)  # not donated: the graph's accum is left as it was
         return got, want
 
@@ -223,7 +223,7 @@ def test_a_depthwise_conv_keeps_one_int8_call_where_only_the_gemm_saturates(monk
     model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1)).eval()
     data = [(torch.randn(2, 8, 6, 6),)]
     qmodel = gq.quantize(model, {"": gq.get_default_qconfig("x86")}, lambda m, d: [m(*b) for b in d], [data],
-                         example_inputs=data[0])  # fmt: skip
+                         example_inputs=data[0])
     paths = {n.module_path: n.cpu_path for n in qmodel.graphquant_report.quantized}
     assert paths == {"0": "int8-dw", "1": "avx2-fp32"}
     scripted = gq.to_torchscript(qmodel)
@@ -248,7 +248,7 @@ def _child(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess
     script.write_text(textwrap.dedent(code))
     full_env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", **env}
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=full_env, cwd=ROOT,
-                          timeout=600)  # fmt: skip
+                          timeout=600)
 
 
 def test_the_avx2_cap_runs_avx2_kernels_that_saturate_and_graphquant_stays_exact(tmp_path: Path) -> None:
@@ -285,7 +285,7 @@ def test_the_avx2_cap_runs_avx2_kernels_that_saturate_and_graphquant_stays_exact
     assert values["DEPTHWISE_SATURATES"] == "False"
     suite = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                             "worst_case or over_the_integers"], capture_output=True, text=True, cwd=ROOT, timeout=900,
-                           env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})  # fmt: skip
+                           env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
     assert suite.returncode == 0, suite.stdout[-3000:]
     assert f"{2 * len(CASES)} passed" in suite.stdout
 

@@ -49,7 +49,7 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str], package: str = "progra
     whole only."""
     if package not in ("program", "aoti"):
         raise GraphQuantError(f"graphquant: save(package={package!r}): choose 'program' (a .pt2 program, the "
-                              "default) or 'aoti' (an AOTInductor package)")  # fmt: skip
+                              "default) or 'aoti' (an AOTInductor package)")
     if package == "aoti":
         if regions(qmodel):
             raise GraphQuantError(
@@ -145,7 +145,7 @@ def load(path: str | os.PathLike[str], float_model: nn.Module | None = None) -> 
                     module = model.get_submodule(entry["path"])
                 except AttributeError as error:
                     raise GraphQuantError(f"graphquant: {text}: the float model has no submodule {entry['path']!r} "
-                                          "for the saved region") from error  # fmt: skip
+                                          "for the saved region") from error
                 signature = inspect.signature(module.forward)
                 tensors = len(input_specs(inner) or ())
                 binding = Binding(list(signature.parameters)[:tensors], tensors, signature)
@@ -156,13 +156,13 @@ def load(path: str | os.PathLike[str], float_model: nn.Module | None = None) -> 
     if missing or unexpected:
         raise GraphQuantError(f"graphquant: {text}: the float model's state does not match the saved one "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]}); build it with the same "
-                              "arguments")  # fmt: skip
+                              "arguments")
     rep = data["report"]
     report = ConversionReport(rep["mode"], rep["backend"], [NodeReport(**n) for n in rep["nodes"]],
                               regions=[RegionReport(**r) for r in rep.get("regions", [])],
                               eager=[EagerPart(**p) for p in rep.get("eager", [])],
                               smoothing=smoothing_lines(rep.get("smoothing", [])),
-                              bias_correction=bias_lines(rep.get("bias_correction", [])))  # fmt: skip
+                              bias_correction=bias_lines(rep.get("bias_correction", [])))
     qconfig_dict = {key: None if q is None else QConfig.from_dict(q) for key, q in data.get("qconfig_dict", {}).items()}
     attach(model, QuantizedRecord(report, qconfig_dict))  # archives written before the record have none
     return model

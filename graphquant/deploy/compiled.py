@@ -102,7 +102,7 @@ def _saturation_guard(probe_w: Tensor) -> None:
     weight is reordered for the AVX2 kernel, which does (seen with ONEDNN_VERBOSE)."""
     x = torch.full([1, 64, 4, 4], 255, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     y = torch.ops.onednn.qconv_pointwise(x, 1.0, 0, probe_w, torch.ones(8), torch.zeros(8, dtype=torch.int64), None,
-                                         [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "")  # fmt: skip
+                                         [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "")
     torch._assert_async((y - 2072640.0).abs().max() <= 0.5, SATURATION_MESSAGE)  # 64 * 255 * 127
 
 
@@ -119,7 +119,7 @@ def _prepack_node(gm: fx.GraphModule, node: fx.Node, w: fx.Node, pack: str) -> f
     return graph.call_function(torch.ops.onednn.qconv_prepack.default, (
         w, named["w_scale"], float(named["x_scale"]), int(named["x_zero_point"]), list(named["stride"]),
         list(named["padding"]), dilation, int(named["groups"]), None if hint is None else [int(s) for s in hint],
-    ))  # fmt: skip
+    ))
 
 
 def expanded_graph_module(qmodel: nn.Module) -> tuple[fx.GraphModule, dict[str, Any]]:
@@ -154,7 +154,7 @@ def expanded_graph_module(qmodel: nn.Module) -> tuple[fx.GraphModule, dict[str, 
         with graph.inserting_before(node):
             if weight is not None:
                 args[kernel.argument_names.index("w")] = _prepack_node(expanded, node, weight,
-                                                                       packed_weights[str(weight.target)])  # fmt: skip
+                                                                       packed_weights[str(weight.target)])
             expansion = graph.call_function(kernel.torchscript, tuple(args))
         expansion.meta.update(node.meta)
         node.replace_all_uses_with(expansion)
@@ -166,7 +166,7 @@ def expanded_graph_module(qmodel: nn.Module) -> tuple[fx.GraphModule, dict[str, 
             probe_w = graph.get_attr("graphquant_saturation_probe")
             probe_scale = graph.get_attr("graphquant_saturation_probe_scale")
             packed_probe = graph.call_function(torch.ops.onednn.qconv_prepack.default, (
-                probe_w, probe_scale, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, [1, 64, 4, 4]))  # fmt: skip
+                probe_w, probe_scale, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, [1, 64, 4, 4]))
             graph.call_function(_saturation_guard, (packed_probe,))
     graph.lint()
     expanded.recompile()
@@ -179,7 +179,7 @@ def compiled_for() -> dict[str, Any]:
     (GEMM and depthwise conv), the CPU, torch's version."""
     return {"saturates": x86.saturates(), "saturates_depthwise": x86.saturates(True),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "processor": _cpu_name(),
-            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""), "torch": torch.__version__}  # fmt: skip
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""), "torch": torch.__version__}
 
 
 def _cpu_name() -> str:
@@ -262,7 +262,7 @@ def read_package_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     if data.get("format") != PACKAGE_FORMAT or data.get("version") != PACKAGE_VERSION:
         raise GraphQuantError(f"graphquant: {os.fspath(path)} has package format {data.get('format')} version "
                               f"{data.get('version')}; this graphquant reads {PACKAGE_FORMAT} "
-                              f"{PACKAGE_VERSION}")  # fmt: skip
+                              f"{PACKAGE_VERSION}")
     return data
 
 

@@ -77,7 +77,7 @@ def input_records(gm: fx.GraphModule) -> list[dict[str, Any]]:
             "its forward takes tensors only"
         )
     return [{"shape": [BATCH, *spec.sizes[1:]] if spec.dynamic_batch else list(spec.sizes),
-             "dtype": str(spec.dtype).removeprefix("torch.")} for spec in specs if spec is not None]  # fmt: skip
+             "dtype": str(spec.dtype).removeprefix("torch.")} for spec in specs if spec is not None]
 
 
 def manifest(qmodel: nn.Module) -> dict[str, Any]:
@@ -112,7 +112,7 @@ def _x86_record(report: ConversionReport) -> dict[str, Any]:
     bits = [node.activation_bits for node in report.nodes
             if node.quantized and node.activation_bits is not None and ("conv" in node.op or "linear" in node.op)]
     return {"layers_8bit": bits.count(8), "layers_7bit": bits.count(7),
-            "quantized_on_saturating_cpu": report.backend == "onednn" and x86.saturates()}  # fmt: skip
+            "quantized_on_saturating_cpu": report.backend == "onednn" and x86.saturates()}
 
 
 def _warn_if_8bit_on_saturating_cpu(data: dict[str, Any], path: str) -> None:
@@ -125,7 +125,7 @@ def _warn_if_8bit_on_saturating_cpu(data: dict[str, Any], path: str) -> None:
             f"its {layers} int8 layers with 8-bit activations run as the exact float32 op over their int8 values "
             "(about fp32 speed; outputs are unchanged). For int8 kernels on such CPUs, quantize with "
             "graphquant.get_default_qconfig('x86', reduce_range=True) (7-bit activations)", stacklevel=3,
-        )  # fmt: skip
+        )
 
 
 def manifest_json(qmodel: nn.Module) -> str:
@@ -151,10 +151,10 @@ def check_writable(path: str | os.PathLike[str], what: str = "the model") -> Non
     parent = os.path.dirname(os.path.abspath(text))
     if os.path.isdir(text):
         raise GraphQuantError(f"graphquant: cannot write {what} to {text}: it is a directory; give a file name "
-                              "such as model.pt2 inside it")  # fmt: skip
+                              "such as model.pt2 inside it")
     if not os.path.isdir(parent):
         raise GraphQuantError(f"graphquant: cannot write {what} to {text}: directory {parent} does not exist; "
-                              "create it first (os.makedirs) or choose another path")  # fmt: skip
+                              "create it first (os.makedirs) or choose another path")
     if not os.access(parent, os.W_OK):
         raise GraphQuantError(f"graphquant: cannot write {what} to {text}: directory {parent} is not writable")
 
@@ -243,7 +243,7 @@ def export_graph(gm: fx.GraphModule, inputs: list[dict[str, Any]]) -> ExportedPr
     for entry in inputs:
         batch = entry["shape"][0]
         examples.append(torch.zeros((2 if batch == BATCH else batch, *entry["shape"][1:]),
-                                    dtype=getattr(torch, entry["dtype"])))  # fmt: skip
+                                    dtype=getattr(torch, entry["dtype"])))
         shapes.append({0: Dim(BATCH, min=1, max=1 << 30)} if batch == BATCH else None)
     try:
         with warnings.catch_warnings():
@@ -354,13 +354,13 @@ def load(path: str | os.PathLike[str]) -> fx.GraphModule:
     repacks = bool(data["packed_weights"]) and onednn.available()
     if data["packed_weights"] and not repacks:
         warnings.warn(f"graphquant: {text} was saved with oneDNN kernels; this PyTorch has none, so it runs on "
-                      "the portable kernels", stacklevel=2)  # fmt: skip
+                      "the portable kernels", stacklevel=2)
         backend = "portable"
     report = ConversionReport(data["mode"], backend, [NodeReport(**node) for node in data["nodes"]],
                               smoothing=smoothing_lines(data.get("smoothing", [])),
-                              bias_correction=bias_lines(data.get("bias_correction", [])))  # fmt: skip
+                              bias_correction=bias_lines(data.get("bias_correction", [])))
     qconfig_dict = {key: None if value is None else QConfig.from_dict(value)
-                    for key, value in data["qconfig_dict"].items()}  # fmt: skip
+                    for key, value in data["qconfig_dict"].items()}
     attach(gm, QuantizedRecord(report, qconfig_dict))
     if repacks:
         repack(gm, data["packed_weights"])
@@ -379,5 +379,5 @@ def manifest_specs(inputs: list[dict[str, Any]], names: list[str]) -> tuple[Inpu
         sizes = tuple(1 if i == 0 and batch == BATCH else int(size) for i, size in enumerate(entry["shape"]))
         name = names[position] if position < len(names) else f"arg{position}"
         specs.append(InputSpec(position, name, getattr(torch, entry["dtype"]), torch.device("cpu"), sizes,
-                               batch == BATCH))  # fmt: skip
+                               batch == BATCH))
     return tuple(specs)

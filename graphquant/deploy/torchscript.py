@@ -1,7 +1,7 @@
 """A quantized model written out as TorchScript, for deployment with libtorch (no Python, no
 graphquant): :func:`to_torchscript`.
 
-Every ``graphquant::`` op becomes its TorchScript twin (:mod:`graphquant.kernels.scripted`, aten
+Every ``graphquant::`` op becomes its record's TorchScript body (:mod:`graphquant.kernels.registry`, aten
 and onednn ops only, bit-identical to the kernel), every packed weight a small module whose
 ``__getstate__`` saves the int8 weight and whose ``__setstate__`` packs it again, so
 ``torch.jit.save`` writes int8 weights and ``torch.jit.load`` runs the result without
@@ -40,7 +40,7 @@ def _input_checks(graph: fx.Graph, specs: tuple[InputSpec | None, ...], inputs: 
         cast = ".float()" if spec.dtype == torch.float32 else f".to({spec.dtype})"
         graph.call_function(check_input, (x, spec.position, spec.name, spec.dtype, str(spec.device),
                                               list(spec.sizes), spec.dynamic_batch, first if first is not None else x,
-                                              spec.describe(), cast))  # fmt: skip
+                                              spec.describe(), cast))
 
 
 # runtime shape assertions export adds; TorchScript checks shapes in the kernels themselves
@@ -61,11 +61,11 @@ def _packed_weight_module(gm: fx.GraphModule, packed_name: str, entry: dict[str,
     return PackedConvWeight(w_int8, entry["w_scale"].float(), float(entry["x_scale"]), int(entry["x_zero_point"]),
                             list(entry["stride"]), list(entry["padding"]), list(entry["dilation"]),
                             int(entry["groups"]), [int(n) for n in x_shape] if x_shape and w_int8.dim() == 4 else [],
-                            packed)  # fmt: skip
+                            packed)
 
 
 def _script_target(node: fx.Node) -> Any:
-    """What the TorchScript graph calls for ``node``: the twin of a graphquant op, the overload
+    """What the TorchScript graph calls for ``node``: the TorchScript body of a graphquant op, the overload
     packet of an ATen op (TorchScript has no ``aten.add.Tensor`` spelling; it picks the
     overload by argument types), or the function itself."""
     target = node.target
@@ -95,17 +95,17 @@ def _flat_inputs(gm: fx.GraphModule) -> None:
 
 def _scriptable_graph(gm: fx.GraphModule) -> tuple[nn.Module, fx.Graph]:
     """A root module and a graph TorchScript compiles: plain positional inputs, no export guards,
-    twins for graphquant ops, packed weights behind :class:`PackedConvWeight` / :class:`PackedLinearWeight`."""
+    kernel bodies for graphquant ops, packed weights behind :class:`PackedConvWeight` / :class:`PackedLinearWeight`."""
     input_records(gm)
     _flat_inputs(gm)
     for node in gm.graph.nodes:
         if node.op == "call_function":
-            _script_target(node)  # refuses torch.cond and graphquant ops without a twin, naming the node
+            _script_target(node)  # refuses torch.cond, naming the node
     packed = record_of(gm).packed
     root, graph = nn.Module(), fx.Graph()
     env: dict[fx.Node, Any] = {}
     names: dict[str, str] = {}
-    probes: dict[bool, fx.Node] = {}  # a SaturationProbe call per kind, made where the first twin needs it
+    probes: dict[bool, fx.Node] = {}  # a SaturationProbe call per kind, made where the first body needs it
 
     def saturates(call: KernelCall) -> fx.Node | bool:
         if not packed:  # portable kernels only: nothing saturates
@@ -141,7 +141,7 @@ def _scriptable_graph(gm: fx.GraphModule) -> tuple[nn.Module, fx.Graph]:
             value = get_attr_value(gm, node)
             if not isinstance(value, Tensor):
                 raise GraphQuantError(f"graphquant: {node.name} reads {type(value).__name__} {target}; "
-                                      "to_torchscript handles tensors only")  # fmt: skip
+                                      "to_torchscript handles tensors only")
             env[node] = graph.get_attr(attribute(target, lambda v=value: v))
         elif node.op == "call_module":
             specs = input_specs(gm) if node.target == INPUT_CHECK else None
@@ -149,7 +149,7 @@ def _scriptable_graph(gm: fx.GraphModule) -> tuple[nn.Module, fx.Graph]:
                 _input_checks(graph, specs, [env[arg] for arg in node.args])
             elif node.target != "_guards_fn":  # export's input checks: TorchScript checks shapes in the kernels
                 raise GraphQuantError(f"graphquant: {node.name} calls submodule {node.target}; to_torchscript "
-                                      "handles flat graphs only")  # fmt: skip
+                                      "handles flat graphs only")
         elif node.op == "call_function":
             if node.target in _ASSERTS:
                 continue

@@ -60,7 +60,7 @@ def _conv_transpose_fake(x, x_scale, x_zero_point, w, w_scale, bias, stride, pad
 
 
 def _conv_out_shape(x: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int],
-                    groups: int) -> list[int]:  # fmt: skip
+                    groups: int) -> list[int]:
     spatial = x.dim() - 2
     fits = x.dim() == w.dim() or (x.dim() == 3 and w.dim() == 4)  # oneDNN packs a conv1d weight as 2-d
     if x.dim() < 3 or x.dim() > 5 or not fits or groups < 1 or x.size(1) != w.size(1) * groups:
@@ -78,24 +78,24 @@ def _conv_out_shape(x: Tensor, w: Tensor, stride: list[int], padding: list[int],
 def qconv_torchscript(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
                       stride: list[int], padding: list[int], dilation: list[int], groups: int, out_scale: float,
                       out_zero_point: int, post_op: str, post_op_args: list[float], x_qmax: int, packed: bool,
-                      saturates: bool) -> Tensor:  # fmt: skip
+                      saturates: bool) -> Tensor:
     """graphquant::qconv1d / qconv2d / qconv3d."""
     check_weighted(x, x_zero_point, w, w_scale, bias, out_zero_point, w.size(0))
     out_shape = _conv_out_shape(x, w, stride, padding, dilation, groups)
     if not packed:
         acc = portable.conv_nd(x.double() - x_zero_point, w.double(), stride, padding, dilation, groups)
         return portable.requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args, 1,
-                                   None)  # fmt: skip
+                                   None)
     return onednn.qconv_run(x, x_scale, x_zero_point, w, w_scale, torch.zeros(w.size(0), dtype=torch.int64), bias,
                             stride, padding, dilation, groups, out_scale, out_zero_point, post_op, post_op_args, x_qmax,
-                            saturates, out_shape)  # fmt: skip
+                            saturates, out_shape)
 
 
 def qconv_add_torchscript(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
                           bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
                           accum: Tensor, accum_scale: float, accum_zero_point: int, out_scale: float,
                           out_zero_point: int, post_op: str, accum_donated: bool, x_qmax: int, packed: bool,
-                          saturates: bool) -> Tensor:  # fmt: skip
+                          saturates: bool) -> Tensor:
     """graphquant::qconv1d_add / qconv2d_add: ``post_op(conv(x) + accum)``."""
     check_weighted(x, x_zero_point, w, w_scale, bias, out_zero_point, w.size(0))
     if post_op != "none" and post_op != "relu":
@@ -113,13 +113,13 @@ def qconv_add_torchscript(x: Tensor, x_scale: float, x_zero_point: int, w: Tenso
         raise ValueError("graphquant::qconv_add: oneDNN fuses the residual sum into 1-d and 2-d convs only")
     return onednn.qconv_add_run(x, x_scale, x_zero_point, w, w_scale, torch.zeros(w.size(0), dtype=torch.int64), bias,
                                 stride, padding, dilation, groups, accum, accum_scale, accum_zero_point, out_scale,
-                                out_zero_point, post_op, accum_donated, x_qmax, saturates, out_shape)  # fmt: skip
+                                out_zero_point, post_op, accum_donated, x_qmax, saturates, out_shape)
 
 
 def qconv_transpose_torchscript(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
                                 bias: Tensor | None, stride: list[int], padding: list[int], output_padding: list[int],
                                 groups: int, dilation: list[int], out_scale: float, out_zero_point: int, post_op: str,
-                                post_op_args: list[float]) -> Tensor:  # fmt: skip
+                                post_op_args: list[float]) -> Tensor:
     """graphquant::qconv_transposeNd (portable on both backends: torch.ops.onednn has no int8 transposed conv)."""
     if x.dtype != torch.uint8 or w.dtype != torch.int8:
         raise ValueError("graphquant::qconv_transpose: wants a uint8 activation and an int8 weight")
@@ -127,7 +127,7 @@ def qconv_transpose_torchscript(x: Tensor, x_scale: float, x_zero_point: int, w:
         raise ValueError("graphquant::qconv_transpose: input does not fit its weight")
     return portable.qconv_transpose_math(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, output_padding,
                                          groups, dilation, out_scale, out_zero_point, post_op,
-                                         post_op_args)  # fmt: skip
+                                         post_op_args)
 
 
 qconv = onednn.on_weight_backend("qconv")
@@ -136,12 +136,12 @@ qconv_add = onednn.on_weight_backend("qconv_add")
 for _dim in (1, 2, 3):
     register(Kernel(f"qconv{_dim}d", _QCONV, _conv_fake, qconv, qconv_torchscript,
                     planner=onednn.qconv_plan if _dim == 2 else None, gemm=True, weighted=True, bias_corrected=True,
-                    timed=True))  # fmt: skip
+                    timed=True))
 for _dim in (1, 2):
     register(Kernel(f"qconv{_dim}d_add", _QCONV_ADD, _conv_fake, qconv_add, qconv_add_torchscript,
                     planner=onednn.qconv_add_plan if _dim == 2 else None,
                     planned_inputs=(onednn.QCONV_ADD_ACCUM,) if _dim == 2 else (), gemm=True, weighted=True,
-                    bias_corrected=True, timed=True))  # fmt: skip
+                    bias_corrected=True, timed=True))
 for _dim in (1, 2, 3):
     register(Kernel(f"qconv_transpose{_dim}d", _QCONV_TRANSPOSE, _conv_transpose_fake, portable.qconv_transpose,
-                    qconv_transpose_torchscript, weighted=True, timed=True))  # fmt: skip
+                    qconv_transpose_torchscript, weighted=True, timed=True))

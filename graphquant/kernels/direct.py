@@ -37,7 +37,7 @@ from graphquant.kernels.registry import Kernel
 def _intercepted() -> bool:
     """Whether a mode or a tracer is watching PyTorch calls (then the op itself must be called)."""
     return (torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled()
-            or torch.compiler.is_compiling())  # fmt: skip
+            or torch.compiler.is_compiling())
 
 
 def _direct(kernel: Kernel) -> Callable[..., Any]:
@@ -72,7 +72,7 @@ def planned_call(kernel: Kernel) -> Callable[..., Any]:
         shape, w_scale = x.shape, args[W_SCALE]
         plan = plans.get(shape)
         fresh = (plan is not None and args[W] is plan[1] and w_scale is plan[2] and args[BIAS] is plan[3]
-                 and w_scale._version == plan[4])  # fmt: skip
+                 and w_scale._version == plan[4])
         if fresh and plan[0] is not None and x.dtype is torch.uint8 and x.is_cpu:  # type: ignore[index]
             return plan[0](x, args)  # type: ignore[index]
         out = eager(x, *args)  # checks everything

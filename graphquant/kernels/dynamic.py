@@ -53,17 +53,9 @@ def check_inputs(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: 
     return out_features
 
 
-def qlinear_dynamic(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    per_token: bool,
-    post_op: str = "none",
-    post_op_args: Sequence[float] = (),
-    x_qmax: int = 255,
-    asymmetric: bool = False,
-) -> torch.Tensor:
+def qlinear_dynamic(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, per_token: bool,
+                    post_op: str = "none", post_op_args: Sequence[float] = (), x_qmax: int = 255,
+                    asymmetric: bool = False) -> torch.Tensor:
     """float32 in, float32 out; int8 GEMM inside, then ``post_op`` on the float result.
 
     Per tensor, oneDNN applies the post-op inside the GEMM call; per token the row scales
@@ -79,13 +71,13 @@ def qlinear_dynamic(
     if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], out_features))
     return qlinear_dynamic_math(x.contiguous(), w, w.is_mkldnn, w_scale, _w_zero_point(out_features), bias, per_token,
-                                post_op, list(post_op_args), x_qmax, x86.saturates(), asymmetric)  # fmt: skip
+                                post_op, list(post_op_args), x_qmax, x86.saturates(), asymmetric)
 
 
 def qlinear_dynamic_math(x: torch.Tensor, w: torch.Tensor, packed: bool, w_scale: torch.Tensor,
                          w_zero_point: torch.Tensor,
                          bias: torch.Tensor | None, per_token: bool, post_op: str, post_op_args: list[float],
-                         x_qmax: int, saturates: bool, asymmetric: bool = False) -> torch.Tensor:  # fmt: skip
+                         x_qmax: int, saturates: bool, asymmetric: bool = False) -> torch.Tensor:
     """:func:`qlinear_dynamic` on checked arguments (``x`` contiguous float32, not empty).
     TorchScript-compatible: the TorchScript module runs this same function (``saturates``: its
     :class:`graphquant.kernels.x86.SaturationProbe`'s answer). ``packed``: ``w`` is a oneDNN weight
@@ -101,7 +93,7 @@ def qlinear_dynamic_math(x: torch.Tensor, w: torch.Tensor, packed: bool, w_scale
         scale, _ = dynamic_qparams(x, True, x_qmax)
         q = (x.to(torch.float32) / scale).round_().add_(shift).clamp_(0, x_qmax).to(torch.uint8)
         y = x86.qlinear_call(q, 1.0, shift, w, w_scale, w_zero_point, None, 1.0, 0, torch.float32, "none", [], x_qmax,
-                             saturates)  # fmt: skip
+                             saturates)
         y.mul_(scale)  # y is the kernel's own fresh tensor: scaled in place, no second float32 tensor
         if bias is not None:
             y.add_(bias)
@@ -109,7 +101,7 @@ def qlinear_dynamic_math(x: torch.Tensor, w: torch.Tensor, packed: bool, w_scale
     q, scale, zero_point = quantize_dynamic_batch(x, per_token, x_qmax, asymmetric)
     if packed:
         return x86.qlinear_dynamic_call(q, scale, zero_point, w, w_scale, w_zero_point, bias, post_op, post_op_args,
-                                        x_qmax, saturates)  # fmt: skip
+                                        x_qmax, saturates)
     acc = F.linear(q.double() - zero_point.double(), w.double())
     y = (acc * (scale.double() * w_scale.double())).float()
     if bias is not None:
@@ -119,7 +111,7 @@ def qlinear_dynamic_math(x: torch.Tensor, w: torch.Tensor, packed: bool, w_scale
 
 def _asymmetric_rows(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor,
                      bias: torch.Tensor | None, post_op: str, post_op_args: list[float], x_qmax: int,
-                     saturates: bool) -> torch.Tensor:  # fmt: skip
+                     saturates: bool) -> torch.Tensor:
     """Per-token uint8 rows with their own zero points on a packed weight. oneDNN takes one zero
     point per call, so the GEMM runs with 0 and each row's comes off after it:
     ``sum_k (q_k - zp) w_kj = sum_k q_k w_kj - zp * sum_k w_kj``, the column sums from the same call
@@ -128,7 +120,7 @@ def _asymmetric_rows(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_
     rows = q.reshape(-1, q.size(-1))
     ones = torch.ones([1, q.size(-1)], dtype=torch.uint8)
     y = x86.qlinear_call(torch.cat([rows, ones]), 1.0, 0, w, w_scale, w_zero_point, None, 1.0, 0, torch.float32, "none",
-                         [], x_qmax, saturates)  # fmt: skip
+                         [], x_qmax, saturates)
     out = y[:-1].sub_(zero_point.reshape(-1, 1).to(torch.float32) * y[-1]).mul_(scale.reshape(-1, 1))
     if bias is not None:
         out.add_(bias)
@@ -159,7 +151,7 @@ def linear_fp16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> 
     """Linear with a float16-stored weight, computed in float32 (halves weight memory)."""
     if w.dtype != torch.float16 or x.dtype != torch.float32 or w.dim() != 2:
         raise GraphQuantError(f"graphquant::linear_fp16: wants a float32 input and a 2-d float16 weight, got "
-                              f"{x.dtype} and {w.dtype} {tuple(w.shape)}")  # fmt: skip
+                              f"{x.dtype} and {w.dtype} {tuple(w.shape)}")
     if x.dim() < 1 or x.shape[-1] != w.shape[1]:
         raise GraphQuantError(f"graphquant::linear_fp16: input {tuple(x.shape)} does not end in {w.shape[1]} features")
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (w.shape[0],)):
@@ -174,7 +166,7 @@ def dequantize_dynamic(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
 
 def qlinear_dynamic_torchscript(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, per_token: bool,
                                 post_op: str, post_op_args: list[float], x_qmax: int, asymmetric: bool, packed: bool,
-                                saturates: bool) -> Tensor:  # fmt: skip
+                                saturates: bool) -> Tensor:
     """graphquant::qlinear_dynamic: float32 in and out, int8 GEMM inside, then the post-op."""
     out_features = w.size(1) if packed else w.size(0)
     in_features = w.size(0) if packed else w.size(1)
@@ -185,7 +177,7 @@ def qlinear_dynamic_torchscript(x: Tensor, w: Tensor, w_scale: Tensor, bias: Ten
         shape.append(out_features)
         return x.new_empty(shape)
     return qlinear_dynamic_math(x.contiguous(), w, packed, w_scale, torch.zeros(out_features, dtype=torch.int64), bias,
-                                per_token, post_op, post_op_args, x_qmax, saturates, asymmetric)  # fmt: skip
+                                per_token, post_op, post_op_args, x_qmax, saturates, asymmetric)
 
 
 def linear_fp16_torchscript(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
@@ -198,7 +190,7 @@ def linear_fp16_torchscript(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor
 def _quantize_dynamic_fake(x, per_token, qmax=255, asymmetric=False):  # type: ignore[no-untyped-def]
     if per_token:
         return (torch.empty_like(x, dtype=torch.uint8 if asymmetric else torch.int8), x.new_empty((*x.shape[:-1], 1)),
-                x.new_empty((*x.shape[:-1], 1), dtype=torch.int64))  # fmt: skip
+                x.new_empty((*x.shape[:-1], 1), dtype=torch.int64))
     return torch.empty_like(x, dtype=torch.uint8), x.new_empty(()), x.new_empty((), dtype=torch.int64)
 
 
@@ -220,13 +212,13 @@ def _linear_fp16_fake(x, w, bias):  # type: ignore[no-untyped-def]
 # asymmetric (per token only): uint8 rows, each with its own scale and zero point (one-sided inputs)
 register(Kernel("quantize_dynamic", "(Tensor x, bool per_token, int qmax=255, bool asymmetric=False) -> "
                 "(Tensor, Tensor, Tensor)", _quantize_dynamic_fake, quantize_dynamic_tensor,
-                quantize_dynamic_batch))  # fmt: skip
+                quantize_dynamic_batch))
 register(Kernel("dequantize_dynamic", "(Tensor q, Tensor scale, Tensor zero_point) -> Tensor",
                 _dequantize_dynamic_fake, dequantize_dynamic, dequantize_dynamic))
 # post_op: an activation on the float32 result (the kernel graph folds a following relu / gelu in)
 register(Kernel("qlinear_dynamic", "(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, bool per_token, "
                 "str post_op=\"none\", float[] post_op_args=[], int x_qmax=255, bool asymmetric=False) -> Tensor",
                 _qlinear_dynamic_fake, qlinear_dynamic, qlinear_dynamic_torchscript, gemm=True, weighted=True,
-                timed=True))  # fmt: skip
+                timed=True))
 register(Kernel("linear_fp16", "(Tensor x, Tensor w, Tensor? bias) -> Tensor", _linear_fp16_fake, linear_fp16,
                 linear_fp16_torchscript, weighted=True))

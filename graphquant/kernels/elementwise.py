@@ -23,7 +23,7 @@ def _check_qparams(op: str, what: str, scale: float, zero_point: int) -> None:
     # a zero scale divides by zero, a NaN one makes every output an arbitrary uint8
     if not (scale > 0.0 and scale < float("inf")) or zero_point < 0 or zero_point > 255:
         raise GraphQuantError("graphquant::" + op + ": " + what + " needs a positive finite scale and a zero point "
-                              + "in [0, 255], got " + str(scale) + ", " + str(zero_point))  # fmt: skip
+                              + "in [0, 255], got " + str(scale) + ", " + str(zero_point))
 
 
 def _check_uint8(op: str, x: Tensor, index: int, scale: float, zero_point: int) -> None:
@@ -44,7 +44,7 @@ def _check_broadcast(op: str, x: Tensor, y: Tensor) -> None:
         a, b = x.size(x.dim() - i), y.size(y.dim() - i)
         if a != b and a != 1 and b != 1:
             raise GraphQuantError("graphquant::" + op + ": shapes " + str(x.shape) + " and " + str(y.shape)
-                                  + " do not broadcast")  # fmt: skip
+                                  + " do not broadcast")
 
 
 def _check_join(op: str, xs: list[Tensor], dim: int, stack: bool) -> None:
@@ -54,7 +54,7 @@ def _check_join(op: str, xs: list[Tensor], dim: int, stack: bool) -> None:
     rank = xs[0].dim() + (1 if stack else 0)
     if rank == 0 or dim < -rank or dim >= rank:
         raise GraphQuantError("graphquant::" + op + ": dim " + str(dim) + " is out of range for inputs of shape "
-                              + str(xs[0].shape))  # fmt: skip
+                              + str(xs[0].shape))
     along = dim + rank if dim < 0 else dim
     for x in xs:
         same = x.dim() == xs[0].dim()
@@ -64,7 +64,7 @@ def _check_join(op: str, xs: list[Tensor], dim: int, stack: bool) -> None:
                     same = False
         if not same:
             raise GraphQuantError("graphquant::" + op + ": input shapes " + str(xs[0].shape) + " and " + str(x.shape)
-                                  + " do not join along dim " + str(dim))  # fmt: skip
+                                  + " do not join along dim " + str(dim))
 
 
 def _dequantize(q: Tensor, scale: float, zero_point: int) -> Tensor:
@@ -80,7 +80,7 @@ def _quantize(v: Tensor, scale: float, zero_point: int, post_op: str) -> Tensor:
 def qadd(
     x: Tensor, x_scale: float, x_zero_point: int, y: Tensor, y_scale: float, y_zero_point: int, alpha: float,
     out_scale: float, out_zero_point: int, post_op: str,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """``x + alpha * y`` (broadcasting) on uint8 inputs, uint8 out; ``alpha=-1`` is ``sub``
     (``torch.sub`` is ``torch.add`` with ``-alpha``, bit for bit)."""
     _check_uint8("qadd", x, 0, x_scale, x_zero_point)
@@ -103,7 +103,7 @@ def qadd_scalar(
 def qmul(
     x: Tensor, x_scale: float, x_zero_point: int, y: Tensor, y_scale: float, y_zero_point: int,
     out_scale: float, out_zero_point: int, post_op: str,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """``x * y`` (broadcasting) on uint8 inputs, uint8 out."""
     _check_uint8("qmul", x, 0, x_scale, x_zero_point)
     _check_uint8("qmul", y, 1, y_scale, y_zero_point)
@@ -128,7 +128,7 @@ def _requantize_all(
     """Each input on the output's scale. An input that already has it passes unchanged."""
     if len(xs) != len(scales) or len(xs) != len(zero_points):
         raise GraphQuantError("graphquant::" + op + ": " + str(len(xs)) + " inputs but " + str(len(scales))
-                              + " scales, " + str(len(zero_points)) + " zero points")  # fmt: skip
+                              + " scales, " + str(len(zero_points)) + " zero points")
     _check_qparams(op, "the output", out_scale, out_zero_point)
     out: list[Tensor] = []
     for i in range(len(xs)):

@@ -87,12 +87,12 @@ def check_table(op: str, w: Tensor, w_scale: Tensor, w_offset: Tensor, bits: int
         raise GraphQuantError(
             "graphquant::" + op + ": the table must be a fused row-wise uint8 [rows, values + " + str(extra)
             + "] tensor, got " + str(w.dtype) + " " + str(list(w.shape))
-        )  # fmt: skip
+        )
     for name, qparam in (("w_scale", w_scale), ("w_offset", w_offset)):
         if qparam.dtype != torch.float32 or qparam.shape != (w.size(0),):
             raise GraphQuantError(
                 "graphquant::" + op + ": " + name + " must be float32 with one entry per row (" + str(w.size(0)) + ")"
-            )  # fmt: skip
+            )
     return embedding_dim(w, bits)
 
 
@@ -108,11 +108,11 @@ def check_indices(op: str, indices: Tensor, num_rows: int) -> None:
                 "graphquant::" + op + ": index " + str(bad) + " is outside the table's " + str(num_rows)
                 + " rows (valid: 0 to " + str(num_rows - 1) + "); check the input ids against the embedding's "
                 "num_embeddings (a tokenizer with a larger vocabulary?)"
-            )  # fmt: skip
+            )
 
 
 def check_bags(op: str, indices: Tensor, offsets: Tensor, mode: int, per_sample_weights: Tensor | None,
-               include_last_offset: bool) -> None:  # fmt: skip
+               include_last_offset: bool) -> None:
     """1-d indices; offsets starting at 0, non-decreasing, within the indices; weights for ``sum`` only."""
     if indices.dim() != 1 or offsets.dim() != 1:
         raise GraphQuantError("graphquant::" + op + ": indices and offsets must be 1-d")
@@ -130,7 +130,7 @@ def check_bags(op: str, indices: Tensor, offsets: Tensor, mode: int, per_sample_
             raise GraphQuantError(
                 "graphquant::" + op + ": offsets must be non-decreasing and at most the number of indices ("
                 + str(indices.numel()) + ")"
-            )  # fmt: skip
+            )
     if per_sample_weights is not None:
         if mode != 0:
             raise GraphQuantError("graphquant::" + op + ": per_sample_weights are for mode 'sum' only")
@@ -145,7 +145,7 @@ def dequantize_rows(w: Tensor, w_scale: Tensor, w_offset: Tensor, indices: Tenso
 
 
 def _native_sum(w: Tensor, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None,
-                include_last_offset: bool, bits: int) -> Tensor:  # fmt: skip
+                include_last_offset: bool, bits: int) -> Tensor:
     offsets = offsets.to(indices.dtype)
     if bits == 8:
         return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
@@ -173,7 +173,7 @@ def qembedding(w: Tensor, w_scale: Tensor, w_offset: Tensor, indices: Tensor, bi
 
 def qembedding_bag(w: Tensor, w_scale: Tensor, w_offset: Tensor, indices: Tensor, offsets: Tensor, mode: int,
                    per_sample_weights: Tensor | None, include_last_offset: bool, padding_idx: int,
-                   bits: int) -> Tensor:  # fmt: skip
+                   bits: int) -> Tensor:
     """``embedding_bag(w_hat, indices, offsets, mode, ...)[0]``: float32 ``[bags, D]``.
 
     ``padding_idx < 0`` means none; entries equal to it are left out of their bag.
@@ -184,7 +184,7 @@ def qembedding_bag(w: Tensor, w_scale: Tensor, w_offset: Tensor, indices: Tensor
     padded = padding_idx >= 0 and bool((indices == padding_idx).any())
     if w.device.type == "cpu" and mode != 2 and not padded and indices.numel() > 0:
         out = _native_sum(w.contiguous(), indices.contiguous(), offsets.contiguous(), per_sample_weights,
-                          include_last_offset, bits)  # fmt: skip
+                          include_last_offset, bits)
         if mode == 1:
             total = offsets.new_full([1], indices.numel())
             ends = offsets[1:] if include_last_offset else torch.cat([offsets[1:], total])
@@ -203,7 +203,7 @@ def qembedding_bag(w: Tensor, w_scale: Tensor, w_offset: Tensor, indices: Tensor
         rows = rows.new_zeros([1, rows.size(1)])  # torch.embedding_bag wants a non-empty table
     return F.embedding_bag(local, rows, offsets.to(torch.int64), mode=_mode_name(mode),
                            per_sample_weights=per_sample_weights, include_last_offset=include_last_offset,
-                           padding_idx=pad)  # fmt: skip
+                           padding_idx=pad)
 
 
 def _quantize_float_qparams_fake(x, scale, offset, qmax):  # type: ignore[no-untyped-def]
@@ -235,4 +235,4 @@ register(Kernel("qembedding", "(Tensor w, Tensor w_scale, Tensor w_offset, Tenso
                 _qembedding_fake, qembedding, qembedding, weighted=True))
 register(Kernel("qembedding_bag", "(Tensor w, Tensor w_scale, Tensor w_offset, Tensor indices, Tensor offsets, "
                 "int mode, Tensor? per_sample_weights, bool include_last_offset, int padding_idx, int bits) -> Tensor",
-                _qembedding_bag_fake, qembedding_bag, qembedding_bag, weighted=True))  # fmt: skip
+                _qembedding_bag_fake, qembedding_bag, qembedding_bag, weighted=True))

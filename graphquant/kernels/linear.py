@@ -27,7 +27,7 @@ def _qlinear_fake(x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zer
 
 def qlinear_torchscript(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
                         out_scale: float, out_zero_point: int, post_op: str, post_op_args: list[float],
-                        float_out: bool, x_qmax: int, packed: bool, saturates: bool) -> Tensor:  # fmt: skip
+                        float_out: bool, x_qmax: int, packed: bool, saturates: bool) -> Tensor:
     """graphquant::qlinear."""
     if float_out:
         out_scale, out_zero_point = 1.0, 0
@@ -35,14 +35,14 @@ def qlinear_torchscript(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor,
         check_weighted(x, x_zero_point, w, w_scale, bias, out_zero_point, w.size(0))
         acc = F.linear(x.double() - x_zero_point, w.double())
         return portable.requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args, -1,
-                                   None, float_out)  # fmt: skip
+                                   None, float_out)
     in_features, out_features = w.size(0), w.size(1)
     check_weighted(x, x_zero_point, w, w_scale, bias, out_zero_point, out_features)
     if x.dim() < 1 or x.size(-1) != in_features:
         raise ValueError("graphquant::qlinear: input does not end in the weight's in_features")
     w_zero_point = torch.zeros(out_features, dtype=torch.int64)
     return onednn.qlinear_run(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, out_scale, out_zero_point,
-                              post_op, post_op_args, float_out, x_qmax, saturates)  # fmt: skip
+                              post_op, post_op_args, float_out, x_qmax, saturates)
 
 
 register(Kernel("qlinear", _QLINEAR, _qlinear_fake, onednn.on_weight_backend("qlinear"), qlinear_torchscript,

@@ -70,24 +70,16 @@ def onednn_dilation(w: torch.Tensor, dilation: list[int]) -> list[int]:
     """``dilation`` with 1 where the kernel is 1 wide: the same convolution (a 1-wide kernel has no
     gaps to spread), and oneDNN (torch 2.13) writes out of bounds on a 1-wide kernel with dilation
     > 1, padding and stride >= 2: SIGSEGV, found by tests/fuzz_kernels.py. TorchScript-compatible:
-    the scripted twins (kernels/scripted.py) call it too."""
+    the TorchScript bodies of the conv kernels (kernels/conv.py) call it too."""
     out: list[int] = []
     for i in range(len(dilation)):
         out.append(1 if w.size(w.dim() - len(dilation) + i) == 1 else dilation[i])
     return out
 
 
-def pack_conv(
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    x_scale: float,
-    x_zero_point: int,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    x_shape: Sequence[int] | None = None,
-) -> torch.Tensor:
+def pack_conv(w: torch.Tensor, w_scale: torch.Tensor, x_scale: float, x_zero_point: int, stride: list[int],
+              padding: list[int], dilation: list[int], groups: int,
+              x_shape: Sequence[int] | None = None) -> torch.Tensor:
     """Pack an int8 conv weight (out, in/groups, *kernel) into oneDNN's opaque layout.
 
     ``x_shape`` is the input shape the conv will see (any batch): oneDNN picks the weight
@@ -100,7 +92,7 @@ def pack_conv(
     """
     if w.dtype != torch.int8 or w.is_mkldnn or w.dim() not in (3, 4, 5):
         raise GraphQuantError(f"graphquant::pack_conv: wants a plain 3-, 4- or 5-d int8 weight, got {w.dtype} "
-                              f"{tuple(w.shape)} mkldnn={w.is_mkldnn}")  # fmt: skip
+                              f"{tuple(w.shape)} mkldnn={w.is_mkldnn}")
     if w_scale.dim() != 1 or w_scale.numel() != w.shape[0] or not w_scale.is_floating_point():
         raise GraphQuantError(f"graphquant::pack_conv: w_scale must have one float per output channel ({w.shape[0]})")
     if not bool(((w_scale > 0) & (w_scale < math.inf)).all()):  # once per weight: packing is not on the call path
@@ -114,7 +106,7 @@ def pack_conv(
     return torch.ops.onednn.qconv_prepack(
         w.contiguous(), w_scale.float(), x_scale, x_zero_point, stride, padding, onednn_dilation(w, dilation), groups,
         None if x_shape is None else [int(size) for size in x_shape],
-    )  # fmt: skip
+    )
 
 
 def pack_linear(w: torch.Tensor) -> torch.Tensor:
@@ -146,7 +138,7 @@ def _check_common(
     op: str, x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
     bias: torch.Tensor | None, out_scale: float, out_zero_point: int, post_op: str, post_op_args: Sequence[float],
     out_channels: int,
-) -> None:  # fmt: skip
+) -> None:
     if x.dtype != torch.uint8:
         raise GraphQuantError(f"graphquant::{op}: activation must be uint8, got {x.dtype}")
     if x.device.type != "cpu":
@@ -167,47 +159,34 @@ def _check_common(
 def _check_qconv(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
                  bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
                  out_scale: float, out_zero_point: int, post_op: str,
-                 post_op_args: Sequence[float]) -> tuple[int, ...]:  # fmt: skip
+                 post_op_args: Sequence[float]) -> tuple[int, ...]:
     """:func:`qconv`'s checks; its output shape."""
     _check_common("qconv", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, post_op_args,
-                  w.shape[0])  # fmt: skip
+                  w.shape[0])
     return conv_out_shape("qconv", x, w, stride, padding, dilation, groups)
 
 
-def qconv(
-    x: torch.Tensor,
-    x_scale: float,
-    x_zero_point: int,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    out_scale: float,
-    out_zero_point: int,
-    post_op: str,
-    post_op_args: Sequence[float] = (),
-    x_qmax: int = 255,
-) -> torch.Tensor:
+def qconv(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+          bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+          out_scale: float, out_zero_point: int, post_op: str, post_op_args: Sequence[float] = (),
+          x_qmax: int = 255) -> torch.Tensor:
     """uint8 convolution, uint8 out (channels-last), checked before oneDNN sees it; exact on
     every x86 CPU (``x_qmax``: see :mod:`graphquant.kernels.x86`)."""
     out_shape = _check_qconv(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, out_scale,
-                             out_zero_point, post_op, post_op_args)  # fmt: skip
+                             out_zero_point, post_op, post_op_args)
     out_channels = out_shape[1]
     return qconv_run(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, stride, padding,
                      dilation, groups, out_scale, out_zero_point, post_op, list(post_op_args), x_qmax,
-                     x86.saturates(x86.is_depthwise(w, groups)), list(out_shape))  # fmt: skip
+                     x86.saturates(x86.is_depthwise(w, groups)), list(out_shape))
 
 
 def qconv_run(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
               w_zero_point: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
               dilation: list[int], groups: int, out_scale: float, out_zero_point: int, post_op: str,
               post_op_args: list[float], x_qmax: int, saturates: bool,
-              out_shape: list[int]) -> torch.Tensor:  # fmt: skip
+              out_shape: list[int]) -> torch.Tensor:
     """:func:`qconv` after its checks, in TorchScript's subset: the one body the eager kernel and its
-    scripted twin (kernels/scripted.py) both run. An empty batch gives an empty output; a conv1d runs
+    TorchScript body (kernels/conv.py) both run. An empty batch gives an empty output; a conv1d runs
     as a conv2d of height 1 (oneDNN fuses post-ops into 2-d convs only)."""
     if x.size(0) == 0:
         return x.new_empty(out_shape)
@@ -216,7 +195,7 @@ def qconv_run(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tenso
         x, stride, padding, dilation = x.unsqueeze(2), [1] + stride, [0] + padding, [1] + dilation
     y = x86.qconv_with_post_op(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding,
                                onednn_dilation(w, dilation), groups, out_scale, out_zero_point, post_op, post_op_args,
-                               x_qmax, saturates)  # fmt: skip
+                               x_qmax, saturates)
     return y.squeeze(2) if one_d else y
 
 
@@ -226,7 +205,7 @@ Plan = Callable[[torch.Tensor, tuple[Any, ...]], torch.Tensor]
 
 
 def _planned_dilation(x: torch.Tensor, w: torch.Tensor, x_zero_point: int, stride: list[int], padding: list[int],
-                      dilation: list[int], groups: int, x_qmax: int) -> list[int] | None:  # fmt: skip
+                      dilation: list[int], groups: int, x_qmax: int) -> list[int] | None:
     """The dilation a conv planned on ``x``'s shape hands oneDNN, or None where the kernel would not
     make that one call (the float32 path of a saturating CPU, an input it pads or cuts by hand)."""
     if x86.over_ints(x_qmax, x86.saturates(x86.is_depthwise(w, groups))):
@@ -240,7 +219,7 @@ def _planned_dilation(x: torch.Tensor, w: torch.Tensor, x_zero_point: int, strid
 def qconv_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
                out_scale: float, out_zero_point: int, post_op: str, post_op_args: Sequence[float] = (),
-               x_qmax: int = 255) -> Plan | None:  # fmt: skip
+               x_qmax: int = 255) -> Plan | None:
     """:func:`qconv` on every input of ``x``'s shape (uint8, on the CPU) with these arguments, as its
     one oneDNN call with every argument resolved: what :func:`qconv_run` would call, after
     :func:`qconv`'s checks. None where it would rewrite the call instead (an empty batch, a 1-d or
@@ -249,14 +228,14 @@ def qconv_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tens
     if not w.is_mkldnn or x.dim() != 4 or x.size(0) == 0 or post_op not in x86.CONV_FUSED_POST_OPS:
         return None
     out_channels = _check_qconv(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups,
-                                out_scale, out_zero_point, post_op, post_op_args)[1]  # fmt: skip
+                                out_scale, out_zero_point, post_op, post_op_args)[1]
     planned_dilation = _planned_dilation(x, w, x_zero_point, stride, padding, dilation, groups, x_qmax)
     if planned_dilation is None:
         return None
     attr, algorithm = x86.onednn_post_op(post_op)
     args = (x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, list(stride), list(padding),
             planned_dilation, groups, out_scale, out_zero_point, torch.uint8, attr,
-            x86.scalars(post_op, list(post_op_args)), algorithm)  # fmt: skip
+            x86.scalars(post_op, list(post_op_args)), algorithm)
     op = torch.ops.onednn.qconv_pointwise.default
 
     def run(x: torch.Tensor, _: tuple[Any, ...]) -> torch.Tensor:
@@ -268,10 +247,10 @@ def qconv_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tens
 def _check_qconv_add(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
                      bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
                      groups: int, accum: torch.Tensor, accum_scale: float, accum_zero_point: int, out_scale: float,
-                     out_zero_point: int, post_op: str) -> tuple[int, ...]:  # fmt: skip
+                     out_zero_point: int, post_op: str) -> tuple[int, ...]:
     """:func:`qconv_add`'s checks; its output shape."""
     _check_common("qconv_add", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op, (),
-                  w.shape[0])  # fmt: skip
+                  w.shape[0])
     if post_op not in ("none", "relu"):
         raise GraphQuantError(f"graphquant::qconv_add: oneDNN fuses only relu after the residual sum, not {post_op!r}")
     out_shape = conv_out_shape("qconv_add", x, w, stride, padding, dilation, groups)
@@ -288,26 +267,10 @@ def _check_qconv_add(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torc
     return out_shape
 
 
-def qconv_add(
-    x: torch.Tensor,
-    x_scale: float,
-    x_zero_point: int,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    accum: torch.Tensor,
-    accum_scale: float,
-    accum_zero_point: int,
-    out_scale: float,
-    out_zero_point: int,
-    post_op: str,
-    accum_donated: bool = False,
-    x_qmax: int = 255,
-) -> torch.Tensor:
+def qconv_add(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+              accum: torch.Tensor, accum_scale: float, accum_zero_point: int, out_scale: float, out_zero_point: int,
+              post_op: str, accum_donated: bool = False, x_qmax: int = 255) -> torch.Tensor:
     """``post_op(conv(x) + accum)`` in one oneDNN call (the "sum" post-op), uint8 out.
 
     ``qconv2d_pointwise.binary`` writes its result into ``qaccum`` (``Tensor(a!)``). The
@@ -318,12 +281,12 @@ def qconv_add(
     ``accum`` takes the sum itself.
     """
     out_shape = _check_qconv_add(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups, accum,
-                                 accum_scale, accum_zero_point, out_scale, out_zero_point, post_op)  # fmt: skip
+                                 accum_scale, accum_zero_point, out_scale, out_zero_point, post_op)
     out_channels = out_shape[1]
     return qconv_add_run(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_channels), bias, stride, padding,
                          dilation, groups, accum, accum_scale, accum_zero_point, out_scale, out_zero_point, post_op,
                          accum_donated, x_qmax, x86.saturates(x86.is_depthwise(w, groups)),
-                         list(out_shape))  # fmt: skip
+                         list(out_shape))
 
 
 # where qconv_add's accumulator is among its arguments after the input (kernels/direct.py's plans)
@@ -334,7 +297,7 @@ def qconv_add_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.
                    bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
                    accum: torch.Tensor, accum_scale: float, accum_zero_point: int, out_scale: float,
                    out_zero_point: int, post_op: str, accum_donated: bool = False,
-                   x_qmax: int = 255) -> Plan | None:  # fmt: skip
+                   x_qmax: int = 255) -> Plan | None:
     """:func:`qconv_add` on every input of ``x``'s shape with these arguments but the accumulator, as its
     one oneDNN call with every other argument resolved (see :func:`qconv_plan`). The accumulator
     changes from call to call: the plan checks it on each (uint8, on the CPU, of the output's shape),
@@ -344,13 +307,13 @@ def qconv_add_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.
         return None
     out_size = torch.Size(_check_qconv_add(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation,
                                            groups, accum, accum_scale, accum_zero_point, out_scale, out_zero_point,
-                                           post_op))  # fmt: skip
+                                           post_op))
     planned_dilation = _planned_dilation(x, w, x_zero_point, stride, padding, dilation, groups, x_qmax)
     if planned_dilation is None:
         return None
     head = (x_scale, x_zero_point, w, w_scale, _w_zero_point(w.shape[0]))
     tail: tuple[Any, ...] = (bias, list(stride), list(padding), planned_dilation, groups, out_scale, out_zero_point,
-                             torch.uint8, accum_scale, accum_zero_point, "sum", 1.0, post_op, [], "")  # fmt: skip
+                             torch.uint8, accum_scale, accum_zero_point, "sum", 1.0, post_op, [], "")
     op = torch.ops.onednn.qconv2d_pointwise.binary
     channels_last = torch.channels_last
 
@@ -369,9 +332,9 @@ def qconv_add_run(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.T
                   w_zero_point: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
                   dilation: list[int], groups: int, accum: torch.Tensor, accum_scale: float, accum_zero_point: int,
                   out_scale: float, out_zero_point: int, post_op: str, accum_donated: bool, x_qmax: int,
-                  saturates: bool, out_shape: list[int]) -> torch.Tensor:  # fmt: skip
+                  saturates: bool, out_shape: list[int]) -> torch.Tensor:
     """:func:`qconv_add` after its checks (a 1-d or 2-d conv), in TorchScript's subset: the one body
-    the eager kernel and its scripted twin both run. oneDNN writes the sum into its accum: a private
+    the eager kernel and its TorchScript body both run. oneDNN writes the sum into its accum: a private
     channels-last copy, unless the graph donated a channels-last one."""
     if x.size(0) == 0:
         return accum.new_empty(out_shape)
@@ -384,59 +347,48 @@ def qconv_add_run(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.T
         private = accum.clone(memory_format=torch.channels_last)
     y = x86.qconv_add_call(x, x_scale, x_zero_point, w, w_scale, w_zero_point, private, bias, stride, padding,
                            onednn_dilation(w, dilation), groups, out_scale, out_zero_point, accum_scale,
-                           accum_zero_point, post_op, x_qmax, saturates)  # fmt: skip
+                           accum_zero_point, post_op, x_qmax, saturates)
     return y.squeeze(2) if one_d else y
 
 
 def _check_qlinear(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
                    bias: torch.Tensor | None, out_scale: float, out_zero_point: int, post_op: str,
-                   post_op_args: Sequence[float]) -> int:  # fmt: skip
+                   post_op_args: Sequence[float]) -> int:
     """:func:`qlinear`'s checks; its output features."""
     if w.is_mkldnn and w.dim() != 2:
         raise GraphQuantError(f"graphquant::qlinear: weight is a packed {w.dim()}-d (conv) weight, not a linear one")
     in_features, out_features = w.shape[0], w.shape[-1]
     _check_common("qlinear", x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op,
-                  post_op_args, out_features)  # fmt: skip
+                  post_op_args, out_features)
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise GraphQuantError(f"graphquant::qlinear: input {tuple(x.shape)} does not end in {in_features} features")
     return out_features
 
 
-def qlinear(
-    x: torch.Tensor,
-    x_scale: float,
-    x_zero_point: int,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_scale: float,
-    out_zero_point: int,
-    post_op: str,
-    post_op_args: Sequence[float] = (),
-    float_out: bool = False,
-    x_qmax: int = 255,
-) -> torch.Tensor:
+def qlinear(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+            bias: torch.Tensor | None, out_scale: float, out_zero_point: int, post_op: str,
+            post_op_args: Sequence[float] = (), float_out: bool = False, x_qmax: int = 255) -> torch.Tensor:
     """uint8 linear, uint8 out (float32 with ``float_out``), checked before oneDNN sees it.
 
     The packed weight is stored transposed, ``(in, out)``.
     """
     out_features = _check_qlinear(x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op,
-                                  post_op_args)  # fmt: skip
+                                  post_op_args)
     return qlinear_run(x, x_scale, x_zero_point, w, w_scale, _w_zero_point(out_features), bias, out_scale,
-                       out_zero_point, post_op, list(post_op_args), float_out, x_qmax, x86.saturates())  # fmt: skip
+                       out_zero_point, post_op, list(post_op_args), float_out, x_qmax, x86.saturates())
 
 
 def qlinear_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
                  bias: torch.Tensor | None, out_scale: float, out_zero_point: int, post_op: str,
                  post_op_args: Sequence[float] = (), float_out: bool = False,
-                 x_qmax: int = 255) -> Plan | None:  # fmt: skip
+                 x_qmax: int = 255) -> Plan | None:
     """:func:`qlinear` on every input of ``x``'s shape (uint8, on the CPU) with these arguments, as its
     one oneDNN call with every argument resolved, after :func:`qlinear`'s checks (see
     :func:`qconv_plan`). None for an empty input and the float32 path of a saturating CPU."""
     if not w.is_mkldnn or x.numel() == 0:
         return None
     out_features = _check_qlinear(x, x_scale, x_zero_point, w, w_scale, bias, out_scale, out_zero_point, post_op,
-                                  post_op_args)  # fmt: skip
+                                  post_op_args)
     if x86.over_ints(x_qmax, x86.saturates()):
         return None
     out_dtype = torch.float32 if float_out else torch.uint8
@@ -444,7 +396,7 @@ def qlinear_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Te
         out_scale, out_zero_point = 1.0, 0
     attr, algorithm = x86.onednn_post_op(post_op)
     args = (x_scale, x_zero_point, w, w_scale, _w_zero_point(out_features), bias, out_scale, out_zero_point, out_dtype,
-            attr, x86.scalars(post_op, list(post_op_args)), algorithm)  # fmt: skip
+            attr, x86.scalars(post_op, list(post_op_args)), algorithm)
     op = torch.ops.onednn.qlinear_pointwise.default
 
     def run(x: torch.Tensor, _: tuple[Any, ...]) -> torch.Tensor:
@@ -456,9 +408,9 @@ def qlinear_plan(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Te
 def qlinear_run(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
                 w_zero_point: torch.Tensor, bias: torch.Tensor | None, out_scale: float, out_zero_point: int,
                 post_op: str, post_op_args: list[float], float_out: bool, x_qmax: int,
-                saturates: bool) -> torch.Tensor:  # fmt: skip
+                saturates: bool) -> torch.Tensor:
     """:func:`qlinear` after its checks, in TorchScript's subset: the one body the eager kernel and
-    its scripted twin both run."""
+    its TorchScript body both run."""
     if x.numel() == 0:
         shape = list(x.shape[:-1])
         shape.append(w.size(1))
@@ -467,4 +419,4 @@ def qlinear_run(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Ten
     if float_out:
         out_scale, out_zero_point, out_dtype = 1.0, 0, torch.float32
     return x86.qlinear_call(x.contiguous(), x_scale, x_zero_point, w, w_scale, w_zero_point, bias, out_scale,
-                            out_zero_point, out_dtype, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
+                            out_zero_point, out_dtype, post_op, post_op_args, x_qmax, saturates)

@@ -64,12 +64,12 @@ def check_inputs(op: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tenso
                               f"mkldnn={w.is_mkldnn} (a packed weight runs on oneDNN: call torch.ops.graphquant)")
     if w_scale.dtype != torch.float32 or w_scale.dim() != 1 or w_scale.numel() != w.shape[0]:
         raise GraphQuantError(f"graphquant::{op}: w_scale must be float32 with one entry per output channel "
-                              f"({w.shape[0]}), got {w_scale.dtype} {tuple(w_scale.shape)}")  # fmt: skip
+                              f"({w.shape[0]}), got {w_scale.dtype} {tuple(w_scale.shape)}")
     if not bool(((w_scale > 0) & (w_scale < math.inf)).all()):  # oneDNN checks this when it packs
         raise GraphQuantError(f"graphquant::{op}: weight scales must be positive and finite")
     if bias is not None and (bias.dtype != torch.float32 or bias.numel() != w.shape[0]):
         raise GraphQuantError(f"graphquant::{op}: bias must be float32 with one entry per output channel "
-                              f"({w.shape[0]})")  # fmt: skip
+                              f"({w.shape[0]})")
 
 
 def check_qparams(op: str, x_scale: float, x_zero_point: int, out_scale: float, out_zero_point: int) -> None:
@@ -81,25 +81,25 @@ def check_qparams(op: str, x_scale: float, x_zero_point: int, out_scale: float, 
         )
     if not (0 <= x_zero_point <= 255 and 0 <= out_zero_point <= 255):
         raise GraphQuantError(f"graphquant::{op}: uint8 zero points must lie in [0, 255], got "
-                              f"x_zero_point={x_zero_point}, out_zero_point={out_zero_point}")  # fmt: skip
+                              f"x_zero_point={x_zero_point}, out_zero_point={out_zero_point}")
 
 
 def check_conv_args(op: str, spatial: int, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                    groups: int) -> None:  # fmt: skip
+                    groups: int) -> None:
     """One stride, padding and dilation per spatial dimension, strides and dilations >= 1 (oneDNN
     divides by them: a zero stride kills the process with SIGFPE), paddings >= 0, groups >= 1."""
     if not (len(stride) == len(padding) == len(dilation) == spatial):
         raise GraphQuantError(f"graphquant::{op}: stride, padding and dilation need {spatial} entries each, got "
-                              f"{list(stride)}, {list(padding)}, {list(dilation)}")  # fmt: skip
+                              f"{list(stride)}, {list(padding)}, {list(dilation)}")
     if min(stride, default=1) < 1 or min(dilation, default=1) < 1 or min(padding, default=0) < 0 or groups < 1:
         raise GraphQuantError(f"graphquant::{op}: stride {list(stride)} and dilation {list(dilation)} must be >= 1, "
-                              f"padding {list(padding)} >= 0 and groups {groups} >= 1")  # fmt: skip
+                              f"padding {list(padding)} >= 0 and groups {groups} >= 1")
 
 
 def conv_out_shape(
     op: str, x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
     dilation: Sequence[int], groups: int,
-) -> tuple[int, ...]:  # fmt: skip
+) -> tuple[int, ...]:
     """The output shape of a convolution, or a ``GraphQuantError`` for arguments that do not fit.
     On every eager conv call: each shape is read once (a packed weight's ``.shape`` costs 0.2 µs)."""
     xs, ws = tuple(x.shape), tuple(w.shape)
@@ -158,7 +158,7 @@ def requantize(
 
 
 def conv_nd(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
-            groups: int) -> torch.Tensor:  # fmt: skip
+            groups: int) -> torch.Tensor:
     """The float64 conv of a 1-, 2- or 3-d input (exact integer sums). TorchScript-compatible."""
     if x.dim() == 3:
         return torch.conv1d(x, w, None, stride, padding, dilation, groups)
@@ -167,23 +167,10 @@ def conv_nd(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[i
     return torch.conv3d(x, w, None, stride, padding, dilation, groups)
 
 
-def qconv(
-    x: torch.Tensor,
-    x_scale: float,
-    x_zero_point: int,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    out_scale: float,
-    out_zero_point: int,
-    post_op: str,
-    post_op_args: Sequence[float] = (),
-    x_qmax: int = 255,
-) -> torch.Tensor:
+def qconv(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+          bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+          out_scale: float, out_zero_point: int, post_op: str, post_op_args: Sequence[float] = (),
+          x_qmax: int = 255) -> torch.Tensor:
     """uint8 convolution with per-channel int8 weights, uint8 out (exact for any ``x_qmax``)."""
     check_inputs("qconv", x, w, w_scale, bias)
     check_qparams("qconv", x_scale, x_zero_point, out_scale, out_zero_point)
@@ -194,26 +181,10 @@ def qconv(
     return requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, list(post_op_args), 1)
 
 
-def qconv_add(
-    x: torch.Tensor,
-    x_scale: float,
-    x_zero_point: int,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    accum: torch.Tensor,
-    accum_scale: float,
-    accum_zero_point: int,
-    out_scale: float,
-    out_zero_point: int,
-    post_op: str,
-    accum_donated: bool = False,
-    x_qmax: int = 255,
-) -> torch.Tensor:
+def qconv_add(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+              accum: torch.Tensor, accum_scale: float, accum_zero_point: int, out_scale: float, out_zero_point: int,
+              post_op: str, accum_donated: bool = False, x_qmax: int = 255) -> torch.Tensor:
     """``post_op(conv(x) + accum)``: the residual join, one rounding to the output grid.
     (``accum_donated`` is for oneDNN's in-place sum, ``x_qmax`` for its saturating CPUs; this
     kernel writes a new tensor, exactly.)"""
@@ -233,23 +204,10 @@ def qconv_add(
     return requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, [], 1, other)
 
 
-def qconv_transpose(
-    x: torch.Tensor,
-    x_scale: float,
-    x_zero_point: int,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    output_padding: list[int],
-    groups: int,
-    dilation: list[int],
-    out_scale: float,
-    out_zero_point: int,
-    post_op: str,
-    post_op_args: Sequence[float] = (),
-) -> torch.Tensor:
+def qconv_transpose(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None, stride: list[int], padding: list[int], output_padding: list[int],
+                    groups: int, dilation: list[int], out_scale: float, out_zero_point: int, post_op: str,
+                    post_op_args: Sequence[float] = ()) -> torch.Tensor:
     """uint8 transposed convolution, int8 weight ``(in, out / groups, *kernel)``, uint8 out.
 
     The weight scales run along its axis 0, the *input* channels, so they cannot be
@@ -278,28 +236,28 @@ def qconv_transpose(
     check_conv_args("qconv_transpose", x.dim() - 2, stride, padding, dilation, groups)
     if w.shape[0] % groups or len(output_padding) != x.dim() - 2 or any(
         not 0 <= p < max(s, d) for p, s, d in zip(output_padding, stride, dilation, strict=True)
-    ):  # fmt: skip
+    ):
         raise GraphQuantError(f"graphquant::qconv_transpose: groups {groups} must divide the {w.shape[0]} input "
                               f"channels and each output_padding {list(output_padding)} lie below its stride or "
-                              "dilation")  # fmt: skip
+                              "dilation")
     out = [
         (size - 1) * stride[i] - 2 * padding[i] + dilation[i] * (w.shape[2 + i] - 1) + output_padding[i] + 1
         for i, size in enumerate(x.shape[2:])
     ]
     if min(out) < 1 or min(x.shape[2:]) < 1:
         raise GraphQuantError(f"graphquant::qconv_transpose: input {tuple(x.shape)} with padding {list(padding)} "
-                              f"gives an empty output {out}")  # fmt: skip
+                              f"gives an empty output {out}")
     if x.shape[0] == 0:
         return x.new_empty((0, out_channels, *out))
     return qconv_transpose_math(x, x_scale, x_zero_point, w, w_scale, bias, list(stride), list(padding),
                                 list(output_padding), groups, list(dilation), out_scale, out_zero_point, post_op,
-                                list(post_op_args))  # fmt: skip
+                                list(post_op_args))
 
 
 def qconv_transpose_math(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None, stride: list[int], padding: list[int], output_padding: list[int],
                          groups: int, dilation: list[int], out_scale: float, out_zero_point: int, post_op: str,
-                         post_op_args: list[float]) -> torch.Tensor:  # fmt: skip
+                         post_op_args: list[float]) -> torch.Tensor:
     """:func:`qconv_transpose` on checked arguments. TorchScript-compatible: the TorchScript
     module runs this same function."""
     channel_shape = [1, -1]
@@ -318,20 +276,9 @@ def qconv_transpose_math(x: torch.Tensor, x_scale: float, x_zero_point: int, w: 
     return x86.quantize_real(x86.post_op_float(v, post_op, post_op_args), out_scale, out_zero_point)
 
 
-def qlinear(
-    x: torch.Tensor,
-    x_scale: float,
-    x_zero_point: int,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_scale: float,
-    out_zero_point: int,
-    post_op: str,
-    post_op_args: Sequence[float] = (),
-    float_out: bool = False,
-    x_qmax: int = 255,
-) -> torch.Tensor:
+def qlinear(x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scale: torch.Tensor,
+            bias: torch.Tensor | None, out_scale: float, out_zero_point: int, post_op: str,
+            post_op_args: Sequence[float] = (), float_out: bool = False, x_qmax: int = 255) -> torch.Tensor:
     """uint8 linear with per-channel int8 weights, uint8 out (float32 with ``float_out``; exact for any ``x_qmax``)."""
     check_inputs("qlinear", x, w, w_scale, bias)
     check_qparams("qlinear", x_scale, x_zero_point, out_scale, out_zero_point)
@@ -340,4 +287,4 @@ def qlinear(
         raise GraphQuantError(f"graphquant::qlinear: input {tuple(x.shape)} does not fit weight {tuple(w.shape)}")
     acc = F.linear(x.double() - x_zero_point, w.double())
     return requantize(acc, x_scale, w_scale, bias, out_scale, out_zero_point, post_op, list(post_op_args), -1,
-                       float_out=float_out)  # fmt: skip
+                       float_out=float_out)

@@ -20,7 +20,7 @@ def _check_range(op: str, zero_point: int, qmin: int, qmax: int, dtype: torch.dt
     lo, hi = _INT_RANGES.get(dtype, (1, 0))
     if not lo <= qmin <= zero_point <= qmax <= hi:
         raise GraphQuantError(f"graphquant::{op}: wants {dtype} in [{lo}, {hi}] with qmin <= zero_point <= qmax, got "
-                              f"qmin={qmin}, zero_point={zero_point}, qmax={qmax}")  # fmt: skip
+                              f"qmin={qmin}, zero_point={zero_point}, qmax={qmax}")
 
 
 def _check_scale(op: str, scale: float) -> None:
@@ -49,7 +49,7 @@ def _quantize_per_tensor_rounded(
 
 @torch.jit.unused
 def _native_no_copy(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
-                    dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+                    dtype: torch.dtype) -> torch.Tensor:
     if torch.compiler.is_compiling():  # traced (graphquant.compiled): the arithmetic, the same integers
         return _quantize_per_tensor_rounded(x, scale, zero_point, qmin, qmax, dtype)
     return native_quantize(x, scale, zero_point, qmin, qmax, dtype)  # eager: the integers without a copy
@@ -93,7 +93,7 @@ def _check_channels(op: str, x: torch.Tensor, scale: torch.Tensor, zero_point: t
     n = x.shape[axis]
     if scale.shape != (n,) or zero_point.shape != (n,) or not scale.is_floating_point():
         raise GraphQuantError(f"graphquant::{op}: wants {n} float scales and {n} zero points along axis {axis}, got "
-                              f"{tuple(scale.shape)} {scale.dtype} and {tuple(zero_point.shape)}")  # fmt: skip
+                              f"{tuple(scale.shape)} {scale.dtype} and {tuple(zero_point.shape)}")
     if not bool(((scale > 0) & (scale < math.inf)).all()):
         raise GraphQuantError(f"graphquant::{op}: scales must be positive and finite")
 
@@ -105,12 +105,12 @@ def quantize_per_channel(
     lo, hi = _INT_RANGES.get(dtype, (1, 0))
     if not (x.is_floating_point() and lo <= qmin <= qmax <= hi):
         raise GraphQuantError(f"graphquant::quantize_per_channel: wants a float input and {dtype} in [{lo}, {hi}], "
-                              f"got {x.dtype} [{qmin}, {qmax}]")  # fmt: skip
+                              f"got {x.dtype} [{qmin}, {qmax}]")
     return quantize_per_channel_math(x, scale, zero_point, axis, qmin, qmax, dtype)
 
 
 def quantize_per_channel_math(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, qmin: int,
-                              qmax: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+                              qmax: int, dtype: torch.dtype) -> torch.Tensor:
     """A checked tensor onto per-channel grids along ``axis``. TorchScript-compatible."""
     shape = [1] * x.dim()
     shape[axis] = -1
@@ -126,7 +126,7 @@ def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor, zero_point: tor
 
 
 def dequantize_per_channel_math(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                                axis: int) -> torch.Tensor:  # fmt: skip
+                                axis: int) -> torch.Tensor:
     """Per-channel integers back to real values. TorchScript-compatible."""
     shape = [1] * q.dim()
     shape[axis] = -1

@@ -120,4 +120,4 @@ def kernel_of(target: object) -> Kernel | None:
 def names(**flags: bool) -> tuple[str, ...]:
     """The kernels whose flags have these values: ``names(gemm=True)``."""
     return tuple(name for name, kernel in KERNELS.items()
-                 if all(getattr(kernel, flag) == value for flag, value in flags.items()))  # fmt: skip
+                 if all(getattr(kernel, flag) == value for flag, value in flags.items()))

@@ -16,7 +16,7 @@ from graphquant.kernels.onednn import onednn_dilation
 
 
 def check_weighted(x: Tensor, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-                   out_zero_point: int, out_channels: int) -> None:  # fmt: skip
+                   out_zero_point: int, out_channels: int) -> None:
     """The checks both backends make before any arithmetic (oneDNN crashes on malformed input)."""
     if x.dtype != torch.uint8:
         raise ValueError("graphquant: int8 kernel activation must be uint8")
@@ -32,7 +32,7 @@ def check_weighted(x: Tensor, x_zero_point: int, w: Tensor, w_scale: Tensor, bia
 
 
 def check_input(x: Tensor, position: int, name: str, dtype: torch.dtype, device: str, sizes: list[int],
-                    dynamic_batch: bool, batch_of: Tensor, captured: str, cast: str) -> None:  # fmt: skip
+                    dynamic_batch: bool, batch_of: Tensor, captured: str, cast: str) -> None:
     """inputs.InputCheck, one input: ``batch_of`` is the first input with a dynamic batch."""
     where = "graphquant: <model> input " + str(position) + " (" + name + ")"
     captured = "the model was captured with " + captured
@@ -40,19 +40,19 @@ def check_input(x: Tensor, position: int, name: str, dtype: torch.dtype, device:
         raise ValueError(where + " has the wrong dtype; " + captured + ". Cast it with " + name + cast)
     if str(x.device) != device:
         raise ValueError(where + " is on " + str(x.device) + "; " + captured + ". Move it with " + name + ".to('"
-                         + device + "')")  # fmt: skip
+                         + device + "')")
     shape = x.shape
     if len(shape) != len(sizes):
         raise ValueError(where + " is " + str(len(shape)) + "-d with shape " + str(shape) + "; " + captured
-                         + ". Pass inputs of that rank, or re-quantize with example inputs of that shape")  # fmt: skip
+                         + ". Pass inputs of that rank, or re-quantize with example inputs of that shape")
     if len(shape) > 0 and shape[0] == 0:
         raise ValueError(where + " has batch size 0 (shape " + str(shape) + "); " + captured
-                         + ". Skip empty batches: there is nothing to compute")  # fmt: skip
+                         + ". Skip empty batches: there is nothing to compute")
     for dim in range(len(shape)):
         if dim == 0 and dynamic_batch:
             if shape[0] != batch_of.size(0):
                 raise ValueError(where + " has batch size " + str(shape[0]) + ", but an earlier input has "
-                                 + str(batch_of.size(0)) + "; give every input the same batch size")  # fmt: skip
+                                 + str(batch_of.size(0)) + "; give every input the same batch size")
         elif shape[dim] != sizes[dim]:
             raise ValueError(where + " has shape " + str(shape) + ": dimension " + str(dim) + " must be "
                              + str(sizes[dim]) + ", got " + str(shape[dim]) + "; " + captured
@@ -69,13 +69,13 @@ def is_packed(w: Tensor) -> bool:
 
 
 def _ts_pack_conv(w: Tensor, w_scale: Tensor, x_scale: float, x_zero_point: int, stride: list[int],
-                  padding: list[int], dilation: list[int], groups: int, x_shape: list[int]) -> Tensor:  # fmt: skip
+                  padding: list[int], dilation: list[int], groups: int, x_shape: list[int]) -> Tensor:
     """kernels.onednn.pack_conv (``x_shape`` empty: no layout hint)."""
     hint: list[int] | None = None
     if len(x_shape) > 0:
         hint = x_shape
     return torch.ops.onednn.qconv_prepack(w.contiguous(), w_scale.float(), x_scale, x_zero_point, stride, padding,
-                                          onednn_dilation(w, dilation), groups, hint)  # fmt: skip
+                                          onednn_dilation(w, dilation), groups, hint)
 
 
 ConvState = tuple[Tensor, Tensor, float, int, list[int], list[int], list[int], int, list[int], bool]
@@ -89,7 +89,7 @@ class PackedConvWeight(nn.Module):
 
     def __init__(self, w_int8: Tensor, w_scale: Tensor, x_scale: float, x_zero_point: int, stride: list[int],
                  padding: list[int], dilation: list[int], groups: int, x_shape: list[int],
-                 packed: Tensor) -> None:  # fmt: skip
+                 packed: Tensor) -> None:
         super().__init__()
         self.w_int8, self.w_scale, self.x_scale, self.x_zero_point = w_int8, w_scale, x_scale, x_zero_point
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
@@ -102,7 +102,7 @@ class PackedConvWeight(nn.Module):
     @torch.jit.export
     def __getstate__(self) -> ConvState:
         return (self.w_int8, self.w_scale, self.x_scale, self.x_zero_point, self.stride, self.padding, self.dilation,
-                self.groups, self.x_shape, self.training)  # fmt: skip
+                self.groups, self.x_shape, self.training)
 
     @torch.jit.export
     def __setstate__(self, state: ConvState) -> None:
@@ -110,7 +110,7 @@ class PackedConvWeight(nn.Module):
         self.stride, self.padding, self.dilation, self.groups = state[4], state[5], state[6], state[7]
         self.x_shape, self.training = state[8], state[9]
         self.packed = _ts_pack_conv(self.w_int8, self.w_scale, self.x_scale, self.x_zero_point, self.stride,
-                                    self.padding, self.dilation, self.groups, self.x_shape)  # fmt: skip
+                                    self.padding, self.dilation, self.groups, self.x_shape)
 
 
 # the one attribute whose value cannot tell TorchScript its type (an empty list: no hint)

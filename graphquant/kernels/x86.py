@@ -29,7 +29,7 @@ The choice follows the grid and the shapes, not the data: no pass over the activ
 maximum (measured 140 us a conv on ResNet-50), and the same path for every batch of a shape.
 
 Every function here is TorchScript-compatible: the eager kernels (:mod:`graphquant.kernels.onednn`,
-:mod:`graphquant.kernels.dynamic`) and their TorchScript twins call the same code, and a scripted
+:mod:`graphquant.kernels.dynamic`) and their TorchScript bodies call the same code, and a scripted
 model asks :class:`SaturationProbe` (probed again when ``torch.jit.load`` builds it) instead of
 :func:`saturates`, so a model saved on one CPU and loaded on another takes the right path there.
 """
@@ -54,7 +54,7 @@ def _probe_linear() -> bool:
     w = torch.ops.onednn.qlinear_prepack(torch.full([8, 64], 127, dtype=torch.int8), None)
     empty: Scalars = []
     y = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, w, torch.ones(8), torch.zeros(8, dtype=torch.int64), None,
-                                           1.0, 0, torch.float32, "none", empty, "")  # fmt: skip
+                                           1.0, 0, torch.float32, "none", empty, "")
     return bool((y - 2072640.0).abs().max() > 0.5)
 
 
@@ -65,11 +65,11 @@ def _probe_conv(channels: int, groups: int, kernel: int) -> bool:
     x = x.contiguous(memory_format=torch.channels_last)
     w_scale = torch.ones(8)
     w = torch.ops.onednn.qconv_prepack(torch.full([8, channels // groups, kernel, kernel], 127, dtype=torch.int8),
-                                       w_scale, 1.0, 0, [1, 1], [0, 0], [1, 1], groups, None)  # fmt: skip
+                                       w_scale, 1.0, 0, [1, 1], [0, 0], [1, 1], groups, None)
     empty: Scalars = []
     y = torch.ops.onednn.qconv_pointwise(x, 1.0, 0, w, w_scale, torch.zeros(8, dtype=torch.int64), None, [1, 1],
                                          [0, 0], [1, 1], groups, 1.0, 0, torch.float32, "none", empty,
-                                         "")  # fmt: skip
+                                         "")
     exact = float(channels // groups * kernel * kernel * 255 * 127)
     return bool((y - exact).abs().max() > 0.5)
 
@@ -230,7 +230,7 @@ def over_ints(x_qmax: int, saturates: bool) -> bool:
 
 
 def _finish(v: Tensor, out_scale: float, out_zero_point: int, out_dtype: torch.dtype | None, post_op: str,
-            post_op_args: list[float]) -> Tensor:  # fmt: skip
+            post_op_args: list[float]) -> Tensor:
     """The float32 result (the caller's own tensor) -> post-op -> what oneDNN's call would return;
     :func:`quantize_real`'s rounding, in place."""
     v = post_op_float(v, post_op, post_op_args)
@@ -242,7 +242,7 @@ def _finish(v: Tensor, out_scale: float, out_zero_point: int, out_dtype: torch.d
 def qlinear_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, w_zero_point: Tensor,
                  bias: Tensor | None, out_scale: float, out_zero_point: int,
                  out_dtype: torch.dtype | None, post_op: str, post_op_args: list[float], x_qmax: int,
-                 saturates: bool) -> Tensor:  # fmt: skip
+                 saturates: bool) -> Tensor:
     """``onednn::qlinear_pointwise`` on checked arguments (``x`` contiguous uint8 on a grid ending at
     ``x_qmax``, ``w`` packed), exact where the CPU saturates (module docstring)."""
     if not over_ints(x_qmax, saturates):
@@ -252,7 +252,7 @@ def qlinear_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scal
         dtype = torch.uint8 if out_dtype is None else out_dtype
         return torch.ops.onednn.qlinear_pointwise(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, out_scale,
                                                   out_zero_point, dtype, attr, scalars(post_op, post_op_args),
-                                                  algorithm)  # fmt: skip
+                                                  algorithm)
     w_int = int_weight(w, x.dim())  # (in, out), as oneDNN stores a packed linear weight
     v = torch.matmul(x.to(torch.float32).sub_(float(x_zero_point)), w_int).mul_(x_scale * w_scale)
     if bias is not None:
@@ -262,14 +262,14 @@ def qlinear_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scal
 
 def qlinear_dynamic_call(q: Tensor, scale: Tensor, zero_point: Tensor, w: Tensor, w_scale: Tensor,
                          w_zero_point: Tensor, bias: Tensor | None, post_op: str, post_op_args: list[float],
-                         x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
+                         x_qmax: int, saturates: bool) -> Tensor:
     """``onednn::qlinear_pointwise.tensor``: a per-tensor dynamic linear, its uint8 activation's
     ``scale`` and ``zero_point`` 0-d tensors from the batch, float32 out; exact where the CPU saturates."""
     if not over_ints(x_qmax, saturates):
         attr, algorithm = onednn_post_op(post_op)
         return torch.ops.onednn.qlinear_pointwise(q, scale, zero_point, w, w_scale, w_zero_point, bias, 1.0, 0,
                                                   torch.float32, attr, scalars(post_op, post_op_args),
-                                                  algorithm)  # fmt: skip
+                                                  algorithm)
     w_int = int_weight(w, q.dim())
     v = torch.matmul(q.to(torch.float32).sub_(zero_point), w_int).mul_(scale * w_scale)
     if bias is not None:
@@ -289,7 +289,7 @@ def padded_conv3d(x: Tensor, x_zero_point: int, padding: list[int]) -> tuple[Ten
 
 
 def one_output_dims(x: Tensor, w: Tensor, x_zero_point: int, stride: list[int], padding: list[int],
-                    dilation: list[int]) -> tuple[Tensor, list[int], list[int]]:  # fmt: skip
+                    dilation: list[int]) -> tuple[Tensor, list[int], list[int]]:
     """A 2-d or 3-d conv with a strided dim of output size 1, as the same conv on the one window
     that output reads (padded explicitly with the zero point, the quantized zero) with stride 1 and
     no padding along that dim.
@@ -345,7 +345,7 @@ def _reads_only_padding(size: int, kernel: int, stride: int, padding: int, dilat
 
 
 def padded_where_dilation_misses(x: Tensor, w: Tensor, x_zero_point: int, stride: list[int], padding: list[int],
-                                 dilation: list[int]) -> tuple[Tensor, list[int]]:  # fmt: skip
+                                 dilation: list[int]) -> tuple[Tensor, list[int]]:
     """A conv with an output position whose dilated taps all fall in the padding, as the same conv
     on the input padded explicitly with its zero point (the quantized zero) and padding 0.
 
@@ -374,7 +374,7 @@ def padded_where_dilation_misses(x: Tensor, w: Tensor, x_zero_point: int, stride
 def qconv_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, w_zero_point: Tensor,
                bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
                groups: int, out_scale: float, out_zero_point: int, out_dtype: torch.dtype | None,
-               post_op: str, post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
+               post_op: str, post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:
     """``onednn::qconv_pointwise`` on checked arguments (``post_op`` one the conv fuses), exact
     where the CPU saturates (module docstring)."""
     x, padding = padded_where_dilation_misses(x, w, x_zero_point, stride, padding, dilation)
@@ -386,7 +386,7 @@ def qconv_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale:
         dtype = torch.uint8 if out_dtype is None else out_dtype  # spelled out for Inductor (qlinear_call)
         return torch.ops.onednn.qconv_pointwise(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride,
                                                 padding, dilation, groups, out_scale, out_zero_point, dtype,
-                                                attr, scalars(post_op, post_op_args), algorithm)  # fmt: skip
+                                                attr, scalars(post_op, post_op_args), algorithm)
     v = _conv_exact(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation, groups)
     return _finish(v, out_scale, out_zero_point, out_dtype, post_op, post_op_args)
 
@@ -408,14 +408,14 @@ def clamp_on_grid(y: Tensor, post_op: str, post_op_args: list[float], scale: flo
 
 
 # the post-ops oneDNN's 2-d int8 conv applies in its kernel, as qconv_with_post_op spells them out
-# (a list literal there: TorchScript, which compiles it for the scripted twins, takes no global list)
+# (a list literal there: TorchScript, which compiles it for the kernels' TorchScript bodies, takes no global list)
 CONV_FUSED_POST_OPS = ("none", "relu", "hardtanh", "hardswish", "silu")
 
 
 def qconv_with_post_op(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
                        w_zero_point: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
                        dilation: list[int], groups: int, out_scale: float, out_zero_point: int, post_op: str,
-                       post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
+                       post_op_args: list[float], x_qmax: int, saturates: bool) -> Tensor:
     """A checked 2-d or 3-d oneDNN conv with any post-op, uint8 out: the post-op fused into the call
     where oneDNN fuses it (2-d: relu, hardtanh, hardswish, silu); a relu / hardtanh clamped on the
     output grid after the call (exact); any other post-op on the float32 result, then one rounding."""
@@ -423,19 +423,19 @@ def qconv_with_post_op(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, 
         x = x.contiguous(memory_format=torch.channels_last_3d)  # oneDNN's 3-d path wants channels-last
     if post_op == "none" or (x.dim() == 4 and post_op in ["relu", "hardtanh", "hardswish", "silu"]):
         return qconv_call(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation, groups,
-                          out_scale, out_zero_point, None, post_op, post_op_args, x_qmax, saturates)  # fmt: skip
+                          out_scale, out_zero_point, None, post_op, post_op_args, x_qmax, saturates)
     if post_op == "relu" or post_op == "hardtanh":
         y = qconv_call(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation, groups,
-                       out_scale, out_zero_point, None, "none", post_op_args, x_qmax, saturates)  # fmt: skip
+                       out_scale, out_zero_point, None, "none", post_op_args, x_qmax, saturates)
         return clamp_on_grid(y, post_op, post_op_args, out_scale, out_zero_point)
     v = qconv_call(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation, groups, 1.0, 0,
-                   torch.float32, "none", post_op_args, x_qmax, saturates)  # fmt: skip
+                   torch.float32, "none", post_op_args, x_qmax, saturates)
     return quantize_real(post_op_float(v, post_op, post_op_args), out_scale, out_zero_point)
 
 
 def _conv_exact(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, w_zero_point: Tensor,
                 bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
-                groups: int) -> Tensor:  # fmt: skip
+                groups: int) -> Tensor:
     """``conv(x - zp) * x_scale * w_scale + bias`` in float32, exact on a saturating CPU: the
     float32 conv over the integer values, or, where the weight is large beside the output
     positions (:data:`TWO_CALLS_WEIGHTS_PER_OUTPUT`), two int8 calls on 7-bit halves. The choice
@@ -445,34 +445,34 @@ def _conv_exact(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale
         positions *= max(1, x.size(i) // stride[i - 2])
     if w.numel() > 8192 * positions:  # TWO_CALLS_WEIGHTS_PER_OUTPUT (TorchScript reads no module constants)
         return _conv_two_halves(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation,
-                                groups)  # fmt: skip
+                                groups)
     return _conv_over_ints(x, x_scale, x_zero_point, w, w_scale, bias, stride, padding, dilation, groups)
 
 
 def _conv_two_halves(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor,
                      w_zero_point: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
-                     dilation: list[int], groups: int) -> Tensor:  # fmt: skip
+                     dilation: list[int], groups: int) -> Tensor:
     """Two oneDNN calls on the activation's 7-bit halves ``x = 2 * (x >> 1) + (x & 1)``, each exact:
     the same packed weight, ``x_scale`` doubled for the high half, the zero point split the same
     way (``zp = 2 * (zp >> 1) + (zp & 1)``), the bias once, float32 out, summed."""
     empty: Scalars = []
     v = torch.ops.onednn.qconv_pointwise(torch.bitwise_right_shift(x, 1), 2.0 * x_scale, x_zero_point >> 1, w,
                                          w_scale, w_zero_point, bias, stride, padding, dilation, groups, 1.0, 0,
-                                         torch.float32, "none", empty, "")  # fmt: skip
+                                         torch.float32, "none", empty, "")
     return v.add_(torch.ops.onednn.qconv_pointwise(torch.bitwise_and(x, 1), x_scale, x_zero_point & 1, w, w_scale,
                                                    w_zero_point, None, stride, padding, dilation, groups, 1.0, 0,
-                                                   torch.float32, "none", empty, ""))  # fmt: skip
+                                                   torch.float32, "none", empty, ""))
 
 
 def _conv_over_ints(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-                    stride: list[int], padding: list[int], dilation: list[int], groups: int) -> Tensor:  # fmt: skip
+                    stride: list[int], padding: list[int], dilation: list[int], groups: int) -> Tensor:
     """The float32 conv over the integer values ``x - zp`` and ``w``."""
     w_int = int_weight(w, x.dim())
     layout = torch.channels_last_3d if x.dim() == 5 else torch.channels_last  # what oneDNN's int8 conv returns
     scale = x_scale * w_scale
     v = torch.convolution(x.to(torch.float32).sub_(float(x_zero_point)).contiguous(memory_format=layout), w_int,
                           None if bias is None else bias / scale, stride, padding, dilation, False, [0],
-                          groups)  # fmt: skip  (the bias goes in on the integer scale: one pass less)
+                          groups)  # the bias goes in on the integer scale: one pass less
     channel: list[int] = [1, -1]
     for _ in range(x.dim() - 2):
         channel.append(1)
@@ -482,7 +482,7 @@ def _conv_over_ints(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_s
 def qconv_add_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_scale: Tensor, w_zero_point: Tensor,
                    accum: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
                    dilation: list[int], groups: int, out_scale: float, out_zero_point: int, accum_scale: float,
-                   accum_zero_point: int, post_op: str, x_qmax: int, saturates: bool) -> Tensor:  # fmt: skip
+                   accum_zero_point: int, post_op: str, x_qmax: int, saturates: bool) -> Tensor:
     """``onednn::qconv2d_pointwise.binary`` with the "sum" post-op (``post_op(conv(x) + accum)``,
     written into ``accum``, a channels-last uint8 tensor the caller gives away), exact where the
     CPU saturates: there the sum is taken in float32 and copied into ``accum``, as oneDNN writes it."""
@@ -493,7 +493,7 @@ def qconv_add_call(x: Tensor, x_scale: float, x_zero_point: int, w: Tensor, w_sc
         return torch.ops.onednn.qconv2d_pointwise(x, x_scale, x_zero_point, w, w_scale, w_zero_point, accum, bias,
                                                   stride, padding, dilation, groups, out_scale, out_zero_point,
                                                   torch.uint8, accum_scale, accum_zero_point, "sum", 1.0, post_op,
-                                                  empty, "")  # fmt: skip
+                                                  empty, "")
     v = _conv_exact(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias, stride, padding, dilation, groups)
     v.add_((accum.to(torch.float32) - accum_zero_point) * accum_scale)
     return accum.copy_(_finish(v, out_scale, out_zero_point, None, post_op, []))

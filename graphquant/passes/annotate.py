@@ -95,9 +95,9 @@ def _weight_only_reason(pattern: Pattern, key: str, path: str) -> str:
     """Why a pattern did not match under a qconfig of the other family (weight-only or not)."""
     if pattern.kind == "weight_only":
         return (f"embedding tables are quantized by a weight-only qconfig only; to quantize this one use "
-                f"qconfig_dict={{{path!r}: graphquant.embedding_qconfig}}")  # fmt: skip
+                f"qconfig_dict={{{path!r}: graphquant.embedding_qconfig}}")
     return (f"qconfig_dict[{key!r}] is weight-only (embedding tables); give {path or 'this module'!r} a static or "
-            "dynamic qconfig to quantize it")  # fmt: skip
+            "dynamic qconfig to quantize it")
 
 
 def annotate(gm: fx.GraphModule, dynamic: bool = False) -> list[Match]:

@@ -37,7 +37,7 @@ def _correct(gm: fx.GraphModule, match: Match) -> BiasCorrection:
     mean = observer.channel_means() if isinstance(observer, ChannelMeans) else None
     if mean is None or observer.mean_axis != axis:
         return BiasCorrection(layer, None, "its input's channel means were not recorded (the input also feeds "
-                                           "a layer with channels on another axis)")  # fmt: skip
+                                           "a layer with channels on another axis)")
     if isinstance(observer, SmoothingObserver) and observer.smoothing.numel():
         mean = mean / observer.smoothing
     assert match.pattern.weight_arg is not None and match.pattern.bias_arg is not None
@@ -49,7 +49,7 @@ def _correct(gm: fx.GraphModule, match: Match) -> BiasCorrection:
     groups = int(args[6]) if axis == 1 else 1
     if w.shape[1] * groups != mean.numel():
         return BiasCorrection(layer, None, f"its weight reads {w.shape[1] * groups} channels, its input has "
-                                           f"{mean.numel()}")  # fmt: skip
+                                           f"{mean.numel()}")
     shift = _shift(fake_quantized_weight(w, match.qconfig.weight) - w, mean, groups)
     b_node = args[match.pattern.bias_arg]
     bias = get_attr_value(gm, b_node).detach().float() if is_constant(b_node) else torch.zeros_like(shift)

@@ -41,7 +41,7 @@ def _foldable(bn: fx.Node) -> fx.Node | None:
 def folded_weight_bias(
     w: torch.Tensor, b: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor,
     gamma: torch.Tensor | None, beta: torch.Tensor | None, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w', b')`` of the conv that computes ``batch_norm(conv(x, w, b))``."""
     inv_std = torch.rsqrt(var.double() + eps)
     factor = inv_std if gamma is None else gamma.double() * inv_std
@@ -60,7 +60,7 @@ def _fold_one(gm: fx.GraphModule, conv: fx.Node, bn: fx.Node) -> None:
     bias_node = conv.args[2] if len(conv.args) > 2 else None
     _, gamma, beta, mean, var, _momentum, eps = bn.args
     w, b = folded_weight_bias(value(w_node), value(bias_node), value(mean), value(var),  # type: ignore[arg-type]
-                              value(gamma), value(beta), float(eps))  # type: ignore[arg-type]  # fmt: skip
+                              value(gamma), value(beta), float(eps))  # type: ignore[arg-type]
     prefix = str(w_node.target).rpartition(".")[0] or conv.name  # type: ignore[union-attr]
     with gm.graph.inserting_before(conv):
         new_w = gm.graph.get_attr(add_attr(gm, prefix + "_folded_weight", w))

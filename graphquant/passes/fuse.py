@@ -216,7 +216,7 @@ def _fresh_output(node: fx.Node) -> bool:
     """``node`` is a graphquant op: its output is a new tensor, aliasing no other value of
     the graph (a donated qconv_add writes into its accum, which nothing reads afterwards)."""
     return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
-            and node.target.namespace == "graphquant")  # fmt: skip
+            and node.target.namespace == "graphquant")
 
 
 def _ancestors(node: fx.Node, stop: int, order: dict[fx.Node, int]) -> set[fx.Node]:

@@ -81,7 +81,7 @@ def _input_observer(match: Match) -> nn.Module:
 
 
 def _observe_input(gm: fx.GraphModule, match: Match, arg: fx.Node, seen: dict[tuple[fx.Node, bool], fx.Node],
-                   name: _Namer) -> str:  # fmt: skip
+                   name: _Namer) -> str:
     """Observer name for activation input ``arg`` of the match; only its edges into the match are rewired.
 
     A float value feeding two quantized ops gets one observer; linears smoothed by SmoothQuant share

@@ -177,7 +177,7 @@ def float_output_observers(gm: fx.GraphModule, matches: list[Match]) -> set[str]
         if not match.pattern.float_output or match.output_observer is None:
             continue
         observer = next((u for u in match.output.users if u.op == "call_module"
-                         and str(u.target) == match.output_observer), None)  # fmt: skip
+                         and str(u.target) == match.output_observer), None)
         if observer is not None and not any(_reads_quantized(gm, u) for u in observer.users):
             names.add(match.output_observer)
     return names
@@ -336,11 +336,11 @@ def _report(
         if match is not None and match.pattern.kind in ("dynamic", "weight_only"):
             report.nodes.append(NodeReport(node.name, op, path, True, pattern=match.pattern.name,
                                            kernel=match.pattern.kernel, qconfig_key=match.qconfig_key,
-                                           activation_bits=bits))  # fmt: skip
+                                           activation_bits=bits))
         elif match is not None and match.output_observer in float_outputs:
             report.nodes.append(NodeReport(node.name, op, path, True, pattern=match.pattern.name,
                                            kernel=match.pattern.kernel, qconfig_key=match.qconfig_key,
-                                           activation_bits=bits, depthwise=depthwise))  # fmt: skip
+                                           activation_bits=bits, depthwise=depthwise))
         elif match is not None and match.output_observer is not None:
             source = match.output_observer
             module = gm.get_submodule(source)
@@ -349,7 +349,7 @@ def _report(
             report.nodes.append(NodeReport(node.name, op, path, True, pattern=match.pattern.name,
                                            kernel=match.pattern.kernel, qconfig_key=match.qconfig_key,
                                            scale=scale, zero_point=zero_point, activation_bits=bits,
-                                           depthwise=depthwise))  # fmt: skip
+                                           depthwise=depthwise))
         else:
             report.nodes.append(NodeReport(node.name, op, path, False, reason=float_reason(node)))
     return report
@@ -359,7 +359,7 @@ def depthwise_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether ``node`` is an ``aten.conv{1,2,3}d`` with one input and one output channel per group,
     which oneDNN runs with a kernel of its own (kernels.x86.is_depthwise)."""
     if node.target not in (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
-                           torch.ops.aten.conv3d.default) or len(node.args) < 7:  # fmt: skip
+                           torch.ops.aten.conv3d.default) or len(node.args) < 7:
         return False
     weight, groups = node.args[1], node.args[6]
     if not isinstance(weight, fx.Node) or weight.op != "get_attr" or not isinstance(groups, int):

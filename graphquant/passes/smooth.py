@@ -50,7 +50,7 @@ def fake_quantized_weight(w: torch.Tensor, spec: ObserverSpec) -> torch.Tensor:
 
 
 def _group_error(observer: SmoothingObserver, group: list[Match], weights: list[torch.Tensor],
-                 alpha: float | None) -> float:  # fmt: skip
+                 alpha: float | None) -> float:
     """Output error of the quantized group with ``alpha`` (None: no smoothing), calibrated on the even
     sample rows and measured on the odd ones: errors on the rows that set the range flatter the
     alphas that fit it tightly (on all-MiniLM-L6-v2 they picked alpha 0.75-0.8, which lose to 0.6
@@ -94,7 +94,7 @@ def _why_not(gm: fx.GraphModule, value: fx.Node, group: list[Match]) -> str:
     if linear and smoothquant is not None and not smoothquant.fused_activations:
         return (f"it is the {value.target} after {linear}, which the int8 linear applies before writing uint8 "
                 "with one scale; smoothing would take it out of the kernel (SmoothQuant(fused_activations=True) "
-                "does)")  # fmt: skip
+                "does)")
     anchors = {m.anchor for m in group}
     for match in group:
         node = _weight_node(match)
@@ -104,7 +104,7 @@ def _why_not(gm: fx.GraphModule, value: fx.Node, group: list[Match]) -> str:
         if not readers <= anchors:
             other = next(iter(readers - anchors))
             return (f"{match.module_path or match.anchor.name}: its weight is also read by {other.name} "
-                    f"({module_path(other) or '<model>'}), which reads another input")  # fmt: skip
+                    f"({module_path(other) or '<model>'}), which reads another input")
     return ""
 
 
@@ -125,7 +125,7 @@ def _choose_alpha(observer: SmoothingObserver, group: list[Match], weights: list
 
 
 def _fold_into_layer_norm(gm: fx.GraphModule, value: fx.Node, observer_node: fx.Node, group: list[Match],
-                          s: torch.Tensor) -> str:  # fmt: skip
+                          s: torch.Tensor) -> str:
     """Divide the LayerNorm producing ``value`` by ``s`` (new weight and bias constants) where only
     the group reads its output, it normalizes the last axis alone and has a constant weight; its
     name, or "" (not folded)."""
@@ -158,7 +158,7 @@ def smooth(gm: fx.GraphModule, matches: list[Match]) -> list[Smoothing]:
     for match in matches:
         observers = list(match.input_observers.values())
         if (match.qconfig.smoothquant is not None and match.pattern.kernel == "qlinear" and observers
-                and not isinstance(gm.get_submodule(observers[0]), SmoothingObserver)):  # fmt: skip
+                and not isinstance(gm.get_submodule(observers[0]), SmoothingObserver)):
             reason = "its input is the output of a quantized op: SmoothQuant needs a float input"
             lines.append(Smoothing(match.anchor.name, (match.module_path,), None, reason))
     for name, observer in gm.named_children():

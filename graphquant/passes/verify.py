@@ -45,11 +45,11 @@ def check_matches(gm: fx.GraphModule, after: str) -> None:
         for member in (*match.nodes, *match.outputs):
             if member not in live:
                 raise _failed(after, node, f"its match {match.pattern.name} names {member.name}, which is not a "
-                                           "node of this graph")  # fmt: skip
+                                           "node of this graph")
         for member in match.nodes:  # the items a multi-output op's match reads (outputs) may match on their own
             if member.meta.get(MATCH) is not match:
                 raise _failed(after, node, f"its match {match.pattern.name} names {member.name}, which carries "
-                                           "another match")  # fmt: skip
+                                           "another match")
 
 
 def _wants_tensor(type_: Any) -> bool:

@@ -67,7 +67,7 @@ def patterns_for(target: object, dynamic: bool = False) -> list[Pattern]:
     """Static (or, with ``dynamic=True``, dynamic) patterns whose chain starts with ``target``, longest first;
     weight-only patterns in both modes."""
     return [p for p in PATTERNS
-            if target in p.ops[0] and (p.kind == "weight_only" or (p.kind == "dynamic") == dynamic)]  # fmt: skip
+            if target in p.ops[0] and (p.kind == "weight_only" or (p.kind == "dynamic") == dynamic)]
 
 
 from graphquant.patterns import (  # noqa: E402,F401  (fills PATTERNS)

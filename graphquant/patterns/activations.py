@@ -87,7 +87,7 @@ _SHARES: list[tuple[str, tuple[_OpOverload, ...], tuple[_Forward, ...]]] = [
     ("hardtanh", (aten.hardtanh.default,), (lambda y: F.hardtanh(F.hardtanh(y, -1.5, 1.0, inplace=True), 0.0, 6.0),)),
     ("clamp", (aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default),
      (lambda y: torch.clamp_min(torch.clamp(y, max=0.5), -1.0).clamp_(min=-0.75),)),
-]  # fmt: skip
+]
 _GENERAL: list[tuple[str, _OpOverload, str, tuple[_Forward, ...]]] = [
     ("leaky_relu", aten.leaky_relu.default, "aten.leaky_relu", (lambda y: F.leaky_relu(y, 0.2, True),)),
     ("elu", aten.elu.default, "aten.elu", (nn.ELU(),)),
@@ -107,7 +107,7 @@ def _register() -> None:
         register(Pattern(name, ((op,),), "general", kernel, None, _examples(*forwards)))
     for name, op, kernel, output_range, forwards in _FIXED:
         register(Pattern(name, ((op,),), "fixed_qparams", kernel, None, _examples(*forwards),
-                         output_range=output_range))  # fmt: skip
+                         output_range=output_range))
 
 
 _register()

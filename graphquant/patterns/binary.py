@@ -47,7 +47,7 @@ def _lower(kernel: str, post_op: str) -> LowerKernel:
             y = by_node[other]
             y_scale, y_zero_point = y.qparams.scalar()
             return ctx.call(tensor_op, (x.node, x_scale, x_zero_point, y.node, y_scale, y_zero_point, *extra,
-                                        out_scale, out_zero_point, post_op))  # fmt: skip
+                                        out_scale, out_zero_point, post_op))
         assert isinstance(other, (int, float)), f"graphquant: {match.anchor}: operand {other!r} is not a number"
         value = float(other) * (extra[0] if extra else 1.0)  # add: x + alpha * other
         return ctx.call(scalar_op, (x.node, x_scale, x_zero_point, value, out_scale, out_zero_point, post_op))
@@ -121,14 +121,14 @@ def _attention(bmm: bool):  # type: ignore[no-untyped-def]
 
 
 register(Pattern("add", (_ADD,), "general", "graphquant.qadd", _lower("qadd", "none"),
-                 _examples("add_", "sub_then_scalar"), activation_args=(0, 1)))  # fmt: skip
+                 _examples("add_", "sub_then_scalar"), activation_args=(0, 1)))
 register(Pattern("add_relu", (_ADD, _RELU), "general", "graphquant.qadd", _lower("qadd", "relu"),
-                 _examples("iadd", relu=True), activation_args=(0, 1)))  # fmt: skip
+                 _examples("iadd", relu=True), activation_args=(0, 1)))
 register(Pattern("mul", (_MUL,), "general", "graphquant.qmul", _lower("qmul", "none"),
-                 _examples("mul_then_scalar"), activation_args=(0, 1)))  # fmt: skip
+                 _examples("mul_then_scalar"), activation_args=(0, 1)))
 register(Pattern("mul_relu", (_MUL, _RELU), "general", "graphquant.qmul", _lower("qmul", "relu"),
-                 _examples("imul", relu=True), activation_args=(0, 1)))  # fmt: skip
+                 _examples("imul", relu=True), activation_args=(0, 1)))
 register(Pattern("matmul", ((aten.matmul.default,),), "general", "aten.matmul", None, _attention(False),
-                 activation_args=(0, 1)))  # fmt: skip
+                 activation_args=(0, 1)))
 register(Pattern("bmm", ((aten.bmm.default,),), "general", "aten.bmm", None, _attention(True),
-                 activation_args=(0, 1)))  # fmt: skip
+                 activation_args=(0, 1)))

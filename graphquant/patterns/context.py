@@ -77,7 +77,7 @@ class WeightCache:
             if qparams.axis is None and not qparams.float_qparams:  # per tensor = per channel, one repeated scale
                 n = w.shape[0]
                 qparams = QParams(qparams.scale.expand(n).contiguous(), qparams.zero_point.expand(n).contiguous(),
-                                  qparams.dtype, qparams.qmin, qparams.qmax, axis=0)  # fmt: skip
+                                  qparams.dtype, qparams.qmin, qparams.qmax, axis=0)
             self.quantized[key] = (quantize(w, qparams), qparams)
         self.by_match[id(match)] = self.quantized[key]
         return self.quantized[key]
@@ -92,7 +92,7 @@ class WeightCache:
             limit = float(torch.finfo(torch.float16).max)
             if bool((w.abs() > limit).any()):
                 warnings.warn(f"graphquant: {match.module_path or match.anchor.name}: weights beyond the float16 "
-                              f"range (+-{limit:g}) saturate", stacklevel=2)  # fmt: skip
+                              f"range (+-{limit:g}) saturate", stacklevel=2)
             self.by_match[id(match)] = (w.clamp(-limit, limit).half(), None)  # type: ignore[assignment]
         return self.by_match[id(match)][0]
 
@@ -149,12 +149,12 @@ class KernelContext:
     def conv_weight(
         self, match: Match, x_scale: float, x_zero_point: int,
         stride: list[int], padding: list[int], dilation: list[int], groups: int,
-    ) -> KernelWeight:  # fmt: skip
+    ) -> KernelWeight:
         """The conv weight, quantized and (on oneDNN) packed for these input qparams."""
         _, qparams = self.weights.get(self.gm, match)
         args = dict(w_scale=qparams.scale.float(), x_scale=x_scale, x_zero_point=x_zero_point,
                     stride=stride, padding=padding, dilation=dilation, groups=groups,
-                    x_shape=example_shape(match.anchor.args[0]))  # fmt: skip
+                    x_shape=example_shape(match.anchor.args[0]))
         return self._weight_nodes(match, onednn.pack_conv, args)
 
     def fp16_weight(self, match: Match) -> KernelWeight:

@@ -36,7 +36,7 @@ def _conv_args(ctx: KernelContext, match: Match, x: QValue) -> tuple[object, ...
     x_scale, x_zero_point = x.qparams.scalar()
     w = ctx.conv_weight(match, x_scale, x_zero_point, list(stride), list(padding), list(dilation), groups)
     return (x.node, x_scale, x_zero_point, w.packed, w.scale, w.bias, list(stride), list(padding), list(dilation),
-            groups)  # fmt: skip
+            groups)
 
 
 def _lower(dim: int):  # type: ignore[no-untyped-def]
@@ -57,18 +57,18 @@ def _lower_add(dim: int):  # type: ignore[no-untyped-def]
         if op_args(match.nodes[1])[2] != 1:
             # add(a, b, alpha) scales b, maybe the conv: keep the reference form conv -> add -> quantize
             return ctx.call(torch.ops.graphquant.quantize_per_tensor.default,
-                            (match.output, *out.scalar(), out.qmin, out.qmax, out.dtype))  # fmt: skip
+                            (match.output, *out.scalar(), out.qmin, out.qmax, out.dtype))
         accum = inputs[-1]  # in conv(x) + x the one input x is also the accum
         post_op = "relu" if len(match.nodes) == 3 else "none"
         return ctx.call(kernel, (*_conv_args(ctx, match, inputs[0]), accum.node, *accum.qparams.scalar(),
-                                 *out.scalar(), post_op), x_qmax_kwarg(inputs[0]))  # fmt: skip
+                                 *out.scalar(), post_op), x_qmax_kwarg(inputs[0]))
 
     return lower_kernel
 
 
 class _Conv(nn.Module):
     def __init__(self, dim: int, act: nn.Module | None = None, channels: tuple[int, int] = (4, 8),
-                 **kwargs: int) -> None:  # fmt: skip
+                 **kwargs: int) -> None:
         super().__init__()
         self.conv = getattr(nn, f"Conv{dim}d")(*channels, 3, **kwargs)
         self.act = act if act is not None else nn.Identity()
@@ -157,14 +157,14 @@ def _examples_add(dim: int, relu: bool):  # type: ignore[no-untyped-def]
 
 for _dim, _op in _CONVS.items():
     register(Pattern(f"conv{_dim}d", ((_op,),), "weighted", f"qconv{_dim}d", _lower(_dim),
-                     _examples(_dim, None), weight_arg=1, bias_arg=2))  # fmt: skip
+                     _examples(_dim, None), weight_arg=1, bias_arg=2))
     for _act, _ops in (("relu", RELU), ("hardtanh", HARDTANH), ("hardswish", HARDSWISH)):
         register(Pattern(f"conv{_dim}d_{_act}", ((_op,), _ops), "weighted", f"qconv{_dim}d", _lower(_dim),
-                         _examples(_dim, _act), weight_arg=1, bias_arg=2))  # fmt: skip
+                         _examples(_dim, _act), weight_arg=1, bias_arg=2))
 for _dim in (1, 2):
     _op = _CONVS[_dim]
     register(Pattern(f"conv{_dim}d_add", ((_op,), _ADD), "weighted", f"qconv{_dim}d_add", _lower_add(_dim),
-                     _examples_add(_dim, False), weight_arg=1, bias_arg=2, chain_inputs=_JOIN))  # fmt: skip
+                     _examples_add(_dim, False), weight_arg=1, bias_arg=2, chain_inputs=_JOIN))
     register(Pattern(f"conv{_dim}d_add_relu", ((_op,), _ADD, RELU), "weighted", f"qconv{_dim}d_add",
                      _lower_add(_dim), _examples_add(_dim, True), weight_arg=1, bias_arg=2,
-                     chain_inputs=_JOIN))  # fmt: skip
+                     chain_inputs=_JOIN))

@@ -39,7 +39,7 @@ def _lower(dim: int):  # type: ignore[no-untyped-def]
         w = ctx.constant(prefix + "_int8", w_int8)
         w_scale = ctx.constant(prefix + "_scale", qparams.scale.float())
         return ctx.call(kernel, (x.node, *x.qparams.scalar(), w, w_scale, bias, list(stride), list(padding),
-                                 list(output_padding), groups, list(dilation), *out.scalar(), "none"))  # fmt: skip
+                                 list(output_padding), groups, list(dilation), *out.scalar(), "none"))
 
     return lower_kernel
 
@@ -59,4 +59,4 @@ def _examples(dim: int):  # type: ignore[no-untyped-def]
 
 for _dim, _ops in _OPS.items():
     register(Pattern(f"conv_transpose{_dim}d", (_ops,), "weighted", f"qconv_transpose{_dim}d", _lower(_dim),
-                     _examples(_dim), weight_arg=1, bias_arg=2))  # fmt: skip
+                     _examples(_dim), weight_arg=1, bias_arg=2))

@@ -20,7 +20,7 @@ from graphquant.quant_math import QParams
 
 # float ops whose outputs are one-sided (or nearly: GELU >= -0.17, SiLU >= -0.28, hardswish >= -0.38)
 _ONE_SIDED = {aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.hardswish.default,
-              aten.sigmoid.default, aten.relu6.default}  # fmt: skip
+              aten.sigmoid.default, aten.relu6.default}
 
 
 def asymmetric_rows(match: Match, x: object) -> bool:
@@ -76,4 +76,4 @@ def _examples() -> list[tuple[nn.Module, tuple[torch.Tensor, ...]]]:
 
 register(Pattern("dynamic_linear", ((aten.linear.default,),), "dynamic", "qlinear_dynamic", _lower_kernel,
                  _examples, weight_arg=1, bias_arg=2,
-                 doc="linear with int8 weights and per-batch activation qparams"))  # fmt: skip
+                 doc="linear with int8 weights and per-batch activation qparams"))

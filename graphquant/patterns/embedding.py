@@ -74,7 +74,7 @@ class _Bag(nn.Module):
         self.bag = nn.EmbeddingBag(100, 16, mode=mode, include_last_offset=include_last_offset)
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor | None = None,
-                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         return self.bag(indices, offsets, per_sample_weights)
 
 
@@ -115,8 +115,8 @@ def _bag_examples() -> list[tuple[nn.Module, tuple[torch.Tensor, ...]]]:
 
 register(Pattern("embedding", ((aten.embedding.default,),), "weight_only", "qembedding", _lower_embedding,
                  _embedding_examples, activation_args=(), weight_arg=0,
-                 doc="embedding table with per-row float qparams (8 or 4 bits), float output"))  # fmt: skip
+                 doc="embedding table with per-row float qparams (8 or 4 bits), float output"))
 _BAG = ((aten.embedding_bag.padding_idx, aten.embedding_bag.default), (operator.getitem,))
 register(Pattern("embedding_bag", _BAG, "weight_only", "qembedding_bag", _lower_embedding_bag,  # type: ignore[arg-type]
                  _bag_examples, activation_args=(), weight_arg=0,
-                 doc="embedding_bag (sum / mean / max) on a per-row float-qparams table, float output"))  # fmt: skip
+                 doc="embedding_bag (sum / mean / max) on a per-row float-qparams table, float output"))

@@ -55,6 +55,6 @@ def _examples(how: str):  # type: ignore[no-untyped-def]
 
 
 register(Pattern("cat", ((aten.cat.default,),), "general", "graphquant.qcat",
-                 _lower(torch.ops.graphquant.qcat.default), _examples("cat")))  # fmt: skip
+                 _lower(torch.ops.graphquant.qcat.default), _examples("cat")))
 register(Pattern("stack", ((aten.stack.default,),), "general", "graphquant.qstack",
-                 _lower(torch.ops.graphquant.qstack.default), _examples("stack")))  # fmt: skip
+                 _lower(torch.ops.graphquant.qstack.default), _examples("stack")))

@@ -87,7 +87,7 @@ _FUSED = (
     ("leaky_relu", LEAKY_RELU, _examples(nn.LeakyReLU(), "leaky_relu")),
 )
 register(Pattern("linear", (_LINEAR,), "weighted", "qlinear", _lower_kernel, _examples(None, None),
-                 weight_arg=1, bias_arg=2, float_output=True))  # fmt: skip
+                 weight_arg=1, bias_arg=2, float_output=True))
 for _name, _ops, _ex in _FUSED:
     register(Pattern(f"linear_{_name}", (_LINEAR, _ops), "weighted", "qlinear", _lower_kernel, _ex,
-                     weight_arg=1, bias_arg=2, float_output=True))  # fmt: skip
+                     weight_arg=1, bias_arg=2, float_output=True))

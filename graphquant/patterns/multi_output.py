@@ -96,7 +96,7 @@ def _examples(*forwards: _Forward | type[nn.Module]):  # type: ignore[no-untyped
 # name, ops, value items (the others pass through), kernel, examples: items into a conv and a
 # fused add, returned as model outputs, into float-only ops (exp, gather), some items unused
 _ROWS: list[tuple[str, tuple[torch._ops.OpOverload, ...], tuple[int, ...] | Literal["all"], str,
-                  tuple[_Forward | type[nn.Module], ...]]] = [  # fmt: skip
+                  tuple[_Forward | type[nn.Module], ...]]] = [
     ("split", (aten.split.Tensor, aten.split_with_sizes.default), "all", "aten.split",
      (_ChunksIntoConvs, lambda y: y.split([1, 3], 1), lambda y: torch.exp(y.split(3, 1)[1]))),
     ("unbind", (aten.unbind.int,), "all", "aten.unbind", (_unbind,)),
@@ -110,9 +110,9 @@ _ROWS: list[tuple[str, tuple[torch._ops.OpOverload, ...], tuple[int, ...] | Lite
     ("median_dim", (aten.median.dim,), (0,), "aten.median.dim", (lambda y: y.median(1),)),
     ("cummax", (aten.cummax.default,), (0,), "aten.cummax", (lambda y: y.cummax(2),)),
     ("cummin", (aten.cummin.default,), (0,), "aten.cummin", (lambda y: y.cummin(3).values,)),
-]  # fmt: skip
+]
 
 for _name, _ops, _items, _kernel, _forwards in _ROWS:
     register(Pattern(_name, (_ops,), "shares_qparams", _kernel, same_op_on_uint8, _examples(*_forwards),
-                     value_outputs=_items))  # fmt: skip
+                     value_outputs=_items))
 

@@ -53,13 +53,13 @@ for _name, _case in [
     ("batch_norm1d", lambda: (nn.Linear(8, 6), nn.BatchNorm1d(6), (1, 8))),
     ("batch_norm2d", lambda: (nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), (1, 3, 8, 8))),
     ("batch_norm3d", lambda: (nn.Conv3d(3, 4, 3), nn.BatchNorm3d(4), (1, 3, 6, 6, 6))),
-]:  # fmt: skip
+]:
     register(Pattern(_name, (_BN, (operator.getitem,)), "general",  # type: ignore[arg-type]
-                     "aten._native_batch_norm_legit_no_training", None, _examples(_case)))  # fmt: skip
+                     "aten._native_batch_norm_legit_no_training", None, _examples(_case)))
 
 register(Pattern("layer_norm", ((aten.layer_norm.default,),), "general", "aten.layer_norm", None,
-                 _examples(lambda: (nn.Linear(8, 16), nn.LayerNorm(16), (1, 5, 8)))))  # fmt: skip
+                 _examples(lambda: (nn.Linear(8, 16), nn.LayerNorm(16), (1, 5, 8)))))
 register(Pattern("group_norm", ((aten.group_norm.default,),), "general", "aten.group_norm", None,
-                 _examples(lambda: (nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), (1, 3, 8, 8)))))  # fmt: skip
+                 _examples(lambda: (nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), (1, 3, 8, 8)))))
 register(Pattern("instance_norm", ((aten.instance_norm.default,),), "general", "aten.instance_norm", None,
-                 _examples(lambda: (nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True), (1, 3, 8, 8)))))  # fmt: skip
+                 _examples(lambda: (nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True), (1, 3, 8, 8)))))

@@ -68,8 +68,8 @@ class _ConvPadConv(nn.Module):
 
 def _examples() -> list[tuple[nn.Module, tuple[torch.Tensor, ...]]]:
     return [(_ConvPadConv(how), (torch.randn(1, 3, 10, 10),))
-            for how in ("same", "constant", "reflect", "replicate", "circular")]  # fmt: skip
+            for how in ("same", "constant", "reflect", "replicate", "circular")]
 
 
 register(Pattern("pad", ((aten.pad.default,),), "shares_qparams", "aten.pad", _lower_pad, _examples,
-                 doc="constant fill quantized with the input's qparams; reflect/replicate/circular copy"))  # fmt: skip
+                 doc="constant fill quantized with the input's qparams; reflect/replicate/circular copy"))

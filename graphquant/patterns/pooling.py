@@ -53,7 +53,7 @@ def _lower_max_pool_via_float(ctx: KernelContext, match: Match, inputs: Sequence
     as_float.kwargs = {"dtype": torch.float32}
     with graph.inserting_after(as_float):
         pooled = graph.call_function(cast(Callable[..., Any], match.anchor.target), (as_float, *match.anchor.args[1:]),
-                                     dict(match.anchor.kwargs))  # fmt: skip
+                                     dict(match.anchor.kwargs))
     with graph.inserting_after(pooled):
         back = graph.call_function(aten._to_copy.default, (pooled,), {"dtype": torch.uint8})
     for node in (pooled, back):
@@ -94,7 +94,7 @@ def _examples(*cases: tuple[int, _Forward]):  # type: ignore[no-untyped-def]
 
 
 def _row(name: str, ops: tuple[torch._ops.OpOverload, ...], kind: Kind, kernel: str, lower: LowerKernel | None,
-         *cases: tuple[int, _Forward]) -> None:  # fmt: skip
+         *cases: tuple[int, _Forward]) -> None:
     register(Pattern(name, (ops,), kind, kernel, lower, _examples(*cases)))
 
 

@@ -46,7 +46,7 @@ POST_OP_TARGETS = frozenset(_POST_OPS)
 RELU = (aten.relu.default,)
 # relu6, F.hardtanh / nn.ReLU6 (hardtanh), torch.clamp with scalar bounds
 HARDTANH = (aten.relu6.default, aten.hardtanh.default, aten.clamp.default, aten.clamp_min.default,
-            aten.clamp_max.default)  # fmt: skip
+            aten.clamp_max.default)
 HARDSWISH = (aten.hardswish.default,)
 SILU = (aten.silu.default,)
 GELU = (aten.gelu.default,)

@@ -63,7 +63,7 @@ def _reshape_examples() -> list[tuple[nn.Module, tuple[torch.Tensor, ...]]]:
 
 
 register(Pattern("reshape", ((aten.view.default, aten._unsafe_view.default, aten.reshape.default),),
-                 "shares_qparams", "aten.reshape", _lower_reshape, _reshape_examples))  # fmt: skip
+                 "shares_qparams", "aten.reshape", _lower_reshape, _reshape_examples))
 
 
 # The conv output (N, 4, H, W) is channels-last uint8 on the oneDNN backend: each op
@@ -114,5 +114,5 @@ for _name, _ops, _kernel, _hows in [
     ("expand", (aten.expand.default,), "aten.expand", ("expand",)),
     ("repeat_interleave", (aten.repeat_interleave.self_int,), "aten.repeat_interleave", ("repeat_interleave",)),
     ("detach", (aten.detach.default,), "aten.detach", ("detach",)),
-]:  # fmt: skip
+]:
     register(Pattern(_name, (_ops,), "shares_qparams", _kernel, same_op_on_uint8, _examples(*_hows)))

@@ -162,7 +162,7 @@ def check_graph_mode_op(
     # nothing quantized after it) has no output scale and no rounding: float32 arithmetic is all
     # that may differ (FLOAT_OUTPUT_TOLERANCE).
     float_steps = [float_output_step(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else None
-                   for t in tree_flatten(outputs[True])[0]]  # fmt: skip
+                   for t in tree_flatten(outputs[True])[0]]
     whole = isinstance(models[False], fx.GraphModule)
     largest = max(_largest_scale(g) for g in graphs[False]) if graphs[False] else 0.0
     if dynamic:
@@ -170,7 +170,7 @@ def check_graph_mode_op(
     elif whole:
         scales = output_scales(graphs[False][0])
         scales = [s if s is not None else (float_steps[i] if i < len(float_steps) else None)
-                  for i, s in enumerate(scales)]  # fmt: skip
+                  for i, s in enumerate(scales)]
     else:  # regions dequantize their outputs, eager float code may follow: one step of the largest scale
         scales = []
     diff = step_diff(outputs[True], outputs[False], scales, largest)

@@ -66,7 +66,7 @@ class AccuracyControlReport:
         verdict = "met" if self.met else "NOT met" + (" (time budget spent)" if self.stopped_by_budget else "")
         lines = [f"graphquant accuracy control: float metric {self.float_metric:.6g}, max drop {self.max_drop:g}: "
                  f"{verdict} with {len(self.keep_float)} layers float, {len(self.steps)} quantizations in "
-                 f"{self.seconds:.1f} s"]  # fmt: skip
+                 f"{self.seconds:.1f} s"]
         lines += [f"  {step}" for step in self.steps]
         if self.keep_float:
             lines.append("  kept float (most harmful first): " + ", ".join(self.keep_float))

@@ -89,14 +89,14 @@ def float_op(kernel: str, a: dict[str, Any]) -> Any:
     if kernel.startswith("qconv_transpose"):
         return lambda: x86.post_op_float(torch.convolution(xf, w, bias, a["stride"], a["padding"], a["dilation"], True,
                                                            a["output_padding"], a["groups"]), post_op,
-                                         post_op_args)  # fmt: skip
+                                         post_op_args)
     conv = (a["stride"], a["padding"], a["dilation"])
     if kernel.endswith("_add"):
         accum = _real(a["accum"], float(a["accum_scale"]), int(a["accum_zero_point"]))
         return lambda: x86.post_op_float(torch.convolution(xf, w, bias, *conv, False, [0], a["groups"]).add_(accum),
-                                         post_op, [])  # fmt: skip
+                                         post_op, [])
     return lambda: x86.post_op_float(torch.convolution(xf, w, bias, *conv, False, [0], a["groups"]), post_op,
-                                     post_op_args)  # fmt: skip
+                                     post_op_args)
 
 
 def _median_ms(fns: list[Any], rounds: int) -> list[float]:
@@ -145,7 +145,7 @@ def kernel_calls(qmodel: fx.GraphModule, example_inputs: tuple[Any, ...]) -> lis
         match = node.meta.get(MATCH)
         calls.append(KernelCall(match.anchor.name if match is not None else node.name,
                                 match.module_path if match is not None else "", kernel, cpu_path, target,
-                                named))  # fmt: skip
+                                named))
     return calls
 
 
@@ -156,7 +156,7 @@ def time_kernels(qmodel: nn.Module, example_inputs: tuple[Any, ...], rounds: int
     printing the report shows them. Keep the machine quiet while it runs (module docstring)."""
     if not isinstance(qmodel, fx.GraphModule):
         raise GraphQuantError(f"graphquant.time_kernels: wants the quantized GraphModule, got {type(qmodel).__name__}; "
-                              "pass what graphquant.quantize / convert / load returned")  # fmt: skip
+                              "pass what graphquant.quantize / convert / load returned")
     if rounds < 1:
         raise GraphQuantError(f"graphquant.time_kernels: rounds must be at least 1, got {rounds}")
     timings: list[KernelTiming] = []

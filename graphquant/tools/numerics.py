@@ -181,21 +181,21 @@ class NumericsReport:
             steps = f"{n.max_step_diff:.2f}" + (" !" if n.lowering_suspect else "")
             kernel = (n.kernel or "(reference form)") + (f" [{n.cpu_path}]" if n.cpu_path else "")
             rows.append([str(rank), n.node, n.module_path or "<model>", n.pattern, kernel,
-                         _db(n.layer_sqnr), _db(n.reference_sqnr), _db(n.kernel_sqnr), steps])  # fmt: skip
+                         _db(n.layer_sqnr), _db(n.reference_sqnr), _db(n.kernel_sqnr), steps])
         return rows
 
     def __str__(self) -> str:
         batches = f"{self.batches} batch" + ("" if self.batches == 1 else "es")
         lines = [f"graphquant numerics ({self.mode}, {self.backend}, {batches}): "
-                 f"{len(self.nodes)} quantized node{'' if len(self.nodes) == 1 else 's'}, worst first"]  # fmt: skip
+                 f"{len(self.nodes)} quantized node{'' if len(self.nodes) == 1 else 's'}, worst first"]
         lines += _format_table(self.table())
         lines.append(f"model output: reference {_db(self.output_reference_sqnr)} dB, "
-                     f"kernel {_db(self.output_kernel_sqnr)} dB SQNR against float")  # fmt: skip
+                     f"kernel {_db(self.output_kernel_sqnr)} dB SQNR against float")
         lines.append("layer dB: this layer alone on float inputs (median output channel); ref/kernel dB: "
                      "end to end; steps: kernel vs reference on the same integer inputs (> 1 marks a lowering bug)")
         for n in self.lowering_suspects:
             lines.append(f"LOWERING: {n.node} ({n.module_path or '<model>'}, {n.kernel}) differs from the "
-                         f"reference by {n.max_step_diff:.2f} steps of the output scale")  # fmt: skip
+                         f"reference by {n.max_step_diff:.2f} steps of the output scale")
         lines += self._suggestion_lines()
         return "\n".join(lines)
 
@@ -210,7 +210,7 @@ class NumericsReport:
             lines += [f"  {key!r}: {_qconfig_name(s.qconfig_dict[key])}" for key in rest]
         for node in s.unreachable:
             lines.append(f"  note: {node} runs in the root module; no qconfig_dict key keeps it float alone "
-                         "(move it into a submodule)")  # fmt: skip
+                         "(move it into a submodule)")
         if self.accuracy is not None:
             a = self.accuracy
             line = f"accuracy: float {a.float_model:.4g}, int8 {a.quantized:.4g}"
@@ -228,7 +228,7 @@ class NumericsReport:
 
         nodes = sorted(self.nodes, key=lambda n: n.index)
         finite = [v for n in nodes for v in (n.layer_sqnr, n.reference_sqnr, n.kernel_sqnr)
-                  if v is not None and math.isfinite(v)]  # fmt: skip
+                  if v is not None and math.isfinite(v)]
         cap = max(finite + [self.min_sqnr_db]) + 10  # where "inf" (exact) is drawn
 
         def clip(v: float | None) -> float:
@@ -261,7 +261,7 @@ class NumericsReport:
             "<tr" + (' class="suspect"' if r[-1].endswith("!") else "") + ">"
             + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
             for r in table[1:]
-        )  # fmt: skip
+        )
         try:
             png = base64.b64encode(self.plot_png()).decode("ascii")
             plot = f'<img alt="SQNR per layer" src="data:image/png;base64,{png}">'
@@ -356,7 +356,7 @@ class _Graphs:
 def _quantize_both(
     model: nn.Module | ExportedProgram, qconfig_dict: Mapping[str, QConfig | None], batches: list[tuple[Any, ...]],
     dynamic: bool, backend: str | None, progress: Progress,
-) -> tuple[fx.GraphModule, fx.GraphModule]:  # fmt: skip
+) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Reference and kernel graphs of one prepared (and, if static, calibrated) model."""
     # node by node needs one graph: a model that does not export whole is refused, not split
     if dynamic:
@@ -368,7 +368,7 @@ def _quantize_both(
     # the kernel computes the same single rounding of linear -> activation); no residual accum is
     # donated, so every recorded value stays as its node wrote it
     return (_convert(prepared, True, False, backend),
-            _convert(prepared, False, False, backend, fuse=False))  # fmt: skip
+            _convert(prepared, False, False, backend, fuse=False))
 
 
 def _quantize_node(node: fx.Node) -> fx.Node | None:
@@ -584,7 +584,7 @@ class _Stats:
 
         fc = channels(f)
         sums = (fc.pow(2).sum(1), channels(f - v.layer[name].double()).pow(2).sum(1),
-                channels(f - v.layer_weights[name].double()).pow(2).sum(1), fc.abs().amax(1))  # fmt: skip
+                channels(f - v.layer_weights[name].double()).pow(2).sum(1), fc.abs().amax(1))
         if self.signal is None:
             self.signal, self.layer_noise, self.weight_noise, self.absmax = sums
         else:
@@ -705,7 +705,7 @@ def _why(n: NodeNumerics, min_sqnr_db: float) -> str:
 def suggest(
     report_nodes: Sequence[NodeNumerics], matches: Sequence[Match], qconfig_dict: Mapping[str, QConfig | None],
     min_sqnr_db: float = DEFAULT_MIN_SQNR_DB, max_layers: int = DEFAULT_MAX_LAYERS,
-) -> Suggestion:  # fmt: skip
+) -> Suggestion:
     """Keep float the (at most ``max_layers``) layers whose layer SQNR is below ``min_sqnr_db``.
 
     Where the output rounding is the cause (the weights alone are fine), the layers that
@@ -752,7 +752,7 @@ def _batches(data: Iterable[Any] | None, what: str) -> list[tuple[Any, ...]]:
 def _quantized_model(
     model: nn.Module | ExportedProgram, qconfig_dict: Mapping[str, QConfig | None], batches: list[tuple[Any, ...]],
     dynamic: bool, backend: str | None, progress: Progress,
-) -> fx.GraphModule:  # fmt: skip
+) -> fx.GraphModule:
     if dynamic:
         return convert(prepare_dynamic(model, qconfig_dict, batches[0]), backend=backend)
     prepared = prepare(model, qconfig_dict, batches[0])
@@ -823,6 +823,6 @@ def compare(
             suggested = eval_fn(_quantized_model(model, suggestion.qconfig_dict, examples, dynamic, backend, progress))
         float_model = model.module() if isinstance(model, ExportedProgram) else model
         accuracy = Accuracy(float(eval_fn(float_model)), float(eval_fn(kernel)),
-                            None if suggested is None else float(suggested))  # fmt: skip
+                            None if suggested is None else float(suggested))
     return NumericsReport("dynamic" if dynamic else "static", backend, ranked, out_ref, out_kernel, suggestion,
-                          accuracy, min_sqnr_db, len(compared))  # fmt: skip
+                          accuracy, min_sqnr_db, len(compared))
