@@ -41,6 +41,7 @@ from graphquant.qconfig import (
     get_default_dynamic_qconfig,
     get_default_qconfig,
     per_channel_dynamic_qconfig,
+    per_tensor_dynamic_qconfig,
     per_token_dynamic_qconfig,
     qconfig_dict_by_type,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "get_default_dynamic_qconfig",
     "get_default_qconfig",
     "per_channel_dynamic_qconfig",
+    "per_tensor_dynamic_qconfig",
     "per_token_dynamic_qconfig",
     "prepare",
     "qconfig_dict_by_type",

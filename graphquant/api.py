@@ -23,7 +23,7 @@ from graphquant.errors import CaptureError, GraphQuantError
 from graphquant.graph import rebind_matches
 from graphquant.inputs import input_specs, install_input_check
 from graphquant.kernels import onednn
-from graphquant.partial import capture_regions, convert_regions
+from graphquant.partial import capture_regions, convert_regions, regions
 from graphquant.passes.annotate import annotate
 from graphquant.passes.fold_bn import fold_bn
 from graphquant.passes.insert_observers import insert_observers
@@ -250,7 +250,7 @@ def _convert(
     if not inplace:
         gm = copy.deepcopy(gm)
         rebind_matches(gm)
-        check_matches(gm, "copying the prepared graph")
+    check_matches(gm, "copying the prepared graph" if not inplace else "prepare")
     mode = "reference" if debug else "kernel"
     attach(gm, QuantizedRecord(ConversionReport(mode, backend), dict(prepared.qconfig_dict)))  # lowering packs into it
     set_report(gm, lower(gm, debug, backend, fuse))
@@ -270,6 +270,10 @@ def _convert_regions(prepared: PreparedModel, debug: bool, inplace: bool, backen
     as a whole graph."""
     assert prepared.partial_model is not None
     model = prepared.partial_model if inplace else copy.deepcopy(prepared.partial_model)
+    if not inplace:  # the copy's matches still name the prepared graphs' nodes
+        for region in regions(model):
+            if isinstance(region.inner, PreparedModel) and region.inner.graph_module is not None:
+                rebind_matches(region.inner.graph_module)
 
     def convert_region(inner: nn.Module) -> nn.Module:
         assert isinstance(inner, PreparedModel)

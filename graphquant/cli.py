@@ -52,6 +52,7 @@ from graphquant.qconfig import (
     get_default_dynamic_qconfig,
     get_default_qconfig,
     per_channel_dynamic_qconfig,
+    per_tensor_dynamic_qconfig,
     per_token_dynamic_qconfig,
 )
 from graphquant.quant_math import output_sqnr
@@ -71,13 +72,15 @@ PRESETS: dict[str, QConfig] = {
     "x86": get_default_qconfig("x86"),
     "onednn": get_default_qconfig("x86"),
     "portable": get_default_qconfig("portable"),
-    "dynamic": default_dynamic_qconfig,
+    "dynamic": default_dynamic_qconfig,  # per token
+    "per_tensor_dynamic": per_tensor_dynamic_qconfig,  # torch.ao's default_dynamic_qconfig
     "per_channel_dynamic": per_channel_dynamic_qconfig,
     "per_token_dynamic": per_token_dynamic_qconfig,
     "float16_dynamic": float16_dynamic_qconfig,
     # 7-bit activations: one int8 call per layer on x86 CPUs without VNNI (docs/x86.md)
     "x86_reduce_range": get_default_qconfig("x86", reduce_range=True),
     "dynamic_reduce_range": get_default_dynamic_qconfig(reduce_range=True),
+    "per_tensor_dynamic_reduce_range": get_default_dynamic_qconfig(per_token=False, reduce_range=True),
     "per_token_dynamic_reduce_range": get_default_dynamic_qconfig(per_token=True, reduce_range=True),
     "embedding": embedding_qconfig,  # weight-only: either --mode
     "embedding_4bit": embedding_4bit_qconfig,

@@ -82,18 +82,31 @@ class Observer(ChannelMeans):
 
     num_batches: torch.Tensor
 
-    def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, reduce_range: bool = False) -> None:
+    def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False,
+                 reduce_range: bool | str = False) -> None:
         super().__init__()
         self.dtype = dtype
         self.symmetric = symmetric
-        self.qmin, self.qmax = dtype_range(dtype)
+        if reduce_range not in (True, False, "auto"):
+            raise GraphQuantError(f"graphquant: reduce_range is True, False or 'auto', got {reduce_range!r}")
         if reduce_range and dtype != torch.uint8:
             raise GraphQuantError(f"graphquant: reduce_range is for uint8 activations, not {dtype}")
-        self.reduce_range = reduce_range
-        if reduce_range:
-            self.qmax = (self.qmax - self.qmin) // 2 + self.qmin  # 127: the grid the calibrated range spans
+        # "auto": the full grid until convert decides (passes/lower.resolve_auto_ranges: 7 bits where a
+        # oneDNN GEMM or conv that saturates on this CPU reads the value)
+        self.reduce_range: bool | str = reduce_range
+        self.qmin, self.qmax = self._grid(reduce_range is True)
         self.register_buffer("num_batches", torch.tensor(0, dtype=torch.int64))
         self._init_channel_means()
+
+    def _grid(self, seven_bit: bool) -> tuple[int, int]:
+        qmin, qmax = dtype_range(self.dtype)
+        return (qmin, (qmax - qmin) // 2 + qmin) if seven_bit else (qmin, qmax)  # 127: the 7-bit grid's end
+
+    def use_reduce_range(self, seven_bit: bool) -> None:
+        """Put the calibrated range on 0..127 (``seven_bit``) or the dtype's full grid (an ``"auto"``
+        observer's decision, at convert)."""
+        self.reduce_range = seven_bit
+        self.qmin, self.qmax = self._grid(seven_bit)
 
     def choose(self, min_val: torch.Tensor, max_val: torch.Tensor) -> QParams:
         """qparams spanning ``[min_val, max_val]`` on this observer's grid (0..127 with ``reduce_range``)."""
@@ -154,7 +167,8 @@ class Observer(ChannelMeans):
         keeps this."""
 
     def extra_repr(self) -> str:
-        return f"dtype={self.dtype}, symmetric={self.symmetric}" + (", reduce_range=True" if self.reduce_range else "")
+        return f"dtype={self.dtype}, symmetric={self.symmetric}" + (
+            f", reduce_range={self.reduce_range!r}" if self.reduce_range else "")
 
 
 class MinMaxObserver(Observer):
@@ -163,7 +177,8 @@ class MinMaxObserver(Observer):
     min_val: torch.Tensor
     max_val: torch.Tensor
 
-    def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, reduce_range: bool = False) -> None:
+    def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False,
+                 reduce_range: bool | str = False) -> None:
         super().__init__(dtype, symmetric, reduce_range)
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
@@ -191,7 +206,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
     def __init__(
         self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, averaging_constant: float = 0.01,
-        reduce_range: bool = False,
+        reduce_range: bool | str = False,
     ) -> None:
         super().__init__(dtype, symmetric, reduce_range)
         if not 0.0 < averaging_constant <= 1.0:
@@ -311,7 +326,7 @@ class HistogramObserver(Observer):
 
     def __init__(
         self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, bins: int = 2048, search_points: int = 256,
-        reduce_range: bool = False,
+        reduce_range: bool | str = False,
     ) -> None:
         super().__init__(dtype, symmetric, reduce_range)
         if bins < 4 or bins & (bins - 1):
@@ -400,11 +415,30 @@ class HistogramObserver(Observer):
         """The clipping range ``(a, b)`` with the least expected quantization error: candidates
         on ``search_points`` steps of the bins the data occupies, the outermost two the data's
         own minimum and maximum."""
+        searched = self._least_error(self.qmax - self.qmin)
+        return (float(self.min_val), float(self.max_val)) if searched is None else searched[:2]
+
+    def expected_sqnr_db(self, seven_bit: bool) -> float | None:
+        """The SQNR, in dB, of the values seen quantized on the best clipping range of the full grid or
+        of the 7-bit one (what ``reduce_range`` costs a value: the difference), from the histogram;
+        None where it is empty or all zero."""
+        qmin, qmax = self._grid(seven_bit)
+        searched = self._least_error(qmax - qmin)
+        edges = self.bin_edges()
+        centres = (edges[:-1] + edges[1:]) / 2
+        signal = float((self.histogram * centres * centres).sum())
+        if searched is None or signal <= 0:
+            return None
+        return 10.0 * math.log10(signal / max(searched[2], signal * 1e-12))
+
+    def _least_error(self, levels: int) -> tuple[float, float, float] | None:
+        """``(a, b, error)``: the clipping range of least expected squared error on a grid of ``levels``
+        steps (module docstring), and that error; None for an empty histogram."""
         n = self.histogram
         occupied = torch.nonzero(n).flatten()
         lo, hi = float(self.min_val), float(self.max_val)
         if occupied.numel() == 0:
-            return lo, hi
+            return None
         first, last = int(occupied[0]), int(occupied[-1]) + 1
         edges = self.bin_edges()
         c = (edges[:-1] + edges[1:]) / 2
@@ -423,12 +457,12 @@ class HistogramObserver(Observer):
             width = 2 * torch.maximum(-a0, b0)
         else:
             width = b0 - a0
-        step = width / (self.qmax - self.qmin)
+        step = width / levels
         err = left + right + inside * step * step / 12
         err = torch.where(ib > ia, err, torch.full_like(err, float("inf")))
         best = int(torch.argmin(err))
         i, j = divmod(best, err.shape[1])
-        return float(candidates[i]), float(candidates[j])
+        return float(candidates[i]), float(candidates[j]), float(err.flatten()[best])
 
     def qparams(self) -> QParams:
         if not self.has_data:
@@ -447,7 +481,7 @@ class PercentileObserver(HistogramObserver):
 
     def __init__(
         self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, percentile: float = 99.99,
-        bins: int = 2048, reduce_range: bool = False,
+        bins: int = 2048, reduce_range: bool | str = False,
     ) -> None:
         super().__init__(dtype, symmetric, bins, reduce_range=reduce_range)
         if not 50.0 < percentile <= 100.0:
@@ -538,28 +572,31 @@ def _kl_of_threshold(magnitude: torch.Tensor, bins: int, levels: int) -> float:
 class SmoothingObserver(Observer):
     """The input of linears smoothed by SmoothQuant (:class:`graphquant.qconfig.SmoothQuant`): the
     minimum and maximum of each channel of the last axis (the one a linear sums over) and, for the
-    alpha search, up to ``rows`` sample rows (evenly spaced, at most a quarter of them from one
-    batch, in the order seen).
+    alpha search, up to ``rows`` sample rows: the rows with the smallest keys, a row's key a fixed
+    random projection of its values (a uniform sample of every row seen, kept in key order).
 
     ``qparams()`` spans the exact range of ``x / smoothing`` once convert has set ``smoothing``
     (one factor per channel; see graphquant.passes.smooth), and of ``x`` before; ``folded`` is set
-    where the op producing ``x`` now produces ``x / smoothing`` itself. Merging takes the
-    channels' minima and maxima and appends the other's rows after this one's, up to ``rows``: shards
-    merged in calibration order hold what one observer would have.
+    where the op producing ``x`` now produces ``x / smoothing`` itself. A row's key depends on the
+    row alone, so the sample is a function of the rows seen, not of their order or batching: merging
+    shards (the channels' minima and maxima, and the smallest-key rows of both samples) gives what
+    one observer that saw everything holds, bit for bit, however the data was split.
     """
 
     min_val: torch.Tensor
     max_val: torch.Tensor
     samples: torch.Tensor
+    sample_keys: torch.Tensor
     smoothing: torch.Tensor
 
-    def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, reduce_range: bool = False,
+    def __init__(self, dtype: torch.dtype = torch.uint8, symmetric: bool = False, reduce_range: bool | str = False,
                  rows: int = 0) -> None:
         super().__init__(dtype, symmetric, reduce_range)
         self.rows = rows
         self.folded = False
         for name in ("min_val", "max_val", "samples", "smoothing"):
             self.register_buffer(name, torch.empty(0))
+        self.register_buffer("sample_keys", torch.empty(0, dtype=torch.float64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0 or not x.is_floating_point() or x.dim() == 0:
@@ -586,9 +623,21 @@ class SmoothingObserver(Observer):
             self.min_val, self.max_val, self.samples = lo, hi, x[:0]
         else:
             self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
-        if self.samples.shape[0] < self.rows:  # each batch's sample does not depend on what came before
-            index = torch.linspace(0, x.shape[0] - 1, min(max(1, self.rows // 4), x.shape[0])).round().long()
-            self.samples = torch.cat([self.samples, x[index]])[: self.rows]
+        if self.rows:
+            self._keep_sample(x, self._keys(x))
+
+    @staticmethod
+    def _keys(rows: torch.Tensor) -> torch.Tensor:
+        """Each row's key: the fractional part of a fixed random projection (float64), a function of the
+        row's values alone."""
+        projection = torch.randn(rows.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        return torch.frac((rows.double() @ projection) * 1024.0).abs()
+
+    def _keep_sample(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
+        """The ``rows`` smallest-key rows of the sample and ``rows``, in key order (ties: equal rows)."""
+        samples, sample_keys = torch.cat([self.samples, rows]), torch.cat([self.sample_keys, keys])
+        order = torch.sort(sample_keys, stable=True).indices[: self.rows]
+        self.samples, self.sample_keys = samples[order], sample_keys[order]
 
     def smoothed_range(self, smoothing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The range of ``x / smoothing`` (exact: every factor is positive)."""
@@ -600,8 +649,10 @@ class SmoothingObserver(Observer):
 
     def _merge_statistics(self, other: Observer) -> None:
         assert isinstance(other, SmoothingObserver)  # checked by merge: the same kind
-        self.samples = torch.cat([self.samples, other.samples])[: self.rows] if self.min_val.numel() else (
-            other.samples[: self.rows].clone())
+        if not self.min_val.numel():
+            self.samples, self.sample_keys = other.samples[:0], other.sample_keys[:0]
+        if self.rows:
+            self._keep_sample(other.samples, other.sample_keys)
         _merge_extremes(self, other)
 
     def extra_repr(self) -> str:

@@ -69,6 +69,9 @@ class ObserverSpec:
         if self.observer in DYNAMIC_ACTIVATIONS and unknown:
             raise GraphQuantError(f"graphquant: {self.observer!r} activations take the options {sorted(allowed)}, got "
                                   f"{sorted(unknown)}")
+        if dict(self.options).get("reduce_range", False) not in (True, False, "auto"):
+            raise GraphQuantError(f"graphquant: reduce_range is True, False or 'auto', got "
+                                  f"{dict(self.options)['reduce_range']!r}")
         if dict(self.options).get("one_sided_rows", "asymmetric") not in ("asymmetric", "symmetric"):
             raise GraphQuantError("graphquant: one_sided_rows is 'asymmetric' (the default) or 'symmetric', got "
                                   f"{dict(self.options)['one_sided_rows']!r}")
@@ -162,11 +165,26 @@ class SmoothQuant:
         return cls(d["alpha"], tuple(d["alphas"]), d["rows"], bool(d.get("fused_activations", False)))
 
 
+# QConfig.ops: which matched ops of static quantization run in int8 (graphquant.passes.insert_observers)
+OPS = ("chains", "all")
+
+
 @dataclass(frozen=True)
 class QConfig:
     """How one part of the model is quantized: an activation and a weight observer spec, and
     optionally :class:`SmoothQuant` for its static linears and bias correction for its static
-    convs and linears."""
+    convs and linears.
+
+    ``ops`` says which of the ops a pattern matches run in int8 (static quantization):
+
+    - ``"chains"`` (the default): every conv and linear, and an op between them (an add, a pool, a
+      concatenation, an activation) only where int8 adds no rounding: each of its inputs is written in
+      uint8 by an int8 op that would write uint8 anyway (a conv, an int8 add; not a linear, which
+      writes float32 where only float ops read it) — ResNet's and MobileNet's chains run in int8, a
+      transformer's residual adds, LayerNorms, GELUs and attention matmuls stay float, where each
+      would round a value float keeps exact (all-MiniLM-L6-v2: sentence cosine 0.99 -> 0.88 with them);
+    - ``"all"``: every op a pattern matches whose input is quantized, as torch.ao's graph mode does.
+    """
 
     activation: ObserverSpec = field(default_factory=lambda: ObserverSpec("histogram"))
     weight: ObserverSpec = field(
@@ -176,8 +194,11 @@ class QConfig:
     # bias correction for static convs and linears (graphquant.passes.bias_correction): each bias takes
     # off the mean output shift its weight's rounding causes on the calibration data
     bias_correction: bool = False
+    ops: str = "chains"
 
     def __post_init__(self) -> None:
+        if self.ops not in OPS:
+            raise GraphQuantError(f"graphquant: QConfig ops is one of {OPS}, got {self.ops!r}")
         if not isinstance(self.activation, ObserverSpec) or not isinstance(self.weight, ObserverSpec):
             raise GraphQuantError("graphquant: QConfig(activation, weight) takes two ObserverSpec values")
         if self.weight.dtype == torch.int8 and not self.weight.symmetric:
@@ -225,6 +246,7 @@ class QConfig:
             d["smoothquant"] = self.smoothquant.to_dict()
         if self.bias_correction:
             d["bias_correction"] = True
+        d["ops"] = self.ops
         return d
 
     @classmethod
@@ -232,8 +254,9 @@ class QConfig:
         if d.get("version") != CONFIG_VERSION:
             raise GraphQuantError(f"graphquant: QConfig dict version {d.get('version')} is not {CONFIG_VERSION}")
         smoothquant = SmoothQuant.from_dict(d["smoothquant"]) if d.get("smoothquant") else None
+        # a dict written before QConfig.ops existed was quantized with every matched op
         return cls(ObserverSpec.from_dict(d["activation"]), ObserverSpec.from_dict(d["weight"]), smoothquant,
-                   bool(d.get("bias_correction", False)))
+                   bool(d.get("bias_correction", False)), str(d.get("ops", "all")))
 
 
 def qconfig_dict_by_type(
@@ -267,47 +290,56 @@ def qconfig_dict_by_type(
     return out
 
 
-def get_default_qconfig(backend: str = "x86", reduce_range: bool = False) -> QConfig:
+def get_default_qconfig(backend: str = "x86", reduce_range: bool | str = "auto") -> QConfig:
     """The recommended static qconfig for a backend.
 
     ``"x86"`` (oneDNN): histogram observer, uint8 affine activations; per-channel
     symmetric int8 weights. ``"portable"``: min-max uint8 activations, same weights —
-    cheaper to calibrate, runs on the pure-PyTorch int8 kernels anywhere.
+    cheaper to calibrate, runs on the pure-PyTorch int8 kernels anywhere. Both quantize conv
+    and linear chains (``ops="chains"``: a transformer's residual stream, LayerNorms and GELUs stay
+    float) and smooth each linear input that has outlier channels (``SmoothQuant("auto")``, kept
+    off where no alpha measures better). Measured (benchmarks/default_recipe.py): all-MiniLM-L6-v2
+    b50 sentence cosine 0.9973 (every op int8: 0.884), BERT-base 33.5 dB.
 
-    ``reduce_range=True`` calibrates activations onto 0..127 (torch.ao's x86 default): for a
-    model that will run on x86 CPUs without VNNI (AVX2), where an 8-bit layer runs exact at
-    about fp32 speed and a 7-bit one runs one int8 call. It costs one bit of activation
-    resolution everywhere; without it graphquant is exact on every CPU and as fast as the CPU
-    allows.
+    ``reduce_range`` is the activations' grid. ``"auto"`` (the default) decides per layer when the model
+    is converted: where this CPU's int8 kernels saturate (x86 without VNNI, kernels/x86.py) a conv's or
+    linear's input goes on 0..127, so the layer runs one exact int8 call instead of the exact float32
+    op over its 8-bit integers at about fp32 speed; a depthwise conv, whose oneDNN kernel does not
+    saturate, keeps 8 bits, and so does every layer on a CPU with VNNI. The report gives each 7-bit
+    layer what it cost its input (estimated from the calibration histogram). ``True`` puts every
+    activation on 0..127 (torch.ao's x86 default: for models that will run on CPUs without VNNI
+    whichever CPU quantizes them); ``False`` keeps 8 bits everywhere (exact on every CPU, about fp32
+    speed without VNNI).
     """
-    options: tuple[tuple[str, Any], ...] = (("reduce_range", True),) if reduce_range else ()
+    options: tuple[tuple[str, Any], ...] = (("reduce_range", reduce_range),) if reduce_range else ()
     if backend in ("x86", "onednn", "fbgemm"):
-        return QConfig(activation=ObserverSpec("histogram", options=options))
+        return QConfig(activation=ObserverSpec("histogram", options=options), smoothquant=SmoothQuant("auto"))
     if backend in ("portable", "qnnpack"):
-        return QConfig(activation=ObserverSpec("minmax", options=options))
+        return QConfig(activation=ObserverSpec("minmax", options=options), smoothquant=SmoothQuant("auto"))
     raise GraphQuantError(f"graphquant: unknown backend {backend!r}; use 'x86' or 'portable'")
 
 
 default_qconfig = get_default_qconfig("x86")
 
 
-def get_default_dynamic_qconfig(per_token: bool = False, reduce_range: bool = False,
+def get_default_dynamic_qconfig(per_token: bool = True, reduce_range: bool | str = "auto",
                                 one_sided_rows: str = "asymmetric") -> QConfig:
-    """A dynamic-quantization qconfig: :data:`default_dynamic_qconfig` (per-tensor uint8
-    activations, per-tensor int8 weights) or, ``per_token=True``, :data:`per_token_dynamic_qconfig`
-    (a symmetric int8 scale per activation row, per-channel weights).
+    """A dynamic-quantization qconfig: :data:`default_dynamic_qconfig` (a symmetric int8 scale per
+    activation row, per-channel weights) or, ``per_token=False``, :data:`per_tensor_dynamic_qconfig`
+    (per-tensor uint8 activations, per-tensor int8 weights: torch.ao's ``default_dynamic_qconfig``).
 
     ``reduce_range=True`` quantizes each batch onto the 7-bit grid (0..127 per tensor, -64..63 per
     token): for models that will run on x86 CPUs without VNNI, where 7-bit activations run one
     int8 call and 8-bit ones run at about fp32 speed (kernels/x86.py). It costs one bit of
-    activation resolution everywhere (docs/x86.md).
+    activation resolution everywhere (docs/x86.md). ``"auto"`` (the default) takes 7 bits only where
+    the converting CPU's int8 kernels saturate; ``False`` keeps 8 bits everywhere.
 
     Per token, a linear whose input is one-sided (the output of a ReLU, GELU, SiLU, hardswish,
     sigmoid or ReLU6: BERT's FFN output projection) gets asymmetric uint8 rows, each on its own
     ``[min, max]`` with a zero point, instead of symmetric int8 rows that leave half the grid unused;
     ``one_sided_rows="symmetric"`` keeps symmetric rows everywhere.
     """
-    options: tuple[tuple[str, Any], ...] = (("reduce_range", True),) if reduce_range else ()
+    options: tuple[tuple[str, Any], ...] = (("reduce_range", reduce_range),) if reduce_range else ()
     if per_token and one_sided_rows != "asymmetric":
         options = (*options, ("one_sided_rows", one_sided_rows))
     if per_token:
@@ -323,25 +355,31 @@ def asymmetric_one_sided(spec: ObserverSpec) -> bool:
     return spec.observer == "dynamic_per_token" and rows == "asymmetric"
 
 
-def activation_qmax(spec: ObserverSpec) -> int:
-    """The activation grid's largest value a kernel is told about: 127 with ``reduce_range``
-    (7-bit), else 255 (the schema default)."""
-    return 127 if dict(spec.options).get("reduce_range", False) else 255
+def activation_qmax(spec: ObserverSpec, saturating: bool = False) -> int:
+    """The activation grid's largest value a kernel is told about: 127 with ``reduce_range`` (7-bit),
+    and with ``reduce_range="auto"`` where the kernel saturates on this CPU (``saturating``), else 255
+    (the schema default)."""
+    reduce_range = dict(spec.options).get("reduce_range", False)
+    return 127 if reduce_range is True or (reduce_range == "auto" and saturating) else 255
 
 # Dynamic quantization: weights int8 ahead of time, activations quantized per batch.
-default_dynamic_qconfig = QConfig(
+# torch.ao's default_dynamic_qconfig: one uint8 scale per batch, per-tensor weights.
+per_tensor_dynamic_qconfig = QConfig(
     activation=ObserverSpec("dynamic"), weight=ObserverSpec("minmax", torch.int8, symmetric=True)
 )
 per_channel_dynamic_qconfig = QConfig(
     activation=ObserverSpec("dynamic"),
     weight=ObserverSpec("per_channel_minmax", torch.int8, symmetric=True, axis=0),
 )
-# Per token: one symmetric int8 scale per row of the activation. Costs a row-wise amax and a
-# rescale of the output; buys accuracy when a few tokens have outlier magnitudes.
+# Per token: one symmetric int8 scale per row of the activation (asymmetric uint8 rows where the input is
+# one-sided: after a ReLU or GELU), per-channel weights. Costs a row-wise amax and a rescale of the output;
+# buys accuracy when a few tokens have outlier magnitudes: all-MiniLM-L6-v2 b50 17.6 dB and a sentence cosine
+# of 0.9974, per tensor 10.5 dB and 0.965 (benchmarks/default_recipe.py). graphquant's default.
 per_token_dynamic_qconfig = QConfig(
     activation=ObserverSpec("dynamic_per_token", torch.int8, symmetric=True),
     weight=ObserverSpec("per_channel_minmax", torch.int8, symmetric=True, axis=0),
 )
+default_dynamic_qconfig = get_default_dynamic_qconfig()  # per token, 7 bits where this CPU saturates
 float16_dynamic_qconfig = QConfig(
     activation=ObserverSpec("dynamic"), weight=ObserverSpec("minmax", torch.float16, symmetric=True)
 )

@@ -33,6 +33,9 @@ class NodeReport:
     # oneDNN GEMM / conv only: 7 (reduce_range) or 8, the activation's calibrated grid
     activation_bits: int | None = None
     depthwise: bool = False  # a depthwise conv: oneDNN runs it with a kernel of its own
+    # 7 bits chosen for this CPU (reduce_range="auto"): the SQNR its input lost against 8 bits, estimated
+    # from the calibration histogram (None: not estimated, or not chosen so)
+    bits_cost_db: float | None = None
 
     @property
     def cpu_path(self) -> str:
@@ -208,6 +211,8 @@ class ConversionReport:
             where = n.module_path or "<model>"
             if n.quantized:
                 path = f"  [{n.cpu_path}]" if kernels and n.cpu_path else ""
+                if kernels and n.bits_cost_db is not None:
+                    path += f" (7 bits on this CPU: its input {n.bits_cost_db:.1f} dB below 8 bits)"
                 lines.append(f"  int8   {where:30s} {n.op:28s} {n.pattern} -> {n.kernel}{path}")
             else:
                 lines.append(f"  float  {where:30s} {n.op:28s} {n.reason}")

@@ -29,7 +29,8 @@ PER_TENSOR = gq.QConfig(activation=gq.ObserverSpec("minmax"),
 MOVING = gq.QConfig(activation=gq.ObserverSpec("moving_average_minmax", options=(("averaging_constant", 0.1),)))
 PERCENTILE = gq.QConfig(activation=gq.ObserverSpec("percentile", options=(("percentile", 99.9),)))
 ENTROPY = gq.QConfig(activation=gq.ObserverSpec("entropy"))
-QCONFIGS = {"histogram": gq.default_qconfig, "minmax": MINMAX, "per_tensor": PER_TENSOR, "moving_average": MOVING,
+HISTOGRAM = gq.QConfig(activation=gq.ObserverSpec("histogram"))  # default_qconfig adds SmoothQuant observers
+QCONFIGS = {"histogram": HISTOGRAM, "minmax": MINMAX, "per_tensor": PER_TENSOR, "moving_average": MOVING,
             "percentile": PERCENTILE, "entropy": ENTROPY}
 
 

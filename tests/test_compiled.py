@@ -4,6 +4,7 @@ never imports graphquant, from C++, and refused where their kernels would satura
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -250,8 +251,8 @@ def test_package_refusals_name_the_way_out(tmp_path):  # type: ignore[no-untyped
 def test_compiling_8bit_layers_where_the_kernels_saturate_is_refused(monkeypatch):  # type: ignore[no-untyped-def]
     """Where oneDNN saturates, 8-bit layers take the exact float32 path, which cannot be compiled yet:
     refused naming the layer and reduce_range (on any CPU: the probe's answer is set here)."""
-    q = gq.quantize(make_net(), {"": gq.default_qconfig}, _calibrate, [[torch.randn(2, 3, 16, 16)]],
-                    example_inputs=torch.randn(2, 3, 16, 16))
+    q = gq.quantize(make_net(), {"": gq.get_default_qconfig(reduce_range=False)}, _calibrate,
+                    [[torch.randn(2, 3, 16, 16)]], example_inputs=torch.randn(2, 3, 16, 16))
     monkeypatch.setitem(x86._SATURATES, False, True)
     with pytest.raises(gq.GraphQuantError, match=r"conv1.*int8 kernels saturate.*reduce_range=True"):
         gq.compile(q)
@@ -266,7 +267,8 @@ def test_compiled_linears_differ_only_where_the_input_quantize_rounds_a_half_ste
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16)).eval()
     x = torch.randn(16384, 64)  # a million activations: a few on a half step
-    qconfig = gq.get_default_qconfig("x86", reduce_range=x86.saturates())
+    # no SmoothQuant: the input's quantize reads x itself
+    qconfig = dataclasses.replace(gq.get_default_qconfig("x86", reduce_range=x86.saturates()), smoothquant=None)
     q = gq.quantize(model, {"": qconfig}, lambda m, data: [m(t) for t in data], [[x[:512]]], example_inputs=x[:512])
     node = next(n for n in q.graph.nodes if n.op == "call_function" and "quantize_per_tensor" in str(n.target))
     scale, zero_point, qmin, qmax = float(node.args[1]), int(node.args[2]), int(node.args[3]), int(node.args[4])

@@ -229,7 +229,9 @@ def test_qconfig_checks_and_round_trip():
                    gq.SmoothQuant())
     qconfig = gq.QConfig(smoothquant=gq.SmoothQuant("auto", (0.4, 0.6), rows=64, fused_activations=True))
     assert gq.QConfig.from_dict(qconfig.to_dict()) == qconfig
-    assert "smoothquant" not in gq.default_qconfig.to_dict()
+    assert "smoothquant" not in gq.QConfig().to_dict()
+    assert gq.default_qconfig.smoothquant == gq.SmoothQuant("auto")  # the default smooths where it measures better
+    assert gq.QConfig.from_dict(gq.default_qconfig.to_dict()) == gq.default_qconfig
 
 
 @pytest.mark.parametrize("block, alphas", [(Block, [0.5, 0.5, None]), (PreNormBlock, [0.5])])

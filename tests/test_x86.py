@@ -5,6 +5,7 @@ over the integer values forced, and in a child process with ``ONEDNN_MAX_CPU_ISA
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -222,12 +223,21 @@ def test_a_depthwise_conv_keeps_one_int8_call_where_only_the_gemm_saturates(monk
     _assert_within_one_step(got, want)
     model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1)).eval()
     data = [(torch.randn(2, 8, 6, 6),)]
-    qmodel = gq.quantize(model, {"": gq.get_default_qconfig("x86")}, lambda m, d: [m(*b) for b in d], [data],
-                         example_inputs=data[0])
+    qmodel = gq.quantize(model, {"": gq.get_default_qconfig("x86", reduce_range=False)},
+                         lambda m, d: [m(*b) for b in d], [data], example_inputs=data[0])
     paths = {n.module_path: n.cpu_path for n in qmodel.graphquant_report.quantized}
     assert paths == {"0": "int8-dw", "1": "avx2-fp32"}
     scripted = gq.to_torchscript(qmodel)
     assert scripted.x86_saturation_depthwise.depthwise and not scripted.x86_saturation.depthwise
+    # the default (reduce_range="auto"): the GEMM-shaped conv's input on 7 bits, one int8 call on this CPU,
+    # with what that cost its input; the depthwise conv keeps 8 bits
+    qmodel = gq.quantize(model, {"": gq.get_default_qconfig("x86")}, lambda m, d: [m(*b) for b in d], [data],
+                         example_inputs=data[0])
+    nodes = {n.module_path: n for n in gq.report(qmodel).quantized if n.op == "aten.conv2d.default"}
+    assert {path: n.cpu_path for path, n in nodes.items()} == {"0": "int8-dw", "1": "7-bit"}
+    cost = nodes["1"].bits_cost_db
+    assert nodes["0"].bits_cost_db is None and cost is not None and 3.0 < cost < 9.0, cost  # about 6 dB a bit
+    assert f"its input {cost:.1f} dB below 8 bits" in str(gq.report(qmodel))
 
 
 def test_probe_answers_for_this_cpu() -> None:
@@ -327,7 +337,8 @@ def test_saved_on_this_cpu_and_loaded_under_the_cap_stays_within_a_step(tmp_path
     torch.manual_seed(0)
     model = _Net().eval()
     batches = [_wide(4, 64, 4, 4) for _ in range(3)]
-    qconfig = {"": gq.get_default_qconfig("x86", reduce_range=reduce_range)}
+    # every op int8 (the add after fc2 and fc3 too: a rounded output)
+    qconfig = {"": dataclasses.replace(gq.get_default_qconfig("x86", reduce_range=reduce_range), ops="all")}
     qmodel = gq.quantize_jit(copy.deepcopy(model), qconfig, _calibrate, [batches])
     reference = gq.quantize_jit(copy.deepcopy(model), qconfig, _calibrate, [batches], debug=True)
     x = _wide(4, 64, 4, 4)

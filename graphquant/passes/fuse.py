@@ -18,12 +18,13 @@ from typing import Any, cast
 import torch
 from torch import fx
 
-from graphquant.graph import QPARAMS, constant_node, copy_meta, get_attr_value, module_path
+from graphquant.graph import QPARAMS, constant_node, copy_meta, get_attr_value, module_path, named_args
 from graphquant.kernels import onednn
 from graphquant.patterns.post_ops import POST_OP_TARGETS, post_op
 from graphquant.quantized import packed_weights
 
 ops = torch.ops.graphquant
+aten = torch.ops.aten
 
 
 def fold_activations(gm: fx.GraphModule) -> int:
@@ -60,15 +61,19 @@ def fold_activations(gm: fx.GraphModule) -> int:
         if len(grids) != 1:
             continue
         scale, zero_point, qmin, qmax, dtype = grids.pop()
-        if (qmin, qmax, dtype) != (0, 255, torch.uint8):  # the kernel's uint8 output spans 0..255
+        if (qmin, dtype) != (0, torch.uint8) or qmax not in (127, 255):  # the kernel writes uint8 on 0..255
             continue
         name, scalars = post_op(act)
+        x_qmax = named_args(node)["x_qmax"]
         with gm.graph.inserting_before(act):
-            new = gm.graph.call_function(ops.qlinear.default, (*node.args[:6], scale, zero_point, name, scalars, False))
-        copy_meta(node, new)
-        new.meta[QPARAMS] = quantizes[0].meta.get(QPARAMS)
+            new = gm.graph.call_function(ops.qlinear.default, (*node.args[:6], scale, zero_point, name, scalars, False,
+                                                               x_qmax))
+            out = new if qmax == 255 else gm.graph.call_function(aten.clamp_max.default, (new, qmax))  # a 7-bit grid
+        for n in {new, out}:
+            copy_meta(node, n)
+            n.meta[QPARAMS] = quantizes[0].meta.get(QPARAMS)
         for q in quantizes:
-            q.replace_all_uses_with(new)
+            q.replace_all_uses_with(out)
             gm.graph.erase_node(q)
         gm.graph.erase_node(act)
         gm.graph.erase_node(node)
@@ -209,14 +214,14 @@ def _reshape_views(node: fx.Node) -> None:
 
 
 _CONV_ADDS = (ops.qconv1d_add.default, ops.qconv2d_add.default)
-_ACCUM = 10  # qconvNd_add's accum argument
 
 
 def _fresh_output(node: fx.Node) -> bool:
-    """``node`` is a graphquant op: its output is a new tensor, aliasing no other value of
-    the graph (a donated qconv_add writes into its accum, which nothing reads afterwards)."""
-    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
-            and node.target.namespace == "graphquant")
+    """``node`` is a graphquant op or the clamp of a 7-bit grid after one: its output is a new tensor,
+    aliasing no other value of the graph (a donated qconv_add writes into its accum, which nothing
+    reads afterwards)."""
+    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and (
+        node.target.namespace == "graphquant" or node.target is aten.clamp_max.default)
 
 
 def _ancestors(node: fx.Node, stop: int, order: dict[fx.Node, int]) -> set[fx.Node]:
@@ -246,16 +251,19 @@ def donate_accumulators(gm: fx.GraphModule) -> int:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     donated = 0
     for node in gm.graph.nodes:
-        if node.target not in _CONV_ADDS or len(node.args) != _ACCUM + 6 or node.kwargs:
+        if node.target not in _CONV_ADDS:
             continue
-        accum = node.args[_ACCUM]
-        if not isinstance(accum, fx.Node) or not _fresh_output(accum) or node.args[0] is accum:
+        named = named_args(node)
+        accum = named["accum"]
+        if named["accum_donated"] or not isinstance(accum, fx.Node) or not _fresh_output(accum) or (
+                named["x"] is accum):
             continue
         others = [u for u in accum.users if u is not node]
         if any(not _fresh_output(u) for u in others):
             continue
         if others and not set(others) <= _ancestors(node, order[accum], order):
             continue
-        node.args = (*node.args, True)
+        named["accum_donated"] = True
+        node.args, node.kwargs = tuple(named.values()), {}
         donated += 1
     return donated

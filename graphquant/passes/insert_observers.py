@@ -5,11 +5,16 @@
 
 - weighted (conv, linear): each activation input is observed (reusing the producer's
   output observer) and so is the output; always quantized.
-- general / fixed_qparams (add, cat, sigmoid): quantized only when at least one activation
-  input already is; the others get input observers, the output its own observer (fixed
-  range for fixed_qparams).
-- shares_qparams (flatten, max_pool, relu): quantized only when the input is; the output
-  gets a :class:`~graphquant.observers.SharedQParams` marker naming the input's observer.
+- general / fixed_qparams (add, cat, sigmoid): with the qconfig's ``ops="chains"`` (the default)
+  quantized only when every activation input is written in uint8 by an int8 op that writes uint8
+  whatever its readers (a conv, an int8 add or pool; not a linear, which writes float32 where only
+  float ops read it): int8 there adds no rounding (:func:`_chain_reason`); with ``ops="all"`` when at
+  least one activation input already is quantized, the others then getting input observers. The
+  output gets its own observer (fixed range for fixed_qparams).
+- shares_qparams (flatten, max_pool, relu): quantized only when the input is (with ``ops="chains"``,
+  written in uint8 whatever its readers, as above: a reshape of a linear's float32 output stays
+  float); the output gets a :class:`~graphquant.observers.SharedQParams` marker naming the input's
+  observer.
   An op returning several tensors gets one marker after each ``getitem`` of a value item:
   ``x -> obs0 -> split -> getitem_i -> shared(obs0)``; its indices stay unobserved.
 - dynamic and weight_only (embeddings): nothing is observed.
@@ -76,7 +81,7 @@ def _input_observer(match: Match) -> nn.Module:
         return match.qconfig.activation.create()
     spec, smoothquant = match.qconfig.activation, match.qconfig.smoothquant
     assert smoothquant is not None
-    reduce_range = bool(dict(spec.options).get("reduce_range", False))
+    reduce_range = dict(spec.options).get("reduce_range", False)
     return SmoothingObserver(spec.dtype, spec.symmetric, reduce_range, smoothquant.rows if smoothquant.search else 0)
 
 
@@ -111,6 +116,27 @@ def _track_means(gm: fx.GraphModule, match: Match) -> None:
         observer.track_channel_means(-1 if match.pattern.kernel == "qlinear" else 1)
 
 
+def _chain_reason(gm: fx.GraphModule, match: Match, inputs: list[fx.Node], uint8: set[str]) -> str:
+    """Why an op of a ``QConfig(ops="chains")`` stays float, or "" where it runs in int8: each activation
+    input must be written in uint8 by an int8 op that writes uint8 whatever its readers (``uint8``: the
+    observers of such values). Elsewhere int8 would round a value float keeps exact: a residual stream,
+    a linear's float32 output (its kernel writes float32 where only float ops read it)."""
+    for arg in inputs:
+        if is_observer(gm, arg) and _source_observer(gm, arg) in uint8:
+            continue
+        producer = arg.args[0] if is_observer(gm, arg) else arg
+        source = producer.meta.get(MATCH) if isinstance(producer, fx.Node) else None
+        if source is not None and source.pattern.float_output:
+            what = f"the float32 output of {source.pattern.name} {source.module_path or source.anchor.name}"
+        elif isinstance(producer, fx.Node) and producer.op == "placeholder":
+            what = f"the model input {producer.name}"
+        else:
+            what = f"a float value ({getattr(producer, 'name', producer)})"
+        return (f"kept float (qconfig ops='chains'): its input is {what}, so int8 here would add a rounding; "
+                "QConfig(ops='all') quantizes it")
+    return ""
+
+
 def _keep_float(match: Match, reason: str) -> None:
     for node in match.nodes:
         node.meta.pop(MATCH, None)
@@ -120,6 +146,7 @@ def _keep_float(match: Match, reason: str) -> None:
 def insert_observers(gm: fx.GraphModule, matches: list[Match]) -> fx.GraphModule:
     """Insert observers for ``matches`` (from ``annotate``, in graph order)."""
     seen: dict[tuple[fx.Node, bool], fx.Node] = {}
+    uint8: set[str] = set()  # observers of values an int8 op writes in uint8 whatever its readers
     name = _Namer(gm)
     for match in matches:
         inputs = activation_inputs(match)
@@ -128,6 +155,10 @@ def insert_observers(gm: fx.GraphModule, matches: list[Match]) -> fx.GraphModule
             continue  # weights are quantized at convert, activations per batch or not at all: nothing to observe
         if kind != "weighted" and not any(is_observer(gm, a) for a in inputs):
             _keep_float(match, "input is not quantized")
+            continue
+        reason = _chain_reason(gm, match, inputs, uint8) if kind != "weighted" and match.qconfig.ops == "chains" else ""
+        if reason:
+            _keep_float(match, reason)
             continue
         if match.pattern.value_outputs is not None and not match.outputs:
             _keep_float(match, "only its indices are used: it has no quantized value to produce")
@@ -148,6 +179,8 @@ def insert_observers(gm: fx.GraphModule, matches: list[Match]) -> fx.GraphModule
         else:
             observer = match.qconfig.activation.create()
         match.output_observer = str(_observe_output(gm, match.output, observer, name()).target)
+        if not match.pattern.float_output:  # a linear may write float32: its readers cannot count on uint8
+            uint8.add(match.output_observer)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -150,7 +150,7 @@ def _dynamic_reference(ctx: KernelContext, match: Match) -> None:
     _fake_quantize_weight(ctx, match)
     per_token = match.qconfig.activation.observer == "dynamic_per_token"
     with graph.inserting_before(match.anchor):
-        qmax = activation_qmax(match.qconfig.activation)
+        qmax = activation_qmax(match.qconfig.activation, ctx.backend == "onednn" and x86.saturates())
         kwargs: dict[str, Any] = {"qmax": qmax} if qmax < 255 else {}
         if per_token and asymmetric_rows(match, x):
             kwargs["asymmetric"] = True
@@ -322,9 +322,11 @@ def drop_unused_state(gm: fx.GraphModule) -> None:
 
 
 def _report(
-    gm: fx.GraphModule, qparams: dict[str, QParams], mode: str, backend: str, float_outputs: set[str]
+    gm: fx.GraphModule, qparams: dict[str, QParams], mode: str, backend: str, float_outputs: set[str],
+    costs: dict[str, float | None],
 ) -> ConversionReport:
-    """A line per compute node: quantized (pattern, kernel, output qparams) or float and why."""
+    """A line per compute node: quantized (pattern, kernel, output qparams) or float and why; a GEMM
+    whose input went to 7 bits on this CPU (``reduce_range="auto"``) with what that cost its input."""
     report = ConversionReport(mode, backend)
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target in _BOOKKEEPING:
@@ -333,6 +335,8 @@ def _report(
         match = node.meta.get(MATCH)
         bits = activation_bits(gm, match) if match is not None and backend == "onednn" else None
         depthwise = bits is not None and depthwise_conv(gm, node)
+        source = _input_source(gm, match) if bits == 7 and node is match.anchor else None
+        cost = costs.get(source) if source is not None else None
         if match is not None and match.pattern.kind in ("dynamic", "weight_only"):
             report.nodes.append(NodeReport(node.name, op, path, True, pattern=match.pattern.name,
                                            kernel=match.pattern.kernel, qconfig_key=match.qconfig_key,
@@ -340,7 +344,7 @@ def _report(
         elif match is not None and match.output_observer in float_outputs:
             report.nodes.append(NodeReport(node.name, op, path, True, pattern=match.pattern.name,
                                            kernel=match.pattern.kernel, qconfig_key=match.qconfig_key,
-                                           activation_bits=bits, depthwise=depthwise))
+                                           activation_bits=bits, depthwise=depthwise, bits_cost_db=cost))
         elif match is not None and match.output_observer is not None:
             source = match.output_observer
             module = gm.get_submodule(source)
@@ -349,7 +353,7 @@ def _report(
             report.nodes.append(NodeReport(node.name, op, path, True, pattern=match.pattern.name,
                                            kernel=match.pattern.kernel, qconfig_key=match.qconfig_key,
                                            scale=scale, zero_point=zero_point, activation_bits=bits,
-                                           depthwise=depthwise))
+                                           depthwise=depthwise, bits_cost_db=cost))
         else:
             report.nodes.append(NodeReport(node.name, op, path, False, reason=float_reason(node)))
     return report
@@ -367,17 +371,48 @@ def depthwise_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
     return x86.is_depthwise(get_attr_value(gm, weight), groups)
 
 
+def _input_source(gm: fx.GraphModule, match: Match) -> str | None:
+    """The observer whose qparams a match's first activation input carries (through a shared-qparams
+    marker), or None (dynamic: quantized per batch)."""
+    for observer in match.input_observers.values():
+        module = gm.get_submodule(observer)
+        return module.source if isinstance(module, SharedQParams) else observer
+    return None
+
+
 def activation_bits(gm: fx.GraphModule, match: Match) -> int | None:
     """7 or 8: the calibrated grid of the uint8 activation a oneDNN GEMM or conv reads (7 with
     ``reduce_range``), which picks its path on x86 CPUs without VNNI; None for other kernels."""
     if match.pattern.kernel not in registry.names(gemm=True):
         return None
-    for observer in match.input_observers.values():
-        module = gm.get_submodule(observer)
-        if isinstance(module, SharedQParams):
-            module = gm.get_submodule(module.source)
-        return 7 if getattr(module, "reduce_range", False) else 8
-    return 7 if activation_qmax(match.qconfig.activation) <= 127 else 8  # dynamic: quantized per batch
+    source = _input_source(gm, match)
+    if source is not None:
+        return 7 if getattr(gm.get_submodule(source), "reduce_range", False) is True else 8
+    return 7 if activation_qmax(match.qconfig.activation, x86.saturates()) <= 127 else 8  # dynamic: per batch
+
+
+def resolve_auto_ranges(gm: fx.GraphModule, matches: list[Match], backend: str) -> dict[str, float | None]:
+    """Each observer of ``reduce_range="auto"`` takes the 7-bit grid where a oneDNN GEMM or conv that
+    saturates on this CPU reads its value (x86 without VNNI: one exact int8 call there, where 8 bits run
+    as the float32 op over the integers at about fp32 speed; kernels/x86.py), else the full grid.
+    Returns, for each observer put on 7 bits, what that costs its value: the SQNR difference of the
+    best 8-bit and 7-bit ranges of its histogram (None for observers without one)."""
+    readers: dict[str, list[Match]] = {}
+    for match in matches:
+        source = _input_source(gm, match)
+        if source is not None and match.pattern.kernel in registry.names(gemm=True):
+            readers.setdefault(source, []).append(match)
+    costs: dict[str, float | None] = {}
+    for name, module in gm.named_children():
+        if not isinstance(module, Observer) or module.reduce_range != "auto":
+            continue
+        seven = backend == "onednn" and any(x86.saturates(depthwise_conv(gm, m.anchor)) for m in readers.get(name, []))
+        module.use_reduce_range(seven)
+        if seven:
+            sqnr = getattr(module, "expected_sqnr_db", None)
+            full, reduced = (sqnr(False), sqnr(True)) if sqnr is not None else (None, None)
+            costs[name] = None if full is None or reduced is None else full - reduced
+    return costs
 
 
 def float_reason(node: fx.Node) -> str:
@@ -396,13 +431,14 @@ def lower(gm: fx.GraphModule, debug: bool, backend: str, fuse: bool = True) -> C
     ``fuse=False`` leaves out the rewrites of :mod:`graphquant.passes.fuse` (numerics compares
     each node's own output). Returns the conversion report.
     """
+    costs = resolve_auto_ranges(gm, matches_of(gm), backend)  # first: every later range is on its grid
     smoothing = smooth(gm, matches_of(gm))  # before qparams: it sets the smoothed inputs' ranges
     corrected = correct_bias(gm, matches_of(gm))  # after smoothing: it corrects the smoothed weights
     qparams = observer_qparams(gm)
     float_out = ("dynamic", "weight_only")  # kinds without an output observer
     matches = [m for m in matches_of(gm) if m.output_observer is not None or m.pattern.kind in float_out]
     float_outputs = float_output_observers(gm, matches)
-    report = _report(gm, qparams, "reference" if debug else "kernel", backend, float_outputs)
+    report = _report(gm, qparams, "reference" if debug else "kernel", backend, float_outputs, costs)
     report.smoothing, report.bias_correction = smoothing, corrected
     ctx = KernelContext(gm, backend, WeightCache())
     quantized_at = reference(gm, matches, ctx, qparams, float_outputs)

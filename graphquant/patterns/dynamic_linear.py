@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 
 from graphquant.graph import Match
+from graphquant.kernels import x86
 from graphquant.patterns import Pattern, aten, register
 from graphquant.patterns.context import KernelContext, QValue
 from graphquant.qconfig import activation_qmax, asymmetric_one_sided
@@ -41,7 +42,7 @@ def _lower_kernel(ctx: KernelContext, match: Match, inputs: Sequence[QValue], ou
         return ctx.call(torch.ops.graphquant.linear_fp16.default, (x, w.packed, w.bias))
     w = ctx.linear_weight(match)
     per_token = match.qconfig.activation.observer == "dynamic_per_token"
-    qmax = activation_qmax(match.qconfig.activation)
+    qmax = activation_qmax(match.qconfig.activation, ctx.backend == "onednn" and x86.saturates())
     kwargs: dict[str, object] = {"x_qmax": qmax} if qmax < 255 else {}
     if per_token and asymmetric_rows(match, x):
         kwargs["asymmetric"] = True

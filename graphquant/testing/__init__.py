@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 from graphquant.api import quantize, quantize_dynamic
 from graphquant.graph import QPARAMS
 from graphquant.partial import regions
-from graphquant.qconfig import QConfig, default_dynamic_qconfig, get_default_qconfig
+from graphquant.qconfig import QConfig, get_default_dynamic_qconfig, get_default_qconfig
 from graphquant.quant_math import output_sqnr
 
 _DEQUANTIZE = (torch.ops.graphquant.dequantize_per_tensor.default,)
@@ -121,8 +121,13 @@ def check_graph_mode_op(
     the printed graph shows it (``"qconv2d"``, ``"graphquant::qlinear"``). ``tracing=True``
     captures with the first sample up front; ``tracing=False`` captures lazily on the first
     calibration call, as ``quantize_jit`` on a scripted module would. ``dynamic=True`` uses
-    dynamic quantization. Where an output is float (dynamic, or a linear's float output at the
-    border) nothing rounds it: one step is :data:`FLOAT_OUTPUT_TOLERANCE` of its largest magnitude.
+    dynamic quantization. ``qconfig`` defaults to graphquant's default static qconfig with every matched
+    op quantized (``ops="all"``: the op under test runs in int8 wherever a pattern matches it) or to
+    :data:`graphquant.default_dynamic_qconfig` (per token), both on 8-bit activations
+    (``reduce_range=False``): the same quantized model on every CPU, whose kernels then take each CPU's
+    own path for it (on one without VNNI, the exact float32 path the check holds to the reference).
+    Where an output is float (dynamic, or a linear's float output at the border) nothing rounds it:
+    one step is :data:`FLOAT_OUTPUT_TOLERANCE` of its largest magnitude.
     ``debug=True`` prints both graphs. With ``check=False`` nothing is asserted, only measured.
     A module that does not export whole is quantized region by region (graphquant.partial): the
     op must be in one of its regions, and one step is the largest output scale among them.
@@ -131,7 +136,8 @@ def check_graph_mode_op(
     if eval_mode:
         module.eval()
     batches = _as_batches(inputs)
-    qconfig_dict = {"": qconfig or (default_dynamic_qconfig if dynamic else get_default_qconfig("x86"))}
+    every_op = replace(get_default_qconfig("x86", reduce_range=False), ops="all")
+    qconfig_dict = {"": qconfig or (get_default_dynamic_qconfig(reduce_range=False) if dynamic else every_op)}
 
     def run_fn(model: nn.Module, data: list[tuple[Any, ...]]) -> None:
         with torch.no_grad():
