@@ -57,8 +57,10 @@ def test_compare(tmp_path: Path) -> None:
                    "cli_models:agreement", "--report", str(html), "--suggest-out", str(suggestion))
     assert done.returncode == cli.EXIT_OK, done.stderr
     out = done.stdout
-    assert out.startswith("graphquant numerics (static,")
-    table = [line.split() for line in out.splitlines()[1:6]]
+    assert out.startswith("graphquant numerics (static,") and "SQNR against float" in out.splitlines()[0]
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["rank", "node"])
+    table = [line.split() for line in lines[start:start + 5]]
     assert table[0][:3] == ["rank", "node", "module"]
     assert sorted(row[2] for row in table[1:]) == ["<model>", "conv1", "conv2", "fc"]
     assert "accuracy: float 1" in out

@@ -13,9 +13,9 @@ from conftest import calibration_batches, make_net
 from torch import fx, nn
 
 import graphquant as gq
-from graphquant.tools import numerics
 from graphquant.graph import MATCH
 from graphquant.quant_math import sqnr
+from graphquant.tools import numerics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -150,6 +150,34 @@ def test_html_report_has_the_table_and_the_plot(ruined_report: numerics.Numerics
     assert src.startswith(prefix)
     png = base64.b64decode(src[len(prefix):], validate=True)
     assert png.startswith(PNG_MAGIC) and len(png) > 1000
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (1000, 400)  # sized for a screen, however many layers
+
+
+def test_html_report_leads_with_the_verdict(ruined_report: numerics.NumericsReport) -> None:
+    """What a user opens the page for comes first: the verdict (the model's SQNR), what was kept float and
+    why, the suggestion, the plot; the table of every layer last. (Checked rendered in headless Chromium.)"""
+    text = ruined_report.to_html()
+    order = [text.index(f'id="{part}"') for part in ("verdict", "kept-float", "suggestion", "plot", "numerics")]
+    assert order == sorted(order)
+    verdict = text[order[0]:text.index("</p>", order[0])]
+    assert f"{ruined_report.output_kernel_sqnr:.1f} dB SQNR against float" in verdict
+    assert "Worst layer: conv2" in verdict
+    assert "&#x27;conv2&#x27;: None" in text[order[2]:order[3]]  # the suggestion (escaped), before the plot
+
+
+def test_kept_float_groups_the_float_ops_by_reason() -> None:
+    """A transformer block under the default: residual adds kept float by the chains rule, grouped, with why."""
+    from graphquant.report import NodeReport
+
+    why = "kept float (qconfig ops='chains'): its input is the float32 output of linear layer.{}.out"
+    nodes = [NodeReport(f"add_{i}", "aten.add.Tensor", f"layer.{i}", False, reason=why.format(i)) for i in range(5)]
+    nodes += [NodeReport("arange", "aten.arange.default", "", False,
+                         reason="no quantized pattern for aten.arange.default")]
+    kept = numerics.KeptFloat.group(nodes)
+    assert [(k.op, k.count) for k in kept] == [("aten.add.Tensor", 5), ("other ops", 1)]
+    assert str(kept[0]).startswith("5 x aten.add.Tensor (layer.0, layer.1, layer.2 and 2 more): kept float")
+    assert "arange" in str(kept[1])
 
 
 def test_a_broken_kernel_is_pinned_to_its_node(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -224,3 +252,13 @@ def test_bad_inputs_are_named() -> None:
         numerics.compare(make_net(), None, None, calibration_batches(n=1))
     with pytest.raises(gq.GraphQuantError, match="iterable of batches"):
         numerics.compare(make_net(), None, torch.randn(2, 3, 16, 16), None)
+
+
+def test_seven_bit_kernels_line_up_with_their_reference() -> None:
+    """On a 7-bit grid the kernel graph clamps each kernel's output at 127 (passes/lower): numerics reads
+    the clamped value, as the graph carries it, so no kernel is taken for a lowering bug (before: 44-57
+    steps reported on a conv whose raw uint8 output ran past 127)."""
+    qconfig = gq.get_default_qconfig("x86", reduce_range=True)
+    report = numerics.compare(make_net(), {"": qconfig}, calibration_batches(n=2), calibration_batches(n=1, seed=5))
+    assert not report.lowering_suspects, [(n.node, n.max_step_diff) for n in report.lowering_suspects]
+    assert all(n.max_step_diff <= 1.0 for n in report.nodes)

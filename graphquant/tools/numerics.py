@@ -31,6 +31,7 @@ import dataclasses
 import html
 import io
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ from graphquant.passes.fold_bn import fold_bn
 from graphquant.qconfig import QConfig, default_dynamic_qconfig, get_default_qconfig
 from graphquant.quant_math import QParams, dequantize
 from graphquant.quantized import record_of
+from graphquant.report import NodeReport
 
 # A layer whose median output channel keeps less than this is worth keeping float: 8-bit
 # per-tensor activations with per-channel weights usually give 30-45 dB per channel.
@@ -132,9 +134,48 @@ class Accuracy:
         return (self.suggested - self.quantized) / gap
 
 
+NO_PATTERN = "no quantized pattern for"  # the float reason of an op the pattern table does not cover (passes/lower)
+
+
+@dataclass(frozen=True)
+class KeptFloat:
+    """Ops of one kind left float for one reason (the conversion report's float lines, grouped)."""
+
+    op: str
+    why: str  # the reason's head: "kept float (qconfig ops='chains')", "no quantized pattern for ..."
+    count: int
+    example: str  # the whole reason of the first such node
+    paths: tuple[str, ...]  # their module paths, in graph order
+
+    @classmethod
+    def group(cls, nodes: Sequence[NodeReport]) -> list[KeptFloat]:
+        """The float nodes of a conversion report, grouped by op and the head of their reason, most first;
+        the ops no pattern quantizes (views of indices, masks, shape arithmetic) as one group at the end."""
+        groups: dict[tuple[str, str], list[NodeReport]] = {}
+        other: list[NodeReport] = []
+        for n in nodes:
+            if n.reason.startswith(NO_PATTERN):
+                other.append(n)
+                continue
+            groups.setdefault((n.op, re.split("[:;]", n.reason)[0]), []).append(n)
+        kept = [cls(op, why, len(ns), ns[0].reason, tuple(dict.fromkeys(n.module_path or "<model>" for n in ns)))
+                for (op, why), ns in groups.items()]
+        kept.sort(key=lambda k: -k.count)
+        if other:
+            ops = ", ".join(dict.fromkeys(n.op.removeprefix("aten.").split(".")[0] for n in other))
+            kept.append(cls("other ops", NO_PATTERN, len(other), f"{NO_PATTERN} them ({ops})",
+                            tuple(dict.fromkeys(n.module_path or "<model>" for n in other))))
+        return kept
+
+    def __str__(self) -> str:
+        paths = ", ".join(self.paths[:3]) + (f" and {len(self.paths) - 3} more" if len(self.paths) > 3 else "")
+        return f"{self.count} x {self.op} ({paths}): {self.example}"
+
+
 @dataclass
 class NumericsReport:
-    """What ``compare`` measured: nodes worst first, the suggestion, and accuracy."""
+    """What ``compare`` measured: nodes worst first, the suggestion, and accuracy; ``kept_float``, what
+    the conversion left float and why."""
 
     mode: str  # "static" or "dynamic"
     backend: str
@@ -145,6 +186,7 @@ class NumericsReport:
     accuracy: Accuracy | None = None
     min_sqnr_db: float = DEFAULT_MIN_SQNR_DB
     batches: int = 0
+    kept_float: list[KeptFloat] = field(default_factory=list)
 
     @property
     def suggested_qconfig_dict(self) -> dict[str, QConfig | None]:
@@ -186,8 +228,9 @@ class NumericsReport:
 
     def __str__(self) -> str:
         batches = f"{self.batches} batch" + ("" if self.batches == 1 else "es")
-        lines = [f"graphquant numerics ({self.mode}, {self.backend}, {batches}): "
-                 f"{len(self.nodes)} quantized node{'' if len(self.nodes) == 1 else 's'}, worst first"]
+        lines = [f"graphquant numerics ({self.mode}, {self.backend}, {batches}): {self.verdict()}"]
+        lines += [f"kept float: {k}" for k in self.kept_float]
+        lines.append(f"{len(self.nodes)} quantized node{'' if len(self.nodes) == 1 else 's'}, worst first:")
         lines += _format_table(self.table())
         lines.append(f"model output: reference {_db(self.output_reference_sqnr)} dB, "
                      f"kernel {_db(self.output_kernel_sqnr)} dB SQNR against float")
@@ -221,8 +264,24 @@ class NumericsReport:
             lines.append(line)
         return lines
 
+    def verdict(self) -> str:
+        """One paragraph: the model's SQNR, what is int8 and what float, the worst layer, lowering bugs."""
+        floats = sum(k.count for k in self.kept_float)
+        worst = next((n for n in self.nodes if n.layer_sqnr is not None), None)
+        text = (f"Model output: {_db(self.output_kernel_sqnr)} dB SQNR against float (int8 kernels; the reference "
+                f"graph {_db(self.output_reference_sqnr)} dB), over {self.batches} batch"
+                f"{'' if self.batches == 1 else 'es'}. {len(self.nodes)} ops int8, {floats} kept float.")
+        if worst is not None:
+            text += (f" Worst layer: {worst.module_path or worst.node} ({worst.pattern}), {_db(worst.layer_sqnr)} dB "
+                     "on its own.")
+        suspects = self.lowering_suspects
+        if suspects:
+            text += f" {len(suspects)} kernels differ from the reference by more than one step: a lowering bug."
+        return text
+
     def plot_png(self) -> bytes:
-        """SQNR per layer, in graph order, as PNG bytes (matplotlib, Agg canvas)."""
+        """SQNR per layer, in graph order, grouped by block (one tick a block: ``encoder.layer.3``), as PNG
+        bytes sized for a screen (1000 x 400 px; matplotlib, Agg canvas)."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
@@ -234,27 +293,35 @@ class NumericsReport:
         def clip(v: float | None) -> float:
             return float("nan") if v is None else min(max(v, -10.0), cap)
 
-        fig = Figure(figsize=(max(6.0, 0.45 * len(nodes) + 2), 4.0), dpi=100)
+        fig = Figure(figsize=(10.0, 4.0), dpi=100)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
         xs = list(range(len(nodes)))
-        ax.plot(xs, [clip(n.layer_sqnr) for n in nodes], "o-", label="layer (alone, median channel)")
-        ax.plot(xs, [clip(n.reference_sqnr) for n in nodes], "s--", label="reference vs float (end to end)")
-        ax.plot(xs, [clip(n.kernel_sqnr) for n in nodes], "x:", label="kernel vs float (end to end)")
+        marker = 4 if len(nodes) > 40 else 6
+        ax.plot(xs, [clip(n.layer_sqnr) for n in nodes], "o-", markersize=marker, label="layer (alone, median channel)")
+        ax.plot(xs, [clip(n.reference_sqnr) for n in nodes], "s--", markersize=marker,
+                label="reference vs float (end to end)")
+        ax.plot(xs, [clip(n.kernel_sqnr) for n in nodes], "x:", markersize=marker, label="kernel vs float (end to end)")
         ax.axhline(self.min_sqnr_db, color="grey", linewidth=0.8, label=f"suggestion threshold {self.min_sqnr_db:g} dB")
-        ax.set_xticks(xs)
-        ax.set_xticklabels([n.module_path or n.node for n in nodes], rotation=60, ha="right", fontsize=7)
+        starts = _block_starts([n.module_path or n.node for n in nodes])
+        every = max(1, math.ceil(len(starts) / 16))  # at most 16 labels across 1000 px
+        for i, (x, _) in enumerate(starts):
+            if i:
+                ax.axvline(x - 0.5, color="#ddd", linewidth=0.6)
+        ax.set_xticks([x for x, _ in starts[::every]])
+        ax.set_xticklabels([_short(name) for _, name in starts[::every]], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("SQNR (dB)")
-        ax.set_title("SQNR per layer, graph order")
-        ax.legend(fontsize=7)
+        ax.set_title(f"SQNR per layer, graph order, grouped by block ({len(nodes)} layers)")
+        ax.legend(fontsize=7, loc="lower left")
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         return buf.getvalue()
 
     def to_html(self, path: str | None = None) -> str:
-        """A self-contained HTML report (table, plot as an embedded PNG, suggestion); written
-        to ``path`` when given. Without matplotlib the plot is replaced by a note."""
+        """A self-contained HTML report leading with the verdict: the model's SQNR, what was kept float
+        and why, the suggestion, the SQNR plot (an embedded PNG sized for a screen), then the table of
+        every int8 layer; written to ``path`` when given. Without matplotlib the plot is a note."""
         table = self.table()
         head = "".join(f"<th>{html.escape(c)}</th>" for c in table[0])
         body = "\n".join(
@@ -264,19 +331,19 @@ class NumericsReport:
         )
         try:
             png = base64.b64encode(self.plot_png()).decode("ascii")
-            plot = f'<img alt="SQNR per layer" src="data:image/png;base64,{png}">'
+            plot = f'<img alt="SQNR per layer" width="1000" src="data:image/png;base64,{png}">'
         except ImportError:
             plot = "<p>(install matplotlib for the SQNR plot)</p>"
+        kept = "\n".join(f"<li>{html.escape(str(k))}</li>" for k in self.kept_float) or (
+            "<li>nothing: every op with a pattern runs in int8</li>")
         text = _HTML.format(
             title=f"graphquant numerics ({self.mode}, {self.backend})",
-            summary=html.escape(
-                f"{len(self.nodes)} quantized nodes, {self.batches} batches. Model output: reference "
-                f"{_db(self.output_reference_sqnr)} dB, kernel {_db(self.output_kernel_sqnr)} dB SQNR against float."
-            ),
+            verdict=html.escape(self.verdict()),
+            kept=kept,
+            suggestion=html.escape("\n".join(self._suggestion_lines())),
+            plot=plot,
             head=head,
             body=body,
-            plot=plot,
-            suggestion=html.escape("\n".join(self._suggestion_lines())),
         )
         if path is not None:
             with open(path, "w", encoding="utf-8") as f:
@@ -286,34 +353,59 @@ class NumericsReport:
 
 _COLUMNS = ("rank", "node", "module", "pattern", "kernel", "layer dB", "ref dB", "kernel dB", "steps")
 
+# the parts, in the order a user reads them: the verdict first, the table of every layer last
 _HTML = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <style>
-body {{ font-family: sans-serif; margin: 2em; }}
+body {{ font-family: sans-serif; margin: 2em; max-width: 1100px; }}
+#verdict {{ font-size: 1.15em; background: #eef4fb; padding: 0.8em 1em; border-left: 4px solid #4a7ab8; }}
 table {{ border-collapse: collapse; font-size: 13px; }}
 th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 td:nth-child(2), td:nth-child(3), td:nth-child(4), td:nth-child(5) {{ text-align: left; }}
 tr.suspect {{ background: #fdd; }}
-pre {{ background: #f6f6f6; padding: 1em; }}
+pre {{ background: #f6f6f6; padding: 1em; white-space: pre-wrap; }}
+img {{ max-width: 100%; height: auto; }}
 </style></head>
 <body>
 <h1>{title}</h1>
-<p>{summary}</p>
+<p id="verdict">{verdict}</p>
+<h2>Kept float, and why</h2>
+<ul id="kept-float">
+{kept}
+</ul>
+<h2>Suggestion</h2>
+<pre id="suggestion">{suggestion}</pre>
+<h2>SQNR per layer</h2>
+<div id="plot">{plot}</div>
+<h2>Every int8 layer, worst first</h2>
 <p>layer dB: the error this layer adds on float inputs (median output channel); ref dB and kernel dB:
 SQNR against float, end to end; steps: largest kernel-vs-reference difference in steps of the output
-scale on the same integer inputs (more than 1 is a lowering bug). Worst first.</p>
+scale on the same integer inputs (more than 1 is a lowering bug).</p>
 <table id="numerics">
 <thead><tr>{head}</tr></thead>
 <tbody>
 {body}
 </tbody>
 </table>
-<h2>SQNR per layer</h2>
-{plot}
-<h2>Suggestion</h2>
-<pre id="suggestion">{suggestion}</pre>
 </body></html>
 """
+
+
+def _block_starts(paths: Sequence[str]) -> list[tuple[int, str]]:
+    """Where each block begins in a graph-ordered list of module paths, and its name: a path up to its
+    first numeric part (``encoder.layer.3``), else its first part (``stem``)."""
+    starts: list[tuple[int, str]] = []
+    for i, path in enumerate(paths):
+        parts = path.split(".")
+        cut = next((j + 1 for j, part in enumerate(parts) if part.isdigit()), 1)
+        block = ".".join(parts[:cut])
+        if not starts or starts[-1][1] != block:
+            starts.append((i, block))
+    return starts
+
+
+def _short(name: str, width: int = 24) -> str:
+    return name if len(name) <= width else "..." + name[-(width - 3):]
 
 
 def _db(value: float | None) -> str:
@@ -397,6 +489,9 @@ def _line_up(float_gm: fx.GraphModule, reference: fx.GraphModule, kernel: fx.Gra
     for n in kernel.graph.nodes:
         m = n.meta.get(MATCH)
         if m is not None and n.name not in {x.name for x in m.nodes}:
+            users = list(n.users)
+            if len(users) == 1 and users[0].target is torch.ops.aten.clamp_max.default and QPARAMS in users[0].meta:
+                n = users[0]  # the clamp of a 7-bit grid after the kernel (passes/lower): the value the graph carries
             kernel_at[m.output.name] = n  # the kernel that replaced the match
     by_name = {n.name: n for n in kernel.graph.nodes}
     for m in matches:  # no kernel: the kernel graph keeps dq -> op -> q, read its q
@@ -825,4 +920,4 @@ def compare(
         accuracy = Accuracy(float(eval_fn(float_model)), float(eval_fn(kernel)),
                             None if suggested is None else float(suggested))
     return NumericsReport("dynamic" if dynamic else "static", backend, ranked, out_ref, out_kernel, suggestion,
-                          accuracy, min_sqnr_db, len(compared))
+                          accuracy, min_sqnr_db, len(compared), KeptFloat.group(record_of(kernel).report.float_nodes))
